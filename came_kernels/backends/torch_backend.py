@@ -1,0 +1,181 @@
+"""The torch backend: CAME (came-pytorch 0.1.3 semantics) in plain PyTorch. This file is the spec.
+
+Every fused backend is tested against `came_step` below. The math, per tensor, with d = clip_threshold and
+the parameter viewed as a batch of [M, N] matrices when it has two or more dims ("factored"):
+
+    factored:  r = b2*r + (1-b2)*mean_N(g^2+eps1)            c = b2*c + (1-b2)*mean_M(g^2+eps1)
+               u = g * rsqrt(r / mean_M(r))[:, None] * rsqrt(c)[None, :]
+    else:      v = b2*v + (1-b2)*(g^2+eps1)                  u = g * rsqrt(v)
+    u_hat = u / max(1, RMS(u) / d)
+    m = b1*m + (1-b1)*u_hat
+    factored:  res = (u_hat - m)^2 + eps2
+               R = b3*R + (1-b3)*mean_N(res)                 C = b3*C + (1-b3)*mean_M(res)
+               update = m * rsqrt(R / mean_M(R))[:, None] * rsqrt(C)[None, :]
+    else:      update = m
+    p = p - lr*weight_decay*p - lr*update
+
+Arithmetic is fp32 (fp64 for fp64 params) whatever the storage dtype, and a low-precision parameter is
+rounded once, at its final store. Memory: one scratch buffer the size of the largest factored tensor is
+allocated per call and reused by every phase of every tensor (came-pytorch allocates about four
+full-size temporaries per tensor); a bf16/fp16 gradient is read through type promotion, never copied.
+Tensors with ndim < 2 (biases, norms, scalars) go through torch._foreach_* ops: many tiny tensors, where
+per-tensor Python overhead would dominate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["came_step", "unavailable_reason", "math_dtype"]
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    return None  # plain PyTorch runs wherever torch does
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics, the momentum and the arithmetic for a parameter of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def came_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sq_rows: list[Optional[Tensor]],
+    exp_avg_sq_cols: list[Optional[Tensor]],
+    exp_avg_res_rows: list[Optional[Tensor]],
+    exp_avg_res_cols: list[Optional[Tensor]],
+    exp_avg_sqs: list[Optional[Tensor]],
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    weight_decay: float,
+    maximize: bool,
+    cache: Optional[dict] = None,
+) -> None:
+    """One CAME step for every tensor in the lists (see the module docstring and backends/README.md)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
+                 clip_threshold=clip_threshold, weight_decay=weight_decay, maximize=maximize)
+    factored = [i for i, p in enumerate(params) if p.ndim >= 2]
+    vectors = [i for i, p in enumerate(params) if p.ndim < 2]
+
+    # One scratch buffer per (device, math dtype), sized for the largest factored tensor.
+    scratch: dict = {}
+    for i in factored:
+        key = (exp_avgs[i].device, exp_avgs[i].dtype)
+        scratch[key] = max(scratch.get(key, 0), params[i].numel())
+    scratch = {k: torch.empty(n, dtype=k[1], device=k[0]) for k, n in scratch.items()}
+
+    for i in factored:
+        m = exp_avgs[i]
+        buf = scratch[(m.device, m.dtype)][: m.numel()].view(m.shape)
+        _factored_step(params[i], grads[i], m, exp_avg_sq_rows[i], exp_avg_sq_cols[i],
+                       exp_avg_res_rows[i], exp_avg_res_cols[i], buf, **hyper)
+
+    # _foreach_* ops want one device and dtype per list.
+    buckets: dict = {}
+    for i in vectors:
+        buckets.setdefault((params[i].device, params[i].dtype, grads[i].dtype), []).append(i)
+    for idx in buckets.values():
+        _vector_step([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                     [exp_avg_sqs[i] for i in idx], **hyper)
+
+
+def _row_col_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    """rsqrt(row / mean_M(row)) and rsqrt(col): the factored inverse square root, as two small vectors."""
+    return (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1), col.rsqrt().unsqueeze(-2)
+
+
+def _ema_(avg: Tensor, beta: float, new: Tensor) -> None:
+    # came-pytorch's form, b*avg + (1-b)*new, kept op for op so results match it to the last bit or two.
+    avg.mul_(beta).add_(new, alpha=1.0 - beta)
+
+
+def _apply_update_(p: Tensor, update: Tensor, lr: Union[float, Tensor], weight_decay: float) -> None:
+    """p = p - lr*weight_decay*p - lr*update, in the math dtype, rounding p once. Overwrites `update`."""
+    update.mul_(lr)
+    if weight_decay != 0:
+        if p.dtype == update.dtype:
+            # came-pytorch's order (p -= lr*wd*p, then p -= lr*update) for bit-level parity with it. Not
+            # p.mul_(1 - lr*wd): 1 - lr*wd rounded to fp32 loses most digits of a small lr*wd.
+            if isinstance(lr, Tensor):
+                p.addcmul_(p, lr, value=-weight_decay)
+            else:
+                p.add_(p, alpha=-lr * weight_decay)
+        elif isinstance(lr, Tensor):  # bf16/fp16 p: fold the decay into the update so p is rounded once
+            update.addcmul_(p, lr, value=weight_decay)
+        else:
+            update.add_(p, alpha=lr * weight_decay)
+    p.sub_(update)  # for bf16/fp16 p the subtraction runs in fp32 and rounds once
+
+
+def _factored_step(p, g, m, r, c, R, C, buf, *, lr, beta1, beta2, beta3, eps1, eps2,
+                   clip_threshold, weight_decay, maximize) -> None:
+    # ---- phase 1 (sq_stats): EMAs of the row and column means of g^2 + eps1
+    buf.copy_(g).square_()
+    _ema_(r, beta2, buf.mean(dim=-1).add_(eps1))
+    _ema_(c, beta2, buf.mean(dim=-2).add_(eps1))
+    row_f, col_f = _row_col_factors(r, c)
+    if maximize:
+        row_f.neg_()  # u is linear in g: negating the small row factor negates u
+    torch.mul(g, row_f, out=buf).mul_(col_f)  # buf = u (g upcast exactly by type promotion)
+
+    # ---- phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d)
+    rms = torch.linalg.vector_norm(buf) / math.sqrt(buf.numel())
+    buf.div_((rms / clip_threshold).clamp_(min=1.0))  # buf = u_hat
+
+    # ---- phase 3 (momentum_res): momentum, then EMAs of the confidence residual (u_hat - m)^2 + eps2
+    _ema_(m, beta1, buf)
+    buf.sub_(m).square_()  # buf = (u_hat - m)^2
+    _ema_(R, beta3, buf.mean(dim=-1).add_(eps2))
+    _ema_(C, beta3, buf.mean(dim=-2).add_(eps2))
+
+    # ---- phase 4 (param_step): update = m * rsqrt(R / mean_M(R)) * rsqrt(C); decoupled weight decay
+    row_f, col_f = _row_col_factors(R, C)
+    torch.mul(m, row_f, out=buf).mul_(col_f)
+    _apply_update_(p, buf, lr, weight_decay)
+
+
+def _vector_step(ps, gs, ms, vs, *, lr, beta1, beta2, beta3, eps1, eps2,
+                 clip_threshold, weight_decay, maximize) -> None:
+    """Tensors with ndim < 2: the unfactored rule, all tensors of one (device, dtype) at once."""
+    if gs[0].dtype != ms[0].dtype:
+        gs = [g.to(ms[0].dtype) for g in gs]  # small tensors: the copy is cheaper than mixed-dtype foreach
+    if maximize:
+        gs = torch._foreach_neg(gs)
+
+    # ---- phase 1 (sq_stats): v = b2*v + (1-b2)*(g^2 + eps1);  u = g * rsqrt(v)
+    u = torch._foreach_mul(gs, gs)
+    torch._foreach_add_(u, eps1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_add_(vs, u, alpha=1.0 - beta2)
+    u = torch._foreach_rsqrt(vs)
+    torch._foreach_mul_(u, gs)
+
+    # ---- phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d)
+    denoms = torch._foreach_norm(u)
+    torch._foreach_div_(denoms, [math.sqrt(x.numel()) * clip_threshold for x in u])
+    torch._foreach_clamp_min_(denoms, 1.0)
+    torch._foreach_div_(u, denoms)
+
+    # ---- phase 3 (momentum_res): momentum only; no confidence step for unfactored tensors
+    torch._foreach_mul_(ms, beta1)
+    torch._foreach_add_(ms, u, alpha=1.0 - beta1)
+
+    # ---- phase 4 (param_step): update = m; decoupled weight decay
+    update = torch._foreach_mul(ms, lr)
+    if weight_decay != 0:
+        if ps[0].dtype == ms[0].dtype:  # same order as _apply_update_
+            torch._foreach_add_(ps, torch._foreach_mul(ps, -lr * weight_decay))
+        else:
+            torch._foreach_add_(update, torch._foreach_mul([p.to(ms[0].dtype) for p in ps], lr * weight_decay))
+    torch._foreach_sub_(ps, update)  # bf16/fp16 params: computed in fp32, rounded once

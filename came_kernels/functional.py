@@ -1,0 +1,94 @@
+"""Functional CAME: one entry point, `came()`, that groups tensors and dispatches to a backend.
+
+Like torch.optim.adam.adam(): every backend takes the same lists and keyword-only hyperparameters, so
+any backend can be swapped for another or tested against another. Which backend runs is decided here,
+in `resolve_backend`, and nowhere else.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backends import BackendUnavailableError, default_backend, get_step_fn
+
+__all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
+
+# Storage dtypes the fused kernels read and write; fp64 and mixed param/grad dtypes use the torch backend.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(backend: str, device: torch.device, param_dtype: torch.dtype, grad_dtype: torch.dtype,
+                    fused: Optional[bool] = None) -> str:
+    """The backend that runs a (device, param dtype, grad dtype) group, or BackendUnavailableError."""
+    fusable = param_dtype in FUSED_DTYPES and grad_dtype == param_dtype
+    if backend == "auto":
+        if fused and not fusable:
+            raise BackendUnavailableError(
+                f"fused=True: the fused kernels take fp32/bf16/fp16 params with grads of the same dtype, got "
+                f"param dtype {param_dtype} and grad dtype {grad_dtype}; use fused=None for the torch backend")
+        name = default_backend(device, fused_only=bool(fused))
+        return name if fusable else "torch"
+    if backend != "torch" and not fusable:
+        raise BackendUnavailableError(
+            f"backend={backend!r} takes fp32/bf16/fp16 params with grads of the same dtype, got param dtype "
+            f"{param_dtype} and grad dtype {grad_dtype}; use backend='torch' (or 'auto') for these")
+    get_step_fn(backend, device)  # raises with the reason when it cannot run here
+    return backend
+
+
+def came(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sq_rows: list[Optional[Tensor]],
+    exp_avg_sq_cols: list[Optional[Tensor]],
+    exp_avg_res_rows: list[Optional[Tensor]],
+    exp_avg_res_cols: list[Optional[Tensor]],
+    exp_avg_sqs: list[Optional[Tensor]],
+    state_steps: Optional[list[Tensor]] = None,
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    weight_decay: float,
+    maximize: bool = False,
+    backend: str = "auto",
+    fused: Optional[bool] = None,
+    cache: Optional[dict] = None,
+) -> None:
+    """Functional form of `came_kernels.CAME.step` (see its docstring for the algorithm).
+
+    The lists are aligned: entry i of every list belongs to params[i]; the row/column statistics are None
+    for tensors with ndim < 2 and `exp_avg_sqs` is None for the others. Inputs are assumed validated (the
+    optimizer class does that before any state exists). `cache` is a dict the caller keeps between calls;
+    fused backends keep their device tables there.
+    """
+    if state_steps:
+        torch._foreach_add_(state_steps, 1)
+    lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
+             exp_avg_sqs)
+    hyper = dict(beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
+                 weight_decay=weight_decay, maximize=maximize)
+    cache = {} if cache is None else cache
+
+    # Group once by what a fused kernel must share: device and dtypes. The torch backend takes the lot
+    # for a device in one call (it buckets internally), so it is grouped by device only.
+    groups: dict = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        name = resolve_backend(backend, p.device, p.dtype, g.dtype, fused)
+        key = (name, p.device) if name == "torch" else (name, p.device, p.dtype, g.dtype)
+        groups.setdefault(key, []).append(i)
+
+    for key, idx in groups.items():
+        name, device = key[0], key[1]
+        step_fn = get_step_fn(name, device)
+        group_lr = lr
+        if isinstance(lr, Tensor) and lr.device != device:
+            group_lr = lr.to(device=device)  # a 0-d copy; kernels read lr on the device, never the host
+        step_fn(*([lst[i] for i in idx] for lst in lists), lr=group_lr, cache=cache.setdefault(key, {}), **hyper)

@@ -1,0 +1,320 @@
+"""`came_kernels.CAME`: the optimizer class. It validates, keeps state and hands tensors to `functional.came`.
+
+It knows no kernels: which backend runs is decided in `functional.resolve_backend`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import BACKENDS, BackendUnavailableError
+from .backends.torch_backend import math_dtype
+from .functional import came, resolve_backend
+
+__all__ = ["CAME"]
+
+_DEFAULT_BETA3 = 0.9999
+# State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
+_UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
+_STATS_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
+
+
+class CAME(Optimizer):
+    r"""CAME: Confidence-guided Adaptive Memory Efficient Optimization (Luo et al., ACL 2023, arXiv 2307.02047).
+
+    The exact update of came-pytorch 0.1.3, with fused GPU backends. Adam-like training with Adafactor-like
+    memory: one full-size state (the momentum) plus row and column statistics for every tensor with two or
+    more dims (leading dims are a batch of matrices; the last two dims are factored).
+
+    .. math::
+       \begin{aligned}
+       &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2, \beta_3, \epsilon_1, \epsilon_2,
+            d \text{ (clip\_threshold)}, \lambda \text{ (weight decay)}, \theta_0 \text{ (params)} \\
+       &\textbf{initialize}: m_0, r_0, c_0, R_0, C_0, v_0 \leftarrow 0 \\
+       &\textbf{for}\ t = 1, 2, \ldots \\
+       &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) \quad (-\nabla \text{ if maximize}) \\
+       &\quad \textbf{if}\ \theta \text{ is a matrix } (M \times N): \\
+       &\qquad r_t \leftarrow \beta_2 r_{t-1} + (1-\beta_2)\,\mathrm{mean}_N(g_t^2 + \epsilon_1), \quad
+               c_t \leftarrow \beta_2 c_{t-1} + (1-\beta_2)\,\mathrm{mean}_M(g_t^2 + \epsilon_1) \\
+       &\qquad u_t \leftarrow g_t \,/\, \sqrt{ r_t c_t^\top / \mathrm{mean}(r_t) } \\
+       &\quad \textbf{else}: \quad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)(g_t^2 + \epsilon_1), \quad
+               u_t \leftarrow g_t / \sqrt{v_t} \\
+       &\quad \hat u_t \leftarrow u_t / \max(1, \mathrm{RMS}(u_t)/d) \\
+       &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1)\,\hat u_t \\
+       &\quad \textbf{if}\ \theta \text{ is a matrix}: \\
+       &\qquad U_t \leftarrow (\hat u_t - m_t)^2 + \epsilon_2 \\
+       &\qquad R_t \leftarrow \beta_3 R_{t-1} + (1-\beta_3)\,\mathrm{mean}_N(U_t), \quad
+               C_t \leftarrow \beta_3 C_{t-1} + (1-\beta_3)\,\mathrm{mean}_M(U_t) \\
+       &\qquad s_t \leftarrow m_t \,/\, \sqrt{ R_t C_t^\top / \mathrm{mean}(R_t) } \\
+       &\quad \textbf{else}: \quad s_t \leftarrow m_t \\
+       &\quad \theta_t \leftarrow \theta_{t-1} - \gamma\lambda\theta_{t-1} - \gamma s_t \\
+       &\textbf{return}\ \theta_t
+       \end{aligned}
+
+    There is no bias correction. Statistics and momentum are fp32 whatever the parameter dtype (fp64 for
+    fp64 params), and all arithmetic is fp32.
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups.
+        lr (float or 0-d Tensor): learning rate; required, > 0. A tensor lr is read on the device (no host
+            sync, no recompiles when a scheduler changes it).
+        eps (tuple[float, float]): (eps1, eps2), added to g^2 and to the confidence residual
+            (default: (1e-30, 1e-16)). A single float is rejected: CAME has two epsilons, and neither plays
+            the role of Adam's eps.
+        clip_threshold (float): d, the largest RMS the normalized update may have (default: 1.0).
+        betas (tuple): (beta1, beta2, beta3): momentum, g^2 statistics and confidence statistics
+            (default: (0.9, 0.999, 0.9999)). An AdamW-style pair (beta1, beta2) is accepted and gets
+            beta3 = 0.9999.
+        weight_decay (float): decoupled weight decay, as in AdamW (default: 0).
+        maximize (bool, keyword-only): maximize the objective (default: False).
+        backend (str, keyword-only): "auto", "torch", "triton" or "cuda" (default: "auto": the CUDA extension
+            for CUDA tensors when it was built, else Triton on CUDA, else torch). Requesting a backend that
+            cannot run raises an error that says why and how to get it.
+        foreach (bool, optional, keyword-only): accepted for AdamW compatibility; the torch backend always
+            groups small tensors with torch._foreach_* ops. Cannot be True together with fused=True.
+        fused (bool, optional, keyword-only): True requires a fused backend (CUDA extension or Triton) and
+            picks the fastest available; False means the torch backend (default: None, see `backend`).
+        capturable (bool, keyword-only): not supported yet; must be False.
+        differentiable (bool, keyword-only): not supported; must be False.
+
+    Example (instead of ``torch.optim.AdamW``)::
+
+        opt = came_kernels.CAME(model.parameters(), lr=2e-4, weight_decay=0.01)
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Union[float, Tensor, None] = None,
+        eps: tuple = (1e-30, 1e-16),
+        clip_threshold: float = 1.0,
+        betas: tuple = (0.9, 0.999, 0.9999),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        if lr is None:
+            raise ValueError("CAME: lr is required (came-pytorch has no default either); "
+                             "CAME usually wants 0.5-0.9x the AdamW lr, e.g. lr=2e-4")
+        if fused and foreach:
+            raise ValueError("CAME: fused=True and foreach=True cannot be set together")
+        if fused and backend == "torch":
+            raise ValueError("CAME: fused=True asks for a fused backend, but backend='torch' was given")
+        if fused is False and backend in ("triton", "cuda"):
+            raise ValueError(f"CAME: fused=False contradicts backend={backend!r}, which is a fused backend")
+        if capturable:
+            raise ValueError("CAME: capturable=True (CUDA graph capture) is not supported yet; use capturable=False")
+        if differentiable:
+            raise ValueError("CAME: differentiable=True is not supported; use differentiable=False")
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay,
+                        maximize=maximize, backend=backend, foreach=foreach, fused=fused,
+                        capturable=capturable, differentiable=differentiable)
+        _check_group(defaults, "defaults")
+        super().__init__(params, defaults)
+        # Fail now, not at the first step, when a requested backend cannot run on these params.
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._resolve(group, p, p.dtype)
+        # Backend scratch (device tables, workspaces), one dict per param group; never saved.
+        self._caches: list = []
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group, f"param group {len(self.param_groups) - 1}")
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"CAME: complex parameters are not supported (got a {p.dtype} param "
+                                     f"of shape {tuple(p.shape)}); view it as real with torch.view_as_real")
+                if not p.is_floating_point():
+                    raise ValueError(f"CAME: parameters must be floating point, got {p.dtype}")
+        except Exception:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+        group["betas"] = _three_betas(group["betas"])
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved by came-pytorch lack our keyword-only options
+            for key, value in (("maximize", False), ("backend", "auto"), ("foreach", None), ("fused", None),
+                               ("capturable", False), ("differentiable", False)):
+                group.setdefault(key, value)
+            group["betas"] = _three_betas(group["betas"])
+        if not hasattr(self, "_caches"):
+            self._caches = []
+
+    def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
+        return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"])
+
+    def _check_step_inputs(self) -> None:
+        """Every check that can fail, before any state is created or changed."""
+        for gi, group in enumerate(self.param_groups):
+            _check_lr(group["lr"], f"param group {gi}", allow_zero=True)
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"param group {gi}, param of shape {tuple(p.shape)}"
+                if g.is_sparse:
+                    raise RuntimeError(f"CAME does not support sparse gradients ({where}); "
+                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
+                if g.is_complex():
+                    raise RuntimeError(f"CAME: complex gradients are not supported ({where})")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"CAME: gradient shape {tuple(g.shape)} differs from its parameter's "
+                                       f"({where})")
+                if g.device != p.device:
+                    raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
+                if not g.is_floating_point():
+                    raise RuntimeError(f"CAME: gradient must be floating point, got {g.dtype} ({where})")
+                try:
+                    self._resolve(group, p, g.dtype)
+                except BackendUnavailableError as e:
+                    raise BackendUnavailableError(f"CAME ({where}): {e}") from None
+
+    # ------------------------------------------------------------------ state
+    def _init_group(self, group: dict, lists: dict) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                dt = math_dtype(p.dtype)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+                if p.ndim >= 2:
+                    row_shape, col_shape = p.shape[:-1], p.shape[:-2] + p.shape[-1:]
+                    state["exp_avg_sq_row"] = torch.zeros(row_shape, dtype=dt, device=p.device)
+                    state["exp_avg_sq_col"] = torch.zeros(col_shape, dtype=dt, device=p.device)
+                    state["exp_avg_res_row"] = torch.zeros(row_shape, dtype=dt, device=p.device)
+                    state["exp_avg_res_col"] = torch.zeros(col_shape, dtype=dt, device=p.device)
+                else:
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+            factored = p.ndim >= 2
+            lists["params"].append(p)
+            lists["grads"].append(p.grad)
+            lists["exp_avgs"].append(state["exp_avg"])
+            lists["exp_avg_sq_rows"].append(state["exp_avg_sq_row"] if factored else None)
+            lists["exp_avg_sq_cols"].append(state["exp_avg_sq_col"] if factored else None)
+            lists["exp_avg_res_rows"].append(state["exp_avg_res_row"] if factored else None)
+            lists["exp_avg_res_cols"].append(state["exp_avg_res_col"] if factored else None)
+            lists["exp_avg_sqs"].append(None if factored else state["exp_avg_sq"])
+            lists["state_steps"].append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure (callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_step_inputs()
+        while len(self._caches) < len(self.param_groups):
+            self._caches.append({})
+        for group, cache in zip(self.param_groups, self._caches):
+            lists = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols",
+                                     "exp_avg_res_rows", "exp_avg_res_cols", "exp_avg_sqs", "state_steps")}
+            self._init_group(group, lists)
+            if not lists["params"]:
+                continue
+            beta1, beta2, beta3 = group["betas"]
+            eps1, eps2 = group["eps"]
+            came(**lists, lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
+                 clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
+                 maximize=group["maximize"], backend=group["backend"], fused=group["fused"], cache=cache)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a came_kernels or came-pytorch 0.1.3 state dict.
+
+        came-pytorch keeps an unused "RMS" entry and an int "step": the first is dropped, the second becomes
+        a tensor. torch.optim.Optimizer.load_state_dict casts every floating state tensor to its parameter's
+        dtype, which would round the fp32 statistics of bf16/fp16 parameters; the saved tensors are put
+        back instead, on the parameter's device, in fp32.
+        """
+        state_dict = dict(state_dict)
+        saved = {}
+        new_state = {}
+        for k, st in state_dict["state"].items():
+            st = {key: v for key, v in st.items() if key not in _UNUSED_CAME_PYTORCH_KEYS}
+            if "step" in st and not isinstance(st["step"], Tensor):
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+            saved[k] = {key: v for key, v in st.items() if key in _STATS_KEYS and isinstance(v, Tensor)}
+            new_state[k] = st
+        state_dict["state"] = new_state
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            for key, v in saved.get(pid, {}).items():
+                self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
+        self._caches = []  # tensors changed: fused backends rebuild their tables
+
+
+# ---------------------------------------------------------------------- validation helpers
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_lr(lr: Any, where: str, allow_zero: bool = False) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.ndim != 0 or not lr.is_floating_point():
+            raise ValueError(f"CAME ({where}): a tensor lr must be a 0-d floating tensor, got shape "
+                             f"{tuple(lr.shape)} dtype {lr.dtype}")
+        return  # its value is not read on the host: that would be a sync
+    if not _is_real(lr) or math.isnan(lr) or math.isinf(lr) or lr < 0 or (lr == 0 and not allow_zero):
+        raise ValueError(f"CAME ({where}): invalid lr {lr!r}; expected a finite float > 0 (or a 0-d tensor)")
+
+
+def _three_betas(betas) -> tuple:
+    betas = tuple(betas)
+    return betas + (_DEFAULT_BETA3,) if len(betas) == 2 else betas
+
+
+def _check_group(group: dict, where: str) -> None:
+    _check_lr(group["lr"], where)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) not in (2, 3):
+        raise ValueError(f"CAME ({where}): betas must be (beta1, beta2, beta3) or an AdamW-style (beta1, beta2) "
+                         f"with beta3 = {_DEFAULT_BETA3}; got {betas!r}")
+    for i, b in enumerate(betas):
+        if not _is_real(b) or not 0.0 <= b < 1.0:
+            raise ValueError(f"CAME ({where}): invalid beta at index {i}: {b!r}; expected 0 <= beta < 1")
+    eps = group["eps"]
+    if _is_real(eps):
+        raise ValueError(f"CAME ({where}): eps must be a pair (eps1, eps2), got the single float {eps!r}. CAME "
+                         "adds eps1 to g^2 (default 1e-30) and eps2 to the confidence residual (default 1e-16); "
+                         "neither is Adam's eps. Use e.g. eps=(1e-30, 1e-16)")
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise ValueError(f"CAME ({where}): eps must be a pair (eps1, eps2), got {eps!r}")
+    for i, e in enumerate(eps):
+        if not _is_real(e) or not e >= 0.0 or math.isinf(e):
+            raise ValueError(f"CAME ({where}): invalid eps at index {i}: {e!r}; expected a finite float >= 0")
+    d = group["clip_threshold"]
+    if not _is_real(d) or not d > 0.0 or math.isinf(d):
+        raise ValueError(f"CAME ({where}): invalid clip_threshold {d!r}; expected a finite float > 0")
+    wd = group["weight_decay"]
+    if not _is_real(wd) or not wd >= 0.0 or math.isinf(wd):
+        raise ValueError(f"CAME ({where}): invalid weight_decay {wd!r}; expected a finite float >= 0")
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"CAME ({where}): maximize must be a bool, got {group['maximize']!r}")
+    if group["backend"] not in ("auto",) + BACKENDS:
+        raise ValueError(f"CAME ({where}): unknown backend {group['backend']!r}; expected one of "
+                         f"{('auto',) + BACKENDS}")
