@@ -1,14 +1,16 @@
 """Shared test setup.
 
-TRITON_INTERPRET=1 must be set before anything imports triton, so that backend='triton' runs its real
-kernels through the interpreter on CPU tensors (that is how CI checks them without a GPU).
+Without a GPU, TRITON_INTERPRET=1 is set before anything imports triton, so that backend='triton' runs
+its real kernels through the interpreter on CPU tensors (that is how CI checks them). With a GPU it is left
+alone, so the same tests run the compiled kernels. (`import torch` does not import triton.)
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_report_header(config):
