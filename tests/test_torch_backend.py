@@ -183,3 +183,21 @@ def test_non_contiguous_params_and_grads():
         oa.step()
         ob.step()
     assert torch.equal(leaf_p.detach(), q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_on_cuda_matches_cpu(dtype):
+    gen = torch.Generator().manual_seed(3)
+    cpu = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    gpu = [p.clone().cuda() for p in cpu]
+    o1 = came_kernels.CAME(cpu, lr=1e-2, weight_decay=0.1, backend="torch")
+    o2 = came_kernels.CAME(gpu, lr=torch.tensor(1e-2), weight_decay=0.1, backend="torch")
+    for _ in range(20):
+        for a, b in zip(cpu, gpu):
+            a.grad = torch.randn(a.shape, generator=gen).to(dtype)
+            b.grad = a.grad.cuda()
+        o1.step()
+        o2.step()
+    for a, b in zip(cpu, gpu):
+        assert_close_rel(b, a, 1e-5 if dtype == torch.float32 else 1e-2, f"cuda vs cpu {tuple(a.shape)}")
