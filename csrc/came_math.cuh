@@ -1,0 +1,75 @@
+// came_math.cuh: CAME's per-element math on fp32 registers, shared by the four phases.
+//
+// Mirror of came_kernels/backends/torch_backend.py (the spec): each function below is one line of its
+// math, in the spec's symbols, and keeps the spec's operation order so results agree to an ulp or two.
+// Storage dtypes never appear here: callers load bf16/fp16/fp32 into float and store at the end.
+//
+// The functions are `__host__ __device__` so tests/test_cuda_math_host.py can compile this very file with
+// g++ (where the CUDA qualifiers are empty) and check it against the torch backend on the CPU.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CAME_HD __host__ __device__ __forceinline__
+#else
+#define CAME_HD inline
+#endif
+
+namespace came {
+
+// 1/sqrt(x). On the device rsqrtf (<= 2 ulp), the instruction torch's CUDA rsqrt uses too; on the host
+// (the math test) the correctly rounded 1/sqrt. No --use_fast_math anywhere: divisions stay IEEE.
+CAME_HD float rsqrt_(float x) {
+#if defined(__CUDA_ARCH__)
+  return rsqrtf(x);
+#else
+  return 1.0f / std::sqrt(x);
+#endif
+}
+
+// avg <- beta*avg + (1-beta)*new: came-pytorch's `avg.mul_(beta).add_(new, alpha=1-beta)`.
+// `one_minus_beta` is 1-beta computed in double on the host and rounded once, like torch's alpha.
+CAME_HD float ema(float avg, float beta, float one_minus_beta, float x) {
+  return avg * beta + one_minus_beta * x;
+}
+
+// A mean over one axis plus eps, from the sum over that axis: the spec's `buf.mean(dim).add_(eps)`, used
+// for mean_N(g^2) + eps1, mean_M(g^2) + eps1 and the residual's mean + eps2. A true division, like torch's
+// CPU mean; n <= 2^24 is exact in fp32.
+CAME_HD float mean_plus_eps(float sum, float n, float eps) { return sum / n + eps; }
+
+// Factored inverse square root, row part: rsqrt(r / mean_M(r)); the column part is rsqrt(c).
+CAME_HD float row_factor(float r, float mean_r) { return rsqrt_(r / mean_r); }
+CAME_HD float col_factor(float c) { return rsqrt_(c); }
+
+// Phase 1 -> 2: u = g * rsqrt(r/mean_M(r)) * rsqrt(c)   (factored), in the spec's order (g*row)*col.
+CAME_HD float factored_u(float g, float row_f, float col_f) { return (g * row_f) * col_f; }
+// u = g * rsqrt(v)   (ndim < 2)
+CAME_HD float vector_u(float g, float v) { return g * rsqrt_(v); }
+
+// Phase 2: the clip divisor max(1, RMS(u)/d) from sum(u^2). NaN propagates (a NaN gradient must show,
+// never be clipped away): `q < 1 ? 1 : q` keeps a NaN q, fmaxf(q, 1) would drop it.
+CAME_HD float clip_divisor(float sum_u2, int64_t numel, float clip_threshold) {
+  const float rms = std::sqrt(sum_u2) / static_cast<float>(std::sqrt(static_cast<double>(numel)));
+  const float q = rms / clip_threshold;
+  return q < 1.0f ? 1.0f : q;
+}
+
+// Phase 3: u_hat = u / divisor; m = b1*m + (1-b1)*u_hat; res = (u_hat - m)^2 with the new m.
+CAME_HD float clipped(float u, float divisor) { return u / divisor; }
+CAME_HD float residual(float u_hat, float m) {
+  const float d = u_hat - m;
+  return d * d;
+}
+
+// Phase 4: p - lr*wd*p - lr*update, in fp32, rounded by the caller once at the store. The decay goes first,
+// as in came-pytorch (p -= lr*wd*p; p -= lr*update), never as p*(1 - lr*wd): 1 - lr*wd rounded to fp32
+// loses most digits of a small lr*wd.
+CAME_HD float param_step(float p, float update, float lr, float weight_decay) {
+  const float decayed = p - (lr * weight_decay) * p;
+  return decayed - lr * update;
+}
+
+}  // namespace came

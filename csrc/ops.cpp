@@ -1,0 +1,245 @@
+// ops.cpp: the torch.ops.came_kernels.* operators: input checks, the (device, dtype) group, registration.
+//
+// The backend contract (came_kernels/backends/README.md) is one call per (device, dtype) group. The Python
+// glue (came_kernels/backends/cuda_backend.py) calls `came_step`, which checks the lists once and runs the
+// four phases; the per-phase ops exist so that each phase can be run and tested on its own and take a
+// `stats` buffer (layout: per tensor in list order, mean_M(r)[B], mean_M(R)[B], clip divisor[1]; B = 0 for
+// ndim < 2) that carries the small per-tensor results from one phase to the next.
+//
+// Every check names the list and index of the offending tensor. Nothing is launched before all checks pass,
+// so a bad call leaves params and state untouched.
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include <Python.h>
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "came_ops.h"
+
+namespace came {
+namespace {
+
+using OptList = c10::List<std::optional<at::Tensor>>;
+
+std::string name_of(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
+
+void check_state(const at::Tensor& x, const std::string& name, const at::Tensor& p, at::IntArrayRef shape) {
+  TORCH_CHECK(x.defined(), "came_kernels: ", name, " is missing (expected a float32 tensor of shape ", shape, ")");
+  TORCH_CHECK(x.device() == p.device(), "came_kernels: ", name, " is on ", x.device(), ", its param on ", p.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "came_kernels: ", name, " must be float32 (statistics and momentum "
+              "are fp32 for every param dtype), got ", x.scalar_type());
+  TORCH_CHECK(x.sizes() == shape, "came_kernels: ", name, " has shape ", x.sizes(), ", expected ", shape);
+  TORCH_CHECK(x.is_contiguous(), "came_kernels: ", name, " must be contiguous (the Python glue passes "
+              "contiguous copies of non-contiguous tensors)");
+}
+
+at::Tensor opt_at(const OptList& xs, size_t i) {
+  std::optional<at::Tensor> x = xs.get(i);
+  return x.has_value() ? *x : at::Tensor();
+}
+
+Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const OptList& sq_rows,
+                 const OptList& sq_cols, const OptList& res_rows, const OptList& res_cols, const OptList& sqs,
+                 const at::Tensor& lr) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0, "came_kernels: params is empty");
+  for (auto [len, what] : {std::pair<size_t, const char*>{grads.size(), "grads"}, {exp_avgs.size(), "exp_avgs"},
+                           {sq_rows.size(), "exp_avg_sq_rows"}, {sq_cols.size(), "exp_avg_sq_cols"},
+                           {res_rows.size(), "exp_avg_res_rows"}, {res_cols.size(), "exp_avg_res_cols"},
+                           {sqs.size(), "exp_avg_sqs"}}) {
+    TORCH_CHECK(len == n, "came_kernels: ", what, " has ", len, " tensors, params has ", n);
+  }
+  Group grp;
+  const at::Tensor& p0 = params[0];
+  TORCH_CHECK(p0.is_cuda(), "came_kernels: params[0] must be a CUDA tensor, got one on ", p0.device());
+  grp.dtype = p0.scalar_type();
+  TORCH_CHECK(grp.dtype == at::kFloat || grp.dtype == at::kBFloat16 || grp.dtype == at::kHalf,
+              "came_kernels: params must be float32, bfloat16 or float16, got ", grp.dtype,
+              " (use backend='torch' for other dtypes)");
+  TORCH_CHECK(lr.device() == p0.device() && lr.scalar_type() == at::kFloat && lr.numel() == 1,
+              "came_kernels: lr must be a 1-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
+              " with ", lr.numel(), " elements on ", lr.device());
+
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const std::string pn = name_of("params", i);
+    TORCH_CHECK(p.device() == p0.device() && p.scalar_type() == grp.dtype, "came_kernels: ", pn, " is ",
+                p.scalar_type(), " on ", p.device(), "; one call takes one (device, dtype) group: ", grp.dtype,
+                " on ", p0.device());
+    TORCH_CHECK(p.layout() == at::kStrided && g.layout() == at::kStrided,
+                "came_kernels: ", pn, " and its grad must be dense (sparse gradients are not supported)");
+    TORCH_CHECK(g.device() == p.device() && g.scalar_type() == p.scalar_type() && g.sizes() == p.sizes(),
+                "came_kernels: ", name_of("grads", i), " must match ", pn, " (", p.scalar_type(), " ", p.sizes(),
+                " on ", p.device(), "), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "came_kernels: ", pn, " and its grad must be contiguous "
+                "(the Python glue passes contiguous copies of non-contiguous tensors)");
+    check_state(exp_avgs[i], name_of("exp_avgs", i), p, p.sizes());
+    if (p.numel() == 0) continue;  // nothing to update
+
+    TensorRef t;
+    t.p = p;
+    t.g = g;
+    t.m = exp_avgs[i];
+    t.numel = p.numel();
+    if (p.dim() >= 2) {
+      std::vector<int64_t> row_shape(p.sizes().begin(), p.sizes().end() - 1);
+      std::vector<int64_t> col_shape(p.sizes().begin(), p.sizes().end() - 2);
+      col_shape.push_back(p.size(-1));
+      t.r = opt_at(sq_rows, i);
+      t.c = opt_at(sq_cols, i);
+      t.R = opt_at(res_rows, i);
+      t.C = opt_at(res_cols, i);
+      check_state(t.r, name_of("exp_avg_sq_rows", i), p, row_shape);
+      check_state(t.c, name_of("exp_avg_sq_cols", i), p, col_shape);
+      check_state(t.R, name_of("exp_avg_res_rows", i), p, row_shape);
+      check_state(t.C, name_of("exp_avg_res_cols", i), p, col_shape);
+      t.M = p.size(-2);
+      t.N = p.size(-1);
+      t.B = t.numel / (t.M * t.N);
+    } else {
+      t.v = opt_at(sqs, i);
+      check_state(t.v, name_of("exp_avg_sqs", i), p, p.sizes());
+    }
+    t.stat_off = grp.stats_numel;
+    grp.stats_numel += stats_numel_of(t);
+    grp.ts.push_back(std::move(t));
+  }
+  for (size_t first = 0; first < grp.ts.size(); first += kMaxTensors) {
+    const size_t last = std::min(grp.ts.size(), first + static_cast<size_t>(kMaxTensors));
+    grp.ws_floats = std::max(grp.ws_floats, chunk_workspace_floats(grp, first, last));
+  }
+  return grp;
+}
+
+Hyper make_hyper(double beta1, double beta2, double beta3, double eps1, double eps2, double clip_threshold,
+                 double weight_decay, bool maximize) {
+  for (auto [b, name] : {std::pair<double, const char*>{beta1, "beta1"}, {beta2, "beta2"}, {beta3, "beta3"}}) {
+    TORCH_CHECK(b >= 0.0 && b < 1.0, "came_kernels: ", name, " must be in [0, 1), got ", b);
+  }
+  TORCH_CHECK(clip_threshold > 0.0, "came_kernels: clip_threshold must be > 0, got ", clip_threshold);
+  Hyper h;
+  h.beta1 = static_cast<float>(beta1);
+  h.beta2 = static_cast<float>(beta2);
+  h.beta3 = static_cast<float>(beta3);
+  // 1-beta in double, rounded once: what torch does with `add_(x, alpha=1-beta)` on fp32 tensors.
+  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.one_minus_beta3 = static_cast<float>(1.0 - beta3);
+  h.eps1 = static_cast<float>(eps1);
+  h.eps2 = static_cast<float>(eps2);
+  h.clip_threshold = static_cast<float>(clip_threshold);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.maximize = maximize;
+  return h;
+}
+
+at::Tensor new_floats(int64_t n, const at::Tensor& like) {
+  return at::empty({n}, like.options().dtype(at::kFloat));
+}
+
+void check_stats(const at::Tensor& stats, const Group& grp, const at::Tensor& p0) {
+  TORCH_CHECK(stats.device() == p0.device() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+              stats.numel() >= grp.stats_numel,
+              "came_kernels: stats must be a contiguous float32 tensor on ", p0.device(), " with at least ",
+              grp.stats_numel, " elements (sum of 2*B+1 over the non-empty params), got ", stats.scalar_type(),
+              " with ", stats.numel(), " on ", stats.device());
+}
+
+// The arguments every op shares, in the contract's order.
+#define CAME_LIST_ARGS                                                                                      \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const OptList &sq_rows,            \
+      const OptList &sq_cols, const OptList &res_rows, const OptList &res_cols, const OptList &sqs
+#define CAME_HYPER_ARGS                                                                                     \
+  const at::Tensor &lr, double beta1, double beta2, double beta3, double eps1, double eps2,                \
+      double clip_threshold, double weight_decay, bool maximize
+
+enum class Phase { kSqStats, kClipStats, kMomentumRes, kParamStep };
+
+void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats_in, CAME_HYPER_ARGS) {
+  const Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
+  const Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize);
+  check_stats(stats_in, grp, params[0]);
+  if (grp.ts.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor stats = stats_in;
+  at::Tensor ws = new_floats(grp.ws_floats, params[0]);
+  switch (phase) {
+    case Phase::kSqStats: sq_stats_launch(grp, h, stats, ws); break;
+    case Phase::kClipStats: clip_stats_launch(grp, h, stats, ws); break;
+    case Phase::kMomentumRes: momentum_res_launch(grp, h, stats, ws); break;
+    case Phase::kParamStep: param_step_launch(grp, h, lr, stats); break;
+  }
+}
+
+void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
+  const Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
+  const Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize);
+  if (grp.ts.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  // Transient scratch from the caching allocator, freed (stream-ordered) when the step returns: the stats
+  // are O(matrices) floats, the workspace numel/64 floats of the largest launch-chunk at most.
+  at::Tensor stats = new_floats(grp.stats_numel, params[0]);
+  at::Tensor ws = new_floats(grp.ws_floats, params[0]);
+  sq_stats_launch(grp, h, stats, ws);
+  clip_stats_launch(grp, h, stats, ws);
+  momentum_res_launch(grp, h, stats, ws);
+  param_step_launch(grp, h, lr, stats);
+}
+
+#define CAME_PHASE_OP(FN, PHASE)                                                     \
+  void FN(CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_ARGS) {               \
+    run_phase(PHASE, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, \
+              sqs, stats, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold,      \
+              weight_decay, maximize);                                              \
+  }
+CAME_PHASE_OP(sq_stats, Phase::kSqStats)
+CAME_PHASE_OP(clip_stats, Phase::kClipStats)
+CAME_PHASE_OP(momentum_res, Phase::kMomentumRes)
+CAME_PHASE_OP(param_step, Phase::kParamStep)
+
+}  // namespace
+}  // namespace came
+
+// Schemas: the contract's lists, then (phase ops) the stats buffer, then lr as a 1-element fp32 device tensor
+// and the scalars. Mutated arguments carry alias annotations so torch knows what each op writes.
+#define CAME_SCHEMA_LISTS                                                                           \
+  "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor?(c!)[] exp_avg_sq_rows, "    \
+  "Tensor?(d!)[] exp_avg_sq_cols, Tensor?(e!)[] exp_avg_res_rows, Tensor?(f!)[] exp_avg_res_cols, " \
+  "Tensor?(g!)[] exp_avg_sqs, "
+#define CAME_SCHEMA_HYPER                                                                                   \
+  "Tensor lr, float beta1, float beta2, float beta3, float eps1, float eps2, float clip_threshold, "       \
+  "float weight_decay, bool maximize) -> ()"
+
+// `import came_kernels._C` loads this library, which registers the ops below; the module itself is empty
+// (no pybind11: it would add ~50 s of compile time for nothing).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "came_kernels CUDA ops (torch.ops.came_kernels)",
+                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(came_kernels, m) {
+  // One full CAME step (all four phases) for one (device, dtype) group; what the cuda backend calls.
+  m.def("came_step(" CAME_SCHEMA_LISTS CAME_SCHEMA_HYPER);
+  // Phase 1: EMAs of g^2 (r, c or v) and mean_M(r) into stats.
+  m.def("sq_stats(" CAME_SCHEMA_LISTS "Tensor(h!) stats, " CAME_SCHEMA_HYPER);
+  // Phase 2: the clip divisor max(1, RMS(u)/d) of every tensor into stats.
+  m.def("clip_stats(" CAME_SCHEMA_LISTS "Tensor(h!) stats, " CAME_SCHEMA_HYPER);
+  // Phase 3: momentum m and the residual EMAs (R, C), mean_M(R) into stats.
+  m.def("momentum_res(" CAME_SCHEMA_LISTS "Tensor(h!) stats, " CAME_SCHEMA_HYPER);
+  // Phase 4: the parameter update with decoupled weight decay.
+  m.def("param_step(" CAME_SCHEMA_LISTS "Tensor(h!) stats, " CAME_SCHEMA_HYPER);
+}
+
+TORCH_LIBRARY_IMPL(came_kernels, CUDA, m) {
+  m.impl("came_step", &came::came_step);
+  m.impl("sq_stats", &came::sq_stats);
+  m.impl("clip_stats", &came::clip_stats);
+  m.impl("momentum_res", &came::momentum_res);
+  m.impl("param_step", &came::param_step);
+}
