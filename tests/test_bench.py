@@ -1,0 +1,142 @@
+"""The benchmark tool's plumbing at tiny sizes: rows, units, JSON. No timing is asserted (bench/ measures it)."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import converge, memory, shapes, step, utils  # noqa: E402
+
+
+def _args(module, argv):
+    p = argparse.ArgumentParser()
+    module.add_args(p)
+    return p.parse_args(argv)
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_shape_sets_have_the_published_parameter_counts():
+    assert shapes.numel(shapes.shape_set("gpt2")) == 124_439_808
+    assert shapes.numel(shapes.shape_set("tinyllama")) == 1_100_048_384
+    assert shapes.numel(shapes.shape_set("resnet50")) == 25_557_032
+    # Scaling shrinks widths but keeps the structure (same number of tensors, same ranks).
+    for name in shapes.SETS:
+        full, small = shapes.shape_set(name), shapes.shape_set(name, 16)
+        assert [len(s) for s in full] == [len(s) for s in small]
+        assert shapes.numel(small) < shapes.numel(full) / 50
+
+
+@pytest.fixture(scope="module")
+def step_payload(tmp_path_factory):
+    out = tmp_path_factory.mktemp("step")
+    args = _args(step, ["--sets", "gpt2,resnet50", "--scale", "64", "--dtype", "fp32,bf16", "--device", "cpu",
+                        "--warmup", "1", "--iters", "3", "--max-seconds", "0.2", "--out", str(out)])
+    payload = step.run(args)
+    return payload, out
+
+
+def test_step_bench_has_a_sane_row_for_every_optimizer(step_payload):
+    payload, out = step_payload
+    specs, skipped = utils.optimizer_specs(torch.device("cpu"))
+    names = {s.name for s in specs}
+    assert {"adamw[fused]", "adamw[foreach]", "adafactor", "came[torch]"} <= names
+    assert "came[cuda]" in skipped and "adamw8bit[bnb]" in skipped  # with the reason, not silently
+    for set_name in ("gpt2", "resnet50"):
+        for dtype in ("fp32", "bf16"):
+            rows = {r["optimizer"]: r for r in payload["rows"] if (r["set"], r["dtype"]) == (set_name, dtype)}
+            assert set(rows) == names
+            for r in rows.values():
+                assert "error" not in r, r
+                assert _finite(r["ms"]) and r["ms"] > 0
+                assert _finite(r["x_adamw"]) and r["x_adamw"] > 0
+                assert _finite(r["state_bytes_per_param"]) and r["state_bytes_per_param"] > 0
+                assert r["peak_transient_bytes"] is None or r["peak_transient_bytes"] >= 0
+            assert rows["adamw[fused]"]["x_adamw"] == 1.0
+    # One table string with every optimizer in it.
+    text = step.table(payload)
+    assert all(n in text for n in names)
+
+
+def test_step_bench_state_bytes_per_param_from_real_tensors(step_payload):
+    payload, _ = step_payload
+    row = {(r["set"], r["dtype"], r["optimizer"]): r for r in payload["rows"]}
+    # AdamW fp32: exp_avg + exp_avg_sq = 8 B/param, plus a 4-byte `step` scalar per tensor.
+    r = row[("gpt2", "fp32", "adamw[fused]")]
+    assert r["state_bytes_per_param"] == pytest.approx(8 + 4 * r["tensors"] / r["numel"], rel=1e-6)
+    # CAME on a set of matrices keeps one full-size momentum plus row/col statistics: well under AdamW.
+    came = row[("gpt2", "fp32", "came[torch]")]["state_bytes_per_param"]
+    assert 4 <= came < 0.75 * r["state_bytes_per_param"]
+    # bf16 params: CAME's momentum and statistics stay fp32.
+    assert set(row[("gpt2", "bf16", "came[torch]")]["state_dtypes"].values()) == {"float32"}
+
+
+def test_step_bench_writes_json_and_png(step_payload):
+    payload, out = step_payload
+    with open(out / "step.json") as f:
+        saved = json.load(f)
+    assert saved["benchmark"] == "step" and len(saved["rows"]) == len(payload["rows"])
+    assert saved["env"]["commit"] and saved["methods"]["peak_transient"]
+    pytest.importorskip("matplotlib")
+    assert (out / "step.png").stat().st_size > 1000
+
+
+def test_converge_runs_a_few_steps_with_finite_losses(tmp_path):
+    args = _args(converge, ["--size", "tiny", "--steps", "3", "--corpus-mb", "0.3", "--device", "cpu",
+                            "--out", str(tmp_path), "--no-plot"])
+    payload = converge.run(args)
+    assert set(payload["runs"]) == {"AdamW", "Adafactor", "CAME[auto]"}
+    for r in payload["runs"].values():
+        assert len(r["train_loss"]) == 3 and all(math.isfinite(x) for x in r["train_loss"])
+        assert r["val_loss"] and all(math.isfinite(x) for x in r["val_loss"])
+    assert payload["corpus"]["train_files"] > 0 and payload["corpus"]["val_files"] > 0
+    with open(tmp_path / "converge.json") as f:
+        assert json.load(f)["runs"]["AdamW"]["val_loss"] == payload["runs"]["AdamW"]["val_loss"]
+
+
+def test_converge_starts_every_optimizer_from_the_same_weights_and_batches(tmp_path):
+    # Same seed, same init, same first batch: the loss before the first update is identical.
+    args = _args(converge, ["--size", "tiny", "--steps", "1", "--corpus-mb", "0.3", "--device", "cpu",
+                            "--out", str(tmp_path), "--no-plot"])
+    first = [r["train_loss"][0] for r in converge.run(args)["runs"].values()]
+    assert first[0] == first[1] == first[2]
+
+
+def test_memory_table_from_real_allocations(tmp_path):
+    args = _args(memory, ["--sets", "gpt2", "--scale", "32", "--device", "cpu", "--out", str(tmp_path),
+                          "--no-plot"])
+    rows = {r["optimizer"]: r for r in memory.run(args)["rows"]}
+    assert rows["AdamW"]["bytes_per_param"] == pytest.approx(8, abs=0.05)
+    assert rows["CAME"]["bytes_per_param"] < 0.75 * rows["AdamW"]["bytes_per_param"]
+    proj = rows[memory.PROJECTION]
+    assert proj["projection"] and proj["bytes_per_param"] < rows["CAME"]["bytes_per_param"]
+    assert (tmp_path / "memory.json").exists()
+
+
+def test_cli_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    for sub in ("step", "converge", "memory", "all"):
+        assert sub in out
+
+
+def test_gpu_check_script_parses_and_its_optimizer_list_resolves():
+    script = os.path.join(REPO, "bench", "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    optim = text.split("--optim '", 1)[1].split("'", 1)[0]
+    specs, skipped = utils.optimizer_specs(torch.device("cpu"), select=optim.split(","))
+    assert {s.name for s in specs} | set(skipped) >= {"came[cuda]", "came[triton]", "adamw[fused]", "adafactor"}
+    assert "adamw[foreach]" not in {s.name for s in specs}  # brackets are literal, not a character class
+    names = {s.name for s in utils.optimizer_specs(torch.device("cpu"), select=["came*"])[0]}
+    assert "came[torch]" in names and all(n.startswith("came") for n in names)
