@@ -208,9 +208,9 @@ CAME_PHASE_OP(param_step, Phase::kParamStep)
 // Schemas: the contract's lists, then (phase ops) the stats buffer, then lr as a 1-element fp32 device tensor
 // and the scalars. Mutated arguments carry alias annotations so torch knows what each op writes.
 #define CAME_SCHEMA_LISTS                                                                           \
-  "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor?(c!)[] exp_avg_sq_rows, "    \
-  "Tensor?(d!)[] exp_avg_sq_cols, Tensor?(e!)[] exp_avg_res_rows, Tensor?(f!)[] exp_avg_res_cols, " \
-  "Tensor?(g!)[] exp_avg_sqs, "
+  "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)?[] exp_avg_sq_rows, "    \
+  "Tensor(d!)?[] exp_avg_sq_cols, Tensor(e!)?[] exp_avg_res_rows, Tensor(f!)?[] exp_avg_res_cols, " \
+  "Tensor(g!)?[] exp_avg_sqs, "
 #define CAME_SCHEMA_HYPER                                                                                   \
   "Tensor lr, float beta1, float beta2, float beta3, float eps1, float eps2, float clip_threshold, "       \
   "float weight_decay, bool maximize) -> ()"

@@ -1,0 +1,106 @@
+"""The CUDA backend: `came_step` on the compiled extension `came_kernels._C` (sources in csrc/).
+
+Same contract as the torch backend (backends/README.md); the math lives in csrc/<phase>.cu, one file per
+phase with the stems of triton_kernels/, and is checked against torch_backend.py by tests/test_cuda_backend.py.
+One call of `torch.ops.came_kernels.came_step` per (device, dtype) group runs the four phases: for every
+launch-chunk of up to 36 tensors, four phase kernels and three small finalize kernels, about 32 B of
+traffic per fp32 parameter, no host sync (lr is read on the device), deterministic (fixed-order sums).
+
+Import is lazy: a missing or broken extension only matters when backend="cuda" is asked for, and then
+`unavailable_reason` keeps the original import error and says how to build the extension.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["came_step", "unavailable_reason"]
+
+_BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` on a machine with nvcc and a CUDA build "
+               "of torch (CAME_KERNELS_BUILD_CUDA=1 makes setup.py fail loudly instead of skipping it)")
+
+_ext = None          # the imported came_kernels._C, once loaded
+_import_error = None  # the exception from the first failed import, kept for the message
+
+
+def _load():
+    global _ext, _import_error
+    if _ext is None and _import_error is None:
+        try:
+            from came_kernels import _C  # registers torch.ops.came_kernels.*
+            _ext = _C
+        except Exception as e:  # ImportError, or OSError for a library built against another torch
+            _import_error = e
+    return _ext
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the extension is importable and `device` is a usable CUDA device, else why not. Never raises."""
+    try:
+        device = torch.device(device)
+        if _load() is None:
+            return (f"came_kernels._C could not be imported ({type(_import_error).__name__}: {_import_error}); "
+                    + _BUILD_HINT)
+        if device.type != "cuda":
+            return f"the CUDA extension runs on CUDA tensors only, got {device.type} tensors"
+        if not torch.cuda.is_available():
+            return "came_kernels._C is built but torch.cuda.is_available() is False (no GPU or driver)"
+        return None
+    except Exception as e:  # the contract: report, never raise
+        return f"checking the CUDA backend failed: {type(e).__name__}: {e}"
+
+
+def _lr_tensor(lr: Union[float, Tensor], device: torch.device) -> Tensor:
+    """lr as the 1-element fp32 device tensor the kernels read (no .item(): a tensor lr never syncs)."""
+    if isinstance(lr, Tensor):
+        return lr.detach().to(device=device, dtype=torch.float32).reshape(1)
+    return torch.full((1,), float(lr), dtype=torch.float32, device=device)
+
+
+def came_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sq_rows: list[Optional[Tensor]],
+    exp_avg_sq_cols: list[Optional[Tensor]],
+    exp_avg_res_rows: list[Optional[Tensor]],
+    exp_avg_res_cols: list[Optional[Tensor]],
+    exp_avg_sqs: list[Optional[Tensor]],
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    weight_decay: float,
+    maximize: bool,
+    cache: Optional[dict] = None,
+) -> None:
+    """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md)."""
+    if not params:
+        return
+    if _load() is None:
+        raise RuntimeError(unavailable_reason(params[0].device))
+    lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
+             exp_avg_sqs]
+    # The kernels index [B, M, N] views of contiguous memory. A non-contiguous tensor (e.g. a channels_last
+    # conv weight) runs on a contiguous copy that is written back after the step: a full-size temporary for
+    # that tensor only; the usual contiguous case costs nothing here.
+    write_back = []
+    for k, lst in enumerate(lists):
+        if any(x is not None and not x.is_contiguous() for x in lst):
+            copies = [x if x is None or x.is_contiguous() else x.contiguous() for x in lst]
+            if k != 1:  # everything but the grads is updated in place
+                write_back += [(x, y) for x, y in zip(lst, copies) if y is not x]
+            lists[k] = copies
+
+    torch.ops.came_kernels.came_step(
+        *lists, _lr_tensor(lr, params[0].device), float(beta1), float(beta2), float(beta3), float(eps1),
+        float(eps2), float(clip_threshold), float(weight_decay), bool(maximize))
+
+    for orig, copy in write_back:
+        orig.copy_(copy)

@@ -1,0 +1,126 @@
+// Host build of csrc/came_math.cuh for tests/test_cuda_math_host.py (g++, no CUDA: CAME_HD is `inline`).
+//
+// One CAME step per tensor, composed from the same per-element functions the kernels call, in the kernels'
+// phase order (sq_stats, clip_stats, momentum_res, param_step) and with their sums: row sums over N, column
+// sums over M, the per-matrix mean of the row statistic, one sum of u^2 per tensor. What this does not
+// check is the GPU plumbing (tables, stripes, vector loads): tests/test_cuda_backend.py does that on a GPU.
+// Plain C ABI for ctypes; fp32 storage only (the kernels' bf16/fp16 loads and stores are conversions).
+#include <cstdint>
+#include <vector>
+
+#include "came_math.cuh"
+
+using namespace came;
+
+namespace {
+struct H {
+  float b1, omb1, b2, omb2, b3, omb3, eps1, eps2, d, lr, wd;
+  bool maximize;
+};
+H make(double b1, double b2, double b3, double eps1, double eps2, double d, double lr, double wd, int maximize) {
+  // the same double -> float conversions as ops.cpp's make_hyper and the glue's fp32 lr
+  return {static_cast<float>(b1), static_cast<float>(1.0 - b1), static_cast<float>(b2),
+          static_cast<float>(1.0 - b2), static_cast<float>(b3), static_cast<float>(1.0 - b3),
+          static_cast<float>(eps1), static_cast<float>(eps2), static_cast<float>(d), static_cast<float>(lr),
+          static_cast<float>(wd), maximize != 0};
+}
+float step_p(float p, float update, const H& h) {
+  return h.wd != 0.0f ? param_step(p, update, h.lr, h.wd) : p - h.lr * update;  // param_step.cu's kDecay
+}
+}  // namespace
+
+extern "C" {
+
+float came_clip_divisor(float sum_u2, int64_t numel, float d) { return clip_divisor(sum_u2, numel, d); }
+
+// Tensors with ndim < 2: p, g, m, v of n elements.
+void came_step_flat(float* p, const float* g, float* m, float* v, int64_t n, double b1, double b2, double b3,
+                    double eps1, double eps2, double d, double lr, double wd, int maximize) {
+  const H h = make(b1, b2, b3, eps1, eps2, d, lr, wd, maximize);
+  // phase 1
+  for (int64_t i = 0; i < n; ++i) v[i] = ema(v[i], h.b2, h.omb2, g[i] * g[i] + h.eps1);
+  // phase 2
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = vector_u(g[i], v[i]);
+    s += u * u;
+  }
+  const float div = clip_divisor(s, n, h.d);
+  // phase 3
+  for (int64_t i = 0; i < n; ++i) {
+    const float gx = h.maximize ? -g[i] : g[i];
+    m[i] = ema(m[i], h.b1, h.omb1, clipped(vector_u(gx, v[i]), div));
+  }
+  // phase 4
+  for (int64_t i = 0; i < n; ++i) p[i] = step_p(p[i], m[i], h);
+}
+
+// Factored tensors: [B, M, N] p, g, m; r, R [B*M]; c, C [B*N].
+void came_step_factored(float* p, const float* g, float* m, float* r, float* c, float* R, float* C, int64_t B,
+                        int64_t M, int64_t N, double b1, double b2, double b3, double eps1, double eps2, double d,
+                        double lr, double wd, int maximize) {
+  const H h = make(b1, b2, b3, eps1, eps2, d, lr, wd, maximize);
+  std::vector<float> mean_r(B), mean_R(B), colsum(N);
+  // phase 1: r from row sums, c from column sums, mean_M(r)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < N; ++j) colsum[j] = 0.0f;
+    for (int64_t i = 0; i < M; ++i) {
+      float rs = 0.0f;
+      for (int64_t j = 0; j < N; ++j) {
+        const float x = g[(b * M + i) * N + j];
+        rs += x * x;
+        colsum[j] += x * x;
+      }
+      r[b * M + i] = ema(r[b * M + i], h.b2, h.omb2, mean_plus_eps(rs, static_cast<float>(N), h.eps1));
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      c[b * N + j] = ema(c[b * N + j], h.b2, h.omb2, mean_plus_eps(colsum[j], static_cast<float>(M), h.eps1));
+    }
+    float s = 0.0f;
+    for (int64_t i = 0; i < M; ++i) s += r[b * M + i];
+    mean_r[b] = s / static_cast<float>(M);
+  }
+  // phase 2: the clip divisor
+  float s = 0.0f;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const float u = factored_u(g[(b * M + i) * N + j], row_factor(r[b * M + i], mean_r[b]),
+                                   col_factor(c[b * N + j]));
+        s += u * u;
+      }
+  const float div = clip_divisor(s, B * M * N, h.d);
+  // phase 3: m, then R from row sums of the residual, C from column sums, mean_M(R)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < N; ++j) colsum[j] = 0.0f;
+    for (int64_t i = 0; i < M; ++i) {
+      float rs = 0.0f;
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t k = (b * M + i) * N + j;
+        const float gx = h.maximize ? -g[k] : g[k];
+        const float u_hat = clipped(factored_u(gx, row_factor(r[b * M + i], mean_r[b]), col_factor(c[b * N + j])), div);
+        m[k] = ema(m[k], h.b1, h.omb1, u_hat);
+        const float res = residual(u_hat, m[k]);
+        rs += res;
+        colsum[j] += res;
+      }
+      R[b * M + i] = ema(R[b * M + i], h.b3, h.omb3, mean_plus_eps(rs, static_cast<float>(N), h.eps2));
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      C[b * N + j] = ema(C[b * N + j], h.b3, h.omb3, mean_plus_eps(colsum[j], static_cast<float>(M), h.eps2));
+    }
+    float t = 0.0f;
+    for (int64_t i = 0; i < M; ++i) t += R[b * M + i];
+    mean_R[b] = t / static_cast<float>(M);
+  }
+  // phase 4
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t k = (b * M + i) * N + j;
+        const float update = factored_u(m[k], row_factor(R[b * M + i], mean_R[b]), col_factor(C[b * N + j]));
+        p[k] = step_p(p[k], update, h);
+      }
+}
+
+}  // extern "C"

@@ -1,0 +1,148 @@
+"""The CUDA extension's per-element math, proven on the CPU.
+
+csrc/came_math.cuh is compiled with g++ (its `__host__ __device__` qualifiers are empty there) into a tiny
+shared library, tests/cuda_host/came_math_host.cpp, that composes the kernels' functions in the kernels'
+phase order. It is run for 60 steps against the torch backend (the spec) on every shape class. The GPU
+plumbing (tables, stripes, vector loads, partial sums) is tested by tests/test_cuda_backend.py on a GPU,
+and .ci/check_cuda.sh compiles it with nvcc.
+
+The op schemas of csrc/ops.cpp are parsed here too, so a schema typo fails on the CPU, not at import on a GPU.
+"""
+import ctypes
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from came_kernels.backends import torch_backend
+from oracle import assert_close_rel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+SHAPES = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 70), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1)]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++/c++ not on PATH, CXX unset): cannot build the host math test")
+    out = tmp_path_factory.mktemp("came_math_host") / "came_math_host.so"
+    cmd = [CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+           # no FMA contraction, so the host math is the plain IEEE sequence the spec computes on the CPU
+           "-ffp-contract=off", f"-I{ROOT}/csrc", f"{ROOT}/tests/cuda_host/came_math_host.cpp", "-o", str(out)]
+    subprocess.run(cmd, check=True)
+    so = ctypes.CDLL(str(out))
+    f, i64, d, i = ctypes.c_float, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    ptr = ctypes.c_void_p
+    so.came_clip_divisor.restype = f
+    so.came_clip_divisor.argtypes = [f, i64, f]
+    so.came_step_flat.restype = None
+    so.came_step_flat.argtypes = [ptr] * 4 + [i64] + [d] * 8 + [i]
+    so.came_step_factored.restype = None
+    so.came_step_factored.argtypes = [ptr] * 7 + [i64] * 3 + [d] * 8 + [i]
+    return so
+
+
+def _host_step(lib, p, g, st, *, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize):
+    hyper = (beta1, beta2, beta3, eps1, eps2, clip_threshold, lr, weight_decay, int(maximize))
+    if p.ndim >= 2:
+        M, N = p.shape[-2], p.shape[-1]
+        B = p.numel() // (M * N)
+        lib.came_step_factored(p.data_ptr(), g.data_ptr(), st["m"].data_ptr(), st["r"].data_ptr(), st["c"].data_ptr(),
+                               st["R"].data_ptr(), st["C"].data_ptr(), B, M, N, *hyper)
+    else:
+        lib.came_step_flat(p.data_ptr(), g.data_ptr(), st["m"].data_ptr(), st["v"].data_ptr(), p.numel(), *hyper)
+
+
+def _state(p):
+    st = {"m": torch.zeros_like(p)}
+    if p.ndim >= 2:
+        for k in ("r", "R"):
+            st[k] = torch.zeros(p.shape[:-1])
+        for k in ("c", "C"):
+            st[k] = torch.zeros(p.shape[:-2] + p.shape[-1:])
+    else:
+        st["v"] = torch.zeros_like(p)
+    return st
+
+
+@pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.1, False), (0.05, True)])
+def test_host_math_matches_torch_backend_60_steps_every_shape(lib, weight_decay, maximize):
+    gen = torch.Generator().manual_seed(7)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+                 weight_decay=weight_decay, maximize=maximize)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    ours = [x.clone() for x in init]
+    spec = [x.clone() for x in init]
+    ours_st = [_state(x) for x in init]
+    spec_st = [_state(x) for x in init]
+    for step in range(60):
+        scale = 1e4 if step % 11 == 5 else (0.0 if step % 13 == 6 else 1.0)  # spikes (clipping) and zero grads
+        grads = [torch.randn(s, generator=gen) * scale for s in SHAPES]
+        for p, g, st in zip(ours, grads, ours_st):
+            _host_step(lib, p, g, st, **hyper)
+        torch_backend.came_step(
+            spec, grads, [s["m"] for s in spec_st], [s.get("r") for s in spec_st], [s.get("c") for s in spec_st],
+            [s.get("R") for s in spec_st], [s.get("C") for s in spec_st], [s.get("v") for s in spec_st],
+            cache={}, **hyper)
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        assert_close_rel(a, b, 2e-6, f"param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 1e-4, f"state {k} of {tuple(a.shape)}")
+
+
+def test_host_math_really_differs_when_the_math_differs(lib):
+    # A check that can fail: a different eps1 must move r and c of a tiny-gradient tensor well past tolerance.
+    p1, p2 = torch.ones(4, 5), torch.ones(4, 5)
+    g = torch.full((4, 5), 1e-3)
+    s1, s2 = _state(p1), _state(p2)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps2=1e-16, clip_threshold=1.0, weight_decay=0.0,
+              maximize=False)
+    _host_step(lib, p1, g, s1, eps1=1e-30, **kw)
+    _host_step(lib, p2, g, s2, eps1=1e-3, **kw)
+    assert (s1["r"] - s2["r"]).abs().max() > 1e-4 * s2["r"].abs().max()
+
+
+def test_clip_divisor_is_at_least_one_and_keeps_nan(lib):
+    assert lib.came_clip_divisor(0.0, 10, 1.0) == 1.0
+    assert lib.came_clip_divisor(10.0, 10, 1.0) == 1.0                       # RMS exactly d
+    assert lib.came_clip_divisor(400.0, 4, 1.0) == pytest.approx(10.0, rel=1e-7)
+    assert lib.came_clip_divisor(400.0, 4, 2.0) == pytest.approx(5.0, rel=1e-7)
+    assert math.isnan(lib.came_clip_divisor(float("nan"), 4, 1.0))          # a NaN gradient must show
+    assert math.isinf(lib.came_clip_divisor(float("inf"), 4, 1.0))
+
+
+def _schemas():
+    src = open(os.path.join(ROOT, "csrc", "ops.cpp")).read()
+    macros = {}
+    for name in ("CAME_SCHEMA_LISTS", "CAME_SCHEMA_HYPER"):
+        body = re.search(rf"#define {name}\s*\\\n((?:.*\\\n)*.*\n)", src).group(1)
+        macros[name] = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
+    defs = re.findall(r'm\.def\(((?:"[^"]*"|\s|CAME_SCHEMA_\w+)+)\);', src)
+    assert len(defs) == 5, defs
+    out = []
+    for d in defs:
+        parts = re.findall(r'"([^"]*)"|(CAME_SCHEMA_\w+)', d)
+        out.append("".join(lit or macros[mac] for lit, mac in parts))
+    return out
+
+
+def test_op_schemas_in_ops_cpp_parse():
+    names = []
+    for s in _schemas():
+        schema = torch._C.parse_schema("came_kernels::" + s)
+        names.append(schema.name)
+        args = [a.name for a in schema.arguments]
+        assert args[:8] == ["params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols",
+                            "exp_avg_res_rows", "exp_avg_res_cols", "exp_avg_sqs"], args
+        assert args[-9:] == ["lr", "beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold", "weight_decay",
+                             "maximize"], args
+        mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        assert {"params", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sqs"} <= mutated and "grads" not in mutated
+    assert sorted(names) == sorted(["came_kernels::" + n for n in
+                                    ("came_step", "sq_stats", "clip_stats", "momentum_res", "param_step")])
