@@ -63,10 +63,12 @@ def _cuda_extension():
         name="came_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        # No -std=: torch's cpp_extension adds the standard its headers need (c++20 since torch 2.10;
+        # a forced -std=c++17 breaks torch 2.14's headers). Same flags as .ci/check_cuda.sh.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3"],
             # No --use_fast_math: rsqrt/division must stay IEEE-accurate for parity with the torch backend.
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode,
+            "nvcc": ["-O3", "-lineinfo"] + gencode,
         },
         py_limited_api=False,
     )

@@ -6,7 +6,7 @@
 #
 # Fails on any compiler error or warning in our code: nvcc `-Werror all-warnings` (device-side and nvcc's own
 # warnings) and host `-Wall -Wextra -Werror`. torch's and Python's headers are -isystem, so their own warnings
-# are not ours to fix. Same defines as torch's CUDAExtension (COMMON_NVCC_FLAGS, the C++ ABI flag), no
+# are not ours to fix. C++20 as torch's cpp_extension uses (torch 2.14's headers need it). Same defines as torch's CUDAExtension (COMMON_NVCC_FLAGS, the C++ ABI flag), no
 # --use_fast_math. Objects go to a temp dir and are thrown away: this is a compile check, not a build (a
 # CPU torch cannot link a CUDA extension; setup.py builds the real one on a GPU machine).
 #
@@ -27,7 +27,7 @@ fi
 NVCC="${CUDA_HOME:+$CUDA_HOME/bin/nvcc}"
 if [[ -z "$NVCC" || ! -x "$NVCC" ]]; then
   echo "################################################################################"
-  echo "# check_cuda.sh: NO nvcc FOUND (CUDA_HOME unset and no /usr/local/cuda*/bin/nvcc)."
+  echo "# check_cuda.sh: NO nvcc FOUND (not at \$CUDA_HOME/bin/nvcc, /usr/local/cuda-13.0 or /usr/local/cuda)."
   echo "# The CUDA sources in csrc/ were NOT compile-checked."
   echo "################################################################################"
   exit 0
@@ -50,7 +50,7 @@ GENCODE=""
 for a in $ARCHS; do GENCODE+=" -gencode=arch=compute_$a,code=sm_$a"; done
 
 # The stand-in header's dir goes after torch's, so a CUDA build of torch uses its own generated header.
-COMMON="-std=c++17 -O3 -I$ROOT/csrc $INCLUDES -isystem $ROOT/tests/cuda_host/include -isystem $CUDA_HOME/include \
+COMMON="-std=c++20 -O3 -I$ROOT/csrc $INCLUDES -isystem $ROOT/tests/cuda_host/include -isystem $CUDA_HOME/include \
   $ABI -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C"
 HOST_WARN="-Wall,-Wextra,-Werror"
 
@@ -84,7 +84,9 @@ export -f compile_one
 export NVCC COMMON TORCH_NVCC_FLAGS GENCODE HOST_WARN OUT
 
 T0=$(date +%s)
-SOURCES=$(ls "$ROOT"/csrc/*.cu "$ROOT"/csrc/*.cpp)
+shopt -s nullglob
+SOURCES="$(printf '%s\n' "$ROOT"/csrc/*.cu "$ROOT"/csrc/*.cpp)"
+if [[ -z "$SOURCES" ]]; then echo "check_cuda.sh: FAILED: no sources in $ROOT/csrc"; exit 1; fi
 # Longest first would be nicer; alphabetical is deterministic and the files are of similar size.
 if ! printf '%s\n' $SOURCES | xargs -P "$JOBS" -I{} bash -c 'compile_one "$@"' _ {}; then
   echo "check_cuda.sh: FAILED: csrc/ does not compile cleanly with nvcc (see above)."
