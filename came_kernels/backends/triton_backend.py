@@ -1,0 +1,141 @@
+"""The Triton backend: `came_step` on the fused multi-tensor kernels of `came_kernels.triton_kernels`.
+
+Same contract as the torch backend (backends/README.md). One call runs, for one (device, dtype) group:
+
+    sq_stats      _sq_stats_kernel + _sq_finalize_kernel          g^2 statistics
+    clip_stats    _clip_stats_kernel + _clip_finalize_kernel      RMS clip divisor per tensor
+    momentum_res  _momentum_res_kernel + _res_finalize_kernel     momentum, confidence statistics
+    param_step    _param_step_kernel                              the parameter update
+
+7 launches for the whole group, about 32 B of traffic per fp32 parameter, no host sync (lr is read on the
+device), deterministic (fixed-order sums). The device tables are built once per parameter set and kept in
+the `cache` dict the optimizer passes; only the grad addresses are re-uploaded when grads move.
+
+On CPU tensors the kernels run through Triton's interpreter, which must be switched on with
+TRITON_INTERPRET=1 before triton is imported: that is how CI tests them without a GPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["came_step", "unavailable_reason"]
+
+# Tests set this to fill the workspace and stats with NaN before every step, so an element no kernel wrote
+# shows up as NaN in the result instead of reading a stale value.
+POISON_SCRATCH = False
+
+_import_error: Optional[BaseException] = None
+try:
+    import triton  # noqa: F401
+    from came_kernels import triton_kernels as _tk
+except Exception as e:  # ImportError, or a triton that cannot initialize
+    _tk = None
+    _import_error = e
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    if _tk is None:
+        return (f"triton could not be imported ({type(_import_error).__name__}: {_import_error}); "
+                "install it with `pip install triton` (Linux)")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False (no GPU or driver)"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "TRITON_INTERPRET=1 is set: Triton would interpret, not compile, for CUDA tensors"
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return ("backend='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
+                "triton is imported (it checks the kernels; use backend='torch' to train on the CPU)")
+    return f"Triton kernels run on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), got {device.type}"
+
+
+def _lr_tensor(cache: dict, lr: Union[float, Tensor], device: torch.device) -> Tensor:
+    """lr as a 1-element fp32 device tensor. A float lr is written into a cached tensor only when it
+    changes (fill_ is an ordinary stream operation: no sync); a tensor lr is used as it is."""
+    if isinstance(lr, Tensor):
+        return lr.detach().to(device=device, dtype=torch.float32).reshape(1)
+    buf = cache.get("lr")
+    if buf is None:
+        buf = cache["lr"] = torch.empty(1, dtype=torch.float32, device=device)
+        cache["lr_value"] = None
+    if cache["lr_value"] != lr:
+        buf.fill_(lr)
+        cache["lr_value"] = lr
+    return buf
+
+
+def came_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sq_rows: list[Optional[Tensor]],
+    exp_avg_sq_cols: list[Optional[Tensor]],
+    exp_avg_res_rows: list[Optional[Tensor]],
+    exp_avg_res_cols: list[Optional[Tensor]],
+    exp_avg_sqs: list[Optional[Tensor]],
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    weight_decay: float,
+    maximize: bool,
+    cache: Optional[dict] = None,
+) -> None:
+    """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md)."""
+    if _tk is None:
+        raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
+    # Empty tensors have nothing to update (and no blocks); the kernels never see them.
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return
+    lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
+             exp_avg_sqs]
+    lists = [[lst[i] for i in keep] for lst in lists]
+    cache = {} if cache is None else cache
+    device = lists[0][0].device
+
+    # The kernels index contiguous [B, M, N] views. A non-contiguous tensor (a channels_last conv weight, a
+    # transposed view) runs on a contiguous copy, written back after the step: a full-size temporary for
+    # that tensor only. Contiguous tensors, the usual case, cost nothing here.
+    write_back = []
+    for k, lst in enumerate(lists):
+        if any(x is not None and not x.is_contiguous() for x in lst):
+            copies = [x if x is None or x.is_contiguous() else x.contiguous() for x in lst]
+            if k != 1:  # grads are only read
+                write_back += [(x, y) for x, y in zip(lst, copies) if y is not x]
+            lists[k] = copies
+    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
+
+    plan = cache.get("plan")
+    if write_back or plan is None or plan.key != _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols,
+                                                                            res_rows, res_cols, sqs):
+        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        if not write_back:  # copies are new every step: caching their addresses would be wrong
+            cache["plan"] = plan
+    else:
+        plan.update_grads(grads)
+
+    ws = torch.empty(plan.ws_floats, dtype=torch.float32, device=device)
+    stats = torch.empty(plan.stats_floats, dtype=torch.float32, device=device)
+    if POISON_SCRATCH:
+        ws.fill_(float("nan"))
+        stats.fill_(float("nan"))
+
+    _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1)
+    _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold)
+    _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize)
+    _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay)
+
+    for orig, copy in write_back:
+        orig.copy_(copy)

@@ -1,0 +1,87 @@
+"""Phase 3, `momentum_res`: momentum and the confidence statistics (mirror of csrc/momentum_res.cu).
+
+Math (spec symbols; factored tensors as [B, M, N]; g negated first when maximize):
+    u_hat = u / div                      (u recomputed from g as in phase 2; div = max(1, RMS(u)/d))
+    m = b1*m + (1-b1)*u_hat                                                (every tensor)
+    _momentum_res_kernel   res = (u_hat - m)^2  (new m)
+                           R[b, i] = b3*R + (1-b3)*(sum_n res / N + eps2)   (row sums complete in-block)
+                           ws[s, n] = sum over the rows of stripe s of res  (column partials)
+    _res_finalize_kernel   C[b, n] = b3*C + (1-b3)*(sum_s ws[s, n] / M + eps2);  stats: mean_M(R)[b]
+Tensors with ndim < 2 stop after the momentum (no confidence step).
+Traffic per element: reads g (4 B fp32, 2 B bf16) and m (4 B), writes m (4 B): 12 B fp32, 10 B bf16; flat
+tensors also read v (4 B). Grid: one program per block; finalize as in phase 1. Deterministic.
+"""
+import triton
+import triton.language as tl
+
+from .came_math import _ema, _factored_u
+from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
+                           C_STAT, C_WS_COL, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, _field,
+                           _finalize_columns_and_means, _ptr, _stripe, _this_block)
+
+
+@triton.jit
+def _momentum_res_kernel(meta, blocks, ws, stats, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
+                         DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
+    t, local = _this_block(blocks)
+    g_ptr = _ptr(meta, t, C_G, DTYPE)
+    m_ptr = _ptr(meta, t, C_M, tl.float32)
+    row_ptr = _ptr(meta, t, C_ROW, tl.float32)
+    div = tl.load(stats + _field(meta, t, C_DIV))
+    if _field(meta, t, C_NROWS) > 0:  # factored
+        M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
+        col_ptr = _ptr(meta, t, C_COL, tl.float32) + b * N
+        mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
+        rows = row0 + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        r = tl.load(row_ptr + rows, mask=rmask, other=1.0)
+        part = ws + _field(meta, t, C_WS_COL) + local * N
+        res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            idx = rows[:, None] * N + cols[None, :]
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if MAXIMIZE:
+                g = -g
+            u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
+            m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+            tl.store(m_ptr + idx, m, mask=mask)
+            res = u_hat - m
+            res = tl.where(mask, res * res, 0.0)
+            res_row_sum += tl.sum(res, axis=1)
+            tl.store(part + cols, tl.sum(res, axis=0), mask=cmask)
+        R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32)
+        R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
+        tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+    else:
+        numel = _field(meta, t, C_NUMEL)
+        for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+            offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+            mask = offs < numel
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if MAXIMIZE:
+                g = -g
+            u_hat = g * tl.rsqrt(tl.load(row_ptr + offs, mask=mask, other=1.0)) / div
+            m = _ema(tl.load(m_ptr + offs, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+            tl.store(m_ptr + offs, m, mask=mask)
+
+
+@triton.jit
+def _res_finalize_kernel(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2, ROWS: tl.constexpr,
+                         FIN_COLS: tl.constexpr):
+    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2,
+                                COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_COLS=FIN_COLS)
+
+
+def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool) -> None:
+    """Launch phase 3 and its finalize for every tensor of `plan`."""
+    _momentum_res_kernel[(plan.n_blocks,)](
+        plan.meta, plan.blocks, ws, stats, beta1, 1.0 - beta1, beta3, 1.0 - beta3, eps2, DTYPE=plan.dtype,
+        MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
+        num_warps=NUM_WARPS)
+    if plan.n_fin:
+        _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, beta3, 1.0 - beta3, eps2,
+                                            ROWS=ROWS, FIN_COLS=FIN_COLS, num_warps=4)

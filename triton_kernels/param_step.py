@@ -1,0 +1,58 @@
+"""Phase 4, `param_step`: the parameter update with decoupled weight decay (mirror of csrc/param_step.cu).
+
+Math (spec symbols; factored tensors as [B, M, N]):
+    update = m * rsqrt(R / mean_M(R))[:, None] * rsqrt(C)[None, :]      (ndim < 2: update = m)
+    p = p - lr*weight_decay*p - lr*update          (fp32 arithmetic; p stored in its dtype, rounded once)
+lr is read from a 1-element fp32 device tensor: no host sync, and a new lr value never recompiles.
+Traffic per element: reads m (4 B) and p (4 B fp32, 2 B bf16), writes p: 12 B fp32, 8 B bf16. R, C:
+O(rows + cols). Grid: one program per block. Deterministic (elementwise).
+"""
+import triton
+import triton.language as tl
+
+from .came_math import _factored_u, _param_update, _round_to
+from .multi_tensor import (BLOCK_N, C_M, C_NROWS, C_NUMEL, C_P, C_RES_COL, C_RES_ROW, C_STAT, FLAT_BLOCK,
+                           FLAT_CHUNK, NUM_WARPS, ROWS, _field, _ptr, _stripe, _this_block)
+
+
+@triton.jit
+def _param_step_kernel(meta, blocks, stats, lr_ptr, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
+    t, local = _this_block(blocks)
+    p_ptr = _ptr(meta, t, C_P, DTYPE)
+    m_ptr = _ptr(meta, t, C_M, tl.float32)
+    lr = tl.load(lr_ptr)
+    SAME: tl.constexpr = DTYPE == tl.float32
+    if _field(meta, t, C_NROWS) > 0:  # factored
+        M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
+        B = _field(meta, t, C_NUMEL) // (M * N)
+        R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32)
+        C_ptr = _ptr(meta, t, C_RES_COL, tl.float32) + b * N
+        mean_R = tl.load(stats + _field(meta, t, C_STAT) + B + b)
+        rows = row0 + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        R = tl.load(R_ptr + rows, mask=rmask, other=1.0)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            idx = rows[:, None] * N + cols[None, :]
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+            update = _factored_u(m, R, mean_R, tl.load(C_ptr + cols, mask=cmask, other=1.0))
+            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(p_ptr + idx, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
+    else:
+        numel = _field(meta, t, C_NUMEL)
+        for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+            offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+            mask = offs < numel
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(p_ptr + offs, _round_to(_param_update(p, m, lr, weight_decay, SAME), DTYPE), mask=mask)
+
+
+def param_step(plan, stats, lr, *, weight_decay: float) -> None:
+    """Launch phase 4 for every tensor of `plan`; `lr` is a 1-element fp32 tensor on the device."""
+    _param_step_kernel[(plan.n_blocks,)](
+        plan.meta, plan.blocks, stats, lr, weight_decay, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=BLOCK_N,
+        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, num_warps=NUM_WARPS)

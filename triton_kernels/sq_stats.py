@@ -1,0 +1,67 @@
+"""Phase 1, `sq_stats`: second-moment statistics (mirror of csrc/sq_stats.cu).
+
+Math (spec symbols; factored tensors as [B, M, N]):
+    _sq_stats_kernel     r[b, i] = b2*r + (1-b2)*(sum_n g[b,i,n]^2 / N + eps1)     (row sums complete in-block)
+                         ws[s, n] = sum over the rows of stripe s of g^2             (column partials)
+                         ndim < 2: v = b2*v + (1-b2)*(g^2 + eps1)
+    _sq_finalize_kernel  c[b, n] = b2*c + (1-b2)*(sum_s ws[s, n] / M + eps1);  stats: mean_M(r)[b]
+Traffic per element: reads g (4 B fp32, 2 B bf16); flat tensors also read and write v (8 B). Partials:
+4 B per stripe-column (1/64 of the reads). Grid: one program per block (stripe or flat chunk) of every
+tensor; finalize: cdiv(B*N, FIN_COLS) + B programs per factored tensor. Deterministic: no atomics, every
+sum in a fixed order.
+"""
+import triton
+import triton.language as tl
+
+from .came_math import _ema
+from .multi_tensor import (BLOCK_N, C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_WS_COL, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK,
+                           NUM_WARPS, ROWS, _field, _finalize_columns_and_means, _ptr, _stripe, _this_block)
+
+
+@triton.jit
+def _sq_stats_kernel(meta, blocks, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
+    t, local = _this_block(blocks)
+    g_ptr = _ptr(meta, t, C_G, DTYPE)
+    row_ptr = _ptr(meta, t, C_ROW, tl.float32)
+    if _field(meta, t, C_NROWS) > 0:  # factored (M > 0)
+        M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
+        rows = row0 + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        part = ws + _field(meta, t, C_WS_COL) + local * N
+        row_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            sq = g * g
+            row_sum += tl.sum(sq, axis=1)
+            tl.store(part + cols, tl.sum(sq, axis=0), mask=cmask)
+        r = tl.load(row_ptr + rows, mask=rmask, other=0.0)
+        tl.store(row_ptr + rows, _ema(r, beta2, one_minus_beta2, row_sum / N.to(tl.float32) + eps1), mask=rmask)
+    else:
+        numel = _field(meta, t, C_NUMEL)
+        for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+            offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+            mask = offs < numel
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(row_ptr + offs, mask=mask, other=0.0)
+            tl.store(row_ptr + offs, _ema(v, beta2, one_minus_beta2, g * g + eps1), mask=mask)
+
+
+@triton.jit
+def _sq_finalize_kernel(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1, ROWS: tl.constexpr,
+                        FIN_COLS: tl.constexpr):
+    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1,
+                                COL=C_COL, ROW=C_ROW, MEAN_SLOT=0, ROWS=ROWS, FIN_COLS=FIN_COLS)
+
+
+def sq_stats(plan, ws, stats, *, beta2: float, eps1: float) -> None:
+    """Launch phase 1 and its finalize for every tensor of `plan`."""
+    _sq_stats_kernel[(plan.n_blocks,)](
+        plan.meta, plan.blocks, ws, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=BLOCK_N,
+        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, num_warps=NUM_WARPS)
+    if plan.n_fin:
+        _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, beta2, 1.0 - beta2, eps1,
+                                           ROWS=ROWS, FIN_COLS=FIN_COLS, num_warps=4)
