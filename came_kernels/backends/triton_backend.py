@@ -30,7 +30,7 @@ POISON_SCRATCH = False
 
 _import_error: Optional[BaseException] = None
 try:
-    import triton  # noqa: F401
+    import triton  # noqa: F401  (the import error, if any, is the reason to report)
     from came_kernels import triton_kernels as _tk
 except Exception as e:  # ImportError, or a triton that cannot initialize
     _tk = None
