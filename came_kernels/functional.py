@@ -79,11 +79,14 @@ def came(
 
     # Group once by what a fused kernel must share: device and dtypes. The torch backend takes the lot
     # for a device in one call (it buckets internally), so it is grouped by device only.
-    groups: dict = {}
+    by_dtype: dict = {}
     for i, (p, g) in enumerate(zip(params, grads)):
-        name = resolve_backend(backend, p.device, p.dtype, g.dtype, fused)
-        key = (name, p.device) if name == "torch" else (name, p.device, p.dtype, g.dtype)
-        groups.setdefault(key, []).append(i)
+        by_dtype.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+    groups: dict = {}
+    for (device, p_dtype, g_dtype), idx in by_dtype.items():  # resolve once per group, not per tensor
+        name = resolve_backend(backend, device, p_dtype, g_dtype, fused)
+        key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
+        groups.setdefault(key, []).extend(idx)
 
     for key, idx in groups.items():
         name, device = key[0], key[1]

@@ -162,6 +162,7 @@ class CAME(Optimizer):
         """Every check that can fail, before any state is created or changed."""
         for gi, group in enumerate(self.param_groups):
             _check_lr(group["lr"], f"param group {gi}", allow_zero=True)
+            resolved = set()
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -179,10 +180,13 @@ class CAME(Optimizer):
                     raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
                 if not g.is_floating_point():
                     raise RuntimeError(f"CAME: gradient must be floating point, got {g.dtype} ({where})")
-                try:
-                    self._resolve(group, p, g.dtype)
-                except BackendUnavailableError as e:
-                    raise BackendUnavailableError(f"CAME ({where}): {e}") from None
+                key = (p.device, p.dtype, g.dtype)
+                if key not in resolved:  # once per (device, dtypes) and group: step() runs this every call
+                    try:
+                        self._resolve(group, p, g.dtype)
+                    except BackendUnavailableError as e:
+                        raise BackendUnavailableError(f"CAME ({where}): {e}") from None
+                    resolved.add(key)
 
     # ------------------------------------------------------------------ state
     def _init_group(self, group: dict, lists: dict) -> None:
