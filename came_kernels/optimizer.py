@@ -163,28 +163,20 @@ class CAME(Optimizer):
         for gi, group in enumerate(self.param_groups):
             _check_lr(group["lr"], f"param group {gi}", allow_zero=True)
             resolved = set()
+            where = f"param group {gi}"
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                where = f"param group {gi}, param of shape {tuple(p.shape)}"
-                if g.is_sparse:
-                    raise RuntimeError(f"CAME does not support sparse gradients ({where}); "
-                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
-                if g.is_complex():
-                    raise RuntimeError(f"CAME: complex gradients are not supported ({where})")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"CAME: gradient shape {tuple(g.shape)} differs from its parameter's "
-                                       f"({where})")
-                if g.device != p.device:
-                    raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
-                if not g.is_floating_point():
-                    raise RuntimeError(f"CAME: gradient must be floating point, got {g.dtype} ({where})")
+                if g.layout != torch.strided or not g.dtype.is_floating_point or g.shape != p.shape \
+                        or g.device != p.device:
+                    _raise_bad_grad(p, g, where)  # the common case pays for one combined test only
                 key = (p.device, p.dtype, g.dtype)
                 if key not in resolved:  # once per (device, dtypes) and group: step() runs this every call
                     try:
                         self._resolve(group, p, g.dtype)
                     except BackendUnavailableError as e:
+                        where = f"param group {gi}, param of shape {tuple(p.shape)}"
                         raise BackendUnavailableError(f"CAME ({where}): {e}") from None
                     resolved.add(key)
 
@@ -196,7 +188,9 @@ class CAME(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 dt = math_dtype(p.dtype)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # On the param's device: one _foreach_add_ launch per step on a GPU instead of one tiny
+                # CPU op per tensor (host time is the budget of a fused optimizer step).
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
                 if p.ndim >= 2:
                     row_shape, col_shape = p.shape[:-1], p.shape[:-2] + p.shape[-1:]
@@ -269,6 +263,8 @@ class CAME(Optimizer):
         for pid, p in zip(ids, params):
             for key, v in saved.get(pid, {}).items():
                 self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
+            if p in self.state and "step" in self.state[p]:
+                self.state[p]["step"] = self.state[p]["step"].to(device=p.device, dtype=torch.float32)
         self._caches = []  # tensors changed: fused backends rebuild their tables
 
 
@@ -285,6 +281,20 @@ def _check_lr(lr: Any, where: str, allow_zero: bool = False) -> None:
         return  # its value is not read on the host: that would be a sync
     if not _is_real(lr) or math.isnan(lr) or math.isinf(lr) or lr < 0 or (lr == 0 and not allow_zero):
         raise ValueError(f"CAME ({where}): invalid lr {lr!r}; expected a finite float > 0 (or a 0-d tensor)")
+
+
+def _raise_bad_grad(p: Tensor, g: Tensor, where: str) -> None:
+    where = f"{where}, param of shape {tuple(p.shape)}"
+    if g.layout != torch.strided:
+        raise RuntimeError(f"CAME does not support sparse gradients ({where}, grad layout {g.layout}); "
+                           "use dense gradients (e.g. nn.Embedding(sparse=False))")
+    if g.is_complex():
+        raise RuntimeError(f"CAME: complex gradients are not supported ({where}, grad dtype {g.dtype})")
+    if not g.dtype.is_floating_point:
+        raise RuntimeError(f"CAME: gradient must be floating point, got {g.dtype} ({where})")
+    if g.shape != p.shape:
+        raise RuntimeError(f"CAME: gradient shape {tuple(g.shape)} differs from its parameter's ({where})")
+    raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
 
 
 def _three_betas(betas) -> tuple:
