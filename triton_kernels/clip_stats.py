@@ -23,7 +23,8 @@ def _clip_stats_kernel(meta, blocks, ws, stats, DTYPE: tl.constexpr, ROWS: tl.co
     t, local = _this_block(blocks)
     g_ptr = _ptr(meta, t, C_G, DTYPE)
     row_ptr = _ptr(meta, t, C_ROW, tl.float32)
-    total = 0.0
+    # (Names bound in both branches of a runtime `if` must have one type in compiled Triton: the tile
+    # accumulators are named apart, and only `total`, an fp32 scalar in both, leaves the branch.)
     if _field(meta, t, C_NROWS) > 0:  # factored
         M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
         col_ptr = _ptr(meta, t, C_COL, tl.float32) + b * N
@@ -31,25 +32,25 @@ def _clip_stats_kernel(meta, blocks, ws, stats, DTYPE: tl.constexpr, ROWS: tl.co
         rows = row0 + tl.arange(0, ROWS)
         rmask = rows < row_end
         r = tl.load(row_ptr + rows, mask=rmask, other=1.0)
-        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        tile_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
             g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                         other=0.0).to(tl.float32)
             u = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0))
-            acc += u * u
-        total = tl.sum(tl.sum(acc, axis=1), axis=0)
+            tile_acc += u * u
+        total = tl.sum(tl.sum(tile_acc, axis=1), axis=0)
     else:
         numel = _field(meta, t, C_NUMEL)
-        acc = tl.zeros([FLAT_BLOCK], dtype=tl.float32)
+        flat_acc = tl.zeros([FLAT_BLOCK], dtype=tl.float32)
         for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
             offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
             mask = offs < numel
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             u = g * tl.rsqrt(tl.load(row_ptr + offs, mask=mask, other=1.0))
-            acc += u * u
-        total = tl.sum(acc, axis=0)
+            flat_acc += u * u
+        total = tl.sum(flat_acc, axis=0)
     tl.store(ws + _field(meta, t, C_WS_BLK) + local, total)
 
 

@@ -35,7 +35,9 @@ import triton.language as tl
 
 # ---- Work decomposition (the same numbers as csrc/came_ops.h)
 ROWS = 64            # rows per stripe: column partials take numel/ROWS floats
-BLOCK_N = 64         # columns per tile inside a stripe
+BLOCK_N = 32         # columns per tile inside a stripe. From the compiler's resource report (tests/
+                     # triton_aot_check.py, no GPU needed): 64 gave 184-255 registers and local-memory
+                     # spills in _momentum_res_kernel on sm_80; 32 gives 64-154 registers and no spills.
 FLAT_CHUNK = 16384   # elements per program for tensors with ndim < 2
 FLAT_BLOCK = 1024    # elements per tile inside a flat chunk
 FIN_COLS = 256       # columns (or rows, for the means) per finalize tile
@@ -182,21 +184,22 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
     per_matrix = (M + ROWS - 1) // ROWS
     col_blocks = (B * N + FIN_COLS - 1) // FIN_COLS
     offs = tl.arange(0, FIN_COLS)
+    # (Branch-local names differ: compiled Triton wants a name bound in both branches to have one type.)
     if local < col_blocks:
         k = local * FIN_COLS + offs  # index into the [B, N] column statistic
-        mask = k < B * N
-        b = k // N
-        part = ws + _field(meta, t, C_WS_COL) + b * per_matrix * N + (k - b * N)
-        s = tl.zeros([FIN_COLS], dtype=tl.float32)
+        kmask = k < B * N
+        kb = k // N
+        part = ws + _field(meta, t, C_WS_COL) + kb * per_matrix * N + (k - kb * N)
+        col_sum = tl.zeros([FIN_COLS], dtype=tl.float32)
         for i in range(0, per_matrix):
-            s += tl.load(part + i * N, mask=mask, other=0.0)
+            col_sum += tl.load(part + i * N, mask=kmask, other=0.0)
         col = _ptr(meta, t, COL, tl.float32)
-        c = tl.load(col + k, mask=mask, other=0.0)
-        tl.store(col + k, beta * c + one_minus_beta * (s / M.to(tl.float32) + eps), mask=mask)
+        c = tl.load(col + k, mask=kmask, other=0.0)
+        tl.store(col + k, beta * c + one_minus_beta * (col_sum / M.to(tl.float32) + eps), mask=kmask)
     else:
-        b = local - col_blocks
-        row = _ptr(meta, t, ROW, tl.float32) + b * M
-        s = tl.zeros([FIN_COLS], dtype=tl.float32)
+        mb = local - col_blocks
+        row = _ptr(meta, t, ROW, tl.float32) + mb * M
+        row_sum = tl.zeros([FIN_COLS], dtype=tl.float32)
         for i0 in range(0, M, FIN_COLS):
-            s += tl.load(row + i0 + offs, mask=i0 + offs < M, other=0.0)
-        tl.store(stats + _field(meta, t, C_STAT) + MEAN_SLOT * B + b, tl.sum(s, axis=0) / M.to(tl.float32))
+            row_sum += tl.load(row + i0 + offs, mask=i0 + offs < M, other=0.0)
+        tl.store(stats + _field(meta, t, C_STAT) + MEAN_SLOT * B + mb, tl.sum(row_sum, axis=0) / M.to(tl.float32))

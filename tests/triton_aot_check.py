@@ -1,0 +1,97 @@
+"""Compile every Triton kernel of came_kernels for real GPUs, on a machine without one.
+
+Run as a script in a process where TRITON_INTERPRET is NOT set (tests/test_triton_compile.py does that).
+The interpreter that CI runs the kernels through is lenient; the compiler is not (types of names bound in
+both branches of a runtime `if`, constexpr rules, pointer casts, layouts). Triton ships its own ptxas, so
+ASTSource -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin runs for sm_80 and sm_90 with no driver. Then the
+bundled cuobjdump reports each kernel's registers, spills and shared memory: the compiler's resource
+report, free of device time.
+
+Usage: python tests/triton_aot_check.py [--archs 80,90] -> prints one line per kernel variant, exits 1 on
+any compile error or register spill.
+"""
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET: this compiles for GPUs"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile as triton_compile  # noqa: E402
+
+mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
+LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK,
+              FIN_COLS=mt.FIN_COLS, BLOCK=256)
+POINTERS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32",
+            "lr_ptr": "*fp32"}
+# (module, kernel, num_warps, variants of the constexprs that are not layout constants)
+KERNELS = [
+    ("sq_stats", "_sq_stats_kernel", mt.NUM_WARPS, "dtype"),
+    ("sq_stats", "_sq_finalize_kernel", 4, None),
+    ("clip_stats", "_clip_stats_kernel", mt.NUM_WARPS, "dtype"),
+    ("clip_stats", "_clip_finalize_kernel", 4, None),
+    ("momentum_res", "_momentum_res_kernel", mt.NUM_WARPS, "dtype+maximize"),
+    ("momentum_res", "_res_finalize_kernel", 4, None),
+    ("param_step", "_param_step_kernel", mt.NUM_WARPS, "dtype"),
+]
+DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def variants(kind):
+    if kind is None:
+        return [{}]
+    out = [{"DTYPE": d} for d in DTYPES.values()]
+    if "maximize" in kind:
+        out = [dict(v, MAXIMIZE=m) for v in out for m in (False, True)]
+    return out
+
+
+def resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    got = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    return got
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="80,90")
+    archs = [int(a) for a in ap.parse_args().archs.split(",")]
+    failures = 0
+    for mod_name, kname, num_warps, kind in KERNELS:
+        fn = getattr(importlib.import_module(f"came_kernels.triton_kernels.{mod_name}"), kname)
+        for extra in variants(kind):
+            constexprs = {n: v for n, v in LAYOUT.items() if n in fn.arg_names}
+            constexprs.update(extra)
+            signature = {n: ("constexpr" if n in constexprs else POINTERS.get(n, "fp32")) for n in fn.arg_names}
+            label = f"{kname}[{','.join(f'{k}={v}' for k, v in extra.items())}]"
+            for arch in archs:
+                try:
+                    k = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                       target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                    res = resources(k.asm["cubin"])
+                except Exception as e:  # report every failure, then fail once
+                    failures += 1
+                    print(f"FAIL sm_{arch} {label}: {type(e).__name__}: {str(e)[:2000]}")
+                    continue
+                spill = res.get("LOCAL", 0) + res.get("STACK", 0)
+                flag = "  SPILLS" if spill else ""
+                failures += bool(spill)
+                print(f"ok   sm_{arch} {label}: {res.get('REG')} regs, {res.get('SHARED')} B shared, "
+                      f"{spill} B local/stack{flag}")
+    print(f"{'FAILED' if failures else 'all compiled'}: {failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
