@@ -293,3 +293,16 @@ def test_resume_from_state_dict_matches_uninterrupted_run(backend):
     run(c, oc, range(n // 2, n))
     for x, y in zip(a, c):
         assert torch.equal(x, y), tuple(x.shape)
+
+
+# ---- availability: runs everywhere
+def test_triton_on_cpu_without_the_interpreter_says_how_to_enable_it(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    why = triton_backend.unavailable_reason(torch.device("cpu"))
+    assert why is not None and "TRITON_INTERPRET=1" in why and "backend='torch'" in why
+
+
+def test_auto_picks_a_fused_backend_only_for_cuda_tensors():
+    assert came_kernels.default_backend("cpu") == "torch"
+    if _GPU:
+        assert came_kernels.default_backend("cuda") in ("cuda", "triton")
