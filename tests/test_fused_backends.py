@@ -201,7 +201,9 @@ def test_nan_gradient_shows_in_the_param(backend):
     gs[0][3, 3] = float("nan")
     gs[1][2] = float("nan")
     _step(backend, ps, gs, [_state(p) for p in ps])
-    assert torch.isnan(ps[0]).any() and torch.isnan(ps[1]).any()
+    # As in the torch backend (and came-pytorch): the NaN reaches the RMS clip divisor, so the whole tensor
+    # turns NaN; a max() that drops NaN would leave the other elements finite and hide it.
+    assert torch.isnan(ps[0]).all() and torch.isnan(ps[1]).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -71,7 +71,9 @@ def _clip_finalize_kernel(meta, ws, stats, clip_threshold, ROWS: tl.constexpr, F
         offs = i0 + tl.arange(0, BLOCK)
         acc += tl.load(part + offs, mask=offs < n_blocks, other=0.0)
     rms = tl.sqrt(tl.sum(acc, axis=0) / numel.to(tl.float32))
-    tl.store(stats + _field(meta, t, C_DIV), tl.maximum(rms / clip_threshold, 1.0))
+    q = rms / clip_threshold
+    # max(1, q) that keeps a NaN q (as torch's clamp does): tl.maximum would return 1 and hide it.
+    tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q))
 
 
 def clip_stats(plan, ws, stats, *, clip_threshold: float) -> None:
