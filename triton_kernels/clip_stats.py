@@ -12,45 +12,67 @@ program per tensor. Deterministic: no atomics, fixed-order sums.
 import triton
 import triton.language as tl
 
-from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_WS_BLK, FLAT_BLOCK,
-                           FLAT_CHUNK, NUM_WARPS, ROWS, _field, _ptr, _stripe, _this_block)
 from .came_math import _factored_u
+from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_VEC, C_WS_BLK,
+                           FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, _field, _ptr, _stripe, _this_block, _vec_run)
+
+
+@triton.jit
+def _clip_stripe(meta, t, local, stats, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """Sum of u^2 over one stripe of factored tensor t."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    M, N, b, row0, row_end = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED)
+    col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
+    mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
+    rows = row0 + tl.arange(0, ROWS)
+    rmask = rows < row_end
+    r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        u = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0))
+        acc += u * u
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
+
+
+@triton.jit
+def _clip_chunk(meta, t, local, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """Sum of u^2 = g^2 / v over one chunk of flat tensor t."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    v_ptr = _ptr(meta, t, C_ROW, tl.float32, ALIGNED)
+    numel = _vec_run(meta, t, C_NUMEL, DTYPE, ALIGNED)
+    acc = tl.zeros([FLAT_BLOCK], dtype=tl.float32)
+    for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+        offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = g * tl.rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0))
+        acc += u * u
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def _clip_stats_kernel(meta, blocks, ws, stats, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                        FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
     t, local = _this_block(blocks)
-    g_ptr = _ptr(meta, t, C_G, DTYPE)
-    row_ptr = _ptr(meta, t, C_ROW, tl.float32)
-    # (Names bound in both branches of a runtime `if` must have one type in compiled Triton: the tile
-    # accumulators are named apart, and only `total`, an fp32 scalar in both, leaves the branch.)
+    # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+    # (Compiled Triton wants a name bound in every branch of a runtime `if` to have one type: `total` is an
+    # fp32 scalar in all four.)
     if _field(meta, t, C_NROWS) > 0:  # factored
-        M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
-        col_ptr = _ptr(meta, t, C_COL, tl.float32) + b * N
-        mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
-        rows = row0 + tl.arange(0, ROWS)
-        rmask = rows < row_end
-        r = tl.load(row_ptr + rows, mask=rmask, other=1.0)
-        tile_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            u = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0))
-            tile_acc += u * u
-        total = tl.sum(tl.sum(tile_acc, axis=1), axis=0)
+        if _field(meta, t, C_VEC) != 0:
+            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, True)
+        else:
+            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, False)
     else:
-        numel = _field(meta, t, C_NUMEL)
-        flat_acc = tl.zeros([FLAT_BLOCK], dtype=tl.float32)
-        for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
-            offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
-            mask = offs < numel
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            u = g * tl.rsqrt(tl.load(row_ptr + offs, mask=mask, other=1.0))
-            flat_acc += u * u
-        total = tl.sum(flat_acc, axis=0)
+        if _field(meta, t, C_VEC) != 0:
+            total = _clip_chunk(meta, t, local, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
+        else:
+            total = _clip_chunk(meta, t, local, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False)
     tl.store(ws + _field(meta, t, C_WS_BLK) + local, total)
 
 

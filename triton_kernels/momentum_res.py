@@ -16,8 +16,62 @@ import triton.language as tl
 
 from .came_math import _ema, _factored_u
 from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
-                           C_STAT, C_WS_COL, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, _field,
-                           _finalize_columns_and_means, _ptr, _stripe, _this_block)
+                           C_STAT, C_VEC, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, _field,
+                           _finalize_columns_and_means, _ptr, _stripe, _this_block, _vec_run, _ws_col)
+
+
+@triton.jit
+def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
+                         DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ALIGNED: tl.constexpr):
+    """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    M, N, b, row0, row_end = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED)
+    col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
+    mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
+    rows = row0 + tl.arange(0, ROWS)
+    rmask = rows < row_end
+    r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
+    part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        idx = rows[:, None] * N + cols[None, :]
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
+        m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+        tl.store(m_ptr + idx, m, mask=mask)
+        res = u_hat - m
+        res = tl.where(mask, res * res, 0.0)
+        res_row_sum += tl.sum(res, axis=1)
+        tl.store(part + cols, tl.sum(res, axis=0), mask=cmask)
+    R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False)
+    R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
+    tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+
+
+@triton.jit
+def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """One chunk of flat tensor t: the momentum only (no confidence step for ndim < 2)."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    v_ptr = _ptr(meta, t, C_ROW, tl.float32, ALIGNED)
+    numel = _vec_run(meta, t, C_NUMEL, DTYPE, ALIGNED)
+    for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+        offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        u_hat = g * tl.rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) / div
+        m = _ema(tl.load(m_ptr + offs, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+        tl.store(m_ptr + offs, m, mask=mask)
 
 
 @triton.jit
@@ -25,48 +79,22 @@ def _momentum_res_kernel(meta, blocks, ws, stats, beta1, one_minus_beta1, beta3,
                          DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                          FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
     t, local = _this_block(blocks)
-    g_ptr = _ptr(meta, t, C_G, DTYPE)
-    m_ptr = _ptr(meta, t, C_M, tl.float32)
-    row_ptr = _ptr(meta, t, C_ROW, tl.float32)
     div = tl.load(stats + _field(meta, t, C_DIV))
+    # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored
-        M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
-        col_ptr = _ptr(meta, t, C_COL, tl.float32) + b * N
-        mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
-        rows = row0 + tl.arange(0, ROWS)
-        rmask = rows < row_end
-        r = tl.load(row_ptr + rows, mask=rmask, other=1.0)
-        part = ws + _field(meta, t, C_WS_COL) + local * N
-        res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
-            idx = rows[:, None] * N + cols[None, :]
-            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if MAXIMIZE:
-                g = -g
-            u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
-            m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
-            tl.store(m_ptr + idx, m, mask=mask)
-            res = u_hat - m
-            res = tl.where(mask, res * res, 0.0)
-            res_row_sum += tl.sum(res, axis=1)
-            tl.store(part + cols, tl.sum(res, axis=0), mask=cmask)
-        R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32)
-        R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
-        tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+        if _field(meta, t, C_VEC) != 0:
+            _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True)
+        else:
+            _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False)
     else:
-        numel = _field(meta, t, C_NUMEL)
-        for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
-            offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
-            mask = offs < numel
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if MAXIMIZE:
-                g = -g
-            u_hat = g * tl.rsqrt(tl.load(row_ptr + offs, mask=mask, other=1.0)) / div
-            m = _ema(tl.load(m_ptr + offs, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
-            tl.store(m_ptr + offs, m, mask=mask)
+        if _field(meta, t, C_VEC) != 0:
+            _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE, MAXIMIZE, FLAT_CHUNK, FLAT_BLOCK,
+                            True)
+        else:
+            _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE, MAXIMIZE, FLAT_CHUNK, FLAT_BLOCK,
+                            False)
 
 
 @triton.jit

@@ -4,7 +4,8 @@ One launch covers every tensor of a (device, dtype) group. The host builds, once
 device tables that every phase reads (`build_plan`):
 
     meta        int64 [T, NCOL]   per tensor: addresses of p, g, m, r|v, c, R, C; numel, M, N (M = 0 for
-                                  tensors with ndim < 2); offsets into the workspace and the stats buffer
+                                  tensors with ndim < 2); offsets into the workspace and the stats buffer;
+                                  the 16-byte-load flag (see below)
     blocks      int64 [nblk, 2]   (tensor, local block) of every phase-kernel program
     fin_blocks  int64 [nfin, 2]   (tensor, local block) of every finalize program of phases 1 and 3
 
@@ -17,12 +18,20 @@ Finalize programs of a factored tensor: cdiv(B*N, FIN_COLS) column programs, the
 for mean_M of the row statistic.
 
 Buffers per step (allocated by the backend, freed after it): the workspace, max(sum of column partials,
-sum of blocks) floats, i.e. about numel/ROWS floats (1/64 of the params: 69 MB for 1.1B fp32 params), shared
-by phases 1-3 in turn; and `stats`, 2B+1 floats per tensor: mean_M(r)[B], mean_M(R)[B], clip divisor.
+sum of blocks) floats (each tensor's partials padded to 4 floats), i.e. about numel/ROWS floats (1/64 of
+the params: 69 MB for 1.1B params, any dtype), shared by phases 1-3 in turn; and `stats`, 2B+1 floats per
+tensor: mean_M(r)[B], mean_M(R)[B], clip divisor.
 
 The grad column of `meta` is the only one that changes between steps (zero_grad(set_to_none=True) may
 reallocate grads): `Plan.update_grads` compares data_ptr()s on the host and re-uploads that column only when
 they moved, from pinned memory, without a host sync.
+
+16-byte loads (as csrc's vec_ok): addresses loaded from a table carry no alignment the compiler can see, so
+by default every access is a scalar 4-byte (bf16: 2-byte) load. Per tensor, the host sets C_VEC when every
+full-size pointer (p, g, m, v) and column statistic (c, C) is 16-byte aligned and every row or chunk starts
+on a 16-byte boundary (N % VEC == 0, flat: numel % VEC == 0; VEC = 16 bytes of the param dtype). The phase
+kernels then take a copy of their body in which tl.multiple_of promises that alignment, and Triton emits
+ld.global.v4 (tests/test_triton_backend.py reads the PTX). Tensors that fail the test take the scalar body.
 """
 from __future__ import annotations
 
@@ -58,7 +67,10 @@ C_WS_COL = tl.constexpr(10)    # first workspace float of this tensor's column p
 C_WS_BLK = tl.constexpr(11)    # first workspace float of this tensor's block partials (phase 2)
 C_STAT = tl.constexpr(12)      # first stats float: mean_M(r)[B], mean_M(R)[B]
 C_DIV = tl.constexpr(13)       # stats index of the clip divisor
-NCOL = tl.constexpr(14)
+C_VEC = tl.constexpr(14)       # 1: 16-byte loads are safe for this tensor (see the module docstring)
+NCOL = tl.constexpr(15)
+
+WS_ALIGN = 4                   # each tensor's column partials start on a 16-byte boundary of the workspace
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -81,17 +93,29 @@ class Plan:
     ws_floats: int
     stats_floats: int
     dtype: object              # the tl dtype of params and grads
-    grad_host: Optional[torch.Tensor] = None  # keeps the pinned source of the last grad-column upload alive
+    vec_base: tuple = ()       # per tensor: C_VEC as far as everything but the grad allows
+    vec: tuple = ()            # per tensor: the C_VEC now in `meta` (vec_base and an aligned grad)
+    uploads: list = dataclasses.field(default_factory=list)  # pinned sources of the last uploads, kept alive
 
     def update_grads(self, grads) -> None:
+        """Point the table at this step's grads: a host-side compare, and uploads only when grads moved."""
         ptrs = tuple(g.data_ptr() for g in grads)
         if ptrs == self.grad_ptrs:
             return
-        host = torch.tensor(ptrs, dtype=torch.int64)
+        _check_grads(grads, self.dtype)
+        self.uploads = [self._upload(C_G, ptrs)]
+        vec = tuple(int(ok and ptr % 16 == 0) for ok, ptr in zip(self.vec_base, ptrs))
+        if vec != self.vec:  # a new grad lost (or regained) 16-byte alignment: rare
+            self.uploads.append(self._upload(C_VEC, vec))
+            self.vec = vec
+        self.grad_ptrs = ptrs
+
+    def _upload(self, column, values) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.int64)
         if self.meta.is_cuda:
             host = host.pin_memory()  # a pageable host-to-device copy would synchronize the stream
-        self.meta[:, int(C_G)].copy_(host, non_blocking=True)
-        self.grad_host, self.grad_ptrs = host, ptrs
+        self.meta[:, int(column)].copy_(host, non_blocking=True)
+        return host
 
 
 def plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> tuple:
@@ -100,10 +124,40 @@ def plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> tuple:
                  for p, m, r, c, R, C, v in zip(params, exp_avgs, rows, cols, res_rows, res_cols, sqs))
 
 
+def _check_grads(grads, dtype) -> None:
+    # The kernels read a grad through a pointer of the param dtype: any other dtype would be misread (and
+    # read out of bounds). The optimizer routes such groups to the torch backend; this guards direct calls.
+    for i, g in enumerate(grads):
+        if _TORCH_TO_TL.get(g.dtype) != dtype or not g.is_contiguous():
+            raise ValueError(f"backend='triton': grads[{i}] must be a contiguous tensor of the param dtype "
+                             f"({dtype}), got {g.dtype}{'' if g.is_contiguous() else ', non-contiguous'}")
+
+
+def _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> None:
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in _TORCH_TO_TL:
+        raise ValueError(f"backend='triton' takes float32, bfloat16 or float16 params, got {dtype}")
+    for i, (p, m, r, c, R, C, v) in enumerate(zip(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
+        stats = (m, r, c, R, C) if p.ndim >= 2 else (m, v)
+        if p.dtype != dtype or p.device != device or any(
+                x is None or x.dtype != torch.float32 or x.device != device or not x.is_contiguous() for x in stats):
+            raise ValueError(f"backend='triton': params[{i}] ({p.dtype}, {p.device}) must share the group's dtype "
+                             f"{dtype} and device {device}, and its state must be contiguous float32 tensors there")
+
+
+def _vec_ok(p, g, m, c, C, v) -> int:
+    """C_VEC of one tensor (see the module docstring)."""
+    vec = 16 // p.element_size()
+    run = p.shape[-1] if p.ndim >= 2 else p.numel()  # elements between 16-byte boundaries that must align
+    return int(run % vec == 0 and all(x is None or x.data_ptr() % 16 == 0 for x in (p, g, m, c, C, v)))
+
+
 def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> Plan:
     """Build the tables for one (device, dtype) group of contiguous tensors (host work, once per param set)."""
+    _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+    _check_grads(grads, _TORCH_TO_TL[params[0].dtype])
     device = params[0].device
-    meta, blocks, fin = [], [], []
+    meta, blocks, fin, vec_base, vec = [], [], [], [], []
     ws_col = ws_blk = stat = 0
     for t, (p, g, m, r, c, R, C, v) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         numel = p.numel()
@@ -111,7 +165,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
             M, N = p.shape[-2], p.shape[-1]
             B = numel // (M * N) if M * N else 0
             n_main = B * _cdiv(M, ROWS)
-            colpart = n_main * N
+            colpart = _cdiv(n_main * N, WS_ALIGN) * WS_ALIGN  # padded: the next tensor's partials stay aligned
             n_fin = _cdiv(B * N, FIN_COLS) + B
             addr = (r.data_ptr(), c.data_ptr(), R.data_ptr(), C.data_ptr())
         else:
@@ -119,7 +173,10 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
             n_main = _cdiv(numel, FLAT_CHUNK)
             colpart = n_fin = 0
             addr = (v.data_ptr(), 0, 0, 0)
-        meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B])
+        vec_base.append(_vec_ok(p, None, m, c, C, v))
+        vec.append(_vec_ok(p, g, m, c, C, v))
+        meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B,
+                     vec[-1]])
         blocks.append(torch.stack([torch.full((n_main,), t), torch.arange(n_main)], dim=1))
         fin.append(torch.stack([torch.full((n_fin,), t), torch.arange(n_fin)], dim=1))
         ws_col += colpart
@@ -133,19 +190,48 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
         meta=torch.tensor(meta, dtype=torch.int64).to(device),
         blocks=blocks.to(device), fin_blocks=fin.to(device),
         n_tensors=len(params), n_blocks=blocks.shape[0], n_fin=fin.shape[0],
-        ws_floats=max(ws_col, ws_blk, 1), stats_floats=max(stat, 1), dtype=_TORCH_TO_TL[params[0].dtype])
+        ws_floats=max(ws_col, ws_blk, 1), stats_floats=max(stat, 1), dtype=_TORCH_TO_TL[params[0].dtype],
+        vec_base=tuple(vec_base), vec=tuple(vec))
 
 
 # ---------------------------------------------------------------------------------- device-side helpers
 @triton.jit
-def _ptr(meta, t, COLUMN: tl.constexpr, DTYPE: tl.constexpr):
-    """The address in column COLUMN of tensor t's row of `meta`, as a pointer to DTYPE."""
-    return tl.load(meta + t * NCOL + COLUMN).to(tl.pointer_type(DTYPE))
+def _ptr(meta, t, COLUMN: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in column COLUMN of tensor t's row of `meta`, as a pointer to DTYPE; ALIGNED promises
+    the compiler 16-byte alignment (only where the host set C_VEC for this tensor)."""
+    p = tl.load(meta + t * NCOL + COLUMN).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
 def _field(meta, t, COLUMN: tl.constexpr):
     return tl.load(meta + t * NCOL + COLUMN)
+
+
+@triton.jit
+def _vec_run(meta, t, COLUMN: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Field COLUMN (a row length N or a flat numel) of tensor t, promised a multiple of 16 bytes of DTYPE
+    when ALIGNED, so that row starts and the masks `cols < N` are known to fall on 16-byte boundaries.
+    (The load happens here on purpose: tl.multiple_of marks the op that defines its operand, and a value
+    passed in as an argument has none in this function, so the hint would be dropped.)"""
+    x = tl.load(meta + t * NCOL + COLUMN)
+    if ALIGNED:
+        if DTYPE == tl.float32:
+            x = tl.multiple_of(x, 4)
+        else:
+            x = tl.multiple_of(x, 8)
+    return x
+
+
+@triton.jit
+def _ws_col(meta, t, ALIGNED: tl.constexpr):
+    """First workspace float of tensor t's column partials (a multiple of WS_ALIGN, see build_plan)."""
+    off = _field(meta, t, C_WS_COL)
+    if ALIGNED:
+        off = tl.multiple_of(off, 4)
+    return off
 
 
 @triton.jit
@@ -156,10 +242,10 @@ def _this_block(blocks):
 
 
 @triton.jit
-def _stripe(meta, t, local, ROWS: tl.constexpr):
+def _stripe(meta, t, local, ROWS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Geometry of stripe `local` of factored tensor t: (M, N, b, row0, row_end), rows of the [B*M, N] view."""
     M = _field(meta, t, C_NROWS)
-    N = _field(meta, t, C_NCOLS)
+    N = _vec_run(meta, t, C_NCOLS, DTYPE, ALIGNED)
     per_matrix = (M + ROWS - 1) // ROWS
     b = local // per_matrix
     row0 = b * M + (local - b * per_matrix) * ROWS
@@ -193,12 +279,12 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
         col_sum = tl.zeros([FIN_COLS], dtype=tl.float32)
         for i in range(0, per_matrix):
             col_sum += tl.load(part + i * N, mask=kmask, other=0.0)
-        col = _ptr(meta, t, COL, tl.float32)
+        col = _ptr(meta, t, COL, tl.float32, False)
         c = tl.load(col + k, mask=kmask, other=0.0)
         tl.store(col + k, beta * c + one_minus_beta * (col_sum / M.to(tl.float32) + eps), mask=kmask)
     else:
         mb = local - col_blocks
-        row = _ptr(meta, t, ROW, tl.float32) + mb * M
+        row = _ptr(meta, t, ROW, tl.float32, False) + mb * M
         row_sum = tl.zeros([FIN_COLS], dtype=tl.float32)
         for i0 in range(0, M, FIN_COLS):
             row_sum += tl.load(row + i0 + offs, mask=i0 + offs < M, other=0.0)

@@ -11,44 +11,67 @@ import triton
 import triton.language as tl
 
 from .came_math import _factored_u, _param_update, _round_to
-from .multi_tensor import (BLOCK_N, C_M, C_NROWS, C_NUMEL, C_P, C_RES_COL, C_RES_ROW, C_STAT, FLAT_BLOCK,
-                           FLAT_CHUNK, NUM_WARPS, ROWS, _field, _ptr, _stripe, _this_block)
+from .multi_tensor import (BLOCK_N, C_M, C_NROWS, C_NUMEL, C_P, C_RES_COL, C_RES_ROW, C_STAT, C_VEC, FLAT_BLOCK,
+                           FLAT_CHUNK, NUM_WARPS, ROWS, _field, _ptr, _stripe, _this_block, _vec_run)
+
+
+@triton.jit
+def _param_stripe(meta, t, local, stats, lr, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """One stripe of factored tensor t: update = m * rsqrt(R / mean_M(R)) * rsqrt(C), then p."""
+    SAME: tl.constexpr = DTYPE == tl.float32
+    p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
+    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    M, N, b, row0, row_end = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED)
+    B = _field(meta, t, C_NUMEL) // (M * N)
+    C_ptr = _ptr(meta, t, C_RES_COL, tl.float32, ALIGNED) + b * N
+    mean_R = tl.load(stats + _field(meta, t, C_STAT) + B + b)
+    rows = row0 + tl.arange(0, ROWS)
+    rmask = rows < row_end
+    R = tl.load(_ptr(meta, t, C_RES_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        idx = rows[:, None] * N + cols[None, :]
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        update = _factored_u(m, R, mean_R, tl.load(C_ptr + cols, mask=cmask, other=1.0))
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p_ptr + idx, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
+
+
+@triton.jit
+def _param_chunk(meta, t, local, lr, weight_decay, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+                 FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """One chunk of flat tensor t: update = m, then p."""
+    SAME: tl.constexpr = DTYPE == tl.float32
+    p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
+    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    numel = _vec_run(meta, t, C_NUMEL, DTYPE, ALIGNED)
+    for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+        offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+        mask = offs < numel
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p_ptr + offs, _round_to(_param_update(p, m, lr, weight_decay, SAME), DTYPE), mask=mask)
 
 
 @triton.jit
 def _param_step_kernel(meta, blocks, stats, lr_ptr, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
     t, local = _this_block(blocks)
-    p_ptr = _ptr(meta, t, C_P, DTYPE)
-    m_ptr = _ptr(meta, t, C_M, tl.float32)
     lr = tl.load(lr_ptr)
-    SAME: tl.constexpr = DTYPE == tl.float32
+    # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored
-        M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
-        B = _field(meta, t, C_NUMEL) // (M * N)
-        R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32)
-        C_ptr = _ptr(meta, t, C_RES_COL, tl.float32) + b * N
-        mean_R = tl.load(stats + _field(meta, t, C_STAT) + B + b)
-        rows = row0 + tl.arange(0, ROWS)
-        rmask = rows < row_end
-        R = tl.load(R_ptr + rows, mask=rmask, other=1.0)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
-            idx = rows[:, None] * N + cols[None, :]
-            m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-            update = _factored_u(m, R, mean_R, tl.load(C_ptr + cols, mask=cmask, other=1.0))
-            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            tl.store(p_ptr + idx, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
+        if _field(meta, t, C_VEC) != 0:
+            _param_stripe(meta, t, local, stats, lr, weight_decay, DTYPE, ROWS, BLOCK_N, True)
+        else:
+            _param_stripe(meta, t, local, stats, lr, weight_decay, DTYPE, ROWS, BLOCK_N, False)
     else:
-        numel = _field(meta, t, C_NUMEL)
-        for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
-            offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
-            mask = offs < numel
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(p_ptr + offs, _round_to(_param_update(p, m, lr, weight_decay, SAME), DTYPE), mask=mask)
+        if _field(meta, t, C_VEC) != 0:
+            _param_chunk(meta, t, local, lr, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
+        else:
+            _param_chunk(meta, t, local, lr, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False)
 
 
 def param_step(plan, stats, lr, *, weight_decay: float) -> None:

@@ -14,40 +14,64 @@ import triton
 import triton.language as tl
 
 from .came_math import _ema
-from .multi_tensor import (BLOCK_N, C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_WS_COL, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK,
-                           NUM_WARPS, ROWS, _field, _finalize_columns_and_means, _ptr, _stripe, _this_block)
+from .multi_tensor import (BLOCK_N, C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_VEC, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK,
+                           NUM_WARPS, ROWS, _field, _finalize_columns_and_means, _ptr, _stripe, _this_block,
+                           _vec_run, _ws_col)
+
+
+@triton.jit
+def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """One stripe of factored tensor t: r for its rows, column partials of g^2 into ws."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    row_ptr = _ptr(meta, t, C_ROW, tl.float32, False)  # indexed by row: no alignment to promise
+    M, N, b, row0, row_end = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED)
+    rows = row0 + tl.arange(0, ROWS)
+    rmask = rows < row_end
+    part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    row_sum = tl.zeros([ROWS], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        sq = g * g
+        row_sum += tl.sum(sq, axis=1)
+        tl.store(part + cols, tl.sum(sq, axis=0), mask=cmask)
+    r = tl.load(row_ptr + rows, mask=rmask, other=0.0)
+    tl.store(row_ptr + rows, _ema(r, beta2, one_minus_beta2, row_sum / N.to(tl.float32) + eps1), mask=rmask)
+
+
+@triton.jit
+def _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+              FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """One chunk of flat tensor t: v = b2*v + (1-b2)*(g^2 + eps1)."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    v_ptr = _ptr(meta, t, C_ROW, tl.float32, ALIGNED)
+    numel = _vec_run(meta, t, C_NUMEL, DTYPE, ALIGNED)
+    for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+        offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        tl.store(v_ptr + offs, _ema(v, beta2, one_minus_beta2, g * g + eps1), mask=mask)
 
 
 @triton.jit
 def _sq_stats_kernel(meta, blocks, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
     t, local = _this_block(blocks)
-    g_ptr = _ptr(meta, t, C_G, DTYPE)
-    row_ptr = _ptr(meta, t, C_ROW, tl.float32)
+    # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored (M > 0)
-        M, N, b, row0, row_end = _stripe(meta, t, local, ROWS)
-        rows = row0 + tl.arange(0, ROWS)
-        rmask = rows < row_end
-        part = ws + _field(meta, t, C_WS_COL) + local * N
-        row_sum = tl.zeros([ROWS], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            sq = g * g
-            row_sum += tl.sum(sq, axis=1)
-            tl.store(part + cols, tl.sum(sq, axis=0), mask=cmask)
-        r = tl.load(row_ptr + rows, mask=rmask, other=0.0)
-        tl.store(row_ptr + rows, _ema(r, beta2, one_minus_beta2, row_sum / N.to(tl.float32) + eps1), mask=rmask)
+        if _field(meta, t, C_VEC) != 0:
+            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, True)
+        else:
+            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, False)
     else:
-        numel = _field(meta, t, C_NUMEL)
-        for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
-            offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
-            mask = offs < numel
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(row_ptr + offs, mask=mask, other=0.0)
-            tl.store(row_ptr + offs, _ema(v, beta2, one_minus_beta2, g * g + eps1), mask=mask)
+        if _field(meta, t, C_VEC) != 0:
+            _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
+        else:
+            _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False)
 
 
 @triton.jit
