@@ -36,7 +36,6 @@ ld.global.v4 (tests/test_triton_backend.py reads the PTX). Tensors that fail the
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import triton

@@ -1,0 +1,505 @@
+"""backend="triton" on its own: each phase against a float64 computation, the multi-tensor tables, 64-bit
+offsets, 16-byte loads in the compiled code, rounding, caching and refusals.
+
+tests/test_fused_backends.py runs the whole step against the torch backend, came-pytorch and the oracle for
+every fused backend; this file proves what is particular to the Triton kernels. Without a GPU it runs them
+through Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
+imported; so does the line below, for running this file alone). Shapes stay small: the interpreter costs
+about 5-10 ms per program.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from came_kernels.backends import torch_backend, triton_backend  # noqa: E402
+from oracle import OracleCAME, assert_close_rel, rel_err  # noqa: E402
+
+if triton_backend.unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None:
+    pytest.skip(f"backend='triton' unavailable: {triton_backend.unavailable_reason(torch.device('cpu'))}",
+                allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from came_kernels import triton_kernels as tk  # noqa: E402
+from came_kernels.triton_kernels.came_math import _round_to  # noqa: E402
+from came_kernels.triton_kernels import multi_tensor as mt  # noqa: E402
+from came_kernels.triton_kernels.clip_stats import _clip_stats_kernel  # noqa: E402
+from came_kernels.triton_kernels.momentum_res import _momentum_res_kernel  # noqa: E402
+from came_kernels.triton_kernels.param_step import _param_step_kernel  # noqa: E402
+from came_kernels.triton_kernels.sq_stats import _sq_stats_kernel  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+H = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+         weight_decay=0.1, maximize=False)
+NAN = float("nan")
+
+
+def _state(p, gen=None):
+    """Zero state, or (with gen) a random one: the EMAs then carry history, so a kernel that skipped an
+    element or read the wrong one gives a different number, not the same zero."""
+    def make(shape, positive):
+        if gen is None:
+            return torch.zeros(shape, device=p.device)
+        x = torch.rand(shape, generator=gen) + 0.5 if positive else torch.randn(shape, generator=gen)
+        return x.to(p.device)
+    st = {"m": make(p.shape, False)}
+    if p.ndim >= 2:
+        st.update(r=make(p.shape[:-1], True), R=make(p.shape[:-1], True),
+                  c=make(p.shape[:-2] + p.shape[-1:], True), C=make(p.shape[:-2] + p.shape[-1:], True))
+    else:
+        st["v"] = make(p.shape, True)
+    return st
+
+
+def _lists(sts):
+    return ([s["m"] for s in sts], [s.get("r") for s in sts], [s.get("c") for s in sts], [s.get("R") for s in sts],
+            [s.get("C") for s in sts], [s.get("v") for s in sts])
+
+
+def _step(mod, ps, gs, sts, cache=None, **kw):
+    mod.came_step(ps, gs, *_lists(sts), cache={} if cache is None else cache, **(H | kw))
+
+
+# ------------------------------------------------------------------ float64 reference, one phase at a time
+def _ref_phases(p, g, st, *, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize):
+    """The spec's phases in float64 from one state; returns what each phase leaves behind."""
+    d = {k: v.double().cpu() for k, v in st.items()}
+    p, g = p.double().cpu(), g.double().cpu()
+    g = -g if maximize else g
+    out = {}
+    if p.ndim >= 2:
+        sq = g * g
+        out["r"] = beta2 * d["r"] + (1 - beta2) * (sq.mean(-1) + eps1)
+        out["c"] = beta2 * d["c"] + (1 - beta2) * (sq.mean(-2) + eps1)
+        out["mean_r"] = out["r"].mean(-1)
+        u = g * (out["r"] / out["mean_r"][..., None]).rsqrt()[..., None] * out["c"].rsqrt()[..., None, :]
+    else:
+        out["v"] = beta2 * d["v"] + (1 - beta2) * (g * g + eps1)
+        u = g * out["v"].rsqrt()
+    out["div"] = max(1.0, math.sqrt(float((u * u).mean())) / clip_threshold)
+    u_hat = u / out["div"]
+    out["m"] = beta1 * d["m"] + (1 - beta1) * u_hat
+    if p.ndim >= 2:
+        res = (u_hat - out["m"]) ** 2
+        out["R"] = beta3 * d["R"] + (1 - beta3) * (res.mean(-1) + eps2)
+        out["C"] = beta3 * d["C"] + (1 - beta3) * (res.mean(-2) + eps2)
+        out["mean_R"] = out["R"].mean(-1)
+        update = out["m"] * (out["R"] / out["mean_R"][..., None]).rsqrt()[..., None] * out["C"].rsqrt()[..., None, :]
+    else:
+        update = out["m"]
+    out["p"] = p - lr * weight_decay * p - lr * update
+    return out
+
+
+# Every shape class, stripes and chunks: ragged (37x53, 129x5: 3 stripes of 64 rows), 1xN, Nx1, 1x1, 0-d,
+# 3-D and 4-D batches, a flat tensor of two chunks, and widths that allow 16-byte loads (N % 8 == 0) or not.
+PHASE_SHAPES = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 5), (130, 8), (3, 5, 7), (2, 3, 4, 8),
+                (20000,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype):
+    gen = torch.Generator().manual_seed(10)
+    ps = [torch.randn(s, generator=gen).to(DEV, dtype) for s in PHASE_SHAPES]
+    # Gradient scales apart by 100x: some tensors get clipped (divisor > 1), others not.
+    gs = [(torch.randn(s, generator=gen) * (30.0 if i % 2 else 0.3)).to(DEV, dtype) for i, s in enumerate(PHASE_SHAPES)]
+    sts = [_state(p, gen) for p in ps]
+    refs = [_ref_phases(p, g, st, **H) for p, g, st in zip(ps, gs, sts)]
+    plan = tk.build_plan(ps, gs, *_lists(sts))
+    assert set(plan.vec) == {0, 1}, "both the 16-byte and the scalar kernel bodies must run here"
+    ws = torch.full((plan.ws_floats,), NAN, device=DEV)
+    stats = torch.full((plan.stats_floats,), NAN, device=DEV)
+    meta = plan.meta.cpu()
+
+    def stat(t, col, k=0):
+        return stats[int(meta[t, col]) + k].item()
+
+    tk.sq_stats(plan, ws, stats, beta2=H["beta2"], eps1=H["eps1"])
+    for t, (p, st, ref) in enumerate(zip(ps, sts, refs)):
+        for k in ("r", "c", "v"):
+            if k in st:
+                assert_close_rel(st[k], ref[k], 2e-6, f"phase 1 {k} of {tuple(p.shape)}")
+        if p.ndim >= 2:
+            got = torch.tensor([stat(t, int(mt.C_STAT), b) for b in range(ref["mean_r"].numel())])
+            assert_close_rel(got, ref["mean_r"].flatten(), 2e-6, f"phase 1 mean_M(r) of {tuple(p.shape)}")
+
+    ws.fill_(NAN)  # each phase must write every workspace slot it reads back
+    tk.clip_stats(plan, ws, stats, clip_threshold=H["clip_threshold"])
+    divs = [stat(t, int(mt.C_DIV)) for t in range(len(ps))]
+    assert any(x > 1 for x in divs) and any(x == 1 for x in divs)
+    for p, got, ref in zip(ps, divs, refs):
+        assert got == pytest.approx(ref["div"], rel=1e-5), f"phase 2 clip divisor of {tuple(p.shape)}"
+
+    ws.fill_(NAN)
+    tk.momentum_res(plan, ws, stats, beta1=H["beta1"], beta3=H["beta3"], eps2=H["eps2"], maximize=False)
+    for t, (p, st, ref) in enumerate(zip(ps, sts, refs)):
+        for k in ("m", "R", "C"):
+            if k in st:
+                assert_close_rel(st[k], ref[k], 1e-5, f"phase 3 {k} of {tuple(p.shape)}")
+        if p.ndim >= 2:
+            B = ref["mean_R"].numel()
+            got = torch.tensor([stat(t, int(mt.C_STAT), B + b) for b in range(B)])  # after mean_M(r)[B]
+            assert_close_rel(got, ref["mean_R"].flatten(), 1e-5, f"phase 3 mean_M(R) of {tuple(p.shape)}")
+
+    p0 = [p.double().cpu() for p in ps]
+    tk.param_step(plan, stats, torch.tensor([H["lr"]], device=DEV), weight_decay=H["weight_decay"])
+    for p, before, ref in zip(ps, p0, refs):
+        assert p.dtype == dtype
+        # Rounded once to the param dtype: within one ulp of the float64 result (relative to max|p|).
+        assert_close_rel(p, ref["p"], torch.finfo(dtype).eps, f"phase 4 p of {tuple(p.shape)}")
+        if dtype == torch.float32:  # the step itself (lr*update ~ 1e-2) to 1e-4 of its size
+            assert_close_rel(p.double().cpu() - before, ref["p"] - before, 1e-4, f"phase 4 step of {tuple(p.shape)}")
+
+
+# ------------------------------------------------------------------ tables and workspace
+def _covered(plan, shapes):
+    """Element counts per tensor as the block table claims them: every element must appear exactly once."""
+    meta, blocks = plan.meta.cpu(), plan.blocks.cpu()
+    hits = [torch.zeros(math.prod(s), dtype=torch.int32) for s in shapes]
+    for t, local in blocks.tolist():
+        M, N, numel = (int(meta[t, int(c)]) for c in (mt.C_NROWS, mt.C_NCOLS, mt.C_NUMEL))
+        if M > 0:
+            per = -(-M // mt.ROWS)
+            b = local // per
+            row0 = b * M + (local - b * per) * mt.ROWS
+            row_end = min(row0 + mt.ROWS, (b + 1) * M)
+            hits[t][row0 * N:row_end * N] += 1
+        else:
+            hits[t][local * mt.FLAT_CHUNK:(local + 1) * mt.FLAT_CHUNK] += 1
+    return hits
+
+
+def test_block_table_covers_every_element_once_and_workspace_is_numel_over_rows():
+    shapes = PHASE_SHAPES + [(200, 3), (5, 64, 2), (40000,), (1, 1, 1)]
+    ps = [torch.zeros(s) for s in shapes]
+    sts = [_state(p) for p in ps]
+    plan = tk.build_plan(ps, ps, *_lists(sts))
+    for s, h in zip(shapes, _covered(plan, shapes)):
+        assert torch.equal(h, torch.ones_like(h)), f"{s}: elements covered {h.unique().tolist()} times"
+    def cdiv(a, b):
+        return -(-a // b)
+
+    factored = [(math.prod(s[:-2]), s[-2], s[-1]) for s in shapes if len(s) >= 2]  # (B, M, N)
+    # Column partials: one float per stripe and column, each tensor's padded to 4 floats (16 bytes).
+    colpart = sum(cdiv(B * cdiv(M, mt.ROWS) * N, 4) * 4 for B, M, N in factored)
+    assert plan.ws_floats == max(colpart, plan.n_blocks)
+    # Finalize programs: cdiv(B*N, FIN_COLS) column programs + one per matrix, per factored tensor.
+    fin = sum(cdiv(B * N, mt.FIN_COLS) + B for B, M, N in factored)
+    assert plan.n_fin == fin
+
+
+def test_workspace_for_tinyllama_stays_near_one_sixty_fourth_of_the_params():
+    # Host-side only: meta tensors have shapes but no storage. TinyLlama-1.1B shapes (bench/shapes.py).
+    d, ff, vocab, kv = 2048, 5632, 32000, 256
+    shapes = [(vocab, d)] + [(d, d), (kv, d), (kv, d), (d, d), (ff, d), (ff, d), (d, ff), (d,), (d,)] * 22
+    shapes += [(d,), (vocab, d)]
+    ps = [torch.empty(s, device="meta") for s in shapes]
+    numel = sum(p.numel() for p in ps)
+    assert numel == 1_100_048_384
+    plan = tk.build_plan(ps, ps, *_lists([_state(p) for p in ps]))
+    ws_bytes = 4 * plan.ws_floats
+    assert ws_bytes <= 4 * numel / mt.ROWS * 1.001  # 65.6 MiB: numel/64 fp32 partials, reused by phases 1-3
+    assert 4 * plan.stats_floats < 64 * 1024
+
+
+# ------------------------------------------------------------------ 64-bit offsets
+def test_int64_offsets_reach_the_last_stripe_and_chunk_of_tensors_over_2_31_elements():
+    """Tables describing a [2^26+5, 40] matrix (2.7e9 elements) and a flat tensor of 2^31+100 elements,
+    of which only the last stripe (5 rows) and the last chunk (100 elements) exist: their addresses are
+    shifted back by the offsets the kernels must add. 32-bit index math would wrap and address memory far
+    away, which crashes a process rather than failing an assert: so the check runs in a child process."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            "import test_triton_backend as t; t._int64_case(vec=1); t._int64_case(vec=0); print('int64 ok')")
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "int64 ok" in out.stdout, (
+        f"child exited {out.returncode} (negative: killed by that signal; -11: a bad address): {out.stderr[-3000:]}")
+
+
+def _int64_case(vec):
+    """The body of the test above, for the 16-byte (vec=1) or the scalar (vec=0) kernel bodies."""
+    gen = torch.Generator().manual_seed(11)
+    M, N, rows = 2 ** 26 + 5, 40, 5
+    last = -(-M // mt.ROWS) - 1
+    row0 = last * mt.ROWS
+    assert row0 == M - rows and M * N > 2 ** 31
+    nf = 2 ** 31 + 100
+    lf = nf // mt.FLAT_CHUNK
+    tail = nf - lf * mt.FLAT_CHUNK
+    # Real storage: the stripe and the chunk (a whole chunk, NaN past the tensor's end: must stay untouched).
+    p, g, m = (torch.randn(rows, N, generator=gen).to(DEV) for _ in range(3))
+    r, R = ((torch.rand(rows, generator=gen) + 0.5).to(DEV) for _ in range(2))
+    c, C = ((torch.rand(N, generator=gen) + 0.5).to(DEV) for _ in range(2))
+    pf, gf, mf, vf = (torch.full((mt.FLAT_CHUNK,), NAN) for _ in range(4))
+    for x, pos in ((pf, False), (gf, False), (mf, False), (vf, True)):
+        x[:tail] = torch.rand(tail, generator=gen) + 0.5 if pos else torch.randn(tail, generator=gen)
+    pf, gf, mf, vf = (x.to(DEV) for x in (pf, gf, mf, vf))
+    ref = {k: x.double().cpu() for k, x in dict(p=p, m=m, r=r, R=R, pf=pf[:tail], mf=mf[:tail], vf=vf[:tail]).items()}
+    el = 4  # fp32
+    meta = torch.tensor([
+        [p.data_ptr() - row0 * N * el, g.data_ptr() - row0 * N * el, m.data_ptr() - row0 * N * el,
+         r.data_ptr() - row0 * el, c.data_ptr(), R.data_ptr() - row0 * el, C.data_ptr(),
+         M * N, M, N, -last * N, -last, 0, 2, vec],  # partials land at ws[0:N], block sum at ws[0]
+        [pf.data_ptr() - lf * mt.FLAT_CHUNK * el, gf.data_ptr() - lf * mt.FLAT_CHUNK * el,
+         mf.data_ptr() - lf * mt.FLAT_CHUNK * el, vf.data_ptr() - lf * mt.FLAT_CHUNK * el, 0, 0, 0,
+         nf, 0, 0, 0, 1 - lf, 0, 3, vec]],  # block sum at ws[1]
+        dtype=torch.int64, device=DEV)
+    assert meta.shape[1] == int(mt.NCOL)
+    blocks = torch.tensor([[0, last], [1, lf]], dtype=torch.int64, device=DEV)
+    ws = torch.full((N,), NAN, device=DEV)
+    mean_r, mean_R, div, div_f = 0.9, 1.1, 1.7, 1.3  # what the finalize kernels would have left in stats
+    stats = torch.tensor([mean_r, mean_R, div, div_f], device=DEV)
+    lay = dict(DTYPE=tl.float32, ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK,
+               FLAT_BLOCK=mt.FLAT_BLOCK)
+    b1, b2, b3, e1, e2, lr, wd = 0.9, 0.999, 0.9999, 1e-30, 1e-16, 1e-2, 0.1
+
+    _sq_stats_kernel[(2,)](meta, blocks, ws, b2, 1 - b2, e1, **lay)
+    gd, gfd = g.double().cpu(), gf[:tail].double().cpu()
+    ref["r"] = b2 * ref["r"] + (1 - b2) * ((gd * gd).mean(1) + e1)
+    ref["vf"] = b2 * ref["vf"] + (1 - b2) * (gfd * gfd + e1)
+    assert_close_rel(r, ref["r"], 1e-6, "r of the last stripe")
+    assert_close_rel(ws, (gd * gd).sum(0), 1e-6, "column partials of the last stripe")
+    assert_close_rel(vf[:tail], ref["vf"], 1e-6, "v of the last chunk")
+    assert torch.isnan(vf[tail:]).all(), "v written past the end of the tensor"
+
+    ws.fill_(NAN)
+    _clip_stats_kernel[(2,)](meta, blocks, ws, stats, **lay)
+    u = gd * (ref["r"] / mean_r).rsqrt()[:, None] * c.double().cpu().rsqrt()[None, :]
+    uf = gfd * ref["vf"].rsqrt()
+    assert ws[0].item() == pytest.approx(float((u * u).sum()), rel=1e-5)
+    assert ws[1].item() == pytest.approx(float((uf * uf).sum()), rel=1e-5)
+
+    ws.fill_(NAN)
+    _momentum_res_kernel[(2,)](meta, blocks, ws, stats, b1, 1 - b1, b3, 1 - b3, e2, MAXIMIZE=False, **lay)
+    ref["m"] = b1 * ref["m"] + (1 - b1) * u / div
+    ref["mf"] = b1 * ref["mf"] + (1 - b1) * uf / div_f
+    res = (u / div - ref["m"]) ** 2
+    ref["R"] = b3 * ref["R"] + (1 - b3) * (res.mean(1) + e2)
+    assert_close_rel(m, ref["m"], 1e-6, "m of the last stripe")
+    assert_close_rel(R, ref["R"], 1e-6, "R of the last stripe")
+    assert_close_rel(ws, res.sum(0), 1e-5, "residual column partials of the last stripe")
+    assert_close_rel(mf[:tail], ref["mf"], 1e-6, "m of the last chunk")
+    assert torch.isnan(mf[tail:]).all()
+
+    _param_step_kernel[(2,)](meta, blocks, stats, torch.tensor([lr], device=DEV), wd, **lay)
+    update = ref["m"] * (ref["R"] / mean_R).rsqrt()[:, None] * C.double().cpu().rsqrt()[None, :]
+    assert_close_rel(p, ref["p"] - lr * wd * ref["p"] - lr * update, 1e-6, "p of the last stripe")
+    assert_close_rel(pf[:tail], ref["pf"] - lr * wd * ref["pf"] - lr * ref["mf"], 1e-6, "p of the last chunk")
+    assert torch.isnan(pf[tail:]).all()
+
+
+# ------------------------------------------------------------------ 16-byte loads
+def test_vec_flag_follows_alignment_and_row_width():
+    def flag(p, g=None):
+        st = _state(p)
+        return tk.build_plan([p], [p if g is None else g], *_lists([st])).vec[0]
+
+    assert flag(torch.zeros(4, 8)) == 1 and flag(torch.zeros(4, 6)) == 0          # fp32: N % 4
+    assert flag(torch.zeros(4, 16, dtype=torch.bfloat16)) == 1
+    assert flag(torch.zeros(4, 12, dtype=torch.bfloat16)) == 0                     # bf16: N % 8
+    assert flag(torch.zeros(16)) == 1 and flag(torch.zeros(7)) == 0 and flag(torch.zeros(())) == 0
+    shifted = torch.zeros(17)[1:]                                                  # contiguous, 4 B off
+    assert shifted.is_contiguous() and flag(shifted) == 0
+    assert flag(torch.zeros(16), g=torch.zeros(17)[1:]) == 0                       # a misaligned grad
+
+
+def test_grads_that_lose_alignment_take_the_scalar_body_and_still_match():
+    ps = [torch.randn(6, 8, device=DEV), torch.randn(16, device=DEV)]
+    spec = [p.clone() for p in ps]
+    st, st2 = [_state(p) for p in ps], [_state(p) for p in ps]
+    cache = {}
+    for step in range(3):
+        # step 1: grads are views 4 bytes into their storage, as a misaligned allocation would be
+        gs = [torch.randn(p.numel() + 1, device=DEV)[1:].view(p.shape) if step == 1 else torch.randn_like(p)
+              for p in ps]
+        _step(triton_backend, ps, gs, st, cache=cache)
+        _step(torch_backend, spec, gs, st2)
+        assert cache["plan"].vec == ((0, 0) if step == 1 else (1, 1))
+        assert cache["plan"].meta[:, int(mt.C_VEC)].tolist() == list(cache["plan"].vec)
+    for a, b in zip(ps, spec):
+        assert_close_rel(a, b, 1e-6, f"param {tuple(a.shape)}")
+
+
+_PTX_SCRIPT = textwrap.dedent('''
+    import importlib, re, sys
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+    mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
+    LAY = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK)
+    PTRS = {"meta": "*i64", "blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "lr_ptr": "*fp32"}
+    for mod, name in [("sq_stats", "_sq_stats_kernel"), ("clip_stats", "_clip_stats_kernel"),
+                      ("momentum_res", "_momentum_res_kernel"), ("param_step", "_param_step_kernel")]:
+        fn = getattr(importlib.import_module("came_kernels.triton_kernels." + mod), name)
+        for dt in ("fp32", "bf16"):
+            ce = {k: v for k, v in LAY.items() if k in fn.arg_names}
+            ce["DTYPE"] = tl.float32 if dt == "fp32" else tl.bfloat16
+            if "MAXIMIZE" in fn.arg_names:
+                ce["MAXIMIZE"] = False
+            sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
+            k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": mt.NUM_WARPS})
+            ptx = k.asm["ptx"]
+            print(name, dt, len(re.findall(r"ld\\.global\\.v4", ptx)), len(re.findall(r"st\\.global\\.v[24]", ptx)))
+''')
+
+
+def test_compiled_phase_kernels_use_16_byte_loads():
+    """sm_90 PTX, compiled here without a GPU (Triton ships ptxas): every phase kernel has ld.global.v4 for
+    fp32 and bf16, and the kernels that write full-size tensors (m, p) have vector stores."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    counts = {(n, dt): (int(a), int(b)) for n, dt, a, b in (line.split() for line in out.stdout.splitlines())}
+    assert len(counts) == 8, out.stdout
+    for (name, dt), (vec_loads, vec_stores) in counts.items():
+        assert vec_loads > 0, f"{name} {dt}: no 16-byte loads in the PTX"
+        if name in ("_momentum_res_kernel", "_param_step_kernel"):
+            assert vec_stores > 0, f"{name} {dt}: no vector stores in the PTX"
+
+
+# ------------------------------------------------------------------ rounding
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _round_to(tl.load(x_ptr + offs, mask=offs < n), DTYPE), mask=offs < n)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy, on 65520 -> fp16 inf
+def test_bf16_and_fp16_stores_round_to_nearest_even_like_torch():
+    # Ties at both parities, just off ties, overflow to inf, subnormals, signed zeros, inf, NaN, randoms.
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F808001, 0x3F817FFF, 0x7F7FFFFF, 0x7F7F7FFF, 0x00000001,
+                         0x00018000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001], dtype=torch.int64)
+    x = torch.cat([bits.to(torch.int32).view(torch.float32),
+                   torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 65520.0, 6e-8, -3e-5]),
+                   torch.randn(200, generator=torch.Generator().manual_seed(12)) * 100]).to(DEV)
+    for dtype, tdt in ((torch.bfloat16, tl.bfloat16), (torch.float16, tl.float16)):
+        out = torch.empty(x.shape, dtype=dtype, device=DEV)
+        _round_kernel[(1,)](x, out, x.numel(), DTYPE=tdt, BLOCK=256)
+        want = x.to(dtype)
+        same = (out.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(out) & torch.isnan(want))
+        assert same.all(), f"{dtype}: {x[~same].tolist()} -> {out[~same].tolist()}, torch {want[~same].tolist()}"
+
+
+# ------------------------------------------------------------------ whole steps
+def test_fp32_stays_within_1e_5_of_torch_backend_after_100_steps():
+    shapes = [(37, 53), (1, 1), (5,), (2, 3, 4)]
+    gen = torch.Generator().manual_seed(13)
+    ps = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
+    spec = [p.clone() for p in ps]
+    st, st2 = [_state(p) for p in ps], [_state(p) for p in ps]
+    cache = {}
+    for t in range(100):
+        scale = 1e4 if t % 17 == 3 else (0.0 if t % 19 == 7 else 1.0)  # clipping spikes, zero gradients
+        gs = [(torch.randn(s, generator=gen) * scale).to(DEV) for s in shapes]
+        _step(triton_backend, ps, gs, st, cache=cache, weight_decay=0.01)
+        _step(torch_backend, spec, gs, st2, weight_decay=0.01)
+        if t == 0:
+            for a, b in zip(ps, spec):
+                assert_close_rel(a, b, 1e-6, f"param {tuple(a.shape)} after one step")
+    for a, b, sa, sb in zip(ps, spec, st, st2):
+        assert_close_rel(a, b, 1e-5, f"param {tuple(a.shape)} after 100 steps")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 1e-4, f"state {k} of {tuple(a.shape)} after 100 steps")
+
+
+def test_fp16_error_vs_float64_oracle_at_most_twice_torch_backends():
+    shapes = [(37, 53), (1, 33), (33, 1), (3, 5, 7), (9,), ()]
+    gen = torch.Generator().manual_seed(14)
+    init = [torch.randn(s, generator=gen).to(DEV, torch.float16) for s in shapes]
+    oracle = OracleCAME([x.cpu() for x in init], lr=1e-2, weight_decay=0.1, maximize=True)
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    st, st2 = [_state(x) for x in init], [_state(x) for x in init]
+    cache = {}
+    for _ in range(5):
+        gs = [torch.randn(s, generator=gen).to(DEV, torch.float16) for s in shapes]
+        _step(triton_backend, ours, gs, st, cache=cache, maximize=True)
+        _step(torch_backend, spec, gs, st2, maximize=True)
+        oracle.step([g.cpu() for g in gs])
+    ulp = torch.finfo(torch.float16).eps
+    for a, b, ref in zip(ours, spec, oracle.p):
+        assert a.dtype == torch.float16
+        assert rel_err(a, ref) <= 2 * rel_err(b, ref) + 2 * ulp, f"fp16 param {tuple(a.shape)}"
+
+
+def test_a_tensor_steps_bitwise_the_same_alone_or_in_a_group():
+    # Tensors share launches, never sums: a tensor's result cannot depend on its neighbours.
+    shapes = [(37, 53), (70, 9), (9,), ()]
+    gen = torch.Generator().manual_seed(15)
+    init = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(DEV) for s in shapes] for _ in range(2)]
+    group = [x.clone() for x in init]
+    gst = [_state(x) for x in init]
+    for gs in grads:
+        _step(triton_backend, group, gs, gst)
+    for i, x in enumerate(init):
+        alone, ast = [x.clone()], [_state(x)]
+        for gs in grads:
+            _step(triton_backend, alone, [gs[i]], ast)
+        assert torch.equal(alone[0], group[i]), shapes[i]
+
+
+def test_cache_keeps_the_tables_and_reuploads_only_the_grad_addresses():
+    ps = [torch.randn(6, 8, device=DEV), torch.randn(5, device=DEV)]
+    st = [_state(p) for p in ps]
+    gs = [torch.randn_like(p) for p in ps]
+    cache = {}
+    _step(triton_backend, ps, gs, st, cache=cache)
+    plan, lr_buf = cache["plan"], cache["lr"]
+    meta0 = plan.meta.clone()
+    _step(triton_backend, ps, gs, st, cache=cache, lr=2e-2)  # same grads, new lr
+    assert cache["plan"] is plan and torch.equal(plan.meta, meta0)
+    assert cache["lr"] is lr_buf and lr_buf.item() == pytest.approx(2e-2)  # refilled in place
+    gs = [torch.randn_like(p) for p in ps]  # as after zero_grad(set_to_none=True)
+    _step(triton_backend, ps, gs, st, cache=cache)
+    assert cache["plan"] is plan
+    cg = int(mt.C_G)
+    assert plan.meta[:, cg].tolist() == [g.data_ptr() for g in gs]
+    others = [c for c in range(int(mt.NCOL)) if c != cg]
+    assert torch.equal(plan.meta[:, others], meta0[:, others])
+    qs = [torch.randn(3, 4, device=DEV)]  # a different parameter set: new tables
+    _step(triton_backend, qs, [torch.randn_like(qs[0])], [_state(qs[0])], cache=cache)
+    assert cache["plan"] is not plan and cache["plan"].n_tensors == 1
+
+
+def test_wrong_grad_dtype_is_refused_before_anything_changes():
+    ps = [torch.randn(4, 8, device=DEV)]
+    before = ps[0].clone()
+    st = [_state(ps[0])]
+    with pytest.raises(ValueError, match=r"grads\[0\].*bfloat16"):
+        _step(triton_backend, ps, [torch.randn(4, 8, device=DEV, dtype=torch.bfloat16)], st)
+    assert torch.equal(ps[0], before) and not st[0]["m"].any() and not st[0]["r"].any()
+
+
+def test_empty_tensors_and_empty_lists_are_no_ops():
+    _step(triton_backend, [], [], [])
+    ps = [torch.empty(0, 5, device=DEV), torch.empty(0, device=DEV), torch.randn(3, device=DEV)]
+    spec = [p.clone() for p in ps]
+    gs = [torch.randn_like(p) for p in ps]
+    st, st2 = [_state(p) for p in ps], [_state(p) for p in ps]
+    _step(triton_backend, ps, gs, st)
+    _step(torch_backend, spec, gs, st2)
+    assert_close_rel(ps[2], spec[2], 1e-6, "the non-empty tensor")
+
+
+def test_unavailable_reason_says_why_and_never_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.unavailable_reason(torch.device("cpu")) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in triton_backend.unavailable_reason(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert "cuda" in triton_backend.unavailable_reason(torch.device("cuda")).lower()
+    assert isinstance(triton_backend.unavailable_reason(torch.device("meta")), str)
