@@ -93,5 +93,8 @@ def came(
         step_fn = get_step_fn(name, device)
         group_lr = lr
         if isinstance(lr, Tensor) and lr.device != device:
-            group_lr = lr.to(device=device)  # a 0-d copy; kernels read lr on the device, never the host
+            # A CPU lr (what schedulers keep) is read on the host: no device is involved, so no sync, and
+            # the backends write floats into a cached device buffer. A copy of it from pageable host memory
+            # would stall the host every step. An lr on another GPU is copied.
+            group_lr = lr.item() if lr.device.type == "cpu" else lr.to(device=device)
         step_fn(*([lst[i] for i in idx] for lst in lists), lr=group_lr, cache=cache.setdefault(key, {}), **hyper)
