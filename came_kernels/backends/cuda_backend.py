@@ -16,6 +16,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._contiguous import contiguous_lists, write_back_
+
 __all__ = ["came_step", "unavailable_reason"]
 
 _BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` on a machine with nvcc and a CUDA build "
@@ -87,20 +89,10 @@ def came_step(
         raise RuntimeError(unavailable_reason(params[0].device))
     lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs]
-    # The kernels index [B, M, N] views of contiguous memory. A non-contiguous tensor (e.g. a channels_last
-    # conv weight) runs on a contiguous copy that is written back after the step: a full-size temporary for
-    # that tensor only; the usual contiguous case costs nothing here.
-    write_back = []
-    for k, lst in enumerate(lists):
-        if any(x is not None and not x.is_contiguous() for x in lst):
-            copies = [x if x is None or x.is_contiguous() else x.contiguous() for x in lst]
-            if k != 1:  # everything but the grads is updated in place
-                write_back += [(x, y) for x, y in zip(lst, copies) if y is not x]
-            lists[k] = copies
+    lists, write_back = contiguous_lists(lists)  # see _contiguous.py
 
     torch.ops.came_kernels.came_step(
         *lists, _lr_tensor(lr, params[0].device), float(beta1), float(beta2), float(beta3), float(eps1),
         float(eps2), float(clip_threshold), float(weight_decay), bool(maximize))
 
-    for orig, copy in write_back:
-        orig.copy_(copy)
+    write_back_(write_back)

@@ -22,6 +22,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._contiguous import contiguous_lists, write_back_
+
 __all__ = ["came_step", "unavailable_reason"]
 
 # Tests set this to fill the workspace and stats with NaN before every step, so an element no kernel wrote
@@ -105,16 +107,7 @@ def came_step(
     cache = {} if cache is None else cache
     device = lists[0][0].device
 
-    # The kernels index contiguous [B, M, N] views. A non-contiguous tensor (a channels_last conv weight, a
-    # transposed view) runs on a contiguous copy, written back after the step: a full-size temporary for
-    # that tensor only. Contiguous tensors, the usual case, cost nothing here.
-    write_back = []
-    for k, lst in enumerate(lists):
-        if any(x is not None and not x.is_contiguous() for x in lst):
-            copies = [x if x is None or x.is_contiguous() else x.contiguous() for x in lst]
-            if k != 1:  # grads are only read
-                write_back += [(x, y) for x, y in zip(lst, copies) if y is not x]
-            lists[k] = copies
+    lists, write_back = contiguous_lists(lists)  # see _contiguous.py
     params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
 
     plan = cache.get("plan")
@@ -137,5 +130,4 @@ def came_step(
     _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize)
     _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay)
 
-    for orig, copy in write_back:
-        orig.copy_(copy)
+    write_back_(write_back)
