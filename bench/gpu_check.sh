@@ -1,35 +1,40 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU machine (H100/H200, torch 2.11+cu130, triton 3.6, no network).
-# Builds the CUDA extension, runs the GPU tests, then the step benchmark on GPT-2 124M and TinyLlama-1.1B
-# shapes at full size, fp32 and bf16: came_kernels.CAME backend=cuda / triton / torch against
-# torch.optim.AdamW(fused=True), torch.optim.Adafactor and came-pytorch. The short table comes LAST.
-# Target: < 8 minutes. Copy the table, with card/date/commit/command (printed under it), into bench/RESULTS.md.
+# The one prepared script for a GPU machine (H100/H200, torch 2.11+cu130, triton 3.6, no network needed).
+# 1. builds the CUDA extension (sm_90 by default: CAME_KERNELS_CUDA_ARCH),
+# 2. runs the GPU tests of every backend in three separate processes (an illegal address in one backend
+#    must not hide the others' results) and the fused steps under compute-sanitizer (memcheck, racecheck),
+# 3. the step benchmark on GPT-2 124M and TinyLlama-1.1B shapes at full size, fp32 and bf16: came_kernels.CAME
+#    backend=cuda / triton / torch against torch.optim.AdamW(fused=True), torch.optim.Adafactor and came-pytorch,
+# 4. the per-phase kernel profile (achieved GB/s per phase against the copy bandwidth).
+# The short tables come LAST. Copy them, with card/date/commit/command (printed under them), into
+# bench/RESULTS.md.
 #
-#   bash bench/gpu_check.sh                  # everything
-#   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh   # benchmark only (machine still warm)
-# Knobs: PYTHON (default python3: the bare `pip` there belongs to another Python), TESTS_K (pytest -k
-# expression for the GPU tests), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ARGS (extra args for step).
+#   bash bench/gpu_check.sh                              # everything, ~6 minutes
+#   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only
+# Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default $OUT
+# when set, else bench/out/gpu), TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra
+# args for `bench step`), SKIP_SANITIZER, SKIP_PHASES. came-pytorch: installed from .whl/ if its wheel is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-OUT=bench/out/gpu
-mkdir -p "$OUT"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+LOG="${LOG:-${OUT:-bench/out/gpu}}"
+mkdir -p "$LOG"
 t0=$SECONDS
 status=0
 
 echo "== $(date -Is) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 
 if [ -z "${SKIP_BUILD:-}" ]; then
   echo "== build (pip install --no-build-isolation --no-deps -e .: builds came_kernels._C)"
-  if ! "$PY" -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1; then
-    echo "BUILD FAILED: last lines of $OUT/build.log"; tail -n 40 "$OUT/build.log"; status=1
+  if ! CAME_KERNELS_CUDA_ARCH="${CAME_KERNELS_CUDA_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+       "$PY" -m pip install --no-build-isolation --no-deps -v -e . >"$LOG/build.log" 2>&1; then
+    echo "BUILD FAILED: last lines of $LOG/build.log"; tail -n 40 "$LOG/build.log"; status=1
   fi
-  grep -a "came_kernels setup:" "$OUT/build.log" || true
+  grep -a "came_kernels setup:" "$LOG/build.log" || true
   if compgen -G ".whl/*.whl" >/dev/null; then
-    echo "== optional wheels from .whl/ (e.g. came-pytorch)"
-    "$PY" -m pip install --no-deps --no-index .whl/*.whl 2>&1 | tail -n 2
+    "$PY" -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -n 2
   fi
   echo "   build: $((SECONDS - t0)) s"
 fi
@@ -47,34 +52,60 @@ except ImportError:
 PY
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  echo "== GPU tests (pytest -k '${TESTS_K:-cuda or triton or gpu}')"
+  echo "== GPU tests (three processes) and compute-sanitizer, in parallel"
   t1=$SECONDS
-  timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest tests -q -x -ra -k "${TESTS_K:-cuda or triton or gpu}" \
-    >"$OUT/tests.log" 2>&1
-  rc=$?
-  tail -n 25 "$OUT/tests.log"
-  case $rc in
-    0) echo "   tests passed ($((SECONDS - t1)) s)";;
-    5) echo "   no test matched -k; set TESTS_K";;
-    124) echo "   TESTS TIMED OUT after ${TEST_TIMEOUT:-200} s (full log: $OUT/tests.log)"; status=1;;
-    *) echo "   TESTS FAILED (rc=$rc; full log: $OUT/tests.log)"; status=1;;
-  esac
+  TT="${TEST_TIMEOUT:-180}"
+  PT=("$PY" -m pytest -q -ra -p no:cacheprovider)
+  timeout "$TT" "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
+  timeout "$TT" "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py -k cuda >"$LOG/t_cuda.log" 2>&1 & p2=$!
+  timeout "$TT" "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py \
+    -k "cuda or triton or gpu" >"$LOG/t_other.log" 2>&1 & p3=$!
+  pids=("$p1" "$p2" "$p3"); names=(triton cuda other)
+  if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
+    ( for tool in memcheck racecheck; do for b in cuda triton; do
+        [ "$tool" = racecheck ] && [ "$b" = triton ] && continue  # racecheck: shared memory of our CUDA kernels
+        echo "-- $tool $b"
+        timeout "$TT" compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" tests/gpu_sanitize.py "$b" 2>&1 \
+          | grep -av "^========= *$" | tail -n 15
+        echo "   rc=${PIPESTATUS[0]}"
+      done; done ) >"$LOG/t_sanitizer.log" 2>&1 & pids+=($!); names+=(sanitizer)
+  fi
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; rc=$?
+    f="$LOG/t_${names[$i]}.log"
+    echo "-- ${names[$i]} (rc=$rc)"
+    if [ "${names[$i]}" = sanitizer ]; then
+      cat "$f"; grep -q "rc=[1-9]" "$f" && { echo "   SANITIZER FOUND ERRORS"; status=1; }
+    else
+      grep -aE "^(FAILED|ERROR)|passed|failed|error" "$f" | tail -n 20
+      case $rc in 0|5) ;; 124) echo "   TIMED OUT after $TT s"; status=1;; *) echo "   FAILED"; status=1;; esac
+    fi
+  done
+  echo "   tests: $((SECONDS - t1)) s"
 fi
 
 echo "== step benchmark, full-size shapes, fp32 and bf16"
 t1=$SECONDS
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-300}" "$PY" -m bench step --device cuda --sets gpt2,tinyllama --scale 1 \
+timeout "${BENCH_TIMEOUT:-240}" "$PY" -m bench step --device cuda --sets gpt2,tinyllama --scale 1 \
   --dtype fp32,bf16 --optim 'came[cuda],came[triton],came[torch],adamw[fused],adafactor,came-pytorch' \
-  --out "$OUT" ${BENCH_ARGS:-} >"$OUT/step.log" 2>&1
+  --out "$LOG" --no-plot ${BENCH_ARGS:-} >"$LOG/step.log" 2>&1
 rc=$?
-grep -a "^#" "$OUT/step.log" | head -n 12
-[ $rc -eq 0 ] || { echo "BENCHMARK FAILED (rc=$rc):"; tail -n 30 "$OUT/step.log"; status=1; }
-echo "   benchmark: $((SECONDS - t1)) s; total $((SECONDS - t0)) s"
+[ $rc -eq 0 ] || { echo "BENCHMARK FAILED (rc=$rc):"; tail -n 30 "$LOG/step.log"; status=1; }
+echo "   step benchmark: $((SECONDS - t1)) s"
+
+if [ -z "${SKIP_PHASES:-}" ]; then
+  echo "== per-phase kernel profile"
+  t1=$SECONDS
+  timeout "${PHASES_TIMEOUT:-120}" "$PY" -m bench phases --out "$LOG" >"$LOG/phases.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || { echo "PHASE PROFILE FAILED (rc=$rc):"; tail -n 20 "$LOG/phases.log"; status=1; }
+  echo "   phases: $((SECONDS - t1)) s"
+fi
 
 echo
-echo "== RESULT (bench/RESULTS.md: card, date, commit, command, table)"
-if [ -f "$OUT/step.json" ]; then
-  "$PY" -m bench step --show "$OUT/step.json"
-fi
+echo "== RESULT (total $((SECONDS - t0)) s; bench/RESULTS.md: card, date, commit, command, tables)"
+[ -f "$LOG/phases.json" ] && "$PY" -m bench phases --help >/dev/null 2>&1 && \
+  "$PY" -c "import json,sys; from bench import phases; print(phases.table(json.load(open(sys.argv[1]))))" "$LOG/phases.json"
+[ -f "$LOG/step.json" ] && "$PY" -m bench step --show "$LOG/step.json"
 exit $status

@@ -1,0 +1,46 @@
+"""A few CAME steps of one fused backend on every shape class, small enough to run under compute-sanitizer.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python tests/gpu_sanitize.py cuda
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tests/gpu_sanitize.py cuda
+
+bench/gpu_check.sh runs it for both fused backends. It also checks the result against the torch backend,
+so a run that the sanitizer passes but that computes garbage still fails. Needs a GPU.
+"""
+import sys
+
+import torch
+
+import came_kernels
+
+SHAPES = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 257), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
+          (200, 64), (4099,), (3, 70, 131)]
+
+
+def main(backend: str) -> int:
+    worst = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        init = [torch.randn(s, generator=gen, device="cuda").to(dtype) for s in SHAPES]
+        ours = [torch.nn.Parameter(x.clone()) for x in init]
+        spec = [torch.nn.Parameter(x.clone()) for x in init]
+        o = came_kernels.CAME(ours, lr=1e-2, weight_decay=0.1, backend=backend)
+        s = came_kernels.CAME(spec, lr=1e-2, weight_decay=0.1, backend="torch")
+        for _ in range(3):
+            for a, b in zip(ours, spec):
+                g = torch.randn(a.shape, generator=gen, device="cuda").to(dtype)
+                a.grad, b.grad = g.clone(), g.clone()
+            o.step()
+            s.step()
+        torch.cuda.synchronize()
+        for a, b in zip(ours, spec):
+            assert torch.isfinite(a).all(), (backend, dtype, tuple(a.shape))
+            err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+            worst = max(worst, err if dtype == torch.float32 else 0.0)
+            tol = 1e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
+            assert err <= tol, (backend, dtype, tuple(a.shape), err)
+    print(f"gpu_sanitize {backend}: ok, worst fp32 relative difference to the torch backend {worst:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "cuda"))
