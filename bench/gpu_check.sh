@@ -81,7 +81,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
       case $rc in 0|5) ;; 124) echo "   TIMED OUT after $TT s"; status=1;; *) echo "   FAILED"; status=1;; esac
     fi
   done
-  echo "   tests: $((SECONDS - t1)) s"
+  cat "$LOG"/t_*.log >"$LOG/tests.log" && rm -f "$LOG"/t_*.log  # fewer files to carry back
+  echo "   tests: $((SECONDS - t1)) s (logs: $LOG/tests.log)"
 fi
 
 echo "== step benchmark, full-size shapes, fp32 and bf16"
