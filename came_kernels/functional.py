@@ -88,13 +88,21 @@ def came(
         key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
         groups.setdefault(key, []).extend(idx)
 
+    compiling = torch.compiler.is_compiling()
     for key, idx in groups.items():
         name, device = key[0], key[1]
-        step_fn = get_step_fn(name, device)
         group_lr = lr
         if isinstance(lr, Tensor) and lr.device != device:
             # A CPU lr (what schedulers keep) is read on the host: no device is involved, so no sync, and
             # the backends write floats into a cached device buffer. A copy of it from pageable host memory
-            # would stall the host every step. An lr on another GPU is copied.
-            group_lr = lr.item() if lr.device.type == "cpu" else lr.to(device=device)
-        step_fn(*([lst[i] for i in idx] for lst in lists), lr=group_lr, cache=cache.setdefault(key, {}), **hyper)
+            # would stall the host every step. An lr on another GPU is copied. Compiled, it is copied
+            # inside the graph (a host read would break it).
+            group_lr = lr.item() if lr.device.type == "cpu" and not compiling else lr.to(device=device)
+        sub = [[lst[i] for i in idx] for lst in lists]
+        if not compiling:
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper)
+        elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper)
+        else:  # opaque to the compiler, with its mutations declared (see ops.py)
+            from .ops import call_fused_step
+            call_fused_step(sub, group_lr, name, **hyper)

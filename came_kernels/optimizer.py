@@ -120,13 +120,14 @@ class CAME(Optimizer):
                         maximize=maximize, backend=backend, foreach=foreach, fused=fused,
                         capturable=capturable, differentiable=differentiable)
         _check_group(defaults, "defaults")
+        # Backend scratch (device tables, workspaces), one dict per param group (add_param_group appends);
+        # never saved. Made with the group, not in step(): a compiled step must not see it change shape.
+        self._caches: list = []
         super().__init__(params, defaults)
         # Fail now, not at the first step, when a requested backend cannot run on these params.
         for group in self.param_groups:
             for p in group["params"]:
                 self._resolve(group, p, p.dtype)
-        # Backend scratch (device tables, workspaces), one dict per param group; never saved.
-        self._caches: list = []
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
@@ -144,6 +145,7 @@ class CAME(Optimizer):
             self.param_groups.pop()  # leave the optimizer as it was
             raise
         group["betas"] = _three_betas(group["betas"])
+        self._caches.append({})
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -152,8 +154,7 @@ class CAME(Optimizer):
                                ("capturable", False), ("differentiable", False)):
                 group.setdefault(key, value)
             group["betas"] = _three_betas(group["betas"])
-        if not hasattr(self, "_caches"):
-            self._caches = []
+        self._caches = [{} for _ in self.param_groups]
 
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
         return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"])
@@ -181,7 +182,14 @@ class CAME(Optimizer):
                     resolved.add(key)
 
     # ------------------------------------------------------------------ state
-    def _init_group(self, group: dict, lists: dict) -> None:
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows,
+                    exp_avg_res_cols, exp_avg_sqs, state_steps) -> None:
+        """Create missing state and append each param with a grad, and its state, to the lists.
+
+        Why plain list arguments: torch.compile (dynamo) runs a method named `_init_group` outside the trace
+        and passes back only what it appended to list arguments, as for torch's own optimizers. Lists packed
+        in a dict would stay empty inside the trace, and a compiled step() would silently do nothing.
+        """
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -201,15 +209,15 @@ class CAME(Optimizer):
                 else:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
             factored = p.ndim >= 2
-            lists["params"].append(p)
-            lists["grads"].append(p.grad)
-            lists["exp_avgs"].append(state["exp_avg"])
-            lists["exp_avg_sq_rows"].append(state["exp_avg_sq_row"] if factored else None)
-            lists["exp_avg_sq_cols"].append(state["exp_avg_sq_col"] if factored else None)
-            lists["exp_avg_res_rows"].append(state["exp_avg_res_row"] if factored else None)
-            lists["exp_avg_res_cols"].append(state["exp_avg_res_col"] if factored else None)
-            lists["exp_avg_sqs"].append(None if factored else state["exp_avg_sq"])
-            lists["state_steps"].append(state["step"])
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sq_rows.append(state["exp_avg_sq_row"] if factored else None)
+            exp_avg_sq_cols.append(state["exp_avg_sq_col"] if factored else None)
+            exp_avg_res_rows.append(state["exp_avg_res_row"] if factored else None)
+            exp_avg_res_cols.append(state["exp_avg_res_col"] if factored else None)
+            exp_avg_sqs.append(None if factored else state["exp_avg_sq"])
+            state_steps.append(state["step"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -223,19 +231,18 @@ class CAME(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_step_inputs()
-        while len(self._caches) < len(self.param_groups):
-            self._caches.append({})
-        for group, cache in zip(self.param_groups, self._caches):
-            lists = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols",
-                                     "exp_avg_res_rows", "exp_avg_res_cols", "exp_avg_sqs", "state_steps")}
-            self._init_group(group, lists)
-            if not lists["params"]:
+        for gi, group in enumerate(self.param_groups):  # indexed: dynamo maps `group` back to param_groups[gi]
+            params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = ([] for _ in range(9))
+            self._init_group(group, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps)
+            if not params:
                 continue
             beta1, beta2, beta3 = group["betas"]
             eps1, eps2 = group["eps"]
-            came(**lists, lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
+            came(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps, lr=group["lr"],
+                 beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
-                 maximize=group["maximize"], backend=group["backend"], fused=group["fused"], cache=cache)
+                 maximize=group["maximize"], backend=group["backend"], fused=group["fused"],
+                 cache=self._caches[gi])
         return loss
 
     # ------------------------------------------------------------------ checkpoints
@@ -265,7 +272,7 @@ class CAME(Optimizer):
                 self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
             if p in self.state and "step" in self.state[p]:
                 self.state[p]["step"] = self.state[p]["step"].to(device=p.device, dtype=torch.float32)
-        self._caches = []  # tensors changed: fused backends rebuild their tables
+        self._caches = [{} for _ in self.param_groups]  # tensors changed: fused backends rebuild their tables
 
 
 # ---------------------------------------------------------------------- validation helpers

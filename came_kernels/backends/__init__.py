@@ -6,7 +6,6 @@ asked for, and then the error says why and how to get it.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Callable, Optional
 
@@ -29,12 +28,21 @@ def _module(name: str):
     return importlib.import_module(_MODULES[name])
 
 
+# Availability cannot change within a process, and step() asks every call. A plain dict rather than
+# functools.lru_cache: torch.compile traces a dict lookup, but not the import behind a cache miss (the
+# optimizer resolves its backends when it is built, so a compiled step only ever hits).
+_REASONS: dict = {}
+_STEP_FNS: dict = {}
+
+
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """None if backend `name` can run on tensors on `device`, else a sentence saying why not."""
-    return _unavailable_reason(name, str(torch.device(device)))
+    key = (name, str(torch.device(device)))
+    if key not in _REASONS:
+        _REASONS[key] = _unavailable_reason(*key)
+    return _REASONS[key]
 
 
-@functools.lru_cache(maxsize=None)  # availability cannot change within a process; step() asks every call
 def _unavailable_reason(name: str, device: str) -> Optional[str]:
     if name not in _MODULES:
         return f"unknown backend {name!r}; expected one of {BACKENDS}"
@@ -75,4 +83,6 @@ def get_step_fn(name: str, device: torch.device) -> Callable:
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend={name!r} cannot run on {torch.device(device)} tensors: {reason}")
-    return _module(name).came_step
+    if name not in _STEP_FNS:  # imported once (unavailable_reason did); a dict hit afterwards, also when compiled
+        _STEP_FNS[name] = _module(name).came_step
+    return _STEP_FNS[name]

@@ -1,0 +1,133 @@
+"""torch.compile of CAME.step: it must train (a compiled step that silently does nothing is the worst
+failure an optimizer can have), equal the eager step, and not recompile when a scheduler changes a tensor lr.
+
+The torch backend is traced and fused by the compiler; the fused backends run as one opaque custom op
+(came_kernels/ops.py) whose schema declares what it mutates. On a CPU the Triton backend is compiled through
+the interpreter, which checks the op plumbing; on a GPU the same tests run the compiled kernels.
+"""
+import pytest
+import torch
+
+import came_kernels
+from came_kernels.backends import triton_backend
+
+SHAPES = [(5, 7), (3, 4, 6), (9,), (1, 6)]
+_GPU = torch.cuda.is_available()
+
+
+def _params(device="cpu"):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in SHAPES]
+
+
+def _grads(step, device="cpu"):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=gen).to(device) for s in SHAPES]
+
+
+def _train(compile_backend, steps=3, backend="torch", lr=None, schedule=None, device="cpu"):
+    """`steps` steps with fixed grads; compile_backend None means eager. Returns (params, optimizer)."""
+    torch._dynamo.reset()
+    ps = _params(device)
+    lr = torch.tensor(1e-2) if lr is None else lr
+    opt = came_kernels.CAME(ps, lr=lr, weight_decay=0.1, backend=backend)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule else None
+    # With a scheduler, opt.step is torch's step-counting wrapper, which dynamo does not trace (as for
+    # torch.optim.AdamW): the wrapper runs eagerly and CAME.step inside it is compiled as its own frame.
+    step = opt.step if compile_backend is None else torch.compile(opt.step, backend=compile_backend,
+                                                                    fullgraph=sched is None)
+    for t in range(steps):
+        for p, g in zip(ps, _grads(t, device)):
+            p.grad = g
+        step()
+        if sched is not None:
+            sched.step()
+    return ps, opt
+
+
+def _assert_trained_and_equal(ours, ref, opt, steps, tol):
+    for p, q, s in zip(ours, _params(), SHAPES):
+        assert not torch.equal(p.detach().cpu(), q.detach()), f"{s}: the compiled step did not change the param"
+    for st in opt.state.values():
+        assert float(st["step"]) == steps
+    for a, b, s in zip(ours, ref, SHAPES):
+        err = (a.detach() - b.detach()).abs().max().item() / b.detach().abs().max().item()
+        assert err <= tol, f"{s}: compiled vs eager relative difference {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_step_trains_and_equals_eager(compile_backend):
+    ref, _ = _train(None)
+    ours, opt = _train(compile_backend)
+    _assert_trained_and_equal(ours, ref, opt, 3, 1e-6)
+
+
+def test_compiled_step_is_one_graph_without_breaks():
+    ps = _params()
+    opt = came_kernels.CAME(ps, lr=torch.tensor(1e-2), backend="torch")
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(opt.step)()
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    assert ex.op_count > 10  # the update itself is in the graph, not just the step counters
+
+
+def test_tensor_lr_changed_by_a_scheduler_never_recompiles():
+    from torch._dynamo.utils import counters
+    schedule = lambda t: 1.0 / (1 + t)  # noqa: E731  (a new lr every step)
+    ref, _ = _train(None, steps=5, schedule=schedule)
+    counters.clear()
+    ours, opt = _train("aot_eager", steps=5, schedule=schedule)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the scheduler wrote into the tensor
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    _assert_trained_and_equal(ours, ref, opt, 5, 1e-6)
+
+
+def test_float_lr_changes_recompile_but_stay_correct():
+    # As with torch.optim's own optimizers, a float lr is a constant of the graph: each new value compiles
+    # again (until dynamo's cache limit, after which the step runs eagerly). A tensor lr avoids that.
+    from torch._dynamo.utils import counters
+    schedule = lambda t: 1.0 / (1 + t)  # noqa: E731
+    ref, _ = _train(None, steps=3, lr=1e-2, schedule=schedule)
+    counters.clear()
+    ours, opt = _train("aot_eager", steps=3, lr=1e-2, schedule=schedule)
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    _assert_trained_and_equal(ours, ref, opt, 3, 1e-6)
+
+
+def _fused_backends():
+    out = []
+    for name in ("triton", "cuda"):
+        device = "cuda" if _GPU else "cpu"
+        why = came_kernels.backends.unavailable_reason(name, device)
+        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
+
+
+@pytest.mark.parametrize("backend", _fused_backends())
+def test_fused_backend_compiles_as_one_custom_op(backend, monkeypatch):
+    monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
+    device = "cuda" if _GPU else "cpu"
+    ref, _ = _train(None, backend=backend, device=device)
+    ours, opt = _train("aot_eager", backend=backend, device=device)
+    _assert_trained_and_equal([p.cpu() for p in ours], [p.cpu() for p in ref], opt, 3, 1e-6)
+
+    for p, g in zip(ours, _grads(3, device)):
+        p.grad = g
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(opt.step)()
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    code = "\n".join(g.code for g in ex.graphs)
+    assert "came_kernels.fused_step" in code, code
+
+
+def test_fused_step_op_has_a_fake_kernel():
+    # Tracing with fake tensors (what the compiler does) must not run the kernels.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from came_kernels.ops import fused_step
+    with FakeTensorMode():
+        p, g, m = torch.empty(4, 3), torch.empty(4, 3), torch.empty(4, 3)
+        r, c = torch.empty(4), torch.empty(3)
+        fused_step([p], [g], [m], [r], [c], [r.clone()], [c.clone()], [], None, 1e-2, 0.9, 0.999, 0.9999,
+                   1e-30, 1e-16, 1.0, 0.0, False, "triton")
