@@ -22,6 +22,12 @@ _DEFAULT_BETA3 = 0.9999
 # State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
 _UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
 _STATS_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
+_FACTORED_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
+_FLAT_KEYS = ("exp_avg", "exp_avg_sq")
+# Group entries that say how this process runs, not what was trained: never taken from a checkpoint.
+_RUNTIME_KEYS = ("backend", "fused", "foreach", "capturable", "differentiable")
+# Group entries a checkpoint must have (came-pytorch's; the keyword-only ones get defaults).
+_REQUIRED_GROUP_KEYS = ("params", "lr", "eps", "clip_threshold", "betas", "weight_decay")
 
 
 class CAME(Optimizer):
@@ -61,8 +67,9 @@ class CAME(Optimizer):
 
     Args:
         params (iterable): parameters or dicts defining parameter groups.
-        lr (float or 0-d Tensor): learning rate; required, > 0. A tensor lr is read on the device (no host
-            sync, no recompiles when a scheduler changes it).
+        lr (float or Tensor): learning rate, > 0; required here or in every param group. A tensor lr
+            (0-d, or one element, taken as 0-d) is read on the device: no host sync, and no recompiles
+            under torch.compile when a scheduler changes it. Its value is checked when the group is added.
         eps (tuple[float, float]): (eps1, eps2), added to g^2 and to the confidence residual
             (default: (1e-30, 1e-16)). A single float is rejected: CAME has two epsilons, and neither plays
             the role of Adam's eps.
@@ -103,9 +110,6 @@ class CAME(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ):
-        if lr is None:
-            raise ValueError("CAME: lr is required (came-pytorch has no default either); "
-                             "CAME usually wants 0.5-0.9x the AdamW lr, e.g. lr=2e-4")
         if fused and foreach:
             raise ValueError("CAME: fused=True and foreach=True cannot be set together")
         if fused and backend == "torch":
@@ -119,7 +123,8 @@ class CAME(Optimizer):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay,
                         maximize=maximize, backend=backend, foreach=foreach, fused=fused,
                         capturable=capturable, differentiable=differentiable)
-        _check_group(defaults, "defaults")
+        # lr=None is allowed when every param group brings its own (add_param_group checks that).
+        _check_group(defaults, "defaults", lr_optional=True)
         # Backend scratch (device tables, workspaces), one dict per param group (add_param_group appends);
         # never saved. Made with the group, not in step(): a compiled step must not see it change shape.
         self._caches: list = []
@@ -133,8 +138,18 @@ class CAME(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        where = f"param group {len(self.param_groups) - 1}"
         try:
-            _check_group(group, f"param group {len(self.param_groups) - 1}")
+            if group["lr"] is None:
+                raise ValueError(f"CAME ({where}): lr is required: give it to the constructor or to every param "
+                                 "group (came-pytorch has no default either; CAME usually wants 0.5-0.9x the "
+                                 "AdamW lr, e.g. lr=2e-4)")
+            _check_group(group, where, read_tensor_lr=True)
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                # One state shared by two entries would be stepped twice per step(); on a GPU, two kernel
+                # programs would race on it.
+                raise ValueError(f"CAME ({where}): the same parameter appears more than once; pass each "
+                                 "parameter once")
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"CAME: complex parameters are not supported (got a {p.dtype} param "
@@ -145,6 +160,8 @@ class CAME(Optimizer):
             self.param_groups.pop()  # leave the optimizer as it was
             raise
         group["betas"] = _three_betas(group["betas"])
+        if isinstance(group["lr"], Tensor) and group["lr"].ndim:
+            group["lr"] = group["lr"].view(())  # a 1-element lr as 0-d; a view: writes to it still count
         self._caches.append({})
 
     def __setstate__(self, state: dict) -> None:
@@ -246,14 +263,30 @@ class CAME(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """As torch.optim.Optimizer.state_dict, except that each param's state dict is a copy (the tensors are
+        still shared, not cloned): in torch's, assigning to `sd["state"][i][key]` would replace the live
+        state of this optimizer."""
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a came_kernels or came-pytorch 0.1.3 state dict.
+
+        Everything is checked before anything changes: the groups (count, sizes, hyperparameters) and, for
+        every parameter, the state keys its shape needs and each tensor's shape, so that no kernel is ever
+        handed a tensor of the wrong size. A bad state dict raises ValueError naming the parameter and what
+        was expected, and leaves the optimizer as it was.
 
         came-pytorch keeps an unused "RMS" entry and an int "step": the first is dropped, the second becomes
         a tensor. torch.optim.Optimizer.load_state_dict casts every floating state tensor to its parameter's
         dtype, which would round the fp32 statistics of bf16/fp16 parameters; the saved tensors are put
-        back instead, on the parameter's device, in fp32.
+        back instead, on the parameter's device, in fp32. How this process runs (`backend`, `fused`,
+        `foreach`, `capturable`, `differentiable`) is kept from the constructor, not taken from the file:
+        it describes the machine that saved it, not the training state.
         """
+        _check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         saved = {}
         new_state = {}
@@ -264,6 +297,9 @@ class CAME(Optimizer):
             saved[k] = {key: v for key, v in st.items() if key in _STATS_KEYS and isinstance(v, Tensor)}
             new_state[k] = st
         state_dict["state"] = new_state
+        state_dict["param_groups"] = [
+            dict(saved_group, **{key: group[key] for key in _RUNTIME_KEYS})
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)]
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -275,17 +311,93 @@ class CAME(Optimizer):
         self._caches = [{} for _ in self.param_groups]  # tensors changed: fused backends rebuild their tables
 
 
+# ---------------------------------------------------------------------- checkpoint validation
+def _state_shapes(p: Tensor) -> dict:
+    """{state key: expected shape} for param p (the layout of came-pytorch 0.1.3)."""
+    if p.ndim >= 2:
+        row, col = tuple(p.shape[:-1]), tuple(p.shape[:-2] + p.shape[-1:])
+        return {"exp_avg": tuple(p.shape), "exp_avg_sq_row": row, "exp_avg_sq_col": col,
+                "exp_avg_res_row": row, "exp_avg_res_col": col}
+    return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+
+
+def _check_state_dict(opt: "CAME", sd: Any) -> None:
+    """Raise ValueError, naming the group or param and what was expected, unless `sd` is a state dict this
+    optimizer can load; changes nothing."""
+    def bad(msg):
+        raise ValueError(f"CAME.load_state_dict: {msg}; nothing was loaded")
+
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        bad("expected a dict with 'state' and 'param_groups' (what CAME.state_dict() returns)")
+    groups, state = sd["param_groups"], sd["state"]
+    if not isinstance(groups, (list, tuple)) or not isinstance(state, dict):
+        bad("'param_groups' must be a list and 'state' a dict")
+    if len(groups) != len(opt.param_groups):
+        bad(f"the state dict has {len(groups)} param groups, this optimizer {len(opt.param_groups)}")
+    for gi, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        where = f"param group {gi}"
+        if not isinstance(saved, dict):
+            bad(f"{where} is a {type(saved).__name__}, expected a dict")
+        missing = [k for k in _REQUIRED_GROUP_KEYS if k not in saved]
+        if missing:
+            bad(f"{where} lacks {missing} (a CAME group has {list(_REQUIRED_GROUP_KEYS)})")
+        if len(saved["params"]) != len(group["params"]):
+            bad(f"{where} has {len(saved['params'])} params in the state dict, {len(group['params'])} here")
+        check = dict(saved, betas=saved["betas"], maximize=saved.get("maximize", False),
+                     backend=group["backend"])
+        try:  # a scheduler may have saved lr = 0 (e.g. at the start of a warm-up)
+            _check_group(check, where, allow_zero_lr=True, read_tensor_lr=True)
+        except ValueError as e:
+            bad(str(e).replace("CAME ", "", 1))
+        for pid, p in zip(saved["params"], group["params"]):
+            st = state.get(pid)
+            if st is None:
+                continue  # a param that had no grad yet: no state, as in torch
+            pwhere = f"{where}, param of shape {tuple(p.shape)} (state id {pid})"
+            if not isinstance(st, dict):
+                bad(f"{pwhere}: state is a {type(st).__name__}, expected a dict")
+            want = _state_shapes(p)
+            keys = set(st) - set(_UNUSED_CAME_PYTORCH_KEYS) - {"step"}
+            if keys != set(want):
+                hint = (" (it looks like another optimizer's state, e.g. AdamW's exp_avg/exp_avg_sq)"
+                        if "exp_avg_sq" in keys and p.ndim >= 2 else "")
+                bad(f"{pwhere}: state keys {sorted(keys)}, expected {sorted(want)}{hint}")
+            if "step" not in st:
+                bad(f"{pwhere}: state lacks 'step'")
+            step = st["step"]
+            if isinstance(step, Tensor):
+                if step.numel() != 1 or step.is_complex():
+                    bad(f"{pwhere}: 'step' must be a number or a 1-element tensor, got shape {tuple(step.shape)}")
+            elif not isinstance(step, numbers.Real):
+                bad(f"{pwhere}: 'step' must be a number or a tensor, got {type(step).__name__}")
+            for key, shape in want.items():
+                v = st[key]
+                if not isinstance(v, Tensor):
+                    bad(f"{pwhere}: '{key}' is a {type(v).__name__}, expected a tensor of shape {shape}")
+                if tuple(v.shape) != shape:
+                    bad(f"{pwhere}: '{key}' has shape {tuple(v.shape)}, expected {shape}")
+                if not v.is_floating_point() or v.layout != torch.strided:
+                    bad(f"{pwhere}: '{key}' must be a dense floating tensor, got {v.dtype} {v.layout}")
+
+
 # ---------------------------------------------------------------------- validation helpers
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_lr(lr: Any, where: str, allow_zero: bool = False) -> None:
+def _check_lr(lr: Any, where: str, allow_zero: bool = False, read_tensor_lr: bool = False,
+              allow_one_element: bool = False) -> None:
+    """A float lr is checked by value. A tensor lr by shape and dtype always, and by value only where
+    `read_tensor_lr` (construction, add_param_group): in step() reading it would be a host sync."""
     if isinstance(lr, Tensor):
-        if lr.numel() != 1 or lr.ndim != 0 or not lr.is_floating_point():
+        if lr.numel() != 1 or (lr.ndim != 0 and not allow_one_element) or not lr.is_floating_point():
             raise ValueError(f"CAME ({where}): a tensor lr must be a 0-d floating tensor, got shape "
                              f"{tuple(lr.shape)} dtype {lr.dtype}")
-        return  # its value is not read on the host: that would be a sync
+        if read_tensor_lr:
+            v = float(lr)
+            if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"CAME ({where}): invalid lr tensor({v!r}); expected a finite value > 0")
+        return
     if not _is_real(lr) or math.isnan(lr) or math.isinf(lr) or lr < 0 or (lr == 0 and not allow_zero):
         raise ValueError(f"CAME ({where}): invalid lr {lr!r}; expected a finite float > 0 (or a 0-d tensor)")
 
@@ -309,8 +421,11 @@ def _three_betas(betas) -> tuple:
     return betas + (_DEFAULT_BETA3,) if len(betas) == 2 else betas
 
 
-def _check_group(group: dict, where: str) -> None:
-    _check_lr(group["lr"], where)
+def _check_group(group: dict, where: str, lr_optional: bool = False, read_tensor_lr: bool = False,
+                 allow_zero_lr: bool = False) -> None:
+    if not (lr_optional and group["lr"] is None):
+        _check_lr(group["lr"], where, allow_zero=allow_zero_lr, read_tensor_lr=read_tensor_lr,
+                  allow_one_element=True)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) not in (2, 3):
         raise ValueError(f"CAME ({where}): betas must be (beta1, beta2, beta3) or an AdamW-style (beta1, beta2) "
