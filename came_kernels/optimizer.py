@@ -4,8 +4,11 @@ It knows no kernels: which backend runs is decided in `functional.resolve_backen
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import operator
+import weakref
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -19,6 +22,8 @@ from .functional import came, resolve_backend
 __all__ = ["CAME"]
 
 _DEFAULT_BETA3 = 0.9999
+_MISSING = object()  # a param without grad, in the fast path's bookkeeping (a dead weak reference gives None)
+_NO_GRAD = lambda: _MISSING  # noqa: E731  (stands in for the weak reference of a missing grad)
 # State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
 _UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
 _STATS_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
@@ -176,10 +181,16 @@ class CAME(Optimizer):
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
         return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"])
 
-    def _check_step_inputs(self) -> None:
-        """Every check that can fail, before any state is created or changed."""
+    def _check_step_inputs(self, skip=()) -> None:
+        """Every check that can fail, before any state is created or changed. Groups in `skip` (indices
+        whose grads and state are the very objects a previous step checked, see _unchanged) only get their
+        lr checked."""
+        compiling = torch.compiler.is_compiling()
         for gi, group in enumerate(self.param_groups):
-            _check_lr(group["lr"], f"param group {gi}", allow_zero=True)
+            if not compiling:  # compiled, a float lr is a graph constant (or a symbolic float) and guarded
+                _check_lr(group["lr"], f"param group {gi}", allow_zero=True)
+            if gi in skip:
+                continue
             resolved = set()
             where = f"param group {gi}"
             for p in group["params"]:
@@ -197,6 +208,44 @@ class CAME(Optimizer):
                         where = f"param group {gi}, param of shape {tuple(p.shape)}"
                         raise BackendUnavailableError(f"CAME ({where}): {e}") from None
                     resolved.add(key)
+
+    # ------------------------------------------------------------------ the steady-state fast path
+    # Host time is a fused step's budget: for 200 tensors, validating every grad and rebuilding the lists
+    # costs about 1 ms of Python, as much as the GPU work of a small model. In steady state nothing changes
+    # between steps but the grads' values, so each group remembers the lists it handed to `came` and the
+    # objects they were built from; a step whose grads and state entries are the very same objects reuses
+    # them, validation included. Grads are remembered through weak references (a strong one would keep
+    # last step's grads alive after zero_grad(set_to_none=True)); state tensors are held by the lists, so
+    # their ids cannot be reused while remembered.
+    def _unchanged(self, gi: int, group: dict) -> Optional[tuple]:
+        """The remembered lists of group gi if its grads and state are the objects they were built from."""
+        fast = self._caches[gi].get("fast")
+        params = group["params"]
+        if fast is None or fast["params"] is not params or len(params) != fast["n"] \
+                or fast["how"] != (group["backend"], group["fused"]):
+            return None
+        grads = [_MISSING if p.grad is None else p.grad for p in params]
+        if not all(map(operator.is_, [r() for r in fast["grad_refs"]], grads)):
+            return None
+        states = [self.state.get(p) for p in fast["with_grad"]]
+        if not all(map(operator.is_, states, fast["states"])):
+            return None
+        if fast["entries"] != tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))):
+            return None
+        return fast["lists"]
+
+    def _remember(self, gi: int, group: dict, lists: tuple) -> None:
+        params = group["params"]
+        with_grad = lists[0]
+        states = tuple(self.state[p] for p in with_grad)
+        self._caches[gi]["fast"] = {
+            "params": params, "n": len(params), "how": (group["backend"], group["fused"]),
+            "grad_refs": tuple(_NO_GRAD if p.grad is None else weakref.ref(p.grad) for p in params),
+            "with_grad": with_grad, "states": states,
+            "entries": tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))),
+            # grads are not kept (see above): came() gets this step's, gathered again from the params
+            "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),
+        }
 
     # ------------------------------------------------------------------ state
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows,
@@ -247,10 +296,25 @@ class CAME(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_step_inputs()
+        # Compiled, dynamo traces the plain path (its guards do the rest) and the fast path is not even
+        # entered: a comprehension here would be one more frame to compile.
+        compiling = torch.compiler.is_compiling()
+        fast = [None] * len(self.param_groups)
+        if not compiling:
+            fast = [self._unchanged(gi, g) for gi, g in enumerate(self.param_groups)]
+        self._check_step_inputs(skip=() if compiling else {gi for gi, f in enumerate(fast) if f is not None})
         for gi, group in enumerate(self.param_groups):  # indexed: dynamo maps `group` back to param_groups[gi]
-            params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = ([] for _ in range(9))
-            self._init_group(group, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps)
+            if fast[gi] is not None:
+                params, _, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = fast[gi]
+                grads = [p.grad for p in params]
+            else:
+                params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = ([] for _ in range(9))
+                self._init_group(group, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs,
+                                 steps)
+                if not compiling:
+                    self._remember(gi, group, (tuple(params), grads, tuple(exp_avgs), tuple(sq_rows),
+                                               tuple(sq_cols), tuple(res_rows), tuple(res_cols), tuple(sqs),
+                                               tuple(steps)))
             if not params:
                 continue
             beta1, beta2, beta3 = group["betas"]

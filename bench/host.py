@@ -1,0 +1,138 @@
+"""How much host (Python) time does one optimizer step cost? (`python -m bench host`)
+
+A fused optimizer step is a handful of kernel launches; the Python around them (validation, building the
+tensor lists, grouping, table lookups) runs on the CPU before the GPU can start, and for a small model it
+can take longer than the GPU work. This measures it with the device work stubbed out, so the number is the
+same on any machine class and needs no GPU:
+
+- came[torch]: the torch backend's `came_step` is replaced by a no-op (it is all device work);
+- came[triton]: every Triton kernel launch is a no-op, so the backend's own host code (tables, workspace,
+  grad-address checks) still runs. On a CPU the backend runs through TRITON_INTERPRET=1, which is set here
+  before Triton is imported; with its launches stubbed the interpreter never runs;
+- adamw[fused]: torch.optim.AdamW(fused=True) with `torch._fused_adamw_` replaced by a no-op;
+- the step counters' `torch._foreach_add_` is stubbed as well on a CPU, where it is 200 tiny CPU ops
+  (~0.5 ms) rather than the single launch it is on a GPU. State is created by a first, unstubbed step.
+
+Reported: microseconds per step() (min / median / max over --iters steps after --warmup), per shape set.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from typing import Callable, List
+
+from . import shapes as shapes_mod
+from . import utils
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sets", default="gpt2,tinyllama", help="shape sets (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=200, help="timed steps (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--out", default=utils.DEFAULT_OUT, help="output directory (default: bench/out)")
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+@contextlib.contextmanager
+def _no_triton_launches():
+    """Every `kernel[grid](...)` of came_kernels.triton_kernels becomes a no-op."""
+    import importlib
+    import pkgutil
+    import came_kernels.triton_kernels as tk
+    classes = set()
+    for info in pkgutil.iter_modules(tk.__path__):
+        mod = importlib.import_module(f"{tk.__name__}.{info.name}")
+        for v in vars(mod).values():
+            if hasattr(type(v), "__getitem__") and hasattr(v, "fn") and hasattr(v, "run"):
+                classes.add(type(v))
+    with contextlib.ExitStack() as stack:
+        for cls in classes:
+            stack.enter_context(_patched(cls, "__getitem__", lambda self, grid: _noop))
+        yield
+
+
+def _time(step: Callable[[], None], warmup: int, iters: int) -> List[float]:
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU tensors only here)
+    import torch
+    import came_kernels
+    from came_kernels import backends
+
+    env = utils.environment(torch.device("cpu"))
+    print(f"# host time of step(), device work stubbed (commit {env['commit']}, torch {env['torch']})")
+    rows = []
+    for set_name in args.sets.split(","):
+        shapes = shapes_mod.shape_set(set_name, 64.0)  # sizes do not matter here, only the tensor count
+        cases = [("adamw[fused]", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True)),
+                 ("came[torch]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="torch")),
+                 ("came[triton]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="triton"))]
+        for name, make in cases:
+            params = utils.make_params(shapes, torch.device("cpu"), torch.float32)
+            row = {"set": set_name, "optimizer": name, "tensors": len(params)}
+            try:
+                opt = make(params)
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(_patched(torch, "_foreach_add_", _noop))
+                    if name == "adamw[fused]":
+                        opt.step()
+                        stack.enter_context(_patched(torch, "_fused_adamw_", _noop))
+                    elif name == "came[torch]":
+                        backends.get_step_fn("torch", "cpu")
+                        stack.enter_context(_patched(backends, "_STEP_FNS", dict(backends._STEP_FNS, torch=_noop)))
+                        opt.step()
+                    else:
+                        stack.enter_context(_no_triton_launches())
+                        opt.step()
+                    t = _time(opt.step, args.warmup, args.iters)
+                row.update(us_min=min(t), us_median=statistics.median(t), us_max=max(t), steps=len(t))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                print(f"{set_name} {name}: FAILED {row['error']}")
+            rows.append(row)
+    cols = [("set", "shapes", ""), ("tensors", "tensors", "d"), ("optimizer", "optimizer", ""),
+            ("us_min", "us min", ".0f"), ("us_median", "us median", ".0f"), ("us_max", "us max", ".0f"),
+            ("steps", "steps", "d")]
+    print(utils.markdown_table(rows, cols))
+    print(f"- {env['date']}, {env['device']}, commit {env['commit']}: `{env['command']}`")
+    payload = {"benchmark": "host", "env": env, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    utils.write_json(os.path.join(args.out, "host.json"), payload)
+    return payload
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench host", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

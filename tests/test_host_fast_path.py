@@ -1,0 +1,96 @@
+"""The steady-state fast path of CAME.step (CAME._unchanged): when a step's grads and state are the very
+objects of the previous step, the lists and the validation are reused. It must never change a result,
+never miss a change, and never keep a grad alive."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from came_kernels import CAME
+
+SHAPES = [(6, 5), (5,), (2, 3, 4)]
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def _grads(t):
+    g = torch.Generator().manual_seed(100 + t)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def test_reused_grad_objects_give_the_same_result_as_fresh_ones():
+    a, b = _params(), _params()
+    oa, ob = CAME(a, lr=1e-2, weight_decay=0.1), CAME(b, lr=1e-2, weight_decay=0.1)
+    for p in a:
+        p.grad = torch.zeros_like(p)
+    for t in range(6):
+        for p, q, g in zip(a, b, _grads(t)):
+            p.grad.copy_(g)      # same grad objects every step: the fast path
+            q.grad = g.clone()   # new grad objects every step: the full path
+        oa.step()
+        ob.step()
+        assert oa._caches[0]["fast"]["lists"][0] == tuple(a)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_a_bad_grad_after_steady_state_is_still_caught_and_changes_nothing():
+    ps = _params()
+    opt = CAME(ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()  # steady state
+    before = [p.detach().clone() for p in ps]
+    steps = [float(opt.state[p]["step"]) for p in ps]
+    ps[0].grad = torch.randn(6, 5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+    assert [float(opt.state[p]["step"]) for p in ps] == steps
+
+
+def test_a_state_tensor_replaced_in_place_of_the_old_one_is_used():
+    ps = _params()
+    opt = CAME(ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    new_m = torch.zeros(6, 5)
+    opt.state[ps[0]]["exp_avg"] = new_m
+    opt.step()
+    assert new_m.abs().sum() > 0  # the step wrote the new tensor, not the remembered one
+
+
+def test_a_new_param_group_and_a_param_without_grad_are_seen():
+    ps = _params()
+    opt = CAME(ps[:2], lr=1e-2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    opt.add_param_group({"params": [ps[2]]})
+    opt.step()
+    assert float(opt.state[ps[2]]["step"]) == 1
+    ps[1].grad = None
+    before = ps[1].detach().clone()
+    opt.step()
+    assert torch.equal(ps[1], before) and float(opt.state[ps[1]]["step"]) == 3
+
+
+def test_last_steps_grads_are_not_kept_alive():
+    ps = _params()
+    opt = CAME(ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    refs = [weakref.ref(p.grad) for p in ps]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs), "the optimizer holds on to freed grads"
