@@ -61,20 +61,30 @@ def came(
     backend: str = "auto",
     fused: Optional[bool] = None,
     cache: Optional[dict] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
 ) -> None:
     """Functional form of `came_kernels.CAME.step` (see its docstring for the algorithm).
 
     The lists are aligned: entry i of every list belongs to params[i]; the row/column statistics are None
     for tensors with ndim < 2 and `exp_avg_sqs` is None for the others. Inputs are assumed validated (the
     optimizer class does that before any state exists). `cache` is a dict the caller keeps between calls;
-    fused backends keep their device tables there.
+    fused backends keep their device tables there. `grad_scale`, `found_inf`: GradScaler's (see
+    CAME.step); a step with found_inf set changes nothing, step counters included.
     """
     if state_steps:
         torch._foreach_add_(state_steps, 1)
+        if found_inf is not None:  # as torch's fused Adam: counted, then taken back on the device, no sync
+            per_device: dict = {}
+            torch._foreach_sub_(state_steps, [per_device.setdefault(
+                s.device, found_inf.reshape(()).to(s.device, torch.float32)) for s in state_steps])
     lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs)
     hyper = dict(beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
                  weight_decay=weight_decay, maximize=maximize)
+    amp = {}
+    if grad_scale is not None or found_inf is not None:
+        amp = dict(grad_scale=grad_scale, found_inf=found_inf)
     cache = {} if cache is None else cache
 
     # Group once by what a fused kernel must share: device and dtypes. The torch backend takes the lot
@@ -111,10 +121,14 @@ def came(
             group_lr = lr.item() if lr.device.type == "cpu" and not compiling else lr.to(device=device)
         sub = list(sliced[key])
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
+        dev_amp = {k: None if v is None else v.to(device) for k, v in amp.items()}
+        if amp and name != "torch":
+            raise NotImplementedError(f"grad_scale/found_inf (GradScaler) are not supported by backend={name!r} "
+                                      "yet; use backend='torch' or scaler.unscale_(optimizer) before step()")
         if not compiling:
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper)
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper, **dev_amp)
         elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper)
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **dev_amp)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)
             from .ops import call_fused_step
             call_fused_step(sub, group_lr, name, **hyper)

@@ -99,6 +99,11 @@ class CAME(Optimizer):
         opt = came_kernels.CAME(model.parameters(), lr=2e-4, weight_decay=0.01)
     """
 
+    # GradScaler sets `grad_scale` and `found_inf` on the optimizer and calls step() without unscaling the
+    # grads first: step() divides by the scale and skips the update when an inf/NaN was found, on the
+    # device, without a host sync (as torch.optim.AdamW(fused=True)).
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable,
@@ -323,7 +328,8 @@ class CAME(Optimizer):
                  beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
                  maximize=group["maximize"], backend=group["backend"], fused=group["fused"],
-                 cache=self._caches[gi])
+                 cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
+                 found_inf=getattr(self, "found_inf", None))
         return loss
 
     # ------------------------------------------------------------------ checkpoints

@@ -61,9 +61,24 @@ def came_step(
     weight_decay: float,
     maximize: bool,
     cache: Optional[dict] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
 ) -> None:
-    """One CAME step for every tensor in the lists (see the module docstring and backends/README.md)."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
+    """One CAME step for every tensor in the lists (see the module docstring and backends/README.md).
+
+    grad_scale, found_inf (GradScaler's, 1-element fp32 tensors): the grads are used divided by
+    grad_scale, and nothing at all changes when found_inf is nonzero. Here found_inf is read on the host
+    (this backend is the spec; the fused backends skip on the device, without a sync).
+    """
+    if found_inf is not None and bool(found_inf.reshape(()).item()):
+        return
+    if grad_scale is not None:
+        # Multiply by 1/scale, as GradScaler.unscale_ does: the same numbers (exactly so for its power-of-2
+        # scales), with the unscaled grad kept in fp32 rather than rounded to the grad's dtype.
+        inv_scale = grad_scale.reshape(()).double().reciprocal().float()
+    else:
+        inv_scale = None
+    hyper = dict(inv_scale=inv_scale, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=clip_threshold, weight_decay=weight_decay, maximize=maximize)
     factored = [i for i, p in enumerate(params) if p.ndim >= 2]
     vectors = [i for i, p in enumerate(params) if p.ndim < 2]
@@ -118,16 +133,21 @@ def _apply_update_(p: Tensor, update: Tensor, lr: Union[float, Tensor], weight_d
     p.sub_(update)  # for bf16/fp16 p the subtraction runs in fp32 and rounds once
 
 
-def _factored_step(p, g, m, r, c, R, C, buf, *, lr, beta1, beta2, beta3, eps1, eps2,
+def _factored_step(p, g, m, r, c, R, C, buf, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
                    clip_threshold, weight_decay, maximize) -> None:
     # ---- phase 1 (sq_stats): EMAs of the row and column means of g^2 + eps1
-    buf.copy_(g).square_()
+    buf.copy_(g)
+    if inv_scale is not None:
+        buf.mul_(inv_scale)  # GradScaler's unscale, in fp32
+    buf.square_()
     _ema_(r, beta2, buf.mean(dim=-1).add_(eps1))
     _ema_(c, beta2, buf.mean(dim=-2).add_(eps1))
     row_f, col_f = _row_col_factors(r, c)
     if maximize:
         row_f.neg_()  # u is linear in g: negating the small row factor negates u
     torch.mul(g, row_f, out=buf).mul_(col_f)  # buf = u (g upcast exactly by type promotion)
+    if inv_scale is not None:
+        buf.mul_(inv_scale)  # exact for GradScaler's power-of-2 scales, so the order does not matter
 
     # ---- phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d)
     rms = torch.linalg.vector_norm(buf) / math.sqrt(buf.numel())
@@ -145,11 +165,13 @@ def _factored_step(p, g, m, r, c, R, C, buf, *, lr, beta1, beta2, beta3, eps1, e
     _apply_update_(p, buf, lr, weight_decay)
 
 
-def _vector_step(ps, gs, ms, vs, *, lr, beta1, beta2, beta3, eps1, eps2,
+def _vector_step(ps, gs, ms, vs, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
                  clip_threshold, weight_decay, maximize) -> None:
     """Tensors with ndim < 2: the unfactored rule, all tensors of one (device, dtype) at once."""
     if gs[0].dtype != ms[0].dtype:
         gs = [g.to(ms[0].dtype) for g in gs]  # small tensors: the copy is cheaper than mixed-dtype foreach
+    if inv_scale is not None:
+        gs = torch._foreach_mul(gs, inv_scale.to(ms[0].dtype))
     if maximize:
         gs = torch._foreach_neg(gs)
 
