@@ -1,10 +1,13 @@
 """How fast is one optimizer step, and how much memory does it need? (`python -m bench step`)
 
-For each shape set (bench/shapes.py), dtype and optimizer: params with fixed random grads are built once,
-each optimizer is created on them, warmed up, and timed step by step (median ms). Reported per row:
-ms/step, time relative to torch.optim.AdamW(fused=True) on the same params, optimizer-state bytes/param from
-the real state tensors, the peak transient memory of one step, and effective bandwidth (one-pass bytes / time)
-against the device's copy bandwidth measured in the same process. See bench/utils.py for every method.
+For each shape set (bench/shapes.py) and dtype: params with fixed random grads are built once, every
+optimizer is created on them, and they are warmed up and timed interleaved, one step of each in turn
+(utils.time_round_robin), so that a burst of load from elsewhere hits all of them alike. Reported per row:
+the median, min and max ms/step and the number of timed steps, the median relative to
+torch.optim.AdamW(fused=True) on the same params, optimizer-state bytes/param from the real state tensors,
+the peak transient memory of one step, and effective bandwidth (one-pass bytes / time) against the device's
+copy bandwidth measured in the same process. A run on a busy machine (CPU load, or a max step over twice
+the median) says so under the table. See bench/utils.py for every method.
 
 Output: a table on stdout, <out>/step.json and <out>/step.png.
 """
@@ -27,6 +30,9 @@ COLUMNS = [
     ("dtype", "dtype", ""),
     ("optimizer", "optimizer", ""),
     ("ms", "ms/step", ".2f"),
+    ("ms_min", "min", ".2f"),
+    ("ms_max", "max", ".2f"),
+    ("timed_steps", "steps", "d"),
     ("x_adamw", "x AdamW(fused)", ".2f"),
     ("state_bytes_per_param", "state B/param", ".2f"),
     ("peak_transient_mib", "peak transient MiB", ".1f"),
@@ -83,44 +89,61 @@ def run(args: argparse.Namespace) -> dict:
         print(f"#   copy bandwidth (read + write): {copy_gbs:.1f} GB/s")
 
     rows: List[dict] = []
-    bar = utils.progress(total=len(sets) * len(dtypes) * len(specs), desc="step", unit="opt")
+    load_before = utils.load_average()
+    bar = utils.progress(total=len(sets) * len(dtypes), desc="step", unit="set")
     for set_name in sets:
         shapes = shapes_mod.shape_set(set_name, scale)
         n = shapes_mod.numel(shapes)
         for dname in dtypes:
             dtype = utils.DTYPES[dname]
+            bar.set_description(f"{set_name} {dname}")
             params = utils.make_params(shapes, device, dtype)
             pbytes = n * params[0].element_size()
             group: List[dict] = []
+            opts = {}
             for spec in specs:
-                bar.set_description(f"{set_name} {dname} {spec.name}")
                 row = {"set": set_name, "set_desc": shapes_mod.describe(set_name, scale), "scale": scale,
                        "dtype": dname, "optimizer": spec.name, "family": spec.family, "numel": n,
                        "tensors": len(shapes)}
-                opt = None
                 try:
-                    opt = spec.make(params)
-                    times = utils.time_steps(opt.step, device, warmup, iters, max_s)
-                    peak = utils.peak_transient_bytes(opt.step, device)
-                    sb = utils.state_bytes(opt)
-                    ms = statistics.median(times)
-                    one_pass = 2 * pbytes + pbytes + 2 * sb  # param r/w, grad r, state r/w
-                    row.update(ms=ms, ms_min=min(times), timed_steps=len(times),
-                               state_bytes=sb, state_bytes_per_param=sb / n, state_dtypes=utils.state_dtypes(opt),
-                               peak_transient_bytes=peak,
-                               peak_transient_mib=None if peak is None else peak / 2**20,
-                               peak_transient_bytes_per_param=None if peak is None else peak / n,
-                               one_pass_bytes=one_pass)
-                    if copy_gbs:  # CUDA only: CPU caches make a bytes/time figure meaningless at these sizes
-                        row["gbs"] = one_pass / (ms * 1e-3) / 1e9
-                        row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+                    opts[spec.name] = spec.make(params)
                 except Exception as e:  # one broken optimizer must not hide the others' numbers
                     row["error"] = f"{type(e).__name__}: {e}"
                     bar.write(f"{set_name} {dname} {spec.name}: FAILED {row['error']}")
-                del opt
-                utils.free_memory(device)
                 group.append(row)
-                bar.update(1)
+            # All optimizers step the same params in turn (interleaved: see utils.time_round_robin). A
+            # failure during timing is pinned on its optimizer by retiming the others without it.
+            times: dict = {}
+            live = dict(opts)
+            while live and not times:
+                try:
+                    times = utils.time_round_robin({k: o.step for k, o in live.items()}, device, warmup, iters,
+                                                   max_s)
+                except Exception:
+                    bad = _first_failing(live)
+                    row = next(r for r in group if r["optimizer"] == bad[0])
+                    row["error"] = bad[1]
+                    bar.write(f"{set_name} {dname} {bad[0]}: FAILED {bad[1]}")
+                    del live[bad[0]]
+            for row in group:
+                if row["optimizer"] not in times:
+                    continue
+                opt, t = live[row["optimizer"]], times[row["optimizer"]]
+                peak = utils.peak_transient_bytes(opt.step, device)
+                sb = utils.state_bytes(opt)
+                ms = statistics.median(t)
+                one_pass = 2 * pbytes + pbytes + 2 * sb  # param r/w, grad r, state r/w
+                row.update(ms=ms, ms_min=min(t), ms_max=max(t), timed_steps=len(t),
+                           state_bytes=sb, state_bytes_per_param=sb / n, state_dtypes=utils.state_dtypes(opt),
+                           peak_transient_bytes=peak,
+                           peak_transient_mib=None if peak is None else peak / 2**20,
+                           peak_transient_bytes_per_param=None if peak is None else peak / n,
+                           one_pass_bytes=one_pass)
+                if copy_gbs:  # CUDA only: CPU caches make a bytes/time figure meaningless at these sizes
+                    row["gbs"] = one_pass / (ms * 1e-3) / 1e9
+                    row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+            del opts, live
+            utils.free_memory(device)
             base = next((r for r in group if r["optimizer"] == "adamw[fused]" and "ms" in r), None) \
                 or next((r for r in group if r["family"] == "adamw" and "ms" in r), None)
             for r in group:
@@ -130,11 +153,19 @@ def run(args: argparse.Namespace) -> dict:
             rows += group
             del params
             utils.free_memory(device)
+            bar.update(1)
     bar.close()
+    load_after = utils.load_average()
+    busy = _busy_reasons(rows, device, load_before, load_after)
+    for why in busy:
+        print(f"# WARNING: {why}")
 
-    payload = {"benchmark": "step", "env": env, "device_type": device.type, "scale": scale,
+    payload = {"benchmark": "step", "env": env, "device_type": device.type, "scale": scale, "busy": busy,
+               "load_per_core": [load_before, load_after],
                "copy_bandwidth_gbs": copy_gbs, "warmup": warmup, "iters": iters, "max_seconds": max_s,
-               "methods": {"time": "median of per-step " + ("CUDA events" if cuda else "time.perf_counter"),
+               "methods": {"time": "median (and min, max) of per-step " + ("CUDA events" if cuda else
+                                                                        "time.perf_counter")
+                           + ", optimizers interleaved round-robin",
                            "peak_transient": utils.PEAK_METHOD[device.type],
                            "state": "sum of nbytes of optimizer.state tensors / param elements",
                            "gbs": "one-pass bytes (param r+w, grad r, state r+w) / median step time"},
@@ -148,6 +179,31 @@ def run(args: argparse.Namespace) -> dict:
     print(f"# wrote {path}")
     print(table(payload))
     return payload
+
+
+def _first_failing(opts: dict) -> tuple:
+    """(name, error) of the first optimizer whose step raises, each tried alone."""
+    for name, opt in opts.items():
+        try:
+            opt.step()
+        except Exception as e:
+            return name, f"{type(e).__name__}: {e}"
+    return next(iter(opts)), "failed only when interleaved with the others"
+
+
+def _busy_reasons(rows: List[dict], device, load_before, load_after) -> List[str]:
+    """Why the numbers of this run may be noise rather than fact: a loaded CPU, or a wide spread."""
+    out = []
+    loads = [x for x in (load_before, load_after) if x is not None]
+    if device.type == "cpu" and loads and max(loads) > 0.5:
+        out.append(f"the machine was busy (load average {max(loads):.2f} per core): CPU timings are noisy; "
+                   "compare rows of one run, and rerun on a quiet machine")
+    wide = [f"{r['set']} {r['dtype']} {r['optimizer']}" for r in rows
+            if "ms" in r and r["timed_steps"] >= 3 and r["ms_max"] > 2 * r["ms"]]
+    if wide:
+        out.append(f"max step time over twice the median for {len(wide)} rows ({', '.join(wide[:4])}"
+                   f"{', ...' if len(wide) > 4 else ''}): something else ran during the measurement")
+    return out
 
 
 def table(payload: dict) -> str:
@@ -166,6 +222,9 @@ def table(payload: dict) -> str:
     lines.append(f"- device: {env['device']}"
                  + (f"; copy bandwidth {bw:.0f} GB/s (GB/s column: one-pass bytes / time)" if bw else ""))
     lines.append(f"- peak transient memory: {payload['methods']['peak_transient']}")
+    lines.append(f"- ms/step: {payload['methods']['time']}")
+    for why in payload.get("busy", []):
+        lines.append(f"- **WARNING**: {why}")
     return "\n".join(lines)
 
 
@@ -185,15 +244,18 @@ def plot(payload: dict, path: str) -> Optional[str]:
     for ax, (s, d) in zip(axes[:, 0], panels):
         rs = [r for r in rows if (r["set"], r["dtype"]) == (s, d)]
         y = range(len(rs))
-        ax.barh(list(y), [r["ms"] for r in rs], color=[colors.get(r["family"], "gray") for r in rs])
+        # Bars at the median, whiskers from the fastest to the slowest timed step.
+        ax.barh(list(y), [r["ms"] for r in rs], color=[colors.get(r["family"], "gray") for r in rs],
+                xerr=[[r["ms"] - r.get("ms_min", r["ms"]) for r in rs], [r.get("ms_max", r["ms"]) - r["ms"] for r in rs]],
+                error_kw=dict(ecolor="black", capsize=2, lw=0.8))
         ax.set_yticks(list(y), [r["optimizer"] for r in rs])
         ax.invert_yaxis()
         for i, r in enumerate(rs):
             lab = f" {r['ms']:.2f} ms" + (f"  ({r['x_adamw']:.2f}x)" if r.get("x_adamw") else "")
             ax.text(r["ms"], i, lab, va="center", fontsize=8)
-        ax.set_xlim(0, max(r["ms"] for r in rs) * 1.45)
+        ax.set_xlim(0, max(r.get("ms_max", r["ms"]) for r in rs) * 1.45)
         ax.set_title(f"{rs[0]['set_desc']}, {d}", fontsize=9)
-        ax.set_xlabel("ms per optimizer step (lower is better)", fontsize=8)
+        ax.set_xlabel("ms per optimizer step, median with min-max whiskers (lower is better)", fontsize=8)
     fig.suptitle(f"Optimizer step time on {payload['env']['device'][:60]} (commit {payload['env']['commit']})",
                  fontsize=9)
     fig.tight_layout()

@@ -267,6 +267,52 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iter
 _MALLOPT_DONE = False
 
 
+def time_round_robin(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int,
+                     max_seconds: float = float("inf")) -> Dict[str, List[float]]:
+    """Per-step times in ms of several step functions, interleaved: round i runs one step of each in turn.
+
+    Run one after another, a burst of load from another process lands on whichever optimizer happens to
+    be timed then, and its number is wrong while the others look fine. Interleaved, every optimizer sees
+    the same conditions. Stops after `iters` rounds, or after max_seconds once 3 rounds are done.
+    CUDA: one pair of events around each step, a sync every 5 rounds to bound the run.
+    """
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    synchronize(device)
+    events: Dict[str, list] = {name: [] for name in steps}
+    cuda = device.type == "cuda"
+    t_start = time.perf_counter()
+    for i in range(iters):
+        for name, fn in steps.items():
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                events[name].append((a, b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                events[name].append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and (not cuda or i % 5 == 4):
+            synchronize(device)
+            if time.perf_counter() - t_start > max_seconds:
+                break
+    synchronize(device)
+    if cuda:
+        return {name: [a.elapsed_time(b) for a, b in ev] for name, ev in events.items()}
+    return events
+
+
+def load_average() -> Optional[float]:
+    """1-minute load average per visible core (Linux/macOS), None where the OS has none."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
 def _pin_malloc() -> None:
     """Make glibc return freed blocks >= 64 KiB to the OS (so RSS falls when temporaries are freed)."""
     global _MALLOPT_DONE
