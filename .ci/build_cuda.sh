@@ -2,7 +2,7 @@
 # Build and link the whole CUDA extension came_kernels._C without a GPU, then load it and check its ops.
 #
 # A CPU torch cannot link a CUDA extension, so this uses a second venv with a CUDA 13.0 build of torch
-# (torch==2.14.1, ~5.4 GB, installed from local disk in ~75 s; see ../shared/TOOLCHAIN.md), kept OUTSIDE the
+# (torch==2.14.1, ~5.4 GB, ~75 s to install from a local wheel cache), kept OUTSIDE the
 # checkout and reused between runs ($CAME_CUDA_VENV, default ~/.cache/came_kernels/cuda-venv). The build
 # itself goes to a temp dir (~2 min on 2 cores). This catches what a compile-only check cannot: link errors,
 # the C++ standard torch's headers demand, op registration at import.
