@@ -517,3 +517,43 @@ def test_unavailable_reason_says_why_and_never_raises(monkeypatch):
     if not torch.cuda.is_available():
         assert "cuda" in triton_backend.unavailable_reason(torch.device("cuda")).lower()
     assert isinstance(triton_backend.unavailable_reason(torch.device("meta")), str)
+
+
+# ------------------------------------------------------------------ device
+def test_launches_run_on_the_params_device_not_the_current_one(monkeypatch):
+    """Triton launches on the current CUDA device, not on the device of the pointers it is handed: with
+    params on cuda:1 while cuda:0 is current, the kernels would read cuda:1 addresses on cuda:0. came_step
+    makes the params' device current around every launch (torch.cuda.device). Checked without a GPU: a mock
+    of torch.cuda.device keeps a mock current device, and each phase records what was current when it ran."""
+    current = ["cuda:0"]
+
+    class FakeDeviceGuard:  # stands in for torch.cuda.device: a context manager that switches `current`
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], str(self.device)
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
+    guard = triton_backend._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, FakeDeviceGuard) and guard.device == torch.device("cuda", 1)
+    with guard:
+        assert current[0] == "cuda:1"
+    assert current[0] == "cuda:0"
+
+    # came_step: every phase launches inside the guard of the params' device (here the CPU stands in for
+    # cuda:1, as the interpreter runs on CPU tensors: the guard is forced to switch to it).
+    monkeypatch.setattr(triton_backend, "_device_guard", lambda device: FakeDeviceGuard(device))
+    seen = {}
+    for name in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
+        def record(*a, _name=name, _fn=getattr(tk, name), **k):
+            seen[_name] = current[0]
+            return _fn(*a, **k)
+        monkeypatch.setattr(tk, name, record)
+    ps = [torch.randn(6, 8, device=DEV), torch.randn(5, device=DEV)]
+    _step(triton_backend, ps, [torch.randn_like(p) for p in ps], [_state(p) for p in ps])
+    assert seen == dict.fromkeys(("sq_stats", "clip_stats", "momentum_res", "param_step"), str(ps[0].device))
+    assert current[0] == "cuda:0"  # restored after the step
