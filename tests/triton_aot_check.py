@@ -27,17 +27,19 @@ from triton.compiler import ASTSource, compile as triton_compile  # noqa: E402
 
 mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
 LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK,
-              FIN_COLS=mt.FIN_COLS, BLOCK=256)
+              FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, BLOCK=256)
+# Kernels launched with read_block_n(DTYPE) columns per tile (they only read g), not BLOCK_N.
+READ_ONLY = {"_sq_stats_kernel", "_clip_stats_kernel"}
 POINTERS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32",
             "lr_ptr": "*fp32"}
 # (module, kernel, num_warps, variants of the constexprs that are not layout constants)
 KERNELS = [
-    ("sq_stats", "_sq_stats_kernel", mt.NUM_WARPS, "dtype"),
-    ("sq_stats", "_sq_finalize_kernel", 4, None),
+    ("sq_stats", "_sq_stats_kernel", mt.NUM_WARPS, "dtype+tiled"),
+    ("sq_stats", "_sq_finalize_kernel", mt.FIN_WARPS, None),
     ("clip_stats", "_clip_stats_kernel", mt.NUM_WARPS, "dtype"),
     ("clip_stats", "_clip_finalize_kernel", 4, None),
-    ("momentum_res", "_momentum_res_kernel", mt.NUM_WARPS, "dtype+maximize"),
-    ("momentum_res", "_res_finalize_kernel", 4, None),
+    ("momentum_res", "_momentum_res_kernel", mt.NUM_WARPS, "dtype+maximize+tiled"),
+    ("momentum_res", "_res_finalize_kernel", mt.FIN_WARPS, None),
     ("param_step", "_param_step_kernel", mt.NUM_WARPS, "dtype"),
 ]
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -50,6 +52,8 @@ def variants(kind):
     out = [{"DTYPE": d} for d in DTYPES.values()]
     if "maximize" in kind:
         out = [dict(v, MAXIMIZE=m) for v in out for m in (False, True)]
+    if "tiled" in kind:  # TILED: the plan has stripes of several row tiles (groups over ~1e9 params)
+        out = [dict(v, TILED=m) for v in out for m in (False, True)]
     return out
 
 
@@ -73,6 +77,10 @@ def main() -> int:
         for extra in variants(kind):
             constexprs = {n: v for n, v in LAYOUT.items() if n in fn.arg_names}
             constexprs.update(extra)
+            if kname in READ_ONLY:
+                constexprs["BLOCK_N"] = mt.read_block_n(extra["DTYPE"])
+            if "NUM_STAGES" in fn.arg_names:  # the pipeline depth the launch passes
+                constexprs["NUM_STAGES"] = mt.STAGES["finalize" if "finalize" in kname else mod_name]
             signature = {n: ("constexpr" if n in constexprs else POINTERS.get(n, "fp32")) for n in fn.arg_names}
             label = f"{kname}[{','.join(f'{k}={v}' for k, v in extra.items())}]"
             for arch in archs:
@@ -87,7 +95,8 @@ def main() -> int:
                 spill = res.get("LOCAL", 0) + res.get("STACK", 0)
                 flag = "  SPILLS" if spill else ""
                 failures += bool(spill)
-                print(f"ok   sm_{arch} {label}: {res.get('REG')} regs, {res.get('SHARED')} B shared, "
+                # Triton's shared memory is dynamic: the cubin's static figure does not show it.
+                print(f"ok   sm_{arch} {label}: {res.get('REG')} regs, {k.metadata.shared} B shared, "
                       f"{spill} B local/stack{flag}")
     print(f"{'FAILED' if failures else 'all compiled'}: {failures} failure(s)")
     return 1 if failures else 0

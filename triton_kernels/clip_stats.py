@@ -6,30 +6,32 @@ Math (spec symbols; factored tensors as [B, M, N]):
     _clip_finalize_kernel  stats[div] = max(1, sqrt(sum_blocks ws / numel) / d), blocks added in order
 u is recomputed from g, not stored: storing it would cost a full-size write and read.
 Traffic per element: reads g (4 B fp32, 2 B bf16), right after phase 1 read it (L2 may still hold small
-tensors); flat tensors also read v (4 B). r, c: O(rows + cols). Grid: one program per block; finalize: one
+tensors); flat tensors also read v (4 B). r, c: O(rows + cols). Grid: one program per row tile of ROWS
+rows or flat chunk (plan.tile_blocks, largest first; [ROWS, read_block_n] tiles of 8 KB); finalize: one
 program per tensor. Deterministic: no atomics, fixed-order sums.
 """
 import triton
 import triton.language as tl
 
 from .came_math import _factored_u
-from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_VEC, C_WS_BLK,
-                           FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, _field, _ptr, _stripe, _this_block, _vec_run)
+from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_VEC, C_WS_BLK,
+                           FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block,
+                           _vec_run, read_block_n)
 
 
 @triton.jit
 def _clip_stripe(meta, t, local, stats, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ALIGNED: tl.constexpr):
+                 ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Sum of u^2 over one stripe of factored tensor t."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
-    M, N, b, row0, row_end = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED)
+    M, N, b, row0, row_end, _ = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED=False)  # one row tile
     col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
     mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
     rows = row0 + tl.arange(0, ROWS)
     rmask = rows < row_end
     r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
         g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
@@ -58,16 +60,16 @@ def _clip_chunk(meta, t, local, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr, F
 
 @triton.jit
 def _clip_stats_kernel(meta, blocks, ws, stats, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
+                       FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     t, local = _this_block(blocks)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     # (Compiled Triton wants a name bound in every branch of a runtime `if` to have one type: `total` is an
     # fp32 scalar in all four.)
     if _field(meta, t, C_NROWS) > 0:  # factored
         if _field(meta, t, C_VEC) != 0:
-            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, True)
+            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES)
         else:
-            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, False)
+            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES)
     else:
         if _field(meta, t, C_VEC) != 0:
             total = _clip_chunk(meta, t, local, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
@@ -100,8 +102,8 @@ def _clip_finalize_kernel(meta, ws, stats, clip_threshold, ROWS: tl.constexpr, F
 
 def clip_stats(plan, ws, stats, *, clip_threshold: float) -> None:
     """Launch phase 2 and its finalize for every tensor of `plan`."""
-    _clip_stats_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, stats, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
-        FLAT_BLOCK=FLAT_BLOCK, num_warps=NUM_WARPS)
+    _clip_stats_kernel[(plan.n_tile_blocks,)](
+        plan.meta, plan.tile_blocks, ws, stats, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype),
+        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["clip_stats"], num_warps=NUM_WARPS)
     _clip_finalize_kernel[(plan.n_tensors,)](plan.meta, ws, stats, clip_threshold, ROWS=ROWS,
                                              FLAT_CHUNK=FLAT_CHUNK, BLOCK=256, num_warps=4)

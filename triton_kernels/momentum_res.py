@@ -9,50 +9,55 @@ Math (spec symbols; factored tensors as [B, M, N]; g negated first when maximize
     _res_finalize_kernel   C[b, n] = b3*C + (1-b3)*(sum_s ws[s, n] / M + eps2);  stats: mean_M(R)[b]
 Tensors with ndim < 2 stop after the momentum (no confidence step).
 Traffic per element: reads g (4 B fp32, 2 B bf16) and m (4 B), writes m (4 B): 12 B fp32, 10 B bf16; flat
-tensors also read v (4 B). Grid: one program per block; finalize as in phase 1. Deterministic.
+tensors also read v (4 B). Partials as in phase 1. Grid: one program per stripe of TILES row tiles or flat
+chunk (plan.blocks, largest first); finalize as in phase 1. Deterministic.
 """
 import triton
 import triton.language as tl
 
 from .came_math import _ema, _factored_u
 from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
-                           C_STAT, C_VEC, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, _field,
-                           _finalize_columns_and_means, _ptr, _stripe, _this_block, _vec_run, _ws_col)
+                           C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
+                           NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
+                           _row_tile_done, _stripe, _this_block, _vec_run, _ws_col)
 
 
 @triton.jit
 def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
                          DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ALIGNED: tl.constexpr):
+                         ALIGNED: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, TILED: tl.constexpr):
     """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
-    M, N, b, row0, row_end = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED)
+    M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
     col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
     mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
-    rows = row0 + tl.arange(0, ROWS)
-    rmask = rows < row_end
-    r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
-    part = ws + _ws_col(meta, t, ALIGNED) + local * N
-    res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
-        idx = rows[:, None] * N + cols[None, :]
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
-        m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
-        tl.store(m_ptr + idx, m, mask=mask)
-        res = u_hat - m
-        res = tl.where(mask, res * res, 0.0)
-        res_row_sum += tl.sum(res, axis=1)
-        tl.store(part + cols, tl.sum(res, axis=0), mask=cmask)
     R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False)
-    R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
-    tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+    part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    for tile in range(0, n_tiles):
+        rows = row0 + tile * ROWS + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
+        res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            idx = rows[:, None] * N + cols[None, :]
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if MAXIMIZE:
+                g = -g
+            u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
+            m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+            tl.store(m_ptr + idx, m, mask=mask)
+            res = u_hat - m
+            res = tl.where(mask, res * res, 0.0)
+            res_row_sum += tl.sum(res, axis=1)
+            _add_column_partials(part, cols, cmask, tile, tl.sum(res, axis=0))
+        R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
+        tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+        _row_tile_done()
 
 
 @triton.jit
@@ -77,17 +82,18 @@ def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE: tl.const
 @triton.jit
 def _momentum_res_kernel(meta, blocks, ws, stats, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
                          DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
+                         FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
+        TILED: tl.constexpr):
     t, local = _this_block(blocks)
     div = tl.load(stats + _field(meta, t, C_DIV))
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored
         if _field(meta, t, C_VEC) != 0:
             _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True)
+                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED)
         else:
             _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False)
+                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED)
     else:
         if _field(meta, t, C_VEC) != 0:
             _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE, MAXIMIZE, FLAT_CHUNK, FLAT_BLOCK,
@@ -99,9 +105,11 @@ def _momentum_res_kernel(meta, blocks, ws, stats, beta1, one_minus_beta1, beta3,
 
 @triton.jit
 def _res_finalize_kernel(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2, ROWS: tl.constexpr,
-                         FIN_COLS: tl.constexpr):
+                         FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2,
-                                COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_COLS=FIN_COLS)
+                                COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
+                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)
 
 
 def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool) -> None:
@@ -109,7 +117,9 @@ def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, ma
     _momentum_res_kernel[(plan.n_blocks,)](
         plan.meta, plan.blocks, ws, stats, beta1, 1.0 - beta1, beta3, 1.0 - beta3, eps2, DTYPE=plan.dtype,
         MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
-        num_warps=NUM_WARPS)
+        TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], num_warps=NUM_WARPS)
     if plan.n_fin:
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, beta3, 1.0 - beta3, eps2,
-                                            ROWS=ROWS, FIN_COLS=FIN_COLS, num_warps=4)
+                                            ROWS=ROWS, FIN_STRIPES=FIN_STRIPES, FIN_COLS=FIN_COLS,
+                                            FIN_MEAN=FIN_MEAN, NUM_STAGES=STAGES["finalize"],
+                                            num_warps=FIN_WARPS)

@@ -5,22 +5,40 @@ device tables that every phase reads (`build_plan`):
 
     meta        int64 [T, NCOL]   per tensor: addresses of p, g, m, r|v, c, R, C; numel, M, N (M = 0 for
                                   tensors with ndim < 2); offsets into the workspace and the stats buffer;
-                                  the 16-byte-load flag (see below)
-    blocks      int64 [nblk, 2]   (tensor, local block) of every phase-kernel program
-    fin_blocks  int64 [nfin, 2]   (tensor, local block) of every finalize program of phases 1 and 3
+                                  the 16-byte-load flag (see below); row tiles per stripe
+    blocks      int64 [nblk, 2]   (tensor, local block) of every program of phases 1 and 3, largest first
+    tile_blocks int64 [ntb, 2]    the same for phases 2 and 4, whose blocks are always single row tiles (the
+                                  same table as `blocks` unless TILES > 1)
+    fin_blocks  int64 [nfin, 2]   (tensor, local block) of every finalize program of phases 1 and 3, largest first
 
 Work units, the same in every phase kernel:
-    factored tensor [B, M, N]: block s = a stripe of ROWS whole rows of matrix b = s // cdiv(M, ROWS); the
-        stripe loops over N in tiles of BLOCK_N columns, so row sums are complete inside the program and
-        column sums are per-stripe partials written to fixed workspace slots (ws[colpart_off + s*N + n]).
+    factored tensor [B, M, N]: block s = a stripe of TILES*ROWS whole rows of matrix b = s // cdiv(M,
+        TILES*ROWS). The stripe runs its row tiles of ROWS rows one after another, each looping over N in
+        tiles of BLOCK_N columns, so row sums are complete inside the program; column sums are per-stripe
+        partials in fixed workspace slots (ws[colpart_off + s*N + n]): row tile 0 stores them, row tile j > 0
+        adds its sums to them, in that order (one program owns the slots: deterministic).
     tensor with ndim < 2 (0-d included): block k = elements [k*FLAT_CHUNK, (k+1)*FLAT_CHUNK).
-Finalize programs of a factored tensor: cdiv(B*N, FIN_COLS) column programs, then one program per matrix
-for mean_M of the row statistic.
+TILES (row tiles per stripe) is 1 unless the group's column partials would pass WS_CAP_FLOATS; then it is
+the smallest count that fits, the same for every tensor of the group (a tensor's result depends only on
+its own data while TILES is 1, i.e. up to about 1e9 parameters per group; above, also on TILES). Only
+phases 1 and 3 write column partials, so only they take stripes of TILES row tiles (kernels compiled with
+TILED=True); phases 2 and 4 keep one row tile per block (`tile_blocks`) and the registers of the simpler
+loop (sm_90 param_step fp32: 80 registers, 127 with the row-tile loop).
+
+Finalize programs of a factored tensor (phases 1 and 3): cdiv(B*N, FIN_COLS) column programs, each adding
+the partials of its FIN_COLS columns over the stripes in [FIN_STRIPES, FIN_COLS] tiles (tl.sum over the
+stripes at the end: a fixed tree, no serial chain of one load per stripe), then one program per matrix for
+mean_M of the row statistic, in tiles of FIN_MEAN rows.
+
+Scheduling: programs are launched largest first (elements per block; finalize: floats read), so that the
+last wave on the GPU is made of small blocks, not of the widest stripes. Order changes no result: every
+program writes its own slots.
 
 Buffers per step (allocated by the backend, freed after it): the workspace, max(sum of column partials,
-sum of blocks) floats (each tensor's partials padded to 4 floats), i.e. about numel/ROWS floats (1/64 of
-the params: 69 MB for 1.1B params, any dtype), shared by phases 1-3 in turn; and `stats`, 2B+1 floats per
-tensor: mean_M(r)[B], mean_M(R)[B], clip divisor.
+number of tile_blocks) floats (each tensor's partials padded to 4 floats), i.e. about numel/(TILES*ROWS) floats
+and at most WS_CAP_FLOATS (64 MiB) at any model size, unless the column statistics c themselves (sum of
+B*N floats) or the number of flat chunks pass that (conv weights: the known gap); shared by phases 1-3 in
+turn. And `stats`, 2B+1 floats per tensor: mean_M(r)[B], mean_M(R)[B], clip divisor.
 
 The grad column of `meta` is the only one that changes between steps (zero_grad(set_to_none=True) may
 reallocate grads): `Plan.update_grads` compares data_ptr()s on the host and re-uploads that column only when
@@ -32,6 +50,11 @@ full-size pointer (p, g, m, v) and column statistic (c, C) is 16-byte aligned an
 on a 16-byte boundary (N % VEC == 0, flat: numel % VEC == 0; VEC = 16 bytes of the param dtype). The phase
 kernels then take a copy of their body in which tl.multiple_of promises that alignment, and Triton emits
 ld.global.v4 (tests/test_triton_backend.py reads the PTX). Tensors that fail the test take the scalar body.
+
+Bytes in flight (what a memory-bound kernel lives on): the phase kernels' column loops are software-
+pipelined (range(...): the next tiles' loads are issued, as cp.async, before the
+current tile is reduced), and the kernels that only read g (phases 1, 2) take BLOCK_N_2B columns for 2-byte
+dtypes, so that a tile is 8 KB whatever the dtype.
 """
 from __future__ import annotations
 
@@ -42,14 +65,29 @@ import triton
 import triton.language as tl
 
 # ---- Work decomposition (the same numbers as csrc/came_ops.h)
-ROWS = 64            # rows per stripe: column partials take numel/ROWS floats
+ROWS = 64            # rows per row tile; a stripe is TILES row tiles (column partials: numel/(TILES*ROWS) floats)
 BLOCK_N = 32         # columns per tile inside a stripe. From the compiler's resource report (tests/
                      # triton_aot_check.py, no GPU needed): 64 gave 184-255 registers and local-memory
                      # spills in _momentum_res_kernel on sm_80; 32 gives 64-154 registers and no spills.
+BLOCK_N_2B = 64      # phases 1 and 2 (they only read g) with 2-byte grads: the same 8 KB tile as fp32. On
+                     # the H100, bf16 sq_stats took as long as fp32 (TinyLlama: 2030 vs 1846 us): its time
+                     # goes per [ROWS, BLOCK_N] tile (load, two reductions, a cross-warp exchange through
+                     # shared memory, the partials' store), not per byte; its loads were already 16 bytes wide.
+                     # 64 columns halve the tiles per byte (sm_90 registers 40 -> 64, no spills).
+# Software-pipeline depth of each kernel's main loop (tl.range num_stages; 1: none), passed at launch as
+# NUM_STAGES. Above 1, Triton streams the tiles through shared memory with cp.async, but on these loops it
+# about doubles the registers (sm_90: momentum_res fp32 108 -> 207, sq_stats bf16 64 -> 128), halving the
+# resident programs per SM: off until a GPU measurement (python -m bench.triton_sweep) shows a gain.
+STAGES = dict(sq_stats=1, clip_stats=1, momentum_res=1, param_step=1, finalize=1)
 FLAT_CHUNK = 16384   # elements per program for tensors with ndim < 2
 FLAT_BLOCK = 1024    # elements per tile inside a flat chunk
-FIN_COLS = 256       # columns (or rows, for the means) per finalize tile
+FIN_STRIPES = 64     # finalize column programs: stripes per tile ...
+FIN_COLS = 32        # ... and columns (128 bytes: one cache line per stripe). Narrow, so that a wide matrix
+                     # makes many programs: GPT-2's wte (768 columns) gives 24, not 3.
+FIN_MEAN = 4096      # finalize mean programs: rows per tile
+FIN_WARPS = 8
 NUM_WARPS = 8
+WS_CAP_FLOATS = 16 * 1024 * 1024  # 64 MiB of column partials at most (see the docstring for the exceptions)
 
 # ---- Columns of `meta` (tl.constexpr so @triton.jit code can use them as constants)
 C_P = tl.constexpr(0)          # param address (storage dtype)
@@ -67,11 +105,17 @@ C_WS_BLK = tl.constexpr(11)    # first workspace float of this tensor's block pa
 C_STAT = tl.constexpr(12)      # first stats float: mean_M(r)[B], mean_M(R)[B]
 C_DIV = tl.constexpr(13)       # stats index of the clip divisor
 C_VEC = tl.constexpr(14)       # 1: 16-byte loads are safe for this tensor (see the module docstring)
-NCOL = tl.constexpr(15)
+C_TILES = tl.constexpr(15)     # row tiles of ROWS rows per stripe (factored tensors)
+NCOL = tl.constexpr(16)
 
 WS_ALIGN = 4                   # each tensor's column partials start on a 16-byte boundary of the workspace
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def read_block_n(dtype) -> int:
+    """BLOCK_N of the phases that only read g (sq_stats, clip_stats) for a tl dtype: an 8 KB tile."""
+    return BLOCK_N if dtype.primitive_bitwidth == 32 else BLOCK_N_2B
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -85,13 +129,16 @@ class Plan:
     grad_ptrs: tuple
     meta: torch.Tensor
     blocks: torch.Tensor
+    tile_blocks: torch.Tensor
     fin_blocks: torch.Tensor
     n_tensors: int
     n_blocks: int
+    n_tile_blocks: int
     n_fin: int
     ws_floats: int
     stats_floats: int
     dtype: object              # the tl dtype of params and grads
+    tiles: int = 1             # row tiles per stripe (choose_tiles), as large tensors have it in meta[:, C_TILES]
     vec_base: tuple = ()       # per tensor: C_VEC as far as everything but the grad allows
     vec: tuple = ()            # per tensor: the C_VEC now in `meta` (vec_base and an aligned grad)
     uploads: list = dataclasses.field(default_factory=list)  # pinned sources of the last uploads, kept alive
@@ -151,46 +198,118 @@ def _vec_ok(p, g, m, c, C, v) -> int:
     return int(run % vec == 0 and all(x is None or x.data_ptr() % 16 == 0 for x in (p, g, m, c, C, v)))
 
 
+def _matrices(p) -> tuple:
+    """(B, M, N) of a factored tensor (B matrices [M, N] over the last two dims); None for ndim < 2."""
+    if p.ndim < 2:
+        return None
+    M, N = p.shape[-2], p.shape[-1]
+    return (p.numel() // (M * N) if M * N else 0, M, N)
+
+
+def _tensor_tiles(M: int, tiles: int) -> int:
+    """Row tiles per stripe of one tensor: the group's count, but never more than the matrix has."""
+    return max(1, min(tiles, _cdiv(M, ROWS)))
+
+
+def _colpart_floats(B: int, M: int, N: int, tiles: int) -> int:
+    """Workspace floats of one tensor's column partials, padded so that the next tensor's stay aligned."""
+    return _cdiv(B * _cdiv(M, ROWS * _tensor_tiles(M, tiles)) * N, WS_ALIGN) * WS_ALIGN
+
+
+def choose_tiles(mats) -> int:
+    """Row tiles per stripe for a group, given the (B, M, N) of its factored tensors: 1 while the column
+    partials fit WS_CAP_FLOATS, else the smallest count that makes them fit (the largest useful count when
+    none does). The partials shrink as the count grows, so a bisection finds it."""
+    def floats(tiles):
+        return sum(_colpart_floats(B, M, N, tiles) for B, M, N in mats)
+    lo, hi = 1, max([_cdiv(M, ROWS) for _, M, _ in mats] + [1])
+    if floats(lo) <= WS_CAP_FLOATS:
+        return 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if floats(mid) <= WS_CAP_FLOATS:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _largest_first(tensor_ids: list, locals_: list, works: list) -> torch.Tensor:
+    """int64 [n, 2] table of (tensor, local block), sorted by work, largest first (stable: ties keep the
+    tensor order)."""
+    t = torch.cat(tensor_ids) if tensor_ids else torch.zeros(0, dtype=torch.int64)
+    loc = torch.cat(locals_) if locals_ else torch.zeros(0, dtype=torch.int64)
+    work = torch.cat(works) if works else torch.zeros(0, dtype=torch.int64)
+    order = torch.sort(-work, stable=True).indices
+    return torch.stack([t[order], loc[order]], dim=1).to(torch.int64)
+
+
 def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> Plan:
-    """Build the tables for one (device, dtype) group of contiguous tensors (host work, once per param set)."""
+    """Build the tables for one (device, dtype) group of contiguous tensors (host work, once per param set;
+    no data is read, so meta tensors work: tests build plans for 7B-parameter shape lists that way)."""
     _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
     _check_grads(grads, _TORCH_TO_TL[params[0].dtype])
     device = params[0].device
-    meta, blocks, fin, vec_base, vec = [], [], [], [], []
+    tiles = choose_tiles([mat for mat in map(_matrices, params) if mat is not None])
+    meta, vec_base, vec = [], [], []
+    blk = ([], [], [])   # tensor ids, local indices, work (elements) of the blocks of phases 1 and 3
+    tblk = ([], [], [])  # the same for phases 2 and 4 (single row tiles)
+    fin = ([], [], [])   # the same for the finalize programs (work: floats read)
     ws_col = ws_blk = stat = 0
     for t, (p, g, m, r, c, R, C, v) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         numel = p.numel()
-        if p.ndim >= 2:
-            M, N = p.shape[-2], p.shape[-1]
-            B = numel // (M * N) if M * N else 0
-            n_main = B * _cdiv(M, ROWS)
-            colpart = _cdiv(n_main * N, WS_ALIGN) * WS_ALIGN  # padded: the next tensor's partials stay aligned
-            n_fin = _cdiv(B * N, FIN_COLS) + B
+        mat = _matrices(p)
+        if mat is not None:
+            B, M, N = mat
+            t_tiles = _tensor_tiles(M, tiles)
+            stripe_rows = ROWS * t_tiles
+            per_matrix = _cdiv(M, stripe_rows)
+            n_main = B * per_matrix
+            local = torch.arange(n_main)
+            work = torch.clamp(M - (local % per_matrix) * stripe_rows, max=stripe_rows) * N
+            n_tile = B * _cdiv(M, ROWS)
+            tlocal = torch.arange(n_tile)
+            twork = torch.clamp(M - (tlocal % _cdiv(M, ROWS)) * ROWS, max=ROWS) * N
+            colpart = _colpart_floats(B, M, N, tiles)
+            n_col = _cdiv(B * N, FIN_COLS)
+            fin[0].append(torch.full((n_col + B,), t))
+            fin[1].append(torch.arange(n_col + B))
+            fin[2].append(torch.cat([torch.full((n_col,), per_matrix * min(FIN_COLS, B * N)), torch.full((B,), M)]))
             addr = (r.data_ptr(), c.data_ptr(), R.data_ptr(), C.data_ptr())
         else:
-            M = N = B = 0
+            B = M = N = colpart = 0
+            t_tiles = 1
             n_main = _cdiv(numel, FLAT_CHUNK)
-            colpart = n_fin = 0
+            local = torch.arange(n_main)
+            work = torch.clamp(numel - local * FLAT_CHUNK, max=FLAT_CHUNK)
+            n_tile, tlocal, twork = n_main, local, work
             addr = (v.data_ptr(), 0, 0, 0)
+        blk[0].append(torch.full((n_main,), t))
+        blk[1].append(local)
+        blk[2].append(work)
+        tblk[0].append(torch.full((n_tile,), t))
+        tblk[1].append(tlocal)
+        tblk[2].append(twork)
         vec_base.append(_vec_ok(p, None, m, c, C, v))
         vec.append(_vec_ok(p, g, m, c, C, v))
         meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B,
-                     vec[-1]])
-        blocks.append(torch.stack([torch.full((n_main,), t), torch.arange(n_main)], dim=1))
-        fin.append(torch.stack([torch.full((n_fin,), t), torch.arange(n_fin)], dim=1))
+                     vec[-1], t_tiles])
         ws_col += colpart
-        ws_blk += n_main
+        ws_blk += n_tile  # phase 2 writes one sum per row-tile block
         stat += 2 * B + 1
-    blocks = torch.cat(blocks).to(torch.int64)
-    fin = torch.cat(fin).to(torch.int64)
+    blocks = _largest_first(*blk)
+    tile_blocks = blocks if tiles == 1 else _largest_first(*tblk)
+    blocks_dev = blocks.to(device)
+    fin_blocks = _largest_first(*fin)
     return Plan(
         key=plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs),
         grad_ptrs=tuple(g.data_ptr() for g in grads),
         meta=torch.tensor(meta, dtype=torch.int64).to(device),
-        blocks=blocks.to(device), fin_blocks=fin.to(device),
-        n_tensors=len(params), n_blocks=blocks.shape[0], n_fin=fin.shape[0],
+        blocks=blocks_dev, fin_blocks=fin_blocks.to(device),
+        tile_blocks=blocks_dev if tiles == 1 else tile_blocks.to(device),
+        n_tensors=len(params), n_blocks=blocks.shape[0], n_tile_blocks=tile_blocks.shape[0], n_fin=fin_blocks.shape[0],
         ws_floats=max(ws_col, ws_blk, 1), stats_floats=max(stat, 1), dtype=_TORCH_TO_TL[params[0].dtype],
-        vec_base=tuple(vec_base), vec=tuple(vec))
+        tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec))
 
 
 # ---------------------------------------------------------------------------------- device-side helpers
@@ -241,50 +360,90 @@ def _this_block(blocks):
 
 
 @triton.jit
-def _stripe(meta, t, local, ROWS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Geometry of stripe `local` of factored tensor t: (M, N, b, row0, row_end), rows of the [B*M, N] view."""
+def _stripe(meta, t, local, ROWS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, TILED: tl.constexpr):
+    """Geometry of stripe `local` of factored tensor t: (M, N, b, row0, row_end, n_tiles), rows of the [B*M, N]
+    view; the stripe's row tiles start at row0 + j*ROWS for j < n_tiles. TILED (a launch constant: the
+    plan's TILES > 1) False makes n_tiles the constant 1: the compiler then drops the row-tile loop, which
+    otherwise costs registers (sm_90 param_step fp32: 80 -> 127) in the groups that never need it."""
     M = _field(meta, t, C_NROWS)
     N = _vec_run(meta, t, C_NCOLS, DTYPE, ALIGNED)
-    per_matrix = (M + ROWS - 1) // ROWS
+    if TILED:
+        stripe_rows = _field(meta, t, C_TILES) * ROWS
+    else:
+        stripe_rows = ROWS
+    per_matrix = (M + stripe_rows - 1) // stripe_rows
     b = local // per_matrix
-    row0 = b * M + (local - b * per_matrix) * ROWS
-    row_end = tl.minimum(row0 + ROWS, (b + 1) * M)
-    return M, N, b, row0, row_end
+    row0 = b * M + (local - b * per_matrix) * stripe_rows
+    row_end = tl.minimum(row0 + stripe_rows, (b + 1) * M)
+    if TILED:
+        n_tiles = (row_end - row0 + ROWS - 1) // ROWS
+    else:
+        n_tiles = 1
+    return M, N, b, row0, row_end, n_tiles
+
+
+@triton.jit
+def _stripes_per_matrix(meta, t, ROWS: tl.constexpr):
+    stripe_rows = _field(meta, t, C_TILES) * ROWS
+    return (_field(meta, t, C_NROWS) + stripe_rows - 1) // stripe_rows
+
+
+@triton.jit
+def _add_column_partials(part, cols, cmask, tile, sums):
+    """Column partials of row tile `tile` of a stripe: tile 0 stores its sums, later tiles add theirs to the
+    stored ones (the same fixed order every run). Run _row_tile_done after each row tile, so that the
+    threads that read a slot here see what other threads of the program stored there one tile before."""
+    prev = tl.load(part + cols, mask=cmask & (tile > 0), other=0.0)
+    tl.store(part + cols, prev + sums, mask=cmask)
+
+
+@triton.jit
+def _row_tile_done():
+    # A barrier orders the program's global stores before its later loads (PTX bar.sync semantics); the
+    # column partials of a row tile are re-read by other threads in the next one.
+    tl.debug_barrier()
 
 
 @triton.jit
 def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_beta, eps,
                                 COL: tl.constexpr, ROW: tl.constexpr, MEAN_SLOT: tl.constexpr,
-                                ROWS: tl.constexpr, FIN_COLS: tl.constexpr):
+                                ROWS: tl.constexpr, FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr,
+                                FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Finalize of phases 1 and 3 for one program (shared by _sq_finalize_kernel and _res_finalize_kernel).
 
-    column programs: col[b, n] = beta*col + (1-beta)*(sum_s partial[s, n] / M + eps), the stripes s of
-                     matrix b added in order (deterministic);
-    mean programs:   stats[C_STAT + MEAN_SLOT*B + b] = mean_M(row[b, :]) (row already updated in-block).
+    column programs: col[b, n] = beta*col + (1-beta)*(sum_s partial[s, n] / M + eps) for FIN_COLS columns
+                     of the flattened [B, N] statistic: [FIN_STRIPES, FIN_COLS] tiles of partials added
+                     elementwise (tile after tile), then tl.sum over the stripes: a fixed order, so the
+                     result is the same every run, and no serial chain of one dependent load per stripe;
+    mean programs:   stats[C_STAT + MEAN_SLOT*B + b] = mean_M(row[b, :]) (row already updated in-block),
+                     FIN_MEAN rows per tile, the same way.
     """
     t, local = _this_block(fin_blocks)
     M = _field(meta, t, C_NROWS)
     N = _field(meta, t, C_NCOLS)
     B = _field(meta, t, C_NUMEL) // (M * N)
-    per_matrix = (M + ROWS - 1) // ROWS
+    per_matrix = _stripes_per_matrix(meta, t, ROWS)
     col_blocks = (B * N + FIN_COLS - 1) // FIN_COLS
-    offs = tl.arange(0, FIN_COLS)
     # (Branch-local names differ: compiled Triton wants a name bound in both branches to have one type.)
     if local < col_blocks:
-        k = local * FIN_COLS + offs  # index into the [B, N] column statistic
+        k = local * FIN_COLS + tl.arange(0, FIN_COLS)  # index into the [B, N] column statistic
         kmask = k < B * N
         kb = k // N
-        part = ws + _field(meta, t, C_WS_COL) + kb * per_matrix * N + (k - kb * N)
-        col_sum = tl.zeros([FIN_COLS], dtype=tl.float32)
-        for i in range(0, per_matrix):
-            col_sum += tl.load(part + i * N, mask=kmask, other=0.0)
+        part = ws + _field(meta, t, C_WS_COL) + kb * per_matrix * N + (k - kb * N)  # stripe 0 of each column
+        acc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
+        for s0 in tl.range(0, per_matrix, FIN_STRIPES, num_stages=NUM_STAGES):
+            s = s0 + tl.arange(0, FIN_STRIPES)
+            acc += tl.load(part[None, :] + s[:, None] * N, mask=(s < per_matrix)[:, None] & kmask[None, :],
+                           other=0.0)
+        col_sum = tl.sum(acc, axis=0)
         col = _ptr(meta, t, COL, tl.float32, False)
         c = tl.load(col + k, mask=kmask, other=0.0)
         tl.store(col + k, beta * c + one_minus_beta * (col_sum / M.to(tl.float32) + eps), mask=kmask)
     else:
         mb = local - col_blocks
         row = _ptr(meta, t, ROW, tl.float32, False) + mb * M
-        row_sum = tl.zeros([FIN_COLS], dtype=tl.float32)
-        for i0 in range(0, M, FIN_COLS):
-            row_sum += tl.load(row + i0 + offs, mask=i0 + offs < M, other=0.0)
-        tl.store(stats + _field(meta, t, C_STAT) + MEAN_SLOT * B + mb, tl.sum(row_sum, axis=0) / M.to(tl.float32))
+        row_acc = tl.zeros([FIN_MEAN], dtype=tl.float32)
+        for i0 in tl.range(0, M, FIN_MEAN, num_stages=NUM_STAGES):
+            offs = i0 + tl.arange(0, FIN_MEAN)
+            row_acc += tl.load(row + offs, mask=offs < M, other=0.0)
+        tl.store(stats + _field(meta, t, C_STAT) + MEAN_SLOT * B + mb, tl.sum(row_acc, axis=0) / M.to(tl.float32))

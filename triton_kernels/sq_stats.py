@@ -5,41 +5,47 @@ Math (spec symbols; factored tensors as [B, M, N]):
                          ws[s, n] = sum over the rows of stripe s of g^2             (column partials)
                          ndim < 2: v = b2*v + (1-b2)*(g^2 + eps1)
     _sq_finalize_kernel  c[b, n] = b2*c + (1-b2)*(sum_s ws[s, n] / M + eps1);  stats: mean_M(r)[b]
-Traffic per element: reads g (4 B fp32, 2 B bf16); flat tensors also read and write v (8 B). Partials:
-4 B per stripe-column (1/64 of the reads). Grid: one program per block (stripe or flat chunk) of every
-tensor; finalize: cdiv(B*N, FIN_COLS) + B programs per factored tensor. Deterministic: no atomics, every
-sum in a fixed order.
+Traffic per element: reads g (4 B fp32, 2 B bf16, in [ROWS, read_block_n] tiles of 8 KB); flat tensors
+also read and write v (8 B). Partials: 4 B per row-tile column (1/ROWS of the elements) written, and as
+much read back when a stripe has several row tiles. Grid: one program per stripe of TILES row tiles or
+flat chunk (plan.blocks, largest first); finalize: cdiv(B*N, FIN_COLS) + B programs per factored tensor,
+reading the partials once (numel/(TILES*ROWS) floats). Deterministic: no atomics, every sum in a fixed
+order.
 """
 import triton
 import triton.language as tl
 
 from .came_math import _ema
-from .multi_tensor import (BLOCK_N, C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_VEC, FIN_COLS, FLAT_BLOCK, FLAT_CHUNK,
-                           NUM_WARPS, ROWS, _field, _finalize_columns_and_means, _ptr, _stripe, _this_block,
-                           _vec_run, _ws_col)
+from .multi_tensor import (C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS,
+                           FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _add_column_partials, _field,
+                           _finalize_columns_and_means, _ptr, _row_tile_done, _stripe, _this_block, _vec_run,
+                           _ws_col, read_block_n)
 
 
 @triton.jit
 def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+               BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
+               NUM_STAGES: tl.constexpr, TILED: tl.constexpr):
     """One stripe of factored tensor t: r for its rows, column partials of g^2 into ws."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     row_ptr = _ptr(meta, t, C_ROW, tl.float32, False)  # indexed by row: no alignment to promise
-    M, N, b, row0, row_end = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED)
-    rows = row0 + tl.arange(0, ROWS)
-    rmask = rows < row_end
+    M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
     part = ws + _ws_col(meta, t, ALIGNED) + local * N
-    row_sum = tl.zeros([ROWS], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
-        sq = g * g
-        row_sum += tl.sum(sq, axis=1)
-        tl.store(part + cols, tl.sum(sq, axis=0), mask=cmask)
-    r = tl.load(row_ptr + rows, mask=rmask, other=0.0)
-    tl.store(row_ptr + rows, _ema(r, beta2, one_minus_beta2, row_sum / N.to(tl.float32) + eps1), mask=rmask)
+    for tile in range(0, n_tiles):
+        rows = row0 + tile * ROWS + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        row_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            sq = g * g
+            row_sum += tl.sum(sq, axis=1)
+            _add_column_partials(part, cols, cmask, tile, tl.sum(sq, axis=0))
+        r = tl.load(row_ptr + rows, mask=rmask, other=0.0)
+        tl.store(row_ptr + rows, _ema(r, beta2, one_minus_beta2, row_sum / N.to(tl.float32) + eps1), mask=rmask)
+        _row_tile_done()
 
 
 @triton.jit
@@ -59,14 +65,15 @@ def _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr,
 
 @triton.jit
 def _sq_stats_kernel(meta, blocks, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr):
+                     BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                     NUM_STAGES: tl.constexpr, TILED: tl.constexpr):
     t, local = _this_block(blocks)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored (M > 0)
         if _field(meta, t, C_VEC) != 0:
-            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, True)
+            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES, TILED)
         else:
-            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, False)
+            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES, TILED)
     else:
         if _field(meta, t, C_VEC) != 0:
             _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
@@ -76,16 +83,20 @@ def _sq_stats_kernel(meta, blocks, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.c
 
 @triton.jit
 def _sq_finalize_kernel(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1, ROWS: tl.constexpr,
-                        FIN_COLS: tl.constexpr):
+                        FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
+                        NUM_STAGES: tl.constexpr):
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1,
-                                COL=C_COL, ROW=C_ROW, MEAN_SLOT=0, ROWS=ROWS, FIN_COLS=FIN_COLS)
+                                COL=C_COL, ROW=C_ROW, MEAN_SLOT=0, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
+                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)
 
 
 def sq_stats(plan, ws, stats, *, beta2: float, eps1: float) -> None:
     """Launch phase 1 and its finalize for every tensor of `plan`."""
     _sq_stats_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=BLOCK_N,
-        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, num_warps=NUM_WARPS)
+        plan.meta, plan.blocks, ws, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype, ROWS=ROWS,
+        BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1,
+        NUM_STAGES=STAGES["sq_stats"], num_warps=NUM_WARPS)
     if plan.n_fin:
         _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, beta2, 1.0 - beta2, eps1,
-                                           ROWS=ROWS, FIN_COLS=FIN_COLS, num_warps=4)
+                                           ROWS=ROWS, FIN_STRIPES=FIN_STRIPES, FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN,
+                                           NUM_STAGES=STAGES["finalize"], num_warps=FIN_WARPS)

@@ -7,15 +7,17 @@ Same contract as the torch backend (backends/README.md). One call runs, for one 
     momentum_res  _momentum_res_kernel + _res_finalize_kernel     momentum, confidence statistics
     param_step    _param_step_kernel                              the parameter update
 
-7 launches for the whole group, about 32 B of traffic per fp32 parameter, no host sync (lr is read on the
-device), deterministic (fixed-order sums). The device tables are built once per parameter set and kept in
-the `cache` dict the optimizer passes; only the grad addresses are re-uploaded when grads move.
+7 launches for the whole group, on the params' GPU whatever the current device is, about 32 B of traffic
+per fp32 parameter, no host sync (lr is read on the device), deterministic (fixed-order sums). The device
+tables are built once per parameter set and kept in the `cache` dict the optimizer passes; only the grad
+addresses are re-uploaded when grads move.
 
 On CPU tensors the kernels run through Triton's interpreter, which must be switched on with
 TRITON_INTERPRET=1 before triton is imported: that is how CI tests them without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Union
 
@@ -56,6 +58,12 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
         return ("backend='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
                 "triton is imported (it checks the kernels; use backend='torch' to train on the CPU)")
     return f"Triton kernels run on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), got {device.type}"
+
+
+def _device_guard(device: torch.device):
+    """Make the params' GPU the current one around the launches: Triton launches on the current CUDA device
+    (and its current stream), not on the device of the pointers it is given. A no-op for CPU tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _lr_tensor(cache: dict, lr: Union[float, Tensor], device: torch.device) -> Tensor:
@@ -119,15 +127,16 @@ def came_step(
     else:
         plan.update_grads(grads)
 
-    ws = torch.empty(plan.ws_floats, dtype=torch.float32, device=device)
-    stats = torch.empty(plan.stats_floats, dtype=torch.float32, device=device)
-    if POISON_SCRATCH:
-        ws.fill_(float("nan"))
-        stats.fill_(float("nan"))
+    with _device_guard(device):
+        ws = torch.empty(plan.ws_floats, dtype=torch.float32, device=device)
+        stats = torch.empty(plan.stats_floats, dtype=torch.float32, device=device)
+        if POISON_SCRATCH:
+            ws.fill_(float("nan"))
+            stats.fill_(float("nan"))
 
-    _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1)
-    _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold)
-    _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize)
-    _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay)
+        _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1)
+        _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold)
+        _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize)
+        _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay)
 
     write_back_(write_back)

@@ -1,0 +1,181 @@
+"""Tune and check the Triton kernels on a GPU in one short run (`python -m bench.triton_sweep`, CUDA only).
+
+1. Checks: one step on GPT-2 124M shapes (fp32, bf16) against the torch backend, twice (bitwise equal), and
+   once with the workspace cap forced low so that stripes span several row tiles (TILED kernels).
+2. Sweep: per-kernel time (CUDA events, median of --reps launches after one warm-up) of every phase on the
+   full-size shape sets, for each setting of the pipeline depth (multi_tensor.STAGES) and of the 2-byte
+   read tile (multi_tensor.BLOCK_N_2B), with the achieved bandwidth as % of the device copy bandwidth.
+Launches repeat on the same state, which drifts a little: timing only, the checks above prove the results.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from came_kernels.backends import torch_backend, triton_backend
+from came_kernels import triton_kernels as tk
+from came_kernels.triton_kernels import multi_tensor as mt
+from came_kernels.triton_kernels.momentum_res import _res_finalize_kernel
+from came_kernels.triton_kernels.sq_stats import _sq_finalize_kernel
+
+from . import shapes as shapes_mod
+
+H = dict(lr=1e-3, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+         weight_decay=0.01, maximize=False)
+
+
+def _state(p):
+    st = {"m": torch.zeros(p.shape, device=p.device)}
+    if p.ndim >= 2:
+        st.update(r=torch.zeros(p.shape[:-1], device=p.device), R=torch.zeros(p.shape[:-1], device=p.device),
+                  c=torch.zeros(p.shape[:-2] + p.shape[-1:], device=p.device),
+                  C=torch.zeros(p.shape[:-2] + p.shape[-1:], device=p.device))
+    else:
+        st["v"] = torch.zeros(p.shape, device=p.device)
+    return st
+
+
+def _lists(sts):
+    return ([s["m"] for s in sts], [s.get("r") for s in sts], [s.get("c") for s in sts], [s.get("R") for s in sts],
+            [s.get("C") for s in sts], [s.get("v") for s in sts])
+
+
+def _make(shapes, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    ps = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
+    gs = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
+    return ps, gs, [_state(p) for p in ps]
+
+
+def _steps(mod, shapes, dtype, n=2):
+    ps, gs, sts = _make(shapes, dtype)
+    cache = {}
+    for _ in range(n):
+        mod.came_step(ps, gs, *_lists(sts), cache=cache, **H)
+    return ps, sts
+
+
+def check(shapes, dtype) -> str:
+    ref, ref_st = _steps(torch_backend, shapes, dtype)
+    out = []
+    for label, cap in (("", mt.WS_CAP_FLOATS), (" tiled", 1 << 16)):
+        old = mt.WS_CAP_FLOATS
+        mt.WS_CAP_FLOATS = cap
+        try:
+            a, a_st = _steps(triton_backend, shapes, dtype)
+            b, _ = _steps(triton_backend, shapes, dtype)
+            tiles = mt.choose_tiles([(1, s[0], s[1]) for s in shapes if len(s) == 2])
+        finally:
+            mt.WS_CAP_FLOATS = old
+        same = all(torch.equal(x, y) for x, y in zip(a, b))
+        err = max(float((x.float() - y.float()).abs().max() / y.float().abs().max()) for x, y in zip(a, ref))
+        err_c = max(float((x["c"] - y["c"]).abs().max() / y["c"].abs().max()) for x, y in zip(a_st, ref_st) if "c" in x)
+        out.append(f"{label.strip() or 'default'} (tiles {tiles}): bitwise repeatable {same}, "
+                   f"max rel err p {err:.2e}, c {err_c:.2e}")
+    return "; ".join(out)
+
+
+def _time(fn, reps):
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    fn()
+    for i in range(reps):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3  # us
+
+
+def sweep_one(shapes, dtype, reps, copy_gbs):
+    ps, gs, sts = _make(shapes, dtype)
+    plan = tk.build_plan(ps, gs, *_lists(sts))
+    ws = torch.zeros(plan.ws_floats, device="cuda")
+    stats = torch.ones(plan.stats_floats, device="cuda")
+    lr = torch.tensor([1e-3], device="cuda")
+    tk.sq_stats(plan, ws, stats, beta2=0.999, eps1=1e-30)
+    tk.clip_stats(plan, ws, stats, clip_threshold=1.0)
+    ge = ps[0].element_size()
+    n = sum(p.numel() for p in ps)
+    fin_args = (plan.meta, plan.fin_blocks, ws, stats, 0.9, 0.1, 1e-16)
+    fin_kw = dict(ROWS=mt.ROWS, FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN,
+                  NUM_STAGES=mt.STAGES["finalize"], num_warps=mt.FIN_WARPS)
+    from came_kernels.triton_kernels import clip_stats as cs, momentum_res as mr, param_step as pst, sq_stats as sq
+    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, num_warps=mt.NUM_WARPS)
+    rb = mt.read_block_n(plan.dtype)
+    rows = {
+        "sq_stats": (lambda: sq._sq_stats_kernel[(plan.n_blocks,)](
+            plan.meta, plan.blocks, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
+            NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles > 1, **kw), n * ge),
+        "sq fin.": (lambda: _sq_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
+        "clip_stats": (lambda: cs._clip_stats_kernel[(plan.n_tile_blocks,)](
+            plan.meta, plan.tile_blocks, ws, stats, DTYPE=plan.dtype, BLOCK_N=rb, NUM_STAGES=mt.STAGES["clip_stats"],
+            **kw), n * ge),
+        "momentum_res": (lambda: mr._momentum_res_kernel[(plan.n_blocks,)](
+            plan.meta, plan.blocks, ws, stats, 0.9, 0.1, 0.9999, 1e-4, 1e-16, DTYPE=plan.dtype, MAXIMIZE=False,
+            BLOCK_N=mt.BLOCK_N, NUM_STAGES=mt.STAGES["momentum_res"], TILED=plan.tiles > 1, **kw), n * (ge + 8)),
+        "res fin.": (lambda: _res_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
+        "param_step": (lambda: pst._param_step_kernel[(plan.n_tile_blocks,)](
+            plan.meta, plan.tile_blocks, stats, lr, 0.0, DTYPE=plan.dtype, BLOCK_N=mt.BLOCK_N,
+            NUM_STAGES=mt.STAGES["param_step"], **kw), n * (2 * ge + 4)),
+    }
+    out = {}
+    for name, (fn, nbytes) in rows.items():
+        us = _time(fn, reps)
+        out[name] = f"{us:7.0f}" + (f" ({100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)" if nbytes else "      ")
+    return out, plan
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    us = _time(lambda: y.copy_(x), 20)
+    return 2 * x.numel() / (us * 1e-6) / 1e9
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sets", default="gpt2,tinyllama")
+    ap.add_argument("--dtype", default="fp32,bf16")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--stages", default="1,2,3", help="pipeline depths to try (all phases at once)")
+    ap.add_argument("--block-n-2b", default="64,32", help="2-byte read tiles to try (at the first depth)")
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("CUDA only")
+        return 1
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    print("device", torch.cuda.get_device_name(0))
+    if not args.no_check:
+        for dt in args.dtype.split(","):
+            print(f"check gpt2 {dt}: {check(shapes_mod.SETS['gpt2'](1.0), dtypes[dt])}", flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s")
+    stages = [int(x) for x in args.stages.split(",")]
+    bn2 = [int(x) for x in args.block_n_2b.split(",")]
+    configs = [(s, bn2[0]) for s in stages] + [(stages[0], b) for b in bn2[1:]]
+    header = None
+    for name in args.sets.split(","):
+        for dt in args.dtype.split(","):
+            for s, b in configs:
+                if dt == "fp32" and b != bn2[0]:
+                    continue  # BLOCK_N_2B is for 2-byte dtypes only
+                mt.STAGES.update(dict.fromkeys(mt.STAGES, s))
+                mt.BLOCK_N_2B = b
+                res, plan = sweep_one(shapes_mod.SETS[name](1.0), dtypes[dt], args.reps, bw)
+                if header is None:
+                    header = f"| shapes | dtype | stages | BN2B | " + " | ".join(res) + " | programs | fin | ws MiB |"
+                    print(header, flush=True)
+                print(f"| {name} | {dt} | {s} | {b} | " + " | ".join(res.values()) +
+                      f" | {plan.n_blocks} | {plan.n_fin} | {4 * plan.ws_floats / 2 ** 20:.1f} |", flush=True)
+                del plan
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
