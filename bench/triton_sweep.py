@@ -100,26 +100,26 @@ def sweep_one(shapes, dtype, reps, copy_gbs):
     tk.clip_stats(plan, ws, stats, clip_threshold=1.0)
     ge = ps[0].element_size()
     n = sum(p.numel() for p in ps)
-    fin_args = (plan.meta, plan.fin_blocks, ws, stats, 0.9, 0.1, 1e-16)
+    fin_args = (plan.meta, plan.fin_blocks, ws, stats, ws, 0.9, 0.1, 1e-16)
     fin_kw = dict(ROWS=mt.ROWS, FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN,
-                  NUM_STAGES=mt.STAGES["finalize"], num_warps=mt.FIN_WARPS)
+                  NUM_STAGES=mt.STAGES["finalize"], AMP=False, num_warps=mt.FIN_WARPS)
     from came_kernels.triton_kernels import clip_stats as cs, momentum_res as mr, param_step as pst, sq_stats as sq
-    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, num_warps=mt.NUM_WARPS)
+    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, AMP=False, num_warps=mt.NUM_WARPS)
     rb = mt.read_block_n(plan.dtype)
     rows = {
         "sq_stats": (lambda: sq._sq_stats_kernel[(plan.n_blocks,)](
-            plan.meta, plan.blocks, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
+            plan.meta, plan.blocks, ws, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
             NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles > 1, **kw), n * ge),
         "sq fin.": (lambda: _sq_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
         "clip_stats": (lambda: cs._clip_stats_kernel[(plan.n_tile_blocks,)](
-            plan.meta, plan.tile_blocks, ws, stats, DTYPE=plan.dtype, BLOCK_N=rb, NUM_STAGES=mt.STAGES["clip_stats"],
+            plan.meta, plan.tile_blocks, ws, stats, ws, DTYPE=plan.dtype, BLOCK_N=rb, NUM_STAGES=mt.STAGES["clip_stats"],
             **kw), n * ge),
         "momentum_res": (lambda: mr._momentum_res_kernel[(plan.n_blocks,)](
-            plan.meta, plan.blocks, ws, stats, 0.9, 0.1, 0.9999, 1e-4, 1e-16, DTYPE=plan.dtype, MAXIMIZE=False,
+            plan.meta, plan.blocks, ws, stats, ws, 0.9, 0.1, 0.9999, 1e-4, 1e-16, DTYPE=plan.dtype, MAXIMIZE=False,
             BLOCK_N=mt.BLOCK_N, NUM_STAGES=mt.STAGES["momentum_res"], TILED=plan.tiles > 1, **kw), n * (ge + 8)),
         "res fin.": (lambda: _res_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
         "param_step": (lambda: pst._param_step_kernel[(plan.n_tile_blocks,)](
-            plan.meta, plan.tile_blocks, stats, lr, 0.0, DTYPE=plan.dtype, BLOCK_N=mt.BLOCK_N,
+            plan.meta, plan.tile_blocks, stats, lr, lr, 0.0, DTYPE=plan.dtype, BLOCK_N=mt.BLOCK_N,
             NUM_STAGES=mt.STAGES["param_step"], **kw), n * (2 * ge + 4)),
     }
     out = {}

@@ -122,9 +122,9 @@ def came(
         sub = list(sliced[key])
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
         dev_amp = {k: None if v is None else v.to(device) for k, v in amp.items()}
-        if amp and name != "torch":
+        if amp and name == "cuda":
             raise NotImplementedError(f"grad_scale/found_inf (GradScaler) are not supported by backend={name!r} "
-                                      "yet; use backend='torch' or scaler.unscale_(optimizer) before step()")
+                                      "yet; use backend='triton' or scaler.unscale_(optimizer) before step()")
         if not compiling:
             get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper, **dev_amp)
         elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache

@@ -6,14 +6,32 @@ import copy
 import pytest
 import torch
 
+import came_kernels
 from came_kernels import CAME
+from came_kernels.backends import triton_backend
+
+_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if _GPU else "cpu"
+
+
+def _backends():
+    out = [pytest.param("torch", "cpu")]
+    for name in ("triton", "cuda"):
+        why = came_kernels.backends.unavailable_reason(name, DEVICE)
+        out.append(pytest.param(name, DEVICE, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
 
 SHAPES = [(6, 5), (5,), (2, 3, 4), (1, 7)]
 
 
-def _params(dtype=torch.float32):
+def _params(dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in SHAPES]
 
 
 def _grads(t, dtype=torch.float32):
@@ -21,17 +39,19 @@ def _grads(t, dtype=torch.float32):
     return [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
 
 
+@pytest.mark.parametrize("backend,device", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_scale_in_step_equals_unscale_then_step(dtype):
-    a, b = _params(dtype), _params(dtype)
-    oa, ob = CAME(a, lr=1e-2, weight_decay=0.1), CAME(b, lr=1e-2, weight_decay=0.1)
+def test_grad_scale_in_step_equals_unscale_then_step(backend, device, dtype):
+    a, b = _params(dtype, device), _params(dtype, device)
+    oa = CAME(a, lr=1e-2, weight_decay=0.1, backend=backend)
+    ob = CAME(b, lr=1e-2, weight_decay=0.1, backend=backend)
     scale = 2.0 ** 14
     for t in range(5):
         for p, q, g in zip(a, b, _grads(t)):
-            p.grad = (g * scale).to(dtype)   # what backward produces under a GradScaler
-            q.grad = g.to(dtype)             # unscaled (exactly: the scale is a power of 2)
-        oa.grad_scale = torch.tensor(scale)
-        oa.found_inf = torch.tensor(0.0)
+            p.grad = (g * scale).to(device, dtype)   # what backward produces under a GradScaler
+            q.grad = g.to(device, dtype)             # unscaled (exactly: the scale is a power of 2)
+        oa.grad_scale = torch.tensor(scale, device=device)
+        oa.found_inf = torch.tensor(0.0, device=device)
         oa.step()
         ob.step()
     for p, q in zip(a, b):
@@ -41,18 +61,19 @@ def test_grad_scale_in_step_equals_unscale_then_step(dtype):
             assert torch.equal(oa.state[p][k], ob.state[q][k]), k
 
 
-def test_found_inf_changes_nothing_at_all():
-    ps = _params()
-    opt = CAME(ps, lr=1e-2, weight_decay=0.1)
+@pytest.mark.parametrize("backend,device", _backends())
+def test_found_inf_changes_nothing_at_all(backend, device):
+    ps = _params(device=device)
+    opt = CAME(ps, lr=1e-2, weight_decay=0.1, backend=backend)
     for t in range(2):
         for p, g in zip(ps, _grads(t)):
-            p.grad = g
+            p.grad = g.to(device)
         opt.step()
     before = ([p.detach().clone() for p in ps], copy.deepcopy(opt.state_dict()))
     for p, g in zip(ps, _grads(9)):
-        p.grad = g
+        p.grad = g.to(device)
     ps[0].grad[1, 2] = float("inf")
-    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(1.0)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=device), torch.tensor(1.0, device=device)
     opt.step()
     for p, q in zip(ps, before[0]):
         assert torch.equal(p, q)

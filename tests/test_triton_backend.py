@@ -368,7 +368,7 @@ def _int64_case(vec):
                FLAT_BLOCK=mt.FLAT_BLOCK, NUM_STAGES=1, TILED=False)
     b1, b2, b3, e1, e2, lr, wd = 0.9, 0.999, 0.9999, 1e-30, 1e-16, 1e-2, 0.1
 
-    _sq_stats_kernel[(2,)](meta, blocks, ws, b2, 1 - b2, e1, **lay)
+    _sq_stats_kernel[(2,)](meta, blocks, ws, ws, b2, 1 - b2, e1, AMP=False, **lay)
     gd, gfd = g.double().cpu(), gf[:tail].double().cpu()
     ref["r"] = b2 * ref["r"] + (1 - b2) * ((gd * gd).mean(1) + e1)
     ref["vf"] = b2 * ref["vf"] + (1 - b2) * (gfd * gfd + e1)
@@ -379,14 +379,15 @@ def _int64_case(vec):
 
     ws.fill_(NAN)
     untiled = {k: v for k, v in lay.items() if k != "TILED"}  # phases 2 and 4 take single row tiles
-    _clip_stats_kernel[(2,)](meta, blocks, ws, stats, **untiled)
+    _clip_stats_kernel[(2,)](meta, blocks, ws, stats, ws, AMP=False, **untiled)
     u = gd * (ref["r"] / mean_r).rsqrt()[:, None] * c.double().cpu().rsqrt()[None, :]
     uf = gfd * ref["vf"].rsqrt()
     assert ws[0].item() == pytest.approx(float((u * u).sum()), rel=1e-5)
     assert ws[1].item() == pytest.approx(float((uf * uf).sum()), rel=1e-5)
 
     ws.fill_(NAN)
-    _momentum_res_kernel[(2,)](meta, blocks, ws, stats, b1, 1 - b1, b3, 1 - b3, e2, MAXIMIZE=False, **lay)
+    _momentum_res_kernel[(2,)](meta, blocks, ws, stats, ws, b1, 1 - b1, b3, 1 - b3, e2, MAXIMIZE=False, AMP=False,
+                               **lay)
     ref["m"] = b1 * ref["m"] + (1 - b1) * u / div
     ref["mf"] = b1 * ref["mf"] + (1 - b1) * uf / div_f
     res = (u / div - ref["m"]) ** 2
@@ -397,7 +398,8 @@ def _int64_case(vec):
     assert_close_rel(mf[:tail], ref["mf"], 1e-6, "m of the last chunk")
     assert torch.isnan(mf[tail:]).all()
 
-    _param_step_kernel[(2,)](meta, blocks, stats, torch.tensor([lr], device=DEV), wd, **untiled)
+    lr_t = torch.tensor([lr], device=DEV)
+    _param_step_kernel[(2,)](meta, blocks, stats, lr_t, lr_t, wd, AMP=False, **untiled)
     update = ref["m"] * (ref["R"] / mean_R).rsqrt()[:, None] * C.double().cpu().rsqrt()[None, :]
     assert_close_rel(p, ref["p"] - lr * wd * ref["p"] - lr * update, 1e-6, "p of the last stripe")
     assert_close_rel(pf[:tail], ref["pf"] - lr * wd * ref["pf"] - lr * ref["mf"], 1e-6, "p of the last chunk")

@@ -31,7 +31,7 @@ LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_B
 # Kernels launched with read_block_n(DTYPE) columns per tile (they only read g), not BLOCK_N.
 READ_ONLY = {"_sq_stats_kernel", "_clip_stats_kernel"}
 POINTERS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32",
-            "lr_ptr": "*fp32"}
+            "lr_ptr": "*fp32", "amp": "*fp32"}
 # (module, kernel, num_warps, variants of the constexprs that are not layout constants)
 KERNELS = [
     ("sq_stats", "_sq_stats_kernel", mt.NUM_WARPS, "dtype+tiled"),
@@ -74,7 +74,10 @@ def main() -> int:
     failures = 0
     for mod_name, kname, num_warps, kind in KERNELS:
         fn = getattr(importlib.import_module(f"came_kernels.triton_kernels.{mod_name}"), kname)
-        for extra in variants(kind):
+        amp = [dict(v, AMP=False) for v in variants(kind)]
+        if "AMP" in fn.arg_names:  # the GradScaler path, for one dtype (it adds a load and a multiply)
+            amp.append(dict(amp[0], AMP=True))
+        for extra in (amp if "AMP" in fn.arg_names else variants(kind)):
             constexprs = {n: v for n, v in LAYOUT.items() if n in fn.arg_names}
             constexprs.update(extra)
             if kname in READ_ONLY:

@@ -20,8 +20,8 @@ from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, 
 
 
 @triton.jit
-def _clip_stripe(meta, t, local, stats, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _clip_stripe(meta, t, local, stats, inv, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
     """Sum of u^2 over one stripe of factored tensor t."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     M, N, b, row0, row_end, _ = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED=False)  # one row tile
@@ -36,14 +36,16 @@ def _clip_stripe(meta, t, local, stats, DTYPE: tl.constexpr, ROWS: tl.constexpr,
         cmask = cols < N
         g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
+        if AMP:
+            g = g * inv
         u = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0))
         acc += u * u
     return tl.sum(tl.sum(acc, axis=1), axis=0)
 
 
 @triton.jit
-def _clip_chunk(meta, t, local, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _clip_chunk(meta, t, local, inv, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                ALIGNED: tl.constexpr, AMP: tl.constexpr):
     """Sum of u^2 = g^2 / v over one chunk of flat tensor t."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     v_ptr = _ptr(meta, t, C_ROW, tl.float32, ALIGNED)
@@ -53,28 +55,37 @@ def _clip_chunk(meta, t, local, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr, F
         offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if AMP:
+            g = g * inv
         u = g * tl.rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0))
         acc += u * u
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _clip_stats_kernel(meta, blocks, ws, stats, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _clip_stats_kernel(meta, blocks, ws, stats, amp, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                       NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+    if AMP:  # GradScaler: skip the whole step on an inf/NaN, else unscale g (amp = [found_inf, 1/scale])
+        if tl.load(amp) != 0.0:
+            return
+        inv = tl.load(amp + 1)
+    else:
+        inv = 1.0
     t, local = _this_block(blocks)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     # (Compiled Triton wants a name bound in every branch of a runtime `if` to have one type: `total` is an
     # fp32 scalar in all four.)
     if _field(meta, t, C_NROWS) > 0:  # factored
         if _field(meta, t, C_VEC) != 0:
-            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES)
+            total = _clip_stripe(meta, t, local, stats, inv, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES, AMP)
         else:
-            total = _clip_stripe(meta, t, local, stats, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES)
+            total = _clip_stripe(meta, t, local, stats, inv, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES, AMP)
     else:
         if _field(meta, t, C_VEC) != 0:
-            total = _clip_chunk(meta, t, local, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
+            total = _clip_chunk(meta, t, local, inv, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True, AMP)
         else:
-            total = _clip_chunk(meta, t, local, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False)
+            total = _clip_chunk(meta, t, local, inv, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False, AMP)
     tl.store(ws + _field(meta, t, C_WS_BLK) + local, total)
 
 
@@ -100,10 +111,12 @@ def _clip_finalize_kernel(meta, ws, stats, clip_threshold, ROWS: tl.constexpr, F
     tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q))
 
 
-def clip_stats(plan, ws, stats, *, clip_threshold: float) -> None:
-    """Launch phase 2 and its finalize for every tensor of `plan`."""
+def clip_stats(plan, ws, stats, *, clip_threshold: float, amp=None) -> None:
+    """Launch phase 2 and its finalize for every tensor of `plan` (`amp`: see sq_stats; a skipped step
+    leaves only the scratch `stats` written by the finalize, which nothing then reads)."""
     _clip_stats_kernel[(plan.n_tile_blocks,)](
-        plan.meta, plan.tile_blocks, ws, stats, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype),
-        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["clip_stats"], num_warps=NUM_WARPS)
+        plan.meta, plan.tile_blocks, ws, stats, ws if amp is None else amp, DTYPE=plan.dtype, ROWS=ROWS,
+        BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
+        NUM_STAGES=STAGES["clip_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
     _clip_finalize_kernel[(plan.n_tensors,)](plan.meta, ws, stats, clip_threshold, ROWS=ROWS,
                                              FLAT_CHUNK=FLAT_CHUNK, BLOCK=256, num_warps=4)

@@ -24,9 +24,9 @@ from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_
 
 @triton.jit
 def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
-                         DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ALIGNED: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, TILED: tl.constexpr):
+                         inv, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         TILED: tl.constexpr, AMP: tl.constexpr):
     """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
@@ -46,6 +46,8 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
             mask = rmask[:, None] & cmask[None, :]
             idx = rows[:, None] * N + cols[None, :]
             g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if AMP:
+                g = g * inv
             if MAXIMIZE:
                 g = -g
             u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
@@ -61,8 +63,9 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
 
 
 @triton.jit
-def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                    FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                    ALIGNED: tl.constexpr, AMP: tl.constexpr):
     """One chunk of flat tensor t: the momentum only (no confidence step for ndim < 2)."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
@@ -72,6 +75,8 @@ def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE: tl.const
         offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if AMP:
+            g = g * inv
         if MAXIMIZE:
             g = -g
         u_hat = g * tl.rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) / div
@@ -80,46 +85,57 @@ def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE: tl.const
 
 
 @triton.jit
-def _momentum_res_kernel(meta, blocks, ws, stats, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
+def _momentum_res_kernel(meta, blocks, ws, stats, amp, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
                          DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                          FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
-        TILED: tl.constexpr):
+                         TILED: tl.constexpr, AMP: tl.constexpr):
+    if AMP:  # GradScaler: skip the whole step on an inf/NaN, else unscale g (amp = [found_inf, 1/scale])
+        if tl.load(amp) != 0.0:
+            return
+        inv = tl.load(amp + 1)
+    else:
+        inv = 1.0
     t, local = _this_block(blocks)
     div = tl.load(stats + _field(meta, t, C_DIV))
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored
         if _field(meta, t, C_VEC) != 0:
             _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED)
+                                 eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED, AMP)
         else:
             _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED)
+                                 eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED, AMP)
     else:
         if _field(meta, t, C_VEC) != 0:
-            _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE, MAXIMIZE, FLAT_CHUNK, FLAT_BLOCK,
-                            True)
+            _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE, MAXIMIZE, FLAT_CHUNK,
+                            FLAT_BLOCK, True, AMP)
         else:
-            _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, DTYPE, MAXIMIZE, FLAT_CHUNK, FLAT_BLOCK,
-                            False)
+            _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE, MAXIMIZE, FLAT_CHUNK,
+                            FLAT_BLOCK, False, AMP)
 
 
 @triton.jit
-def _res_finalize_kernel(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2, ROWS: tl.constexpr,
+def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta3, eps2, ROWS: tl.constexpr,
                          FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
-                         NUM_STAGES: tl.constexpr):
+                         NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+    if AMP:  # a skipped step: C must not change
+        if tl.load(amp) != 0.0:
+            return
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2,
                                 COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
                                 FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)
 
 
-def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool) -> None:
-    """Launch phase 3 and its finalize for every tensor of `plan`."""
+def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None) -> None:
+    """Launch phase 3 and its finalize for every tensor of `plan` (`amp`: see sq_stats)."""
     _momentum_res_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, stats, beta1, 1.0 - beta1, beta3, 1.0 - beta3, eps2, DTYPE=plan.dtype,
-        MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
-        TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], num_warps=NUM_WARPS)
+        plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
+        eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
+        FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], AMP=amp is not None,
+        num_warps=NUM_WARPS)
     if plan.n_fin:
-        _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, beta3, 1.0 - beta3, eps2,
+        _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
+                                            beta3, 1.0 - beta3, eps2, AMP=amp is not None,
                                             ROWS=ROWS, FIN_STRIPES=FIN_STRIPES, FIN_COLS=FIN_COLS,
                                             FIN_MEAN=FIN_MEAN, NUM_STAGES=STAGES["finalize"],
                                             num_warps=FIN_WARPS)

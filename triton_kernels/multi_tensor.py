@@ -142,6 +142,7 @@ class Plan:
     vec_base: tuple = ()       # per tensor: C_VEC as far as everything but the grad allows
     vec: tuple = ()            # per tensor: the C_VEC now in `meta` (vec_base and an aligned grad)
     uploads: list = dataclasses.field(default_factory=list)  # pinned sources of the last uploads, kept alive
+    numels: tuple = ()         # per tensor: its element count (a moved grad must have it too)
 
     def update_grads(self, grads) -> None:
         """Point the table at this step's grads: a host-side compare, and uploads only when grads moved."""
@@ -149,6 +150,9 @@ class Plan:
         if ptrs == self.grad_ptrs:
             return
         _check_grads(grads, self.dtype)
+        if tuple(map(torch.Tensor.numel, grads)) != self.numels:  # never read past a grad's end
+            raise ValueError("backend='triton': a grad's size differs from its param's: "
+                             f"{[tuple(g.shape) for g in grads]} for params of {self.numels} elements")
         self.uploads = [self._upload(C_G, ptrs)]
         vec = tuple(int(ok and ptr % 16 == 0) for ok, ptr in zip(self.vec_base, ptrs))
         if vec != self.vec:  # a new grad lost (or regained) 16-byte alignment: rare
@@ -309,7 +313,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
         tile_blocks=blocks_dev if tiles == 1 else tile_blocks.to(device),
         n_tensors=len(params), n_blocks=blocks.shape[0], n_tile_blocks=tile_blocks.shape[0], n_fin=fin_blocks.shape[0],
         ws_floats=max(ws_col, ws_blk, 1), stats_floats=max(stat, 1), dtype=_TORCH_TO_TL[params[0].dtype],
-        tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec))
+        tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec), numels=tuple(p.numel() for p in params))
 
 
 # ---------------------------------------------------------------------------------- device-side helpers

@@ -58,9 +58,12 @@ def _param_chunk(meta, t, local, lr, weight_decay, DTYPE: tl.constexpr, FLAT_CHU
 
 
 @triton.jit
-def _param_step_kernel(meta, blocks, stats, lr_ptr, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                       NUM_STAGES: tl.constexpr):
+                       NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+    if AMP:  # GradScaler found an inf/NaN: the params stay as they are
+        if tl.load(amp) != 0.0:
+            return
     t, local = _this_block(blocks)
     lr = tl.load(lr_ptr)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
@@ -76,9 +79,10 @@ def _param_step_kernel(meta, blocks, stats, lr_ptr, weight_decay, DTYPE: tl.cons
             _param_chunk(meta, t, local, lr, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False)
 
 
-def param_step(plan, stats, lr, *, weight_decay: float) -> None:
-    """Launch phase 4 for every tensor of `plan`; `lr` is a 1-element fp32 tensor on the device."""
+def param_step(plan, stats, lr, *, weight_decay: float, amp=None) -> None:
+    """Launch phase 4 for every tensor of `plan`; `lr` is a 1-element fp32 tensor on the device (`amp`: see
+    sq_stats)."""
     _param_step_kernel[(plan.n_tile_blocks,)](
-        plan.meta, plan.tile_blocks, stats, lr, weight_decay, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=BLOCK_N,
-        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["param_step"],
-        num_warps=NUM_WARPS)
+        plan.meta, plan.tile_blocks, stats, lr, lr if amp is None else amp, weight_decay, DTYPE=plan.dtype,
+        ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["param_step"],
+        AMP=amp is not None, num_warps=NUM_WARPS)

@@ -23,9 +23,9 @@ from .multi_tensor import (C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_VEC, FIN_COLS,
 
 
 @triton.jit
-def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
-               NUM_STAGES: tl.constexpr, TILED: tl.constexpr):
+               NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr):
     """One stripe of factored tensor t: r for its rows, column partials of g^2 into ws."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     row_ptr = _ptr(meta, t, C_ROW, tl.float32, False)  # indexed by row: no alignment to promise
@@ -40,6 +40,8 @@ def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.const
             cmask = cols < N
             g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                         other=0.0).to(tl.float32)
+            if AMP:
+                g = g * inv
             sq = g * g
             row_sum += tl.sum(sq, axis=1)
             _add_column_partials(part, cols, cmask, tile, tl.sum(sq, axis=0))
@@ -49,8 +51,8 @@ def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.const
 
 
 @triton.jit
-def _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
-              FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+              FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, AMP: tl.constexpr):
     """One chunk of flat tensor t: v = b2*v + (1-b2)*(g^2 + eps1)."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     v_ptr = _ptr(meta, t, C_ROW, tl.float32, ALIGNED)
@@ -59,44 +61,59 @@ def _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr,
         offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if AMP:
+            g = g * inv
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         tl.store(v_ptr + offs, _ema(v, beta2, one_minus_beta2, g * g + eps1), mask=mask)
 
 
 @triton.jit
-def _sq_stats_kernel(meta, blocks, ws, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                     NUM_STAGES: tl.constexpr, TILED: tl.constexpr):
+def _sq_stats_kernel(meta, blocks, ws, amp, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                     NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr):
+    if AMP:  # GradScaler: skip the whole step on an inf/NaN, else unscale g (amp = [found_inf, 1/scale])
+        if tl.load(amp) != 0.0:
+            return
+        inv = tl.load(amp + 1)
+    else:
+        inv = 1.0
     t, local = _this_block(blocks)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored (M > 0)
         if _field(meta, t, C_VEC) != 0:
-            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES, TILED)
+            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES,
+                       TILED, AMP)
         else:
-            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES, TILED)
+            _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES,
+                       TILED, AMP)
     else:
         if _field(meta, t, C_VEC) != 0:
-            _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
+            _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, inv, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True, AMP)
         else:
-            _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False)
+            _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, inv, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False, AMP)
 
 
 @triton.jit
-def _sq_finalize_kernel(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1, ROWS: tl.constexpr,
+def _sq_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta2, one_minus_beta2, eps1, ROWS: tl.constexpr,
                         FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
-                        NUM_STAGES: tl.constexpr):
+                        NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+    if AMP:  # a skipped step: the partials are stale, c must not change
+        if tl.load(amp) != 0.0:
+            return
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1,
                                 COL=C_COL, ROW=C_ROW, MEAN_SLOT=0, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
                                 FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)
 
 
-def sq_stats(plan, ws, stats, *, beta2: float, eps1: float) -> None:
-    """Launch phase 1 and its finalize for every tensor of `plan`."""
+def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None) -> None:
+    """Launch phase 1 and its finalize for every tensor of `plan`. `amp`: None, or the fp32 device tensor
+    [found_inf, 1/grad_scale] of a GradScaler step."""
     _sq_stats_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype, ROWS=ROWS,
-        BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1,
-        NUM_STAGES=STAGES["sq_stats"], num_warps=NUM_WARPS)
+        plan.meta, plan.blocks, ws, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
+        ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
+        TILED=plan.tiles > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
     if plan.n_fin:
-        _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, beta2, 1.0 - beta2, eps1,
-                                           ROWS=ROWS, FIN_STRIPES=FIN_STRIPES, FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN,
-                                           NUM_STAGES=STAGES["finalize"], num_warps=FIN_WARPS)
+        _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
+                                           beta2, 1.0 - beta2, eps1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
+                                           FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=STAGES["finalize"],
+                                           AMP=amp is not None, num_warps=FIN_WARPS)

@@ -1,5 +1,11 @@
-"""Shared by the fused backends: run non-contiguous tensors on contiguous copies, then write them back.
+"""Shared by the fused backends: size checks before any address reaches a kernel, and contiguous copies.
 
+`check_sizes`: a kernel addresses every tensor by the param's shape, so a state tensor of another size (a
+malformed checkpoint, a tensor swapped into `optimizer.state` by hand) would be read and written out of
+bounds. The fused backends call it whenever they (re)build their device tables, i.e. whenever a tensor
+address changes, so it costs nothing in steady state.
+
+Non-contiguous tensors: 
 The kernels index contiguous [B, M, N] views. A non-contiguous tensor (a channels_last conv weight, a
 transposed view) runs on a contiguous copy that is written back after the step: a full-size temporary for
 that tensor only. Contiguous tensors, the usual case, cost one is_contiguous() check each.
@@ -7,6 +13,40 @@ that tensor only. Contiguous tensors, the usual case, cost one is_contiguous() c
 from __future__ import annotations
 
 from torch import Tensor
+
+_NAMES = ("grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols", "exp_avg_res_rows", "exp_avg_res_cols",
+          "exp_avg_sqs")
+
+
+def amp_flags(grad_scale, found_inf, device):
+    """None without a GradScaler, else the fp32 device tensor [found_inf, 1/grad_scale] every kernel reads:
+    a nonzero found_inf makes every kernel return before writing anything. 1/scale is computed as the torch
+    backend and GradScaler.unscale_ do (in double, rounded to fp32); a few tiny device ops, no host sync."""
+    if grad_scale is None and found_inf is None:
+        return None
+    import torch
+    inv = (torch.ones((), device=device) if grad_scale is None
+           else grad_scale.reshape(()).to(device).double().reciprocal().float())
+    found = torch.zeros((), device=device) if found_inf is None else found_inf.reshape(()).to(device, torch.float32)
+    return torch.stack([found, inv])
+
+
+def check_sizes(backend: str, params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> None:
+    """Raise ValueError unless every tensor has the shape the kernels will address it with (the contract:
+    grads and m like the param; r, R shape[:-1] and c, C shape[:-2]+shape[-1:] for ndim >= 2, else v like the
+    param and no row/column statistics)."""
+    for i, (p, *xs) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
+        shape = tuple(p.shape)
+        if p.ndim >= 2:
+            row, col = shape[:-1], shape[:-2] + shape[-1:]
+            want = (shape, shape, row, col, row, col, None)
+        else:
+            want = (shape, shape, None, None, None, None, shape)
+        for name, x, w in zip(_NAMES, xs, want):
+            got = None if x is None else tuple(x.shape)
+            if got != w:
+                raise ValueError(f"backend={backend!r}: {name}[{i}] has shape {got}, expected {w} for a param of "
+                                 f"shape {shape}; nothing was changed")
 
 # Position of the grads in the contract's list order (params, grads, exp_avgs, ...): only read, never written.
 _GRADS = 1

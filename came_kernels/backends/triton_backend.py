@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_sizes, contiguous_lists, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -101,8 +101,11 @@ def came_step(
     weight_decay: float,
     maximize: bool,
     cache: Optional[dict] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
 ) -> None:
-    """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md)."""
+    """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
+    grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf."""
     if _tk is None:
         raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
     # Empty tensors have nothing to update (and no blocks); the kernels never see them.
@@ -121,6 +124,7 @@ def came_step(
     plan = cache.get("plan")
     if write_back or plan is None or plan.key != _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols,
                                                                             res_rows, res_cols, sqs):
+        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
         plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
         if not write_back:  # copies are new every step: caching their addresses would be wrong
             cache["plan"] = plan
@@ -133,10 +137,11 @@ def came_step(
         if POISON_SCRATCH:
             ws.fill_(float("nan"))
             stats.fill_(float("nan"))
+        amp = amp_flags(grad_scale, found_inf, device)
 
-        _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1)
-        _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold)
-        _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize)
-        _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay)
+        _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1, amp=amp)
+        _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp)
+        _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp)
+        _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp)
 
     write_back_(write_back)
