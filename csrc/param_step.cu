@@ -5,20 +5,27 @@
 //   factored:  update = m * rsqrt(R / mean_M(R))[:, :, None] * rsqrt(C)[:, None, :]
 //   ndim < 2:  update = m
 //   p = p - lr*wd*p - lr*update      (fp32 arithmetic; p rounded to its dtype once, at the store)
+//   bf16/fp16 p: p = p - (lr*update + lr*wd*p), the decay folded into the update as in the torch backend
 // weight_decay == 0 is a compile-time switch that drops the decay term (as the torch backend does).
 //
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
 // O(rows + cols).
 // Launch: one block per stripe / flat chunk (the same blocks as the other phases), 256 threads; no finalize.
 // Determinism: purely elementwise.
+#include <type_traits>
+
 #include "multi_tensor.cuh"
 
 namespace came {
 namespace {
 
-template <bool kDecay>
+// fp32 params: came-pytorch's order (decay, then update). bf16/fp16: the decay folded into the update, as the
+// torch backend and the Triton kernels do for them (came_math.cuh). Either way p is rounded once, at the store.
+template <typename T, bool kDecay>
 __device__ __forceinline__ float step_one(float p, float update, float lr, float weight_decay) {
-  return kDecay ? param_step(p, update, lr, weight_decay) : p - lr * update;
+  if (!kDecay) return p - lr * update;
+  return std::is_same_v<T, float> ? param_step(p, update, lr, weight_decay)
+                                  : param_step_folded(p, update, lr, weight_decay);
 }
 
 template <typename T, int VEC, bool kVec, bool kDecay>
@@ -32,7 +39,7 @@ __device__ __forceinline__ void param_step_flat(const TensorTable& tab, int t, i
     load_vec<VEC, kVec>(p, i, end, pv);
     load_vec<VEC, kVec>(m, i, end, mv);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) pv[e] = step_one<kDecay>(pv[e], mv[e], lr, weight_decay);
+    for (int e = 0; e < VEC; ++e) pv[e] = step_one<T, kDecay>(pv[e], mv[e], lr, weight_decay);
     store_vec<VEC, kVec>(p, i, end, pv);
   }
 }
@@ -71,7 +78,7 @@ __device__ __forceinline__ void param_step_stripe(const TensorTable& tab, int t,
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           // same product order as the spec: (m * row_f) * col_f
-          pv[e] = step_one<kDecay>(pv[e], factored_u(mv[e], row_f[j], col_f[e]), lr, weight_decay);
+          pv[e] = step_one<T, kDecay>(pv[e], factored_u(mv[e], row_f[j], col_f[e]), lr, weight_decay);
         }
         store_vec<VEC, kVec>(p + row * s.N, col, s.N, pv);  // padding lanes are not stored
       }
