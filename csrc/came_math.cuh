@@ -11,10 +11,12 @@
 #include <cmath>
 #include <cstdint>
 
+#ifndef CAME_HD
 #if defined(__CUDACC__)
 #define CAME_HD __host__ __device__ __forceinline__
 #else
 #define CAME_HD inline
+#endif
 #endif
 
 namespace came {

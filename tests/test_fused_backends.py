@@ -169,7 +169,7 @@ def test_two_runs_are_bitwise_identical(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_tensors_in_one_group(backend):
-    # More tensors than one CUDA kernel-argument table holds (36): 100 on a GPU; 40 in the interpreter.
+    # Many tensors in one launch (100 on a GPU, 40 in the interpreter): the block -> tensor search over a long table.
     n = _steps(backend, 100, 40)
     shapes = [(5 + i % 7, 3 + i % 11) if i % 3 else (9 + i,) for i in range(n)]
     ours, spec, _, _ = _run_both(backend, shapes, torch.float32, _steps(backend, 5, 2))
