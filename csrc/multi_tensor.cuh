@@ -62,7 +62,6 @@ namespace came {
     }                                                                                          \
   }()
 
-
 #if defined(__CUDACC__)
 
 // ---- Which tensor a block works on.
@@ -298,6 +297,42 @@ __device__ __forceinline__ float strided_sum(const float* __restrict__ row, int6
   return acc;
 }
 
+// Sum of x[0, n) over groups of 4 consecutive elements: this thread takes groups first, first + stride, ...,
+// kFinBatch of them in flight, each added in element order. 16-byte loads when x is 16-byte aligned, else
+// scalar loads of the same elements: the order of the additions does not depend on the alignment.
+__device__ __forceinline__ float grouped_sum(const float* __restrict__ x, int64_t first, int64_t stride, int64_t n) {
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const int64_t full = n / 4;  // whole groups; the last partial group goes to its owner after them
+  float acc = 0.0f;
+  int64_t g = first;
+  for (; g + (kFinBatch - 1) * stride < full; g += kFinBatch * stride) {
+    float v[kFinBatch][4];
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) {
+      const int64_t i = (g + u * stride) * 4;
+      if (aligned) {
+        load_partials<4>(x + i, v[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[u][e] = x[i + e];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc += v[u][e];
+    }
+  }
+  for (; g < full; g += stride) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc += x[g * 4 + e];
+  }
+  if (g == full) {  // this thread owns the partial group (if any)
+    for (int64_t i = full * 4; i < n; ++i) acc += x[i];
+  }
+  return acc;
+}
+
 __device__ __forceinline__ void finalize_columns_and_means(const TensorDesc& d, int64_t local,
                                                            const float* __restrict__ ws, float* __restrict__ col,
                                                            const float* __restrict__ row, float* __restrict__ means,
@@ -310,13 +345,13 @@ __device__ __forceinline__ void finalize_columns_and_means(const TensorDesc& d, 
     else finalize_columns<1>(d, local, ws, col, beta, one_minus_beta, eps, red);
   } else if (block_per_mean(shape.M)) {  // a tall matrix: the whole block, then a fixed block tree
     const int64_t b = local - col_blocks;
-    const float s = block_sum(strided_sum(row + b * shape.M, threadIdx.x, kThreads, shape.M), &red[0][0]);
+    const float s = block_sum(grouped_sum(row + b * shape.M, threadIdx.x, kThreads, shape.M), &red[0][0]);
     if (threadIdx.x == 0) means[b] = s / static_cast<float>(shape.M);
   } else {  // one warp per matrix
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t b = (local - col_blocks) * kWarps + warp;
     if (b < shape.B) {
-      const float s = warp_sum(strided_sum(row + b * shape.M, lane, 32, shape.M));
+      const float s = warp_sum(grouped_sum(row + b * shape.M, lane, 32, shape.M));
       if (lane == 0) means[b] = s / static_cast<float>(shape.M);
     }
   }
