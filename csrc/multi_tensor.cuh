@@ -1,13 +1,14 @@
 // multi_tensor.cuh: the multi-tensor plumbing every phase shares, written once (device side of plan.h).
 //
 // One launch covers a whole (device, dtype) group: the per-tensor table (plan.h's TensorDesc, uploaded by
-// ops.cpp) is in device memory, and a block finds its tensor with a binary search over the table's block
-// prefix sums (find_main / find_fin). Blocks are ordered largest first (plan.h).
+// ops.cpp) is in device memory, and a block finds its tensor with a 32-wide search over the table's block
+// prefix sums (find_main / find_fin: two dependent loads up to 1024 tensors). Blocks are ordered largest
+// first (plan.h).
 //
 // Phase-kernel blocks: factored tensor [B, M, N]: block s = stripe of kRows whole rows of matrix
 // b = s / ceil(M/kRows); 8 warps, warp w owns rows w, w+8, ... of the stripe; the stripe loops over N in
-// tiles of 32*VEC columns (VEC = 16 bytes of the param dtype). Per tile a thread first loads its 8 rows
-// (load_rows: 8 back-to-back 16-byte loads per array, so 32-64 KB per block are in flight), then computes.
+// tiles of 32*VEC columns (VEC = 16 bytes of the param dtype). Per tile a thread first loads a batch of its
+// rows (RowTile: 4-8 back-to-back 16-byte loads per array, 32-48 KB per block in flight), then computes.
 // Row sums are complete in the block; column sums are per-stripe partials written to fixed workspace slots
 // and added by the column finalize (finalize_columns_and_means). Flat tensor (ndim < 2, 0-d included):
 // block k = elements [k*kFlatChunk, (k+1)*kFlatChunk).
@@ -70,9 +71,11 @@ struct BlockRef {
   int64_t local;        // block index within that tensor
 };
 
+// Every warp runs the search (all 32 lanes must be active: call it first thing in a kernel).
 __device__ __forceinline__ BlockRef find_in(const DeviceTable& tab, const int32_t* __restrict__ start) {
   const int32_t b = static_cast<int32_t>(blockIdx.x);
-  const int k = owner_of(start, tab.n, b);
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int k = owner_of_32(start, tab.n, b, [&](auto pred) { return __ballot_sync(0xffffffffu, pred(lane)); });
   return {tab.t + k, static_cast<int64_t>(b) - start[k]};
 }
 // Phase-kernel blocks (stripes / flat chunks) and column-finalize blocks.

@@ -74,6 +74,14 @@ CAME_HD int64_t block_elems_of(const Shape& s) {
   return s.numel < kFlatChunk ? s.numel : kFlatChunk;
 }
 
+CAME_HD int count_leading_zeros(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __clz(static_cast<int>(x));
+#else
+  return x == 0 ? 32 : __builtin_clz(x);
+#endif
+}
+
 // The slot owning block b of a launch: the last slot k < n with start[k] <= b (start is a prefix sum of
 // blocks over the n slots; a slot with no blocks shares its start with its successor and is skipped).
 CAME_HD int owner_of(const int32_t* start, int n, int32_t b) {
@@ -81,6 +89,28 @@ CAME_HD int owner_of(const int32_t* start, int n, int32_t b) {
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
     if (start[mid] <= b) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The same search, 32 slots per round (two rounds up to 1024 slots instead of ~log2(n) dependent loads): in
+// each round lane l probes the first slot of the l-th of 32 equal segments of the remaining range, and the
+// last segment whose first start is <= b holds the owner (start is nondecreasing, start[lo] <= b always).
+// `ballot(pred)` returns the 32-lane mask of pred(lane): __ballot_sync on the device, a loop over the lanes
+// in the host test, so both run this very code.
+template <typename Ballot>
+CAME_HD int owner_of_32(const int32_t* start, int n, int32_t b, Ballot ballot) {
+  int lo = 0, len = n;
+  while (len > 1) {
+    const int step = (len + 31) / 32;
+    const uint32_t mask = ballot([&](int lane) {
+      const int k = lo + lane * step;
+      return k < lo + len && start[k] <= b;
+    });
+    const int last = 31 - count_leading_zeros(mask);  // lane 0 is always set: start[lo] <= b
+    const int end = lo + len;
+    lo += last * step;
+    len = (end - lo) < step ? (end - lo) : step;
   }
   return lo;
 }

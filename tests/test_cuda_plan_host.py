@@ -107,19 +107,33 @@ def test_prefix_sums_and_workspace_slices(lib):
     assert ws == max(col_end, blk_end, 1)
 
 
-def test_every_block_finds_its_tensor(lib):
-    # owner_of, as the kernels run it, over both prefix sums: every block maps to the slot whose range holds
-    # it; slots with no finalize blocks (flat tensors) are never chosen.
-    order, _, _, main, fin, _ = _layout(lib, SHAPES)
-    n = len(SHAPES)
+def _owners(lib, start, wide):
+    n = len(start) - 1
+    total = start[-1]
+    out = (ctypes.c_int32 * total)()
     lib.came_owners.restype = None
+    lib.came_owners((ctypes.c_int32 * (n + 1))(*start), n, total, wide, out)
+    return list(out)
+
+
+@pytest.mark.parametrize("wide", [0, 1], ids=["binary", "32-wide"])
+def test_every_block_finds_its_tensor(lib, wide):
+    # Both searches (the kernels run the 32-wide one) over both prefix sums: every block maps to the slot
+    # whose range holds it; slots with no finalize blocks (flat tensors) are never chosen.
+    _, _, _, main, fin, _ = _layout(lib, SHAPES)
     for start in (main, fin):
-        total = start[-1]
-        arr = (ctypes.c_int32 * (n + 1))(*start)
-        out = (ctypes.c_int32 * total)()
-        lib.came_owners(arr, n, total, out)
-        expect = [k for k in range(n) for _ in range(start[k + 1] - start[k])]
-        assert list(out) == expect
+        expect = [k for k in range(len(start) - 1) for _ in range(start[k + 1] - start[k])]
+        assert _owners(lib, start, wide) == expect
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 100, 1023, 1024, 1025, 3000])
+def test_32_wide_search_on_long_tables_with_empty_slots(lib, n):
+    # Three rounds past 1024 slots; every third slot has no blocks (it shares its start with the next one).
+    start = [0]
+    for k in range(n):
+        start.append(start[-1] + (0 if k % 3 == 1 else 1 + k % 4))
+    expect = [k for k in range(n) for _ in range(start[k + 1] - start[k])]
+    assert _owners(lib, start, 1) == expect == _owners(lib, start, 0)
 
 
 def test_table_is_128_bytes_per_tensor_plus_prefix_sums(lib):

@@ -29,9 +29,15 @@ int64_t came_layout(const int64_t* shapes, int n, int32_t* order, int64_t* ws_co
   return L.ws_floats;
 }
 
-// owner_of for every block b in [0, total): out[b] = slot.
-void came_owners(const int32_t* start, int n, int32_t total, int32_t* out) {
-  for (int32_t b = 0; b < total; ++b) out[b] = owner_of(start, n, b);
+// owner_of (wide = 0) or the kernels' 32-wide owner_of_32 (wide = 1, lanes run in a loop) for every block b
+// in [0, total): out[b] = slot.
+void came_owners(const int32_t* start, int n, int32_t total, int wide, int32_t* out) {
+  auto ballot = [](auto pred) {
+    uint32_t mask = 0;
+    for (int lane = 0; lane < 32; ++lane) mask |= static_cast<uint32_t>(pred(lane) ? 1 : 0) << lane;
+    return mask;
+  };
+  for (int32_t b = 0; b < total; ++b) out[b] = wide ? owner_of_32(start, n, b, ballot) : owner_of(start, n, b);
 }
 
 // Per-shape block counts, as the kernels compute them: main, finalize column blocks, finalize mean blocks,
