@@ -11,10 +11,12 @@
 #include <cmath>
 #include <cstdint>
 
+#ifndef CAME_HD
 #if defined(__CUDACC__)
 #define CAME_HD __host__ __device__ __forceinline__
 #else
 #define CAME_HD inline
+#endif
 #endif
 
 namespace came {
@@ -70,6 +72,13 @@ CAME_HD float residual(float u_hat, float m) {
 CAME_HD float param_step(float p, float update, float lr, float weight_decay) {
   const float decayed = p - (lr * weight_decay) * p;
   return decayed - lr * update;
+}
+
+// Phase 4 for bf16/fp16 params: the decay folded into the update, p - (lr*update + lr*wd*p), as the torch
+// backend (update = lr*update; update += lr*wd*p; p -= update) and triton_kernels/came_math.py's _param_update
+// do for a param whose dtype is not the math dtype. Same fp32 roundings as those mirrors; p is rounded once.
+CAME_HD float param_step_folded(float p, float update, float lr, float weight_decay) {
+  return p - (update * lr + p * (lr * weight_decay));
 }
 
 }  // namespace came

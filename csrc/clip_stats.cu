@@ -11,29 +11,36 @@
 //
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B); flat tensors also read v (4 B). r, c, mean_M(r)
 // are O(rows + cols) and stay in L2.
-// Launch: clip_stats_kernel one block per stripe / flat chunk, 256 threads (same blocks as sq_stats);
-// clip_finalize_kernel one block per tensor of the launch-chunk.
-// Determinism: fixed-order block trees and an in-order sum of the partials: bitwise reproducible.
+// Launch: one clip_stats_kernel over the whole group, one block per stripe / flat chunk, 256 threads (the
+// blocks of sq_stats); one clip_finalize_kernel, one block per tensor (blockIdx.x is the table slot).
+// Determinism: fixed-order block trees and a fixed-pattern sum of the partials: bitwise reproducible.
 #include "multi_tensor.cuh"
 
 namespace came {
 namespace {
 
 template <typename T, int VEC, bool kVec>
-__device__ __forceinline__ float sum_u2_flat(const TensorTable& tab, int t, int64_t local) {
-  const T* g = static_cast<const T*>(tab.g[t]);
-  const float* v = tab.row[t];
-  const int64_t end = std::min(tab.numel[t], (local + 1) * kFlatChunk);
+__device__ __forceinline__ float sum_u2_flat(const TensorDesc& d, int64_t local) {
+  constexpr int kUnroll = 16 / VEC;  // 16 elements per thread per batch: the loads go out together
+  const T* __restrict__ g = static_cast<const T*>(d.g);
+  const float* __restrict__ v = d.row;
+  const int64_t end = std::min(d.numel, (local + 1) * kFlatChunk);
   float acc = 0.0f;
-  for (int64_t i = local * kFlatChunk + threadIdx.x * VEC; i < end; i += kThreads * VEC) {
-    float gv[VEC], vv[VEC];
-    load_vec<VEC, kVec>(g, i, end, gv);
-    load_vec<VEC, kVec>(v, i, end, vv);
+  for (int64_t i0 = local * kFlatChunk + threadIdx.x * VEC; i0 < end; i0 += kUnroll * kThreads * VEC) {
+    float gv[kUnroll][VEC], vv[kUnroll][VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (i + e < end) {  // v = 0 past the end would give 0 * inf
-        const float u = vector_u(gv[e], vv[e]);
-        acc += u * u;
+    for (int u = 0; u < kUnroll; ++u) {
+      load_vec<VEC, kVec>(g, i0 + u * kThreads * VEC, end, gv[u]);
+      load_vec<VEC, kVec>(v, i0 + u * kThreads * VEC, end, vv[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (i0 + u * kThreads * VEC + e < end) {  // v = 0 past the end would give 0 * inf
+          const float x = vector_u(gv[u][e], vv[u][e]);
+          acc += x * x;
+        }
       }
     }
   }
@@ -41,18 +48,19 @@ __device__ __forceinline__ float sum_u2_flat(const TensorTable& tab, int t, int6
 }
 
 template <typename T, int VEC, bool kVec>
-__device__ __forceinline__ float sum_u2_stripe(const TensorTable& tab, int t, int64_t local) {
+__device__ __forceinline__ float sum_u2_stripe(const TensorDesc& d, int64_t local) {
+  constexpr int kB = kReadBatch<kVec>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Stripe s = stripe_of(tab, t, local);
-  const T* g = static_cast<const T*>(tab.g[t]);
-  const float* r = tab.row[t];
-  const float* c = tab.col[t] + s.b * s.N;
-  const float mean_r = tab.stat[t][s.b];
+  const Stripe s = stripe_of(d.M, d.N, local);
+  const T* __restrict__ g = static_cast<const T*>(d.g);
+  const float* __restrict__ r = d.row;
+  const float* __restrict__ c = d.col + s.b * s.N;
+  const float mean_r = d.stat[s.b];
 
   float row_f[kRowsPerWarp];  // rsqrt(r / mean_M(r)) of the warp's rows
 #pragma unroll
   for (int j = 0; j < kRowsPerWarp; ++j) {
-    const int64_t row = s.row0 + warp + j * kWarps;
+    const int64_t row = warp_row(s, warp, j);
     row_f[j] = row < s.row_end ? row_factor(r[row], mean_r) : 0.0f;
   }
 
@@ -63,16 +71,18 @@ __device__ __forceinline__ float sum_u2_stripe(const TensorTable& tab, int t, in
 #pragma unroll
     for (int e = 0; e < VEC; ++e) col_f[e] = col_factor(col_f[e]);
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j) {
-      const int64_t row = s.row0 + warp + j * kWarps;
-      if (row < s.row_end) {
-        float x[VEC];
-        load_vec<VEC, kVec>(g + row * s.N, col, s.N, x);
+    for (int j0 = 0; j0 < kRowsPerWarp; j0 += kB) {
+      RowTile<T, VEC, kVec, kB> x;
+      x.load(g, s, warp, j0, col);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          if (col + e < s.N) {
-            const float u = factored_u(x[e], row_f[j], col_f[e]);
-            acc += u * u;
+      for (int jj = 0; jj < kB; ++jj) {
+        if (x.ok[jj]) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            if (col + e < s.N) {  // padding lanes: c = 0 gives rsqrt(0) = inf, and 0 * inf = NaN
+              const float u = factored_u(x.at(jj, e), row_f[j0 + jj], col_f[e]);
+              acc += u * u;
+            }
           }
         }
       }
@@ -82,54 +92,42 @@ __device__ __forceinline__ float sum_u2_stripe(const TensorTable& tab, int t, in
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) clip_stats_kernel(TensorTable tab, float* ws) {
+__global__ void __launch_bounds__(kThreads, 2) clip_stats_kernel(DeviceTable tab, float* ws) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float scratch[kWarps];
-  const BlockRef blk = find_block(tab);
+  const BlockRef blk = find_main(tab);
+  const TensorDesc& d = *blk.d;
   float acc;
-  if (tab.M[blk.t] == 0) {
-    acc = tab.vec_ok[blk.t] ? sum_u2_flat<T, VEC, true>(tab, blk.t, blk.local)
-                            : sum_u2_flat<T, VEC, false>(tab, blk.t, blk.local);
+  if (d.M == 0) {
+    acc = d.vec_ok ? sum_u2_flat<T, VEC, true>(d, blk.local) : sum_u2_flat<T, VEC, false>(d, blk.local);
   } else {
-    acc = tab.vec_ok[blk.t] ? sum_u2_stripe<T, VEC, true>(tab, blk.t, blk.local)
-                            : sum_u2_stripe<T, VEC, false>(tab, blk.t, blk.local);
+    acc = d.vec_ok ? sum_u2_stripe<T, VEC, true>(d, blk.local) : sum_u2_stripe<T, VEC, false>(d, blk.local);
   }
   const float total = block_sum(acc, scratch);
-  if (threadIdx.x == 0) ws[tab.ws_off[blk.t] + blk.local] = total;
+  if (threadIdx.x == 0) ws[d.ws_blk + blk.local] = total;
 }
 
-// One block per tensor: add its partials in order, then the divisor max(1, RMS(u) / d).
-__global__ void __launch_bounds__(kThreads) clip_finalize_kernel(TensorTable tab, const float* ws, Hyper h) {
+// One block per tensor: add its partials (thread i: partials i, i+256, ..., then a fixed block tree), then
+// the divisor max(1, RMS(u) / d).
+__global__ void __launch_bounds__(kThreads) clip_finalize_kernel(DeviceTable tab, const float* ws, Hyper h) {
   __shared__ float scratch[kWarps];
   const int t = static_cast<int>(blockIdx.x);
-  const int64_t numel = tab.numel[t];
-  const int64_t parts = tab.M[t] > 0 ? (numel / (tab.M[t] * tab.N[t])) * ((tab.M[t] + kRows - 1) / kRows)
-                                     : (numel + kFlatChunk - 1) / kFlatChunk;  // = main_blocks_of
-  const float* part = ws + tab.ws_off[t];
-  float acc = 0.0f;
-  for (int64_t i = threadIdx.x; i < parts; i += kThreads) acc += part[i];
-  const float total = block_sum(acc, scratch);
-  if (threadIdx.x == 0) {
-    const int64_t B = tab.M[t] > 0 ? numel / (tab.M[t] * tab.N[t]) : 0;
-    tab.stat[t][2 * B] = clip_divisor(total, numel, h.clip_threshold);
-  }
+  const TensorDesc& d = tab.t[t];
+  const int64_t parts = tab.main_start[t + 1] - tab.main_start[t];
+  const float total = block_sum(strided_sum(ws + d.ws_blk, threadIdx.x, kThreads, parts), scratch);
+  if (threadIdx.x == 0) d.stat[2 * d.B] = clip_divisor(total, d.numel, h.clip_threshold);
 }
 
 }  // namespace
 
-void clip_stats_launch(const Group& grp, const Hyper& h, at::Tensor& stats, at::Tensor& ws) {
+void clip_stats_launch(const Group& grp, const Hyper& h, float* ws) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "clip_stats", [&] {
-    for_each_chunk(grp, [&](size_t first, size_t last) {
-      TensorTable tab = make_table(grp, first, last, stats, WsLayout::kBlockPartials);
-      const int64_t blocks = fill_blocks(tab, grp, first, main_blocks_of);
-      clip_stats_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(tab, ws.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      // The finalize grid is one block per tensor: blockIdx.x is the table slot.
-      clip_finalize_kernel<<<tab.ntensors, kThreads, 0, stream>>>(tab, ws.data_ptr<float>(), h);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    clip_stats_kernel<scalar_t><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, ws);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  clip_finalize_kernel<<<grp.tab.n, kThreads, 0, stream>>>(grp.tab, ws, h);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace came

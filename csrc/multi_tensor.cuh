@@ -1,19 +1,17 @@
-// multi_tensor.cuh: the multi-tensor plumbing every phase shares, written once.
+// multi_tensor.cuh: the multi-tensor plumbing every phase shares, written once (device side of plan.h).
 //
-// One launch covers up to kMaxTensors tensors of one (device, dtype) group. Their addresses, shapes and
-// workspace offsets travel by value in a kernel argument (TensorTable), as in PyTorch's
-// MultiTensorApply.cuh, so a step needs no host-to-device copy and no device-side table to keep in sync
-// with the parameters. Unlike MultiTensorApply the table holds one prefix sum of blocks per tensor, not one
-// entry per block: a block finds its tensor by a binary search over <= 36 entries, so a launch may hold any
-// number of blocks and a large group needs ceil(tensors / 36) launches per kernel, not one per 320 chunks.
+// One launch covers a whole (device, dtype) group: the per-tensor table (plan.h's TensorDesc, uploaded by
+// ops.cpp) is in device memory, and a block finds its tensor with a 32-wide search over the table's block
+// prefix sums (find_main / find_fin: two dependent loads up to 1024 tensors). Blocks are ordered largest
+// first (plan.h).
 //
-// Work units ("blocks"), the same in every phase kernel:
-//   factored tensor [B, M, N]: block s = stripe of kRows whole rows of matrix b = s / ceil(M/kRows);
-//     8 warps, warp w walks rows w, w+8, ... of the stripe; the stripe loops over N in tiles of 32*VEC
-//     columns (VEC = 16 bytes of the param dtype), so row sums are complete in the block and column sums
-//     are per-stripe partials written to fixed workspace slots.
-//   flat tensor (ndim < 2, 0-d included): block k = elements [k*kFlatChunk, (k+1)*kFlatChunk).
-// Finalize kernels use their own block counts over the same table (set by fill_blocks).
+// Phase-kernel blocks: factored tensor [B, M, N]: block s = stripe of kRows whole rows of matrix
+// b = s / ceil(M/kRows); 8 warps, warp w owns rows w, w+8, ... of the stripe; the stripe loops over N in
+// tiles of 32*VEC columns (VEC = 16 bytes of the param dtype). Per tile a thread first loads a batch of its
+// rows (RowTile: 4-8 back-to-back 16-byte loads per array, 32-48 KB per block in flight), then computes.
+// Row sums are complete in the block; column sums are per-stripe partials written to fixed workspace slots
+// and added by the column finalize (finalize_columns_and_means). Flat tensor (ndim < 2, 0-d included):
+// block k = elements [k*kFlatChunk, (k+1)*kFlatChunk).
 #pragma once
 
 #include <algorithm>
@@ -27,6 +25,7 @@
 
 #include "came_math.cuh"
 #include "came_ops.h"
+#include "plan.h"
 
 namespace came {
 
@@ -64,109 +63,24 @@ namespace came {
     }                                                                                          \
   }()
 
-// ---- The kernel-argument table (about 3.6 KiB for 36 tensors; see kMaxTensors).
-struct TensorTable {
-  void* p[kMaxTensors];              // param (storage dtype)
-  const void* g[kMaxTensors];        // grad (storage dtype)
-  float* m[kMaxTensors];             // exp_avg
-  float* row[kMaxTensors];           // exp_avg_sq_row r [B*M] (factored) or exp_avg_sq v [numel] (flat)
-  float* col[kMaxTensors];           // exp_avg_sq_col c [B*N]
-  float* res_row[kMaxTensors];       // exp_avg_res_row R [B*M]
-  float* res_col[kMaxTensors];       // exp_avg_res_col C [B*N]
-  float* stat[kMaxTensors];          // slice of stats: mean_M(r)[B], mean_M(R)[B], clip divisor
-  int64_t numel[kMaxTensors];
-  int64_t M[kMaxTensors];            // 0 for flat tensors
-  int64_t N[kMaxTensors];
-  int64_t ws_off[kMaxTensors];       // first workspace float of this tensor
-  int32_t block_start[kMaxTensors + 1];  // prefix sum of blocks; block_start[ntensors] = grid size
-  uint8_t vec_ok[kMaxTensors];       // 16-byte loads allowed: every pointer aligned, N % VEC == 0
-  int32_t ntensors;
-};
-
-// Which workspace layout a launch uses: column partials (phases 1 and 3) or one float per block (phase 2).
-enum class WsLayout { kColumnPartials, kBlockPartials, kNone };
-
-// Fill everything but block_start for tensors [first, last) of the group.
-inline TensorTable make_table(const Group& grp, size_t first, size_t last, at::Tensor& stats, WsLayout ws) {
-  TensorTable tab;
-  tab.ntensors = static_cast<int32_t>(last - first);
-  const int vec = 16 / static_cast<int>(c10::elementSize(grp.dtype));
-  int64_t ws_off = 0;
-  float* stats_base = stats.data_ptr<float>();
-  for (size_t i = first; i < last; ++i) {
-    const TensorRef& t = grp.ts[i];
-    const int k = static_cast<int>(i - first);
-    auto addr = [](const at::Tensor& x) -> void* { return x.defined() ? x.data_ptr() : nullptr; };
-    tab.p[k] = t.p.data_ptr();
-    tab.g[k] = t.g.data_ptr();
-    tab.m[k] = t.m.data_ptr<float>();
-    tab.row[k] = static_cast<float*>(t.factored() ? addr(t.r) : addr(t.v));
-    tab.col[k] = static_cast<float*>(addr(t.c));
-    tab.res_row[k] = static_cast<float*>(addr(t.R));
-    tab.res_col[k] = static_cast<float*>(addr(t.C));
-    tab.stat[k] = stats_base + t.stat_off;
-    tab.numel[k] = t.numel;
-    tab.M[k] = t.M;
-    tab.N[k] = t.N;
-    tab.ws_off[k] = ws_off;
-    if (ws == WsLayout::kColumnPartials) ws_off += colpart_floats_of(t);
-    if (ws == WsLayout::kBlockPartials) ws_off += main_blocks_of(t);
-    // 16-byte loads need every full-size row (or chunk) to start on a 16-byte boundary.
-    bool ok = t.factored() ? (t.N % vec == 0) : true;
-    for (const void* ptr : {addr(t.p), addr(t.g), addr(t.m), addr(t.c), addr(t.C), addr(t.v)}) {
-      ok = ok && (reinterpret_cast<uintptr_t>(ptr) % 16 == 0);
-    }
-    tab.vec_ok[k] = ok ? 1 : 0;
-  }
-  return tab;
-}
-
-// Set block_start from a per-tensor block count; returns the grid size (0: nothing to launch).
-template <typename BlocksOf>
-inline int64_t fill_blocks(TensorTable& tab, const Group& grp, size_t first, BlocksOf blocks_of) {
-  int64_t total = 0;
-  for (int k = 0; k < tab.ntensors; ++k) {
-    tab.block_start[k] = static_cast<int32_t>(total);
-    total += blocks_of(grp.ts[first + k]);
-    TORCH_CHECK(total <= INT32_MAX, "came_kernels: more than 2^31-1 blocks in one launch");
-  }
-  tab.block_start[tab.ntensors] = static_cast<int32_t>(total);
-  return total;
-}
-
-// Run fn(first, last) for each launch-chunk of at most kMaxTensors tensors, in list order.
-template <typename Fn>
-inline void for_each_chunk(const Group& grp, Fn fn) {
-  for (size_t first = 0; first < grp.ts.size(); first += kMaxTensors) {
-    const size_t last = std::min(grp.ts.size(), first + static_cast<size_t>(kMaxTensors));
-    fn(first, last);
-  }
-}
-
-// Finalize kernels of phases 1 and 3: the column EMAs (one thread per column of every matrix) and the
-// per-matrix means of the row statistic (one warp per matrix).
-inline int64_t finalize_blocks_of(const TensorRef& t) {
-  return t.factored() ? ceil_div(t.B * t.N, kThreads) + ceil_div(t.B, kWarps) : 0;
-}
-
 #if defined(__CUDACC__)
 
+// ---- Which tensor a block works on.
 struct BlockRef {
-  int t;          // tensor slot in the table
-  int64_t local;  // block index within that tensor
+  const TensorDesc* d;  // its table entry
+  int64_t local;        // block index within that tensor
 };
 
-// The tensor owning this block: the last slot whose block_start <= blockIdx.x (tensors with zero blocks
-// share a start with their successor and are skipped this way).
-__device__ __forceinline__ BlockRef find_block(const TensorTable& tab) {
+// Every warp runs the search (all 32 lanes must be active: call it first thing in a kernel).
+__device__ __forceinline__ BlockRef find_in(const DeviceTable& tab, const int32_t* __restrict__ start) {
   const int32_t b = static_cast<int32_t>(blockIdx.x);
-  int lo = 0, hi = tab.ntensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tab.block_start[mid] <= b) lo = mid; else hi = mid - 1;
-  }
-  return {lo, static_cast<int64_t>(b) - tab.block_start[lo]};
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int k = owner_of_32(start, tab.n, b, [&](auto pred) { return __ballot_sync(0xffffffffu, pred(lane)); });
+  return {tab.t + k, static_cast<int64_t>(b) - start[k]};
 }
+// Phase-kernel blocks (stripes / flat chunks) and column-finalize blocks.
+__device__ __forceinline__ BlockRef find_main(const DeviceTable& tab) { return find_in(tab, tab.main_start); }
+__device__ __forceinline__ BlockRef find_fin(const DeviceTable& tab) { return find_in(tab, tab.fin_start); }
 
 // Geometry of stripe `local` of a factored tensor. Rows are global over the batch: row i of matrix b is
 // b*M + i, which is also its index in r and R.
@@ -174,20 +88,22 @@ struct Stripe {
   int64_t M, N, b;
   int64_t row0, row_end;  // rows [row0, row_end) of the flattened [B*M, N] view
 };
-__device__ __forceinline__ Stripe stripe_of(const TensorTable& tab, int t, int64_t local) {
+__device__ __forceinline__ Stripe stripe_of(int64_t M, int64_t N, int64_t local) {
   Stripe s;
-  s.M = tab.M[t];
-  s.N = tab.N[t];
-  const int64_t per_matrix = (s.M + kRows - 1) / kRows;
+  s.M = M;
+  s.N = N;
+  const int64_t per_matrix = stripes_per_matrix(M);
   s.b = local / per_matrix;
-  s.row0 = s.b * s.M + (local - s.b * per_matrix) * kRows;
-  const int64_t matrix_end = (s.b + 1) * s.M;
+  s.row0 = s.b * M + (local - s.b * per_matrix) * kRows;
+  const int64_t matrix_end = (s.b + 1) * M;
   s.row_end = s.row0 + kRows < matrix_end ? s.row0 + kRows : matrix_end;
   return s;
 }
+// Row j (0 <= j < kRowsPerWarp) of this warp in the stripe (may be >= row_end in a matrix's last stripe).
+__device__ __forceinline__ int64_t warp_row(const Stripe& s, int warp, int j) { return s.row0 + warp + j * kWarps; }
 
 // ---- Loads and stores of VEC consecutive elements as fp32 registers. kVec: 16-byte accesses allowed
-// (the caller checked alignment); the last partial vector of a row or tensor falls back to scalars.
+// (the host checked alignment); the last partial vector of a row or tensor falls back to scalars.
 template <typename T, int VEC>
 struct alignas(16) Pack {
   T v[VEC];
@@ -220,6 +136,41 @@ __device__ __forceinline__ void store_vec(T* __restrict__ base, int64_t i, int64
   }
 }
 
+// kBatch of the warp's rows of a stripe, j0 .. j0 + kBatch - 1, at columns [col, col + VEC), loaded with
+// every load issued before any value is used (kBatch 16-byte loads in flight per thread and array) and kept
+// in the storage dtype until read (bf16/fp16: half the registers of fp32 copies). at(jj, e) is 0 outside
+// the stripe or past N. kVec: a row past the stripe or a lane past N loads row0's first vector, a valid
+// address, and drops it, so the loads need no branch. Otherwise (unaligned, or N % VEC != 0): guarded
+// scalar loads; use kBatch = 1 there (a batch of scalar loads costs a register per element).
+template <typename T, int VEC, bool kVec, int kBatch>
+struct RowTile {
+  Pack<T, VEC> pk[kBatch];
+  bool ok[kBatch];
+
+  __device__ __forceinline__ void load(const T* __restrict__ base, const Stripe& s, int warp, int j0, int64_t col) {
+#pragma unroll
+    for (int jj = 0; jj < kBatch; ++jj) {
+      const int64_t row = warp_row(s, warp, j0 + jj);
+      ok[jj] = row < s.row_end && col < s.N;
+      if constexpr (kVec) {
+        pk[jj] = *reinterpret_cast<const Pack<T, VEC>*>(base + (ok[jj] ? row * s.N + col : s.row0 * s.N));
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          pk[jj].v[e] = ok[jj] && col + e < s.N ? base[row * s.N + col + e] : static_cast<T>(0.0f);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ float at(int jj, int e) const {
+    return ok[jj] ? static_cast<float>(pk[jj].v[e]) : 0.0f;
+  }
+};
+
+// Rows per load batch: all the warp's rows with 16-byte loads, else one row at a time.
+template <bool kVec>
+constexpr int kReadBatch = kVec ? kRowsPerWarp : 1;
+
 // ---- Fixed-order reductions (deterministic: no atomics; the tree shape depends only on the launch).
 // Sum over the warp, valid in lane 0.
 __device__ __forceinline__ float warp_sum(float x) {
@@ -245,8 +196,10 @@ __device__ __forceinline__ float block_sum(float x, float* scratch /* [kWarps] s
 
 // Cross-warp column sums of a tile: each warp holds its rows' sums of columns [col0 + lane*VEC, +VEC) in
 // `acc`; the 8 warps' values are added in warp order and written to out[col0 + k] (k < 32*VEC, < N).
+// One barrier per tile: the caller alternates between two `tile` buffers, so a warp that runs ahead into
+// the next tile writes the other buffer (the one read two tiles ago, which every warp has passed since).
 template <int VEC>
-__device__ __forceinline__ void write_column_partials(const float (&acc)[VEC], float (*tile)[32 * VEC],
+__device__ __forceinline__ void write_column_partials(const float (&acc)[VEC], float (&tile)[kWarps][32 * VEC],
                                                       float* __restrict__ out, int64_t col0, int64_t N) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
@@ -260,38 +213,149 @@ __device__ __forceinline__ void write_column_partials(const float (&acc)[VEC], f
       out[col0 + k] = s;
     }
   }
-  __syncthreads();  // the tile is rewritten by the next column tile
 }
 
-// Finalize of phases 1 and 3 for one block of a factored tensor:
-//   column blocks: col[b, n] = beta*col + (1-beta)*(sum over the stripes of matrix b of partial[s, n] / M + eps),
-//                  the stripes added in order;
+// ---- Column finalize of phases 1 and 3 (plan.h: column blocks, then mean blocks) for one block:
+//   column blocks: col[b, n] = beta*col + (1-beta)*(sum over the S stripes of matrix b of partial[s, n] / M + eps)
 //   mean blocks:   means[b] = mean_M(row[b, :]) (row already updated in-block by the phase kernel).
-__device__ __forceinline__ void finalize_columns_and_means(const TensorTable& tab, int t, int64_t local,
+// No serial chain: warp w of a column block adds stripes w, w+8, w+16, ... of the block's 32*FV columns
+// (kFinBatch loads in flight per thread, added in stripe order), then the 8 warps' sums are added in warp
+// order. The order depends on the shape only: bitwise reproducible.
+constexpr int kFinBatch = 8;
+
+// FV consecutive partials as fp32: one 16-byte load for FV = 4 (the host padded every tensor's partials
+// to 16 bytes and N % 4 == 0), one 4-byte load for FV = 1.
+template <int FV>
+__device__ __forceinline__ void load_partials(const float* __restrict__ p, float (&x)[FV]) {
+  if constexpr (FV == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+  } else {
+    x[0] = *p;
+  }
+}
+
+template <int FV>
+__device__ __forceinline__ void finalize_columns(const TensorDesc& d, int64_t local, const float* __restrict__ ws,
+                                                 float* __restrict__ col, float beta, float one_minus_beta,
+                                                 float eps, float (&red)[kWarps][128]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t M = d.M, N = d.N, total = d.B * N;
+  const int64_t S = stripes_per_matrix(M);
+  const int64_t k0 = local * (32 * FV) + lane * FV;  // this lane's first entry of the [B, N] column statistic
+  float acc[FV];
+#pragma unroll
+  for (int e = 0; e < FV; ++e) acc[e] = 0.0f;
+  if (k0 < total) {  // FV = 4: N % 4 == 0, so the lane's 4 entries are all < total and in one matrix
+    const int64_t b = k0 / N, n = k0 - b * N;
+    const float* __restrict__ part = ws + d.ws_col + b * S * N + n;  // partial[s, n] = part[s * N]
+    int64_t s = warp;
+    for (; s + (kFinBatch - 1) * kWarps < S; s += kFinBatch * kWarps) {
+      float x[kFinBatch][FV];
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) load_partials<FV>(part + (s + u * kWarps) * N, x[u]);
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+#pragma unroll
+        for (int e = 0; e < FV; ++e) acc[e] += x[u][e];
+      }
+    }
+    for (; s < S; s += kWarps) {
+      float x[FV];
+      load_partials<FV>(part + s * N, x);
+#pragma unroll
+      for (int e = 0; e < FV; ++e) acc[e] += x[e];
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < FV; ++e) red[warp][lane * FV + e] = acc[e];
+  __syncthreads();
+  for (int c = threadIdx.x; c < 32 * FV; c += kThreads) {
+    const int64_t k = local * (32 * FV) + c;
+    if (k < total) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][c];
+      col[k] = ema(col[k], beta, one_minus_beta, mean_plus_eps(sum, static_cast<float>(M), eps));
+    }
+  }
+}
+
+// Sum of row[i] for i = first, first + stride, ... < n: kFinBatch loads in flight, added in index order.
+__device__ __forceinline__ float strided_sum(const float* __restrict__ row, int64_t first, int64_t stride,
+                                             int64_t n) {
+  float acc = 0.0f;
+  int64_t i = first;
+  for (; i + (kFinBatch - 1) * stride < n; i += kFinBatch * stride) {
+    float x[kFinBatch];
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) x[u] = row[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) acc += x[u];
+  }
+  for (; i < n; i += stride) acc += row[i];
+  return acc;
+}
+
+// Sum of x[0, n) over groups of 4 consecutive elements: this thread takes groups first, first + stride, ...,
+// kFinBatch of them in flight, each added in element order. 16-byte loads when x is 16-byte aligned, else
+// scalar loads of the same elements: the order of the additions does not depend on the alignment.
+__device__ __forceinline__ float grouped_sum(const float* __restrict__ x, int64_t first, int64_t stride, int64_t n) {
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const int64_t full = n / 4;  // whole groups; the last partial group goes to its owner after them
+  float acc = 0.0f;
+  int64_t g = first;
+  for (; g + (kFinBatch - 1) * stride < full; g += kFinBatch * stride) {
+    float v[kFinBatch][4];
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) {
+      const int64_t i = (g + u * stride) * 4;
+      if (aligned) {
+        load_partials<4>(x + i, v[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[u][e] = x[i + e];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc += v[u][e];
+    }
+  }
+  for (; g < full; g += stride) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc += x[g * 4 + e];
+  }
+  if (g == full) {  // this thread owns the partial group (if any)
+    for (int64_t i = full * 4; i < n; ++i) acc += x[i];
+  }
+  return acc;
+}
+
+__device__ __forceinline__ void finalize_columns_and_means(const TensorDesc& d, int64_t local,
                                                            const float* __restrict__ ws, float* __restrict__ col,
                                                            const float* __restrict__ row, float* __restrict__ means,
                                                            float beta, float one_minus_beta, float eps) {
-  const int64_t M = tab.M[t], N = tab.N[t];
-  const int64_t B = tab.numel[t] / (M * N);
-  const int64_t per_matrix = (M + kRows - 1) / kRows;
-  const int64_t col_blocks = (B * N + kThreads - 1) / kThreads;
+  __shared__ float red[kWarps][128];
+  const Shape shape{d.numel, d.B, d.M, d.N};
+  const int64_t col_blocks = fin_col_blocks_of(shape);
   if (local < col_blocks) {
-    const int64_t k = local * kThreads + threadIdx.x;  // index into the [B, N] column statistic
-    if (k < B * N) {
-      const int64_t b = k / N, n = k - b * N;
-      const float* part = ws + tab.ws_off[t] + b * per_matrix * N + n;
-      float s = 0.0f;
-      for (int64_t i = 0; i < per_matrix; ++i) s += part[i * N];
-      col[k] = ema(col[k], beta, one_minus_beta, mean_plus_eps(s, static_cast<float>(M), eps));
-    }
-  } else {
+    if (fin_vec(shape.N) == 4) finalize_columns<4>(d, local, ws, col, beta, one_minus_beta, eps, red);
+    else finalize_columns<1>(d, local, ws, col, beta, one_minus_beta, eps, red);
+  } else if (block_per_mean(shape.M)) {  // a tall matrix: the whole block, then a fixed block tree
+    const int64_t b = local - col_blocks;
+    const float s = block_sum(grouped_sum(row + b * shape.M, threadIdx.x, kThreads, shape.M), &red[0][0]);
+    if (threadIdx.x == 0) means[b] = s / static_cast<float>(shape.M);
+  } else {  // one warp per matrix
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t b = (local - col_blocks) * kWarps + warp;
-    if (b < B) {
-      float s = 0.0f;
-      for (int64_t i = lane; i < M; i += 32) s += row[b * M + i];
-      s = warp_sum(s);
-      if (lane == 0) means[b] = s / static_cast<float>(M);
+    if (b < shape.B) {
+      const float s = warp_sum(grouped_sum(row + b * shape.M, lane, 32, shape.M));
+      if (lane == 0) means[b] = s / static_cast<float>(shape.M);
     }
   }
 }

@@ -109,11 +109,66 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
     grp.stats_numel += stats_numel_of(t);
     grp.ts.push_back(std::move(t));
   }
-  for (size_t first = 0; first < grp.ts.size(); first += kMaxTensors) {
-    const size_t last = std::min(grp.ts.size(), first + static_cast<size_t>(kMaxTensors));
-    grp.ws_floats = std::max(grp.ws_floats, chunk_workspace_floats(grp, first, last));
-  }
+  std::vector<Shape> shapes;
+  for (const TensorRef& t : grp.ts) shapes.push_back(t.shape());
+  grp.layout = make_layout(shapes);
+  grp.main_blocks = grp.layout.main_start.back();
+  grp.fin_blocks = grp.layout.fin_start.back();
+  TORCH_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX,
+              "came_kernels: more than 2^31-1 blocks in one launch (", grp.main_blocks, " blocks)");
   return grp;
+}
+
+// The device table of the group (plan.h): filled on the host in pinned memory, copied to the device on the
+// current stream. A non-blocking copy from pinned memory is not a host sync, and the caching host allocator
+// keeps the pinned block until the copy is done. Rebuilt every call rather than cached: it is ~130 B per
+// tensor (26 KB for TinyLlama's 201 tensors), the host loop is the one make_group runs anyway, and nothing
+// can go stale when params, state or grads move.
+void upload_table(Group& grp, const at::Tensor& stats) {
+  const int64_t n = static_cast<int64_t>(grp.ts.size());
+  const int vec = 16 / static_cast<int>(c10::elementSize(grp.dtype));
+  at::Tensor host = at::empty({table_bytes(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* descs = reinterpret_cast<TensorDesc*>(host.data_ptr());
+  auto* main_start = reinterpret_cast<int32_t*>(descs + n);
+  int32_t* fin_start = main_start + n + 1;
+  float* stats_base = stats.data_ptr<float>();
+  auto addr = [](const at::Tensor& x) -> void* { return x.defined() ? x.data_ptr() : nullptr; };
+  for (int64_t k = 0; k < n; ++k) {
+    const TensorRef& t = grp.ts[grp.layout.order[k]];
+    TensorDesc d{};
+    d.p = t.p.data_ptr();
+    d.g = t.g.data_ptr();
+    d.m = t.m.data_ptr<float>();
+    d.row = static_cast<float*>(t.factored() ? addr(t.r) : addr(t.v));
+    d.col = static_cast<float*>(addr(t.c));
+    d.res_row = static_cast<float*>(addr(t.R));
+    d.res_col = static_cast<float*>(addr(t.C));
+    d.stat = stats_base + t.stat_off;
+    d.numel = t.numel;
+    d.B = t.B;
+    d.M = t.M;
+    d.N = t.N;
+    d.ws_col = grp.layout.ws_col[k];
+    d.ws_blk = grp.layout.ws_blk[k];
+    // 16-byte loads need every full-size row (or chunk) to start on a 16-byte boundary.
+    bool ok = t.factored() ? (t.N % vec == 0) : true;
+    for (const void* ptr : {addr(t.p), addr(t.g), addr(t.m), addr(t.c), addr(t.C), addr(t.v)}) {
+      ok = ok && (reinterpret_cast<uintptr_t>(ptr) % 16 == 0);
+    }
+    d.vec_ok = ok ? 1 : 0;
+    descs[k] = d;
+  }
+  for (int64_t k = 0; k <= n; ++k) {
+    main_start[k] = static_cast<int32_t>(grp.layout.main_start[k]);
+    fin_start[k] = static_cast<int32_t>(grp.layout.fin_start[k]);
+  }
+  grp.table_dev = at::empty({table_bytes(n)}, stats.options().dtype(at::kByte));
+  grp.table_dev.copy_(host, /*non_blocking=*/true);
+  auto* dev = reinterpret_cast<const TensorDesc*>(grp.table_dev.data_ptr());
+  grp.tab.t = dev;
+  grp.tab.main_start = reinterpret_cast<const int32_t*>(dev + n);
+  grp.tab.fin_start = grp.tab.main_start + n + 1;
+  grp.tab.n = static_cast<int32_t>(n);
 }
 
 Hyper make_hyper(double beta1, double beta2, double beta3, double eps1, double eps2, double clip_threshold,
@@ -160,35 +215,36 @@ void check_stats(const at::Tensor& stats, const Group& grp, const at::Tensor& p0
 
 enum class Phase { kSqStats, kClipStats, kMomentumRes, kParamStep };
 
-void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats_in, CAME_HYPER_ARGS) {
-  const Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
+void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_ARGS) {
+  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
   const Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize);
-  check_stats(stats_in, grp, params[0]);
+  check_stats(stats, grp, params[0]);
   if (grp.ts.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  at::Tensor stats = stats_in;
-  at::Tensor ws = new_floats(grp.ws_floats, params[0]);
+  upload_table(grp, stats);
+  at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
   switch (phase) {
-    case Phase::kSqStats: sq_stats_launch(grp, h, stats, ws); break;
-    case Phase::kClipStats: clip_stats_launch(grp, h, stats, ws); break;
-    case Phase::kMomentumRes: momentum_res_launch(grp, h, stats, ws); break;
-    case Phase::kParamStep: param_step_launch(grp, h, lr, stats); break;
+    case Phase::kSqStats: sq_stats_launch(grp, h, ws.data_ptr<float>()); break;
+    case Phase::kClipStats: clip_stats_launch(grp, h, ws.data_ptr<float>()); break;
+    case Phase::kMomentumRes: momentum_res_launch(grp, h, ws.data_ptr<float>()); break;
+    case Phase::kParamStep: param_step_launch(grp, h, lr); break;
   }
 }
 
 void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
-  const Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
+  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
   const Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize);
   if (grp.ts.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   // Transient scratch from the caching allocator, freed (stream-ordered) when the step returns: the stats
-  // are O(matrices) floats, the workspace numel/64 floats of the largest launch-chunk at most.
+  // are O(matrices) floats, the workspace about numel/64 floats (the column partials of every tensor).
   at::Tensor stats = new_floats(grp.stats_numel, params[0]);
-  at::Tensor ws = new_floats(grp.ws_floats, params[0]);
-  sq_stats_launch(grp, h, stats, ws);
-  clip_stats_launch(grp, h, stats, ws);
-  momentum_res_launch(grp, h, stats, ws);
-  param_step_launch(grp, h, lr, stats);
+  at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
+  upload_table(grp, stats);
+  sq_stats_launch(grp, h, ws.data_ptr<float>());
+  clip_stats_launch(grp, h, ws.data_ptr<float>());
+  momentum_res_launch(grp, h, ws.data_ptr<float>());
+  param_step_launch(grp, h, lr);
 }
 
 #define CAME_PHASE_OP(FN, PHASE)                                                     \

@@ -41,6 +41,8 @@ def lib(tmp_path_factory):
     ptr = ctypes.c_void_p
     so.came_clip_divisor.restype = f
     so.came_clip_divisor.argtypes = [f, i64, f]
+    so.came_param_step_folded.restype = f
+    so.came_param_step_folded.argtypes = [f, f, f, f]
     so.came_step_flat.restype = None
     so.came_step_flat.argtypes = [ptr] * 4 + [i64] + [d] * 8 + [i]
     so.came_step_factored.restype = None
@@ -115,6 +117,26 @@ def test_clip_divisor_is_at_least_one_and_keeps_nan(lib):
     assert lib.came_clip_divisor(400.0, 4, 2.0) == pytest.approx(5.0, rel=1e-7)
     assert math.isnan(lib.came_clip_divisor(float("nan"), 4, 1.0))          # a NaN gradient must show
     assert math.isinf(lib.came_clip_divisor(float("inf"), 4, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_param_step_folds_the_decay_like_the_torch_backend(lib, dtype):
+    # bf16/fp16 params: p - (lr*update + lr*wd*p) in fp32, rounded once (the torch backend's and Triton's
+    # form). The torch backend's CPU add may fuse a multiply-add, so allow one ulp of the param dtype, rarely.
+    gen = torch.Generator().manual_seed(11)
+    p = (torch.randn(4096, generator=gen) * 3).to(dtype)
+    update = torch.randn(4096, generator=gen) * 0.5
+    lr, wd = 3e-2, 0.1
+    spec = p.clone()
+    torch_backend._apply_update_(spec, update.clone(), lr, wd)
+    ours = torch.tensor([lib.came_param_step_folded(float(a), float(u), lr, wd)
+                         for a, u in zip(p.float().tolist(), update.tolist())]).to(dtype)
+    ulp = (spec.float().abs() * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
+    assert ((ours.float() - spec.float()).abs() <= ulp).all()
+    assert (ours == spec).float().mean() >= 0.99
+    # a check that can fail: no decay at all is far off
+    no_decay = (p.float() - lr * update).to(dtype)
+    assert (no_decay != spec).float().mean() > 0.2
 
 
 def _schemas():

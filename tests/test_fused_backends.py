@@ -25,9 +25,10 @@ BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
     for name in ("triton", "cuda")]
 
 # Every shape class: 0-d, 1-D, 1xN, Nx1, 1x1, ragged 2-D (N not a multiple of any tile or vector width),
-# 3-D, 4-D, several stripes per matrix (M > 64), a flat tensor of several chunks, vector-friendly widths.
+# 3-D, 4-D, several stripes per matrix (M > 64), a flat tensor of several chunks, vector-friendly widths;
+# tall matrices (M >= 2048, more than 64 stripes: csrc's finalize paths for them, a misaligned batch too).
 SHAPES_GPU = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 257), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
-              (200, 64), (40000,), (3, 70, 1024)]
+              (200, 64), (40000,), (3, 70, 1024), (4100, 8), (2, 2053, 6)]
 SHAPES_CPU = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 70), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
               (20000,)]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
@@ -169,7 +170,7 @@ def test_two_runs_are_bitwise_identical(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_tensors_in_one_group(backend):
-    # More tensors than one CUDA kernel-argument table holds (36): 100 on a GPU; 40 in the interpreter.
+    # Many tensors in one launch (100 on a GPU, 40 in the interpreter): the block -> tensor search over a long table.
     n = _steps(backend, 100, 40)
     shapes = [(5 + i % 7, 3 + i % 11) if i % 3 else (9 + i,) for i in range(n)]
     ours, spec, _, _ = _run_both(backend, shapes, torch.float32, _steps(backend, 5, 2))

@@ -2,9 +2,10 @@
 
 Same contract as the torch backend (backends/README.md); the math lives in csrc/<phase>.cu, one file per
 phase with the stems of triton_kernels/, and is checked against torch_backend.py by tests/test_cuda_backend.py.
-One call of `torch.ops.came_kernels.came_step` per (device, dtype) group runs the four phases: for every
-launch-chunk of up to 36 tensors, four phase kernels and three small finalize kernels, about 32 B of
-traffic per fp32 parameter, no host sync (lr is read on the device), deterministic (fixed-order sums).
+One call of `torch.ops.came_kernels.came_step` per (device, dtype) group runs the four phases: one upload of
+the group's tensor table (pinned memory, non-blocking), then four phase kernels and three small finalize
+kernels, 7 launches whatever the tensor count, about 32 B of traffic per fp32 parameter, no host sync (lr is
+read on the device), deterministic (fixed-order sums).
 
 Import is lazy: a missing or broken extension only matters when backend="cuda" is asked for, and then
 `unavailable_reason` keeps the original import error and says how to build the extension.

@@ -33,6 +33,10 @@ extern "C" {
 
 float came_clip_divisor(float sum_u2, int64_t numel, float d) { return clip_divisor(sum_u2, numel, d); }
 
+// param_step.cu's per-element update for bf16/fp16 params (decay folded into the update), in fp32; the
+// caller rounds to the param dtype, as the kernel's store does.
+float came_param_step_folded(float p, float update, float lr, float wd) { return param_step_folded(p, update, lr, wd); }
+
 // Tensors with ndim < 2: p, g, m, v of n elements.
 void came_step_flat(float* p, const float* g, float* m, float* v, int64_t n, double b1, double b2, double b3,
                     double eps1, double eps2, double d, double lr, double wd, int maximize) {
