@@ -5,7 +5,8 @@
 #    must not hide the others' results) and the fused steps under compute-sanitizer (memcheck, racecheck),
 # 3. the step benchmark on GPT-2 124M and TinyLlama-1.1B shapes at full size, fp32 and bf16: came_kernels.CAME
 #    backend=cuda / triton / torch against torch.optim.AdamW(fused=True), torch.optim.Adafactor and came-pytorch,
-# 4. the per-phase kernel profile (achieved GB/s per phase against the copy bandwidth).
+# 4. the per-phase kernel profile (achieved GB/s per phase against the copy bandwidth),
+# 5. the Triton tuning sweep (bench/triton_sweep.py).
 # The short tables come LAST. Copy them, with card/date/commit/command (printed under them), into
 # bench/RESULTS.md.
 #
@@ -13,7 +14,7 @@
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only
 # Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default $OUT
 # when set, else bench/out/gpu), TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra
-# args for `bench step`), SKIP_SANITIZER, SKIP_PHASES. came-pytorch: installed from .whl/ if its wheel is there.
+# args for `bench step`), SWEEP_TIMEOUT, SKIP_SANITIZER, SKIP_PHASES, SKIP_SWEEP. came-pytorch: installed from .whl/ if its wheel is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -59,7 +60,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   timeout "$TT" "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
   timeout "$TT" "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py -k cuda >"$LOG/t_cuda.log" 2>&1 & p2=$!
   timeout "$TT" "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py \
-    -k "cuda or triton or gpu" >"$LOG/t_other.log" 2>&1 & p3=$!
+    tests/test_amp.py tests/test_compile.py tests/test_host_fast_path.py \
+    -k "cuda or triton or gpu or amp or compile or fast_path" >"$LOG/t_other.log" 2>&1 & p3=$!
   pids=("$p1" "$p2" "$p3"); names=(triton cuda other)
   if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
     ( for tool in memcheck racecheck; do for b in cuda triton; do
@@ -102,6 +104,16 @@ if [ -z "${SKIP_PHASES:-}" ]; then
   rc=$?
   [ $rc -eq 0 ] || { echo "PHASE PROFILE FAILED (rc=$rc):"; tail -n 20 "$LOG/phases.log"; status=1; }
   echo "   phases: $((SECONDS - t1)) s"
+fi
+
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  echo "== Triton tuning sweep (pipeline depth, 2-byte read tile) and its checks"
+  t1=$SECONDS
+  timeout "${SWEEP_TIMEOUT:-90}" "$PY" -m bench.triton_sweep >"$LOG/sweep.log" 2>&1
+  rc=$?
+  tail -n 40 "$LOG/sweep.log"
+  [ $rc -eq 0 ] || { echo "SWEEP FAILED OR TIMED OUT (rc=$rc)"; }
+  echo "   sweep: $((SECONDS - t1)) s"
 fi
 
 echo

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import BackendUnavailableError, default_backend, get_step_fn
+from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
 
 __all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
 
@@ -123,12 +123,16 @@ def came(
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
         dev_amp = {k: None if v is None else v.to(device) for k, v in amp.items()}
         if amp and name == "cuda":
-            raise NotImplementedError(f"grad_scale/found_inf (GradScaler) are not supported by backend={name!r} "
-                                      "yet; use backend='triton' or scaler.unscale_(optimizer) before step()")
+            # The CUDA kernels do not take GradScaler's scale yet: "auto" runs such steps on Triton.
+            if backend != "auto" or unavailable_reason("triton", device) is not None:
+                raise NotImplementedError(
+                    "grad_scale/found_inf (GradScaler) are not supported by backend='cuda' yet; use "
+                    "backend='triton' (or 'auto'), or call scaler.unscale_(optimizer) before scaler.step()")
+            name, key = "triton", ("triton",) + key[1:]
         if not compiling:
             get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper, **dev_amp)
         elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
             get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **dev_amp)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)
             from .ops import call_fused_step
-            call_fused_step(sub, group_lr, name, **hyper)
+            call_fused_step(sub, group_lr, name, **hyper, **dev_amp)

@@ -51,3 +51,14 @@ def test_unavailable_reason_names_the_build_command_when_not_built():
     why = cuda_backend.unavailable_reason(torch.device("cuda"))
     assert "pip install -e . --no-build-isolation" in why and "CAME_KERNELS_BUILD_CUDA=1" in why
     assert type(cuda_backend._import_error).__name__ in why
+
+
+@needs_cuda
+def test_extension_ops_have_fake_kernels_for_torch_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        p, g, m = (torch.empty(4, 3, device="cuda") for _ in range(3))
+        r, c = torch.empty(4, device="cuda"), torch.empty(3, device="cuda")
+        lr = torch.empty(1, device="cuda")
+        torch.ops.came_kernels.came_step([p], [g], [m], [r], [c], [r.clone()], [c.clone()], [None], lr,
+                                         0.9, 0.999, 0.9999, 1e-30, 1e-16, 1.0, 0.0, False)

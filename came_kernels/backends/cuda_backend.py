@@ -36,7 +36,16 @@ def _load():
             _ext = _C
         except Exception as e:  # ImportError, or OSError for a library built against another torch
             _import_error = e
+        else:
+            _register_fakes()
     return _ext
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels for the extension's ops, so torch.compile can trace a call to them without running
+    it: they return nothing and change no shape (their schemas declare what they mutate)."""
+    for op in ("came_step", "sq_stats", "clip_stats", "momentum_res", "param_step"):
+        torch.library.register_fake(f"came_kernels::{op}")(lambda *args, **kwargs: None)
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
