@@ -10,7 +10,7 @@
 # The short tables come LAST. Copy them, with card/date/commit/command (printed under them), into
 # bench/RESULTS.md.
 #
-#   bash bench/gpu_check.sh                              # everything, ~6 minutes
+#   bash bench/gpu_check.sh                              # everything, ~5-7 minutes on an H100
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only
 # Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default $OUT
 # when set, else bench/out/gpu), TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra
@@ -55,14 +55,16 @@ PY
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== GPU tests (three processes) and compute-sanitizer, in parallel"
   t1=$SECONDS
-  TT="${TEST_TIMEOUT:-180}"
-  PT=("$PY" -m pytest -q -ra -p no:cacheprovider)
-  timeout "$TT" "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
-  timeout "$TT" "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py -k cuda >"$LOG/t_cuda.log" 2>&1 & p2=$!
-  timeout "$TT" "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py \
-    tests/test_amp.py tests/test_compile.py tests/test_host_fast_path.py \
-    -k "cuda or triton or gpu or amp or compile or fast_path" >"$LOG/t_other.log" 2>&1 & p3=$!
-  pids=("$p1" "$p2" "$p3"); names=(triton cuda other)
+  TT="${TEST_TIMEOUT:-240}"
+  # SIGINT at the time limit, so that pytest still prints which tests failed (a killed pytest loses its
+  # buffered report); faulthandler dumps the stack of a test that hangs.
+  PT=(timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE -p no:cacheprovider -o faulthandler_timeout=120)
+  "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
+  "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py -k cuda >"$LOG/t_cuda.log" 2>&1 & p2=$!
+  "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py tests/test_amp.py \
+    -k "cuda or triton or gpu or amp" >"$LOG/t_other.log" 2>&1 & p3=$!
+  "${PT[@]}" tests/test_compile.py tests/test_host_fast_path.py >"$LOG/t_compile.log" 2>&1 & p4=$!
+  pids=("$p1" "$p2" "$p3" "$p4"); names=(triton cuda other compile)
   if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
     ( for tool in memcheck racecheck; do for b in cuda triton; do
         [ "$tool" = racecheck ] && [ "$b" = triton ] && continue  # racecheck: shared memory of our CUDA kernels
@@ -79,11 +81,12 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     if [ "${names[$i]}" = sanitizer ]; then
       cat "$f"; grep -q "rc=[1-9]" "$f" && { echo "   SANITIZER FOUND ERRORS"; status=1; }
     else
-      grep -aE "^(FAILED|ERROR)|passed|failed|error" "$f" | tail -n 20
-      case $rc in 0|5) ;; 124) echo "   TIMED OUT after $TT s"; status=1;; *) echo "   FAILED"; status=1;; esac
+      grep -aE "^(FAILED|ERROR)|passed|failed|error|Timeout" "$f" | tail -n 20
+      case $rc in 0|5) ;; 124|130|137) echo "   TIMED OUT after $TT s"; status=1;; *) echo "   FAILED"; status=1;; esac
     fi
   done
-  cat "$LOG"/t_*.log >"$LOG/tests.log" && rm -f "$LOG"/t_*.log  # fewer files to carry back
+  for f in "$LOG"/t_*.log; do echo "===== $(basename "$f")"; cat "$f"; echo; done >"$LOG/tests.log"
+  rm -f "$LOG"/t_*.log  # fewer files to carry back
   echo "   tests: $((SECONDS - t1)) s (logs: $LOG/tests.log)"
 fi
 

@@ -103,7 +103,10 @@ def sweep_one(shapes, dtype, reps, copy_gbs):
     fin_args = (plan.meta, plan.fin_blocks, ws, stats, ws, 0.9, 0.1, 1e-16)
     fin_kw = dict(ROWS=mt.ROWS, FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN,
                   NUM_STAGES=mt.STAGES["finalize"], AMP=False, num_warps=mt.FIN_WARPS)
-    from came_kernels.triton_kernels import clip_stats as cs, momentum_res as mr, param_step as pst, sq_stats as sq
+    # The modules, not the launchers of the same names that came_kernels.triton_kernels exports.
+    import importlib
+    cs, mr, pst, sq = (importlib.import_module(f"came_kernels.triton_kernels.{m}")
+                       for m in ("clip_stats", "momentum_res", "param_step", "sq_stats"))
     kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, AMP=False, num_warps=mt.NUM_WARPS)
     rb = mt.read_block_n(plan.dtype)
     rows = {

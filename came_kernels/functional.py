@@ -72,12 +72,6 @@ def came(
     fused backends keep their device tables there. `grad_scale`, `found_inf`: GradScaler's (see
     CAME.step); a step with found_inf set changes nothing, step counters included.
     """
-    if state_steps:
-        torch._foreach_add_(state_steps, 1)
-        if found_inf is not None:  # as torch's fused Adam: counted, then taken back on the device, no sync
-            per_device: dict = {}
-            torch._foreach_sub_(state_steps, [per_device.setdefault(
-                s.device, found_inf.reshape(()).to(s.device, torch.float32)) for s in state_steps])
     lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs)
     hyper = dict(beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
@@ -109,9 +103,30 @@ def came(
         if isinstance(params, tuple):
             cache["grouping"] = (params, (backend, fused), groups, sliced)
 
+    # Anything that can refuse this step does so before the first change (the step counters included).
+    runs = []
+    for key in groups:
+        name = key[0]
+        if amp and name == "cuda":
+            # The CUDA kernels do not take GradScaler's scale yet: "auto" runs such steps on Triton.
+            if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
+                raise NotImplementedError(
+                    "grad_scale/found_inf (GradScaler) are not supported by backend='cuda' yet; use "
+                    "backend='triton' (or 'auto'), or call scaler.unscale_(optimizer) before scaler.step()")
+            name = "triton"
+        runs.append((name, (name,) + key[1:], key))
+
+    if state_steps:
+        torch._foreach_add_(state_steps, 1)
+        if found_inf is not None:  # as torch's fused Adam: counted, then taken back on the device, no sync
+            per_device: dict = {}
+            torch._foreach_sub_(state_steps, [per_device.setdefault(
+                s.device, found_inf.reshape(()).to(s.device, torch.float32)) for s in state_steps])
+
     compiling = torch.compiler.is_compiling()
-    for key, idx in groups.items():
-        name, device = key[0], key[1]
+    for name, cache_key, key in runs:
+        idx = groups[key]
+        device = key[1]
         group_lr = lr
         if isinstance(lr, Tensor) and lr.device != device:
             # A CPU lr (what schedulers keep) is read on the host: no device is involved, so no sync, and
@@ -122,15 +137,9 @@ def came(
         sub = list(sliced[key])
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
         dev_amp = {k: None if v is None else v.to(device) for k, v in amp.items()}
-        if amp and name == "cuda":
-            # The CUDA kernels do not take GradScaler's scale yet: "auto" runs such steps on Triton.
-            if backend != "auto" or unavailable_reason("triton", device) is not None:
-                raise NotImplementedError(
-                    "grad_scale/found_inf (GradScaler) are not supported by backend='cuda' yet; use "
-                    "backend='triton' (or 'auto'), or call scaler.unscale_(optimizer) before scaler.step()")
-            name, key = "triton", ("triton",) + key[1:]
         if not compiling:
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper, **dev_amp)
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}), **hyper,
+                                      **dev_amp)
         elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
             get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **dev_amp)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)

@@ -445,7 +445,7 @@ _PTX_SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource, compile as triton_compile
     mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
     LAY = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK)
-    PTRS = {"meta": "*i64", "blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "lr_ptr": "*fp32"}
+    PTRS = {"meta": "*i64", "blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "lr_ptr": "*fp32", "amp": "*fp32"}
     for mod, name in [("sq_stats", "_sq_stats_kernel"), ("clip_stats", "_clip_stats_kernel"),
                       ("momentum_res", "_momentum_res_kernel"), ("param_step", "_param_step_kernel")]:
         fn = getattr(importlib.import_module("came_kernels.triton_kernels." + mod), name)
@@ -458,6 +458,7 @@ _PTX_SCRIPT = textwrap.dedent('''
                 ce["TILED"] = False
             if "MAXIMIZE" in fn.arg_names:
                 ce["MAXIMIZE"] = False
+            ce["AMP"] = False
             sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
             k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": mt.NUM_WARPS})
