@@ -33,6 +33,7 @@ COLUMNS = [
     ("ms_min", "min", ".2f"),
     ("ms_max", "max", ".2f"),
     ("timed_steps", "steps", "d"),
+    ("ms_cold", "cold ms", ".2f"),
     ("x_adamw", "x AdamW(fused)", ".2f"),
     ("state_bytes_per_param", "state B/param", ".2f"),
     ("peak_transient_mib", "peak transient MiB", ".1f"),
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
             while live and not times:
                 try:
                     times = utils.time_round_robin({k: o.step for k, o in live.items()}, device, warmup, iters,
-                                                   max_s)
+                                                   max_s, block=4)
                 except Exception:
                     bad = _first_failing(live)
                     row = next(r for r in group if r["optimizer"] == bad[0])
@@ -128,12 +129,13 @@ def run(args: argparse.Namespace) -> dict:
             for row in group:
                 if row["optimizer"] not in times:
                     continue
-                opt, t = live[row["optimizer"]], times[row["optimizer"]]
+                opt, t, cold = live[row["optimizer"]], times[row["optimizer"]]["warm"], times[row["optimizer"]]["cold"]
                 peak = utils.peak_transient_bytes(opt.step, device)
                 sb = utils.state_bytes(opt)
                 ms = statistics.median(t)
                 one_pass = 2 * pbytes + pbytes + 2 * sb  # param r/w, grad r, state r/w
                 row.update(ms=ms, ms_min=min(t), ms_max=max(t), timed_steps=len(t),
+                           ms_cold=statistics.median(cold) if cold else None,
                            state_bytes=sb, state_bytes_per_param=sb / n, state_dtypes=utils.state_dtypes(opt),
                            peak_transient_bytes=peak,
                            peak_transient_mib=None if peak is None else peak / 2**20,
@@ -165,7 +167,10 @@ def run(args: argparse.Namespace) -> dict:
                "copy_bandwidth_gbs": copy_gbs, "warmup": warmup, "iters": iters, "max_seconds": max_s,
                "methods": {"time": "median (and min, max) of per-step " + ("CUDA events" if cuda else
                                                                         "time.perf_counter")
-                           + ", optimizers interleaved round-robin",
+                           + ", optimizers interleaved round-robin" + (
+                               " in blocks of 4 steps; the first of each block (an idle GPU: host time "
+                               "before the first kernel shows) is the 'cold ms' column, the others the "
+                               "median" if cuda else ""),
                            "peak_transient": utils.PEAK_METHOD[device.type],
                            "state": "sum of nbytes of optimizer.state tensors / param elements",
                            "gbs": "one-pass bytes (param r+w, grad r, state r+w) / median step time"},
@@ -209,7 +214,8 @@ def _busy_reasons(rows: List[dict], device, load_before, load_after) -> List[str
 def table(payload: dict) -> str:
     """The markdown table of a step payload, with the set descriptions and the methods under it."""
     rows = payload["rows"]
-    cols = COLUMNS if payload["copy_bandwidth_gbs"] else [c for c in COLUMNS if c[0] not in ("gbs", "pct_copy")]
+    cols = COLUMNS if payload["copy_bandwidth_gbs"] else [c for c in COLUMNS
+                                                          if c[0] not in ("gbs", "pct_copy", "ms_cold")]
     lines = [utils.markdown_table(rows, cols)]
     for desc in dict.fromkeys(r["set_desc"] for r in rows):
         lines.append(f"- {desc}")

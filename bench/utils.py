@@ -268,40 +268,49 @@ _MALLOPT_DONE = False
 
 
 def time_round_robin(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int,
-                     max_seconds: float = float("inf")) -> Dict[str, List[float]]:
-    """Per-step times in ms of several step functions, interleaved: round i runs one step of each in turn.
+                     max_seconds: float = float("inf"), block: int = 1) -> Dict[str, Dict[str, List[float]]]:
+    """Per-step times in ms of several step functions, interleaved: each round runs `block` steps of each in
+    turn. Returns {name: {"warm": [...], "cold": [...]}}.
 
     Run one after another, a burst of load from another process lands on whichever optimizer happens to
     be timed then, and its number is wrong while the others look fine. Interleaved, every optimizer sees
-    the same conditions. Stops after `iters` rounds, or after max_seconds once 3 rounds are done.
-    CUDA: one pair of events around each step, a sync every 5 rounds to bound the run.
+    the same conditions. On a GPU an optimizer's first step after another's starts on an idle device, so
+    its time includes the host work before its first kernel ("cold"); the following steps of the block
+    overlap their host work with the previous step's kernels, as in training, where the step is queued
+    behind the backward pass ("warm": the number reported). On a CPU there is no queue and block = 1.
+    Stops after `iters` rounds, or after max_seconds once 3 rounds are done. CUDA: one pair of events around
+    each step, a sync every 5 rounds to bound the run.
     """
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     synchronize(device)
-    events: Dict[str, list] = {name: [] for name in steps}
+    events: Dict[str, Dict[str, list]] = {name: {"warm": [], "cold": []} for name in steps}
     cuda = device.type == "cuda"
+    block = max(1, block) if cuda else 1
     t_start = time.perf_counter()
     for i in range(iters):
         for name, fn in steps.items():
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                events[name].append((a, b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                events[name].append((time.perf_counter() - t0) * 1e3)
+            for j in range(block):
+                kind = "cold" if (block > 1 and j == 0) else "warm"
+                if cuda:
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    fn()
+                    b.record()
+                    events[name][kind].append((a, b))
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    events[name][kind].append((time.perf_counter() - t0) * 1e3)
         if i >= 2 and (not cuda or i % 5 == 4):
             synchronize(device)
             if time.perf_counter() - t_start > max_seconds:
                 break
     synchronize(device)
     if cuda:
-        return {name: [a.elapsed_time(b) for a, b in ev] for name, ev in events.items()}
+        return {name: {k: [a.elapsed_time(b) for a, b in ev] for k, ev in kinds.items()}
+                for name, kinds in events.items()}
     return events
 
 
