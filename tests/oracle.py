@@ -1,4 +1,4 @@
-"""A float64 CAME oracle written from the paper (Luo et al. 2023, Algorithm 1) and DEVELOPERS.md.
+"""A float64 CAME oracle written from the paper (Luo et al. 2023, Algorithm 1) and the reference semantics in CONTRIBUTING.md.
 
 Deliberately naive: no in-place ops, no buffers, explicit formulas, one tensor at a time, float64 all the
 way. Every backend is compared against it. It shares no code with the package.
