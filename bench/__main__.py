@@ -51,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.cmd in SUBCOMMANDS:
-        return SUBCOMMANDS[args.cmd].run(args)
-    return _all(args)
+    try:
+        if args.cmd in SUBCOMMANDS:
+            return SUBCOMMANDS[args.cmd].run(args)
+        return _all(args)
+    except ValueError as e:  # a bad option value (e.g. --sets foo): one line, not a traceback
+        raise SystemExit(f"python -m bench {args.cmd or 'all'}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ seeds), for the same number of steps, under the same schedule (linear warm-up, c
 torch.optim.AdamW, torch.optim.Adafactor (at torch's default lr 1e-2) and came_kernels.CAME with the paper's betas (0.9, 0.999, 0.9999)
 and a learning rate of --came-lr-ratio times AdamW's (the CAME paper and repo use 0.5-0.9x).
 
-Output: validation loss every --eval-every steps (tqdm progress), <out>/converge.json, <out>/converge.png.
+Output: validation loss at the size's evaluation interval (tqdm progress), <out>/converge.json, <out>/converge.png.
 """
 from __future__ import annotations
 
@@ -206,7 +206,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01, help="for every optimizer (default: %(default)s)")
     p.add_argument("--came-backend", default="auto", help="came_kernels backend (default: auto)")
     p.add_argument("--corpus-mb", type=float, default=16.0, help="corpus size cap in MB (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the model init and the batch order; every optimizer gets the same (default: 0)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
     p.add_argument("--out", default=utils.DEFAULT_OUT, help="output directory (default: bench/out)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")

@@ -145,7 +145,9 @@ def plot(payload: dict, path: str):
                       hatch="//" if o == PROJECTION else None)
         for b, v in zip(bars, vals):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(sets)), [next(r["set_desc"] for r in rows if r["set"] == s) for s in sets], fontsize=8)
+    # Set descriptions are long: break them at the colon so neighbouring labels do not overlap.
+    ax.set_xticks(range(len(sets)), [next(r["set_desc"] for r in rows if r["set"] == s).replace(": ", ":\n", 1)
+                                     for s in sets], fontsize=7)
     ax.set_ylabel("optimizer state, bytes per parameter")
     ax.set_title(f"Optimizer state from real allocations ({payload['dtype']} params); hatched: projection",
                  fontsize=9)

@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> dict:
     iters = args.iters if args.iters is not None else (50 if cuda else 20)
     max_s = args.max_seconds if args.max_seconds is not None else (3.0 if cuda else 2.0)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    for s in sets:
+        shapes_mod.shape_set(s, scale)  # an unknown set or a bad scale fails here, before any work
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
         if d not in utils.DTYPES:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from came_kernels.backends import torch_backend
+from came_testing import new_state
 from oracle import assert_close_rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,16 +62,7 @@ def _host_step(lib, p, g, st, *, lr, beta1, beta2, beta3, eps1, eps2, clip_thres
         lib.came_step_flat(p.data_ptr(), g.data_ptr(), st["m"].data_ptr(), st["v"].data_ptr(), p.numel(), *hyper)
 
 
-def _state(p):
-    st = {"m": torch.zeros_like(p)}
-    if p.ndim >= 2:
-        for k in ("r", "R"):
-            st[k] = torch.zeros(p.shape[:-1])
-        for k in ("c", "C"):
-            st[k] = torch.zeros(p.shape[:-2] + p.shape[-1:])
-    else:
-        st["v"] = torch.zeros_like(p)
-    return st
+_state = new_state
 
 
 @pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.1, False), (0.05, True)])

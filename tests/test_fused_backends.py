@@ -14,6 +14,7 @@ import torch
 
 import came_kernels
 from came_kernels.backends import cuda_backend, torch_backend, triton_backend
+from came_testing import HYPER, SHAPES_CPU, SHAPES_GPU, backend_step, new_state
 from oracle import OracleCAME, assert_close_rel, rel_err
 
 _MODULES = {"triton": triton_backend, "cuda": cuda_backend}
@@ -24,15 +25,6 @@ BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
     reason=f"backend={name!r} unavailable: {_MODULES[name].unavailable_reason(torch.device(DEVICE[name]))}"))
     for name in ("triton", "cuda")]
 
-# Every shape class: 0-d, 1-D, 1xN, Nx1, 1x1, ragged 2-D (N not a multiple of any tile or vector width),
-# 3-D, 4-D, several stripes per matrix (M > 64), a flat tensor of several chunks, vector-friendly widths;
-# tall matrices (M >= 2048, more than 64 stripes: csrc's finalize paths for them, a misaligned batch too).
-SHAPES_GPU = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 257), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
-              (200, 64), (40000,), (3, 70, 1024), (4100, 8), (2, 2053, 6)]
-SHAPES_CPU = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 70), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
-              (20000,)]
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
-             weight_decay=0.0, maximize=False)
 # |fused - torch backend| / max|torch backend| after many steps: fp32 differs by summation order only;
 # bf16/fp16 params by a rounding flip now and then (a few ulps of the param dtype).
 PARAM_TOL = {torch.float32: 1e-5, torch.bfloat16: 4 * 2.0 ** -7, torch.float16: 4 * 2.0 ** -10}
@@ -54,21 +46,11 @@ def _poison_triton_scratch(monkeypatch):
 
 
 def _state(p):
-    st = {"m": torch.zeros(p.shape, device=p.device)}
-    if p.ndim >= 2:
-        for k in ("r", "R"):
-            st[k] = torch.zeros(p.shape[:-1], device=p.device)
-        for k in ("c", "C"):
-            st[k] = torch.zeros(p.shape[:-2] + p.shape[-1:], device=p.device)
-    else:
-        st["v"] = torch.zeros(p.shape, device=p.device)
-    return st
+    return new_state(p)
 
 
 def _step(backend, ps, gs, sts, cache=None, **kw):
-    _MODULES.get(backend, backend).came_step(ps, gs, [s["m"] for s in sts], [s.get("r") for s in sts], [s.get("c") for s in sts],
-                      [s.get("R") for s in sts], [s.get("C") for s in sts], [s.get("v") for s in sts],
-                      cache={} if cache is None else cache, **(HYPER | kw))
+    backend_step(_MODULES.get(backend, backend), ps, gs, sts, cache, **kw)
 
 
 def _grads(shapes, gen, dtype, step, device):

@@ -275,3 +275,23 @@ def test_low_precision_checkpoint_keeps_fp32_statistics(dtype):
                 assert v.dtype == torch.float32, k
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(a, b)  # the fp32 statistics survived the round trip exactly
+
+
+def test_fused_true_on_cpu_says_why_for_each_fused_backend():
+    with pytest.raises(BackendUnavailableError) as e:
+        CAME([torch.nn.Parameter(torch.randn(3, 2))], lr=1e-3, fused=True)
+    msg = str(e.value)
+    assert "triton: None" not in msg and "cuda: the CUDA extension runs on CUDA tensors only" in msg
+    assert "triton:" in msg and "torch backend" in msg
+
+
+def test_empty_params_keep_finite_statistics_in_every_backend_on_the_cpu():
+    ps = [torch.nn.Parameter(torch.empty(0, 5)), torch.nn.Parameter(torch.empty(0)),
+          torch.nn.Parameter(torch.randn(3, 4))]
+    opt = CAME(ps, lr=1e-2, backend="torch")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for st in opt.state.values():
+        for k, v in st.items():
+            assert torch.isfinite(v).all(), k

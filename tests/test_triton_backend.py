@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from came_kernels.backends import torch_backend, triton_backend  # noqa: E402
+from came_testing import backend_step, new_state, state_lists  # noqa: E402
 from oracle import OracleCAME, assert_close_rel, rel_err  # noqa: E402
 
 if triton_backend.unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None:
@@ -44,30 +45,11 @@ H = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, 
 NAN = float("nan")
 
 
-def _state(p, gen=None):
-    """Zero state, or (with gen) a random one: the EMAs then carry history, so a kernel that skipped an
-    element or read the wrong one gives a different number, not the same zero."""
-    def make(shape, positive):
-        if gen is None:
-            return torch.zeros(shape, device=p.device)
-        x = torch.rand(shape, generator=gen) + 0.5 if positive else torch.randn(shape, generator=gen)
-        return x.to(p.device)
-    st = {"m": make(p.shape, False)}
-    if p.ndim >= 2:
-        st.update(r=make(p.shape[:-1], True), R=make(p.shape[:-1], True),
-                  c=make(p.shape[:-2] + p.shape[-1:], True), C=make(p.shape[:-2] + p.shape[-1:], True))
-    else:
-        st["v"] = make(p.shape, True)
-    return st
-
-
-def _lists(sts):
-    return ([s["m"] for s in sts], [s.get("r") for s in sts], [s.get("c") for s in sts], [s.get("R") for s in sts],
-            [s.get("C") for s in sts], [s.get("v") for s in sts])
+_state, _lists = new_state, state_lists
 
 
 def _step(mod, ps, gs, sts, cache=None, **kw):
-    mod.came_step(ps, gs, *_lists(sts), cache={} if cache is None else cache, **(H | kw))
+    backend_step(mod, ps, gs, sts, cache, hyper=H, **kw)
 
 
 # ------------------------------------------------------------------ float64 reference, one phase at a time

@@ -72,9 +72,16 @@ def default_backend(device: torch.device, fused_only: bool = False) -> str:
             if unavailable_reason(name, device) is None:
                 return name
     if fused_only:
-        reasons = "; ".join(f"{n}: {unavailable_reason(n, device)}" for n in ("cuda", "triton"))
+        def why(n):
+            r = unavailable_reason(n, device)
+            if r is None:  # only Triton on CPU tensors under TRITON_INTERPRET=1 gets here
+                return ("its kernels run on CPU tensors only through Triton's interpreter, which checks them but "
+                        "is far too slow to train with (pass backend='triton' to use it anyway)")
+            return r
+        reasons = "; ".join(f"{n}: {why(n)}" for n in ("cuda", "triton"))
         raise BackendUnavailableError(
-            f"fused=True needs a fused backend for {device.type} tensors, and none is available ({reasons})")
+            f"fused=True needs a fused backend for {device.type} tensors, and none can train on them ({reasons}); "
+            f"use the torch backend (fused=None or False) for {device.type} tensors")
     return "torch"
 
 

@@ -52,11 +52,11 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the extension is importable and `device` is a usable CUDA device, else why not. Never raises."""
     try:
         device = torch.device(device)
+        if device.type != "cuda":  # first: building the extension would not help these tensors
+            return f"the CUDA extension runs on CUDA tensors only, got {device.type} tensors"
         if _load() is None:
             return (f"came_kernels._C could not be imported ({type(_import_error).__name__}: {_import_error}); "
                     + _BUILD_HINT)
-        if device.type != "cuda":
-            return f"the CUDA extension runs on CUDA tensors only, got {device.type} tensors"
         if not torch.cuda.is_available():
             return "came_kernels._C is built but torch.cuda.is_available() is False (no GPU or driver)"
         return None

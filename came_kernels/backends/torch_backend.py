@@ -80,8 +80,10 @@ def came_step(
         inv_scale = None
     hyper = dict(inv_scale=inv_scale, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=clip_threshold, weight_decay=weight_decay, maximize=maximize)
-    factored = [i for i, p in enumerate(params) if p.ndim >= 2]
-    vectors = [i for i, p in enumerate(params) if p.ndim < 2]
+    # Empty tensors have nothing to update; skipping them keeps their statistics finite (a mean over zero
+    # rows would be NaN) and equal to what the fused backends leave, which skip them too.
+    factored = [i for i, p in enumerate(params) if p.ndim >= 2 and p.numel() > 0]
+    vectors = [i for i, p in enumerate(params) if p.ndim < 2 and p.numel() > 0]
 
     # One scratch buffer per (device, math dtype), sized for the largest factored tensor.
     scratch: dict = {}
