@@ -80,7 +80,8 @@ def _time(step: Callable[[], None], warmup: int, iters: int) -> List[float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU tensors only here)
+    if "triton" not in sys.modules:  # must precede Triton's import (CPU tensors only here)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
     import came_kernels
     from came_kernels import backends

@@ -59,6 +59,7 @@ def test_step_bench_has_a_sane_row_for_every_optimizer(step_payload):
             for r in rows.values():
                 assert "error" not in r, r
                 assert _finite(r["ms"]) and r["ms"] > 0
+                assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["timed_steps"] >= 3  # the spread is shown
                 assert _finite(r["x_adamw"]) and r["x_adamw"] > 0
                 assert _finite(r["state_bytes_per_param"]) and r["state_bytes_per_param"] > 0
                 assert r["peak_transient_bytes"] is None or r["peak_transient_bytes"] >= 0
@@ -140,3 +141,27 @@ def test_gpu_check_script_parses_and_its_optimizer_list_resolves():
     assert "adamw[foreach]" not in {s.name for s in specs}  # brackets are literal, not a character class
     names = {s.name for s in utils.optimizer_specs(torch.device("cpu"), select=["came*"])[0]}
     assert "came[torch]" in names and all(n.startswith("came") for n in names)
+
+
+def test_a_busy_machine_or_a_wide_spread_is_flagged():
+    rows = [{"set": "gpt2", "dtype": "fp32", "optimizer": "x", "ms": 1.0, "ms_max": 5.0, "timed_steps": 5}]
+    assert any("busy" in w for w in step._busy_reasons([], torch.device("cpu"), 1.5, 0.2))
+    assert any("twice the median" in w for w in step._busy_reasons(rows, torch.device("cpu"), 0.1, 0.1))
+    assert step._busy_reasons([dict(rows[0], ms_max=1.2)], torch.device("cpu"), 0.1, 0.1) == []
+
+
+def test_host_bench_stubs_the_device_work_and_reports_every_optimizer(tmp_path):
+    from bench import host
+    payload = host.run(_args(host, ["--sets", "gpt2", "--iters", "3", "--warmup", "1", "--out", str(tmp_path)]))
+    rows = {r["optimizer"]: r for r in payload["rows"]}
+    assert set(rows) == {"adamw[fused]", "came[torch]", "came[triton]"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert 0 < r["us_min"] <= r["us_median"] <= r["us_max"]
+
+
+def test_a_bad_option_value_is_one_line_not_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "bench", "step", "--sets", "foo"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert "unknown shape set 'foo'" in out.stderr and "Traceback" not in out.stderr
