@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import BACKENDS, BackendUnavailableError
-from .backends.torch_backend import math_dtype
+from .backends.torch_backend import math_dtype, state_shapes
 from .functional import came, resolve_backend
 
 __all__ = ["CAME"]
@@ -27,8 +27,6 @@ _NO_GRAD = lambda: _MISSING  # noqa: E731  (stands in for the weak reference of 
 # State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
 _UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
 _STATS_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
-_FACTORED_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
-_FLAT_KEYS = ("exp_avg", "exp_avg_sq")
 # Group entries that say how this process runs, not what was trained: never taken from a checkpoint.
 _RUNTIME_KEYS = ("backend", "fused", "foreach", "capturable", "differentiable")
 # Group entries a checkpoint must have (came-pytorch's; the keyword-only ones get defaults).
@@ -223,7 +221,8 @@ class CAME(Optimizer):
     # last step's grads alive after zero_grad(set_to_none=True)); state tensors are held by the lists, so
     # their ids cannot be reused while remembered.
     def _unchanged(self, gi: int, group: dict) -> Optional[tuple]:
-        """The remembered lists of group gi if its grads and state are the objects they were built from."""
+        """The remembered lists of group gi, with this step's grads, if its grads and state are the objects
+        they were built from; else None."""
         fast = self._caches[gi].get("fast")
         params = group["params"]
         if fast is None or fast["params"] is not params or len(params) != fast["n"] \
@@ -237,7 +236,9 @@ class CAME(Optimizer):
             return None
         if fast["entries"] != tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))):
             return None
-        return fast["lists"]
+        lists = list(fast["lists"])
+        lists[1] = [g for g in grads if g is not _MISSING]  # the params with a grad, in order
+        return lists
 
     def _remember(self, gi: int, group: dict, lists: tuple) -> None:
         params = group["params"]
@@ -271,14 +272,8 @@ class CAME(Optimizer):
                 # CPU op per tensor (host time is the budget of a fused optimizer step).
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
-                if p.ndim >= 2:
-                    row_shape, col_shape = p.shape[:-1], p.shape[:-2] + p.shape[-1:]
-                    state["exp_avg_sq_row"] = torch.zeros(row_shape, dtype=dt, device=p.device)
-                    state["exp_avg_sq_col"] = torch.zeros(col_shape, dtype=dt, device=p.device)
-                    state["exp_avg_res_row"] = torch.zeros(row_shape, dtype=dt, device=p.device)
-                    state["exp_avg_res_col"] = torch.zeros(col_shape, dtype=dt, device=p.device)
-                else:
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+                for key, shape in state_shapes(p.shape).items():
+                    state[key] = torch.zeros(shape, dtype=dt, device=p.device)
             factored = p.ndim >= 2
             params.append(p)
             grads.append(p.grad)
@@ -310,8 +305,7 @@ class CAME(Optimizer):
         self._check_step_inputs(skip=() if compiling else {gi for gi, f in enumerate(fast) if f is not None})
         for gi, group in enumerate(self.param_groups):  # indexed: dynamo maps `group` back to param_groups[gi]
             if fast[gi] is not None:
-                params, _, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = fast[gi]
-                grads = [p.grad for p in params]
+                params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = fast[gi]
             else:
                 params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = ([] for _ in range(9))
                 self._init_group(group, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs,
@@ -382,15 +376,6 @@ class CAME(Optimizer):
 
 
 # ---------------------------------------------------------------------- checkpoint validation
-def _state_shapes(p: Tensor) -> dict:
-    """{state key: expected shape} for param p (the layout of came-pytorch 0.1.3)."""
-    if p.ndim >= 2:
-        row, col = tuple(p.shape[:-1]), tuple(p.shape[:-2] + p.shape[-1:])
-        return {"exp_avg": tuple(p.shape), "exp_avg_sq_row": row, "exp_avg_sq_col": col,
-                "exp_avg_res_row": row, "exp_avg_res_col": col}
-    return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
-
-
 def _check_state_dict(opt: "CAME", sd: Any) -> None:
     """Raise ValueError, naming the group or param and what was expected, unless `sd` is a state dict this
     optimizer can load; changes nothing."""
@@ -413,8 +398,7 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
             bad(f"{where} lacks {missing} (a CAME group has {list(_REQUIRED_GROUP_KEYS)})")
         if len(saved["params"]) != len(group["params"]):
             bad(f"{where} has {len(saved['params'])} params in the state dict, {len(group['params'])} here")
-        check = dict(saved, betas=saved["betas"], maximize=saved.get("maximize", False),
-                     backend=group["backend"])
+        check = dict(saved, maximize=saved.get("maximize", False), backend=group["backend"])
         try:  # a scheduler may have saved lr = 0 (e.g. at the start of a warm-up)
             _check_group(check, where, allow_zero_lr=True, read_tensor_lr=True)
         except ValueError as e:
@@ -426,7 +410,7 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
             pwhere = f"{where}, param of shape {tuple(p.shape)} (state id {pid})"
             if not isinstance(st, dict):
                 bad(f"{pwhere}: state is a {type(st).__name__}, expected a dict")
-            want = _state_shapes(p)
+            want = dict(exp_avg=tuple(p.shape), **state_shapes(p.shape))
             keys = set(st) - set(_UNUSED_CAME_PYTORCH_KEYS) - {"step"}
             if keys != set(want):
                 hint = (" (it looks like another optimizer's state, e.g. AdamW's exp_avg/exp_avg_sq)"

@@ -5,7 +5,7 @@ The interpreter that CI runs the kernels through is lenient; the compiler is not
 both branches of a runtime `if`, constexpr rules, pointer casts, layouts). Triton ships its own ptxas, so
 ASTSource -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin runs for sm_80 and sm_90 with no driver. Then the
 bundled cuobjdump reports each kernel's registers, spills and shared memory: the compiler's resource
-report, free of device time.
+report, without a GPU.
 
 Usage: python tests/triton_aot_check.py [--archs 80,90] -> prints one line per kernel variant, exits 1 on
 any compile error or register spill.

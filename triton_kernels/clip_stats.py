@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .came_math import _factored_u
+from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_VEC, C_WS_BLK,
                            FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block,
                            _vec_run, read_block_n)
@@ -66,12 +67,9 @@ def _clip_chunk(meta, t, local, inv, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constex
 def _clip_stats_kernel(meta, blocks, ws, stats, amp, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
                        NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
-    if AMP:  # GradScaler: skip the whole step on an inf/NaN, else unscale g (amp = [found_inf, 1/scale])
-        if tl.load(amp) != 0.0:
-            return
-        inv = tl.load(amp + 1)
-    else:
-        inv = 1.0
+    if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
+        return
+    inv = _amp_inv_scale(amp, AMP)
     t, local = _this_block(blocks)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     # (Compiled Triton wants a name bound in every branch of a runtime `if` to have one type: `total` is an

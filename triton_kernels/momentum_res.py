@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .came_math import _ema, _factored_u
+from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
                            NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
@@ -89,12 +90,9 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, beta1, one_minus_beta1, b
                          DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                          FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
                          TILED: tl.constexpr, AMP: tl.constexpr):
-    if AMP:  # GradScaler: skip the whole step on an inf/NaN, else unscale g (amp = [found_inf, 1/scale])
-        if tl.load(amp) != 0.0:
-            return
-        inv = tl.load(amp + 1)
-    else:
-        inv = 1.0
+    if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
+        return
+    inv = _amp_inv_scale(amp, AMP)
     t, local = _this_block(blocks)
     div = tl.load(stats + _field(meta, t, C_DIV))
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
@@ -118,9 +116,8 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, beta1, one_minus_beta1, b
 def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta3, eps2, ROWS: tl.constexpr,
                          FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
                          NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
-    if AMP:  # a skipped step: C must not change
-        if tl.load(amp) != 0.0:
-            return
+    if _amp_found_inf(amp, AMP):  # a skipped step: C must not change
+        return
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2,
                                 COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
                                 FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)

@@ -357,6 +357,25 @@ def _ws_col(meta, t, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _amp_found_inf(amp, AMP: tl.constexpr):
+    """GradScaler found an inf/NaN this step (amp = [found_inf, 1/scale]): every kernel then returns before
+    writing anything. Without a GradScaler (AMP=False) the check is compiled away."""
+    if AMP:
+        return tl.load(amp) != 0.0
+    else:
+        return False
+
+
+@triton.jit
+def _amp_inv_scale(amp, AMP: tl.constexpr):
+    """1/scale that GradScaler's grads are multiplied by (1.0 without one: then no multiply is emitted)."""
+    if AMP:
+        return tl.load(amp + 1)
+    else:
+        return 1.0
+
+
+@triton.jit
 def _this_block(blocks):
     """(tensor, local block index) of this program."""
     pid = tl.program_id(0).to(tl.int64)

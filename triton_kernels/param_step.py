@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .came_math import _factored_u, _param_update, _round_to
+from .multi_tensor import _amp_found_inf
 from .multi_tensor import (BLOCK_N, C_M, C_NROWS, C_NUMEL, C_P, C_RES_COL, C_RES_ROW, C_STAT, C_VEC, FLAT_BLOCK,
                            FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block, _vec_run)
 
@@ -61,9 +62,8 @@ def _param_chunk(meta, t, local, lr, weight_decay, DTYPE: tl.constexpr, FLAT_CHU
 def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
                        NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
-    if AMP:  # GradScaler found an inf/NaN: the params stay as they are
-        if tl.load(amp) != 0.0:
-            return
+    if _amp_found_inf(amp, AMP):  # the params stay as they are
+        return
     t, local = _this_block(blocks)
     lr = tl.load(lr_ptr)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .came_math import _ema
+from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS,
                            FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _add_column_partials, _field,
                            _finalize_columns_and_means, _ptr, _row_tile_done, _stripe, _this_block, _vec_run,
@@ -71,12 +72,9 @@ def _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.const
 def _sq_stats_kernel(meta, blocks, ws, amp, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
                      NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr):
-    if AMP:  # GradScaler: skip the whole step on an inf/NaN, else unscale g (amp = [found_inf, 1/scale])
-        if tl.load(amp) != 0.0:
-            return
-        inv = tl.load(amp + 1)
-    else:
-        inv = 1.0
+    if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
+        return
+    inv = _amp_inv_scale(amp, AMP)
     t, local = _this_block(blocks)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored (M > 0)
@@ -97,9 +95,8 @@ def _sq_stats_kernel(meta, blocks, ws, amp, beta2, one_minus_beta2, eps1, DTYPE:
 def _sq_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta2, one_minus_beta2, eps1, ROWS: tl.constexpr,
                         FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
                         NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
-    if AMP:  # a skipped step: the partials are stale, c must not change
-        if tl.load(amp) != 0.0:
-            return
+    if _amp_found_inf(amp, AMP):  # a skipped step: the partials are stale, c must not change
+        return
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1,
                                 COL=C_COL, ROW=C_ROW, MEAN_SLOT=0, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
                                 FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)

@@ -5,14 +5,18 @@ malformed checkpoint, a tensor swapped into `optimizer.state` by hand) would be 
 bounds. The fused backends call it whenever they (re)build their device tables, i.e. whenever a tensor
 address changes, so it costs nothing in steady state.
 
-Non-contiguous tensors: 
-The kernels index contiguous [B, M, N] views. A non-contiguous tensor (a channels_last conv weight, a
-transposed view) runs on a contiguous copy that is written back after the step: a full-size temporary for
-that tensor only. Contiguous tensors, the usual case, cost one is_contiguous() check each.
+`amp_flags`: GradScaler's scale and inf flag as the one small device tensor every kernel reads.
+
+`contiguous_lists`: the kernels index contiguous [B, M, N] views. A non-contiguous tensor (a channels_last
+conv weight, a transposed view) runs on a contiguous copy that is written back after the step: a full-size
+temporary for that tensor only. Contiguous tensors, the usual case, cost one is_contiguous() check each.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+from .torch_backend import state_shapes
 
 _NAMES = ("grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols", "exp_avg_res_rows", "exp_avg_res_cols",
           "exp_avg_sqs")
@@ -24,7 +28,6 @@ def amp_flags(grad_scale, found_inf, device):
     backend and GradScaler.unscale_ do (in double, rounded to fp32); a few tiny device ops, no host sync."""
     if grad_scale is None and found_inf is None:
         return None
-    import torch
     inv = (torch.ones((), device=device) if grad_scale is None
            else grad_scale.reshape(()).to(device).double().reciprocal().float())
     found = torch.zeros((), device=device) if found_inf is None else found_inf.reshape(()).to(device, torch.float32)
@@ -37,11 +40,9 @@ def check_sizes(backend: str, params, grads, exp_avgs, rows, cols, res_rows, res
     param and no row/column statistics)."""
     for i, (p, *xs) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         shape = tuple(p.shape)
-        if p.ndim >= 2:
-            row, col = shape[:-1], shape[:-2] + shape[-1:]
-            want = (shape, shape, row, col, row, col, None)
-        else:
-            want = (shape, shape, None, None, None, None, shape)
+        stats = state_shapes(shape)
+        want = (shape, shape) + tuple(stats.get(k) for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row",
+                                                             "exp_avg_res_col", "exp_avg_sq"))
         for name, x, w in zip(_NAMES, xs, want):
             got = None if x is None else tuple(x.shape)
             if got != w:

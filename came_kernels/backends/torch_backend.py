@@ -29,11 +29,21 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["came_step", "unavailable_reason", "math_dtype"]
+__all__ = ["came_step", "unavailable_reason", "math_dtype", "state_shapes"]
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     return None  # plain PyTorch runs wherever torch does
+
+
+def state_shapes(shape) -> dict:
+    """{state key: shape} of the statistics of a param of `shape` (came-pytorch 0.1.3's layout): factored
+    (ndim >= 2) over the last two dims, else one full-size v. The momentum `exp_avg` has the param's shape."""
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        row, col = shape[:-1], shape[:-2] + shape[-1:]
+        return {"exp_avg_sq_row": row, "exp_avg_sq_col": col, "exp_avg_res_row": row, "exp_avg_res_col": col}
+    return {"exp_avg_sq": shape}
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
