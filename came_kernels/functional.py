@@ -65,6 +65,7 @@ def came(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_correction: frozenset = frozenset(),
+    capturable: bool = False,
 ) -> None:
     """Functional form of `came_kernels.CAME.step` (see its docstring for the algorithm).
 
@@ -74,7 +75,8 @@ def came(
     fused backends keep their device tables there. `grad_scale`, `found_inf`: GradScaler's (see
     CAME.step); a step with found_inf set changes nothing, step counters included. `bias_correction`: the
     set of terms of torch_backend.BIAS_TERMS to correct (empty: none, as came-pytorch); it reads
-    `state_steps` on the device.
+    `state_steps` on the device. `capturable`: the step may be captured in a CUDA graph (see CAME): fused
+    steps run on Triton, whose tables can be pointed at new grads inside a graph.
     """
     lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs)
@@ -113,6 +115,16 @@ def came(
     runs = []
     for key in groups:
         name = key[0]
+        if capturable and name == "cuda":
+            # The extension uploads its table from host memory at every call: a graph cannot replay that.
+            if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
+                raise NotImplementedError("capturable=True cannot run on backend='cuda'; use backend='triton' "
+                                          "(or 'auto')")
+            name = "triton"
+        if capturable and amp and found_inf is not None and name == "torch" and key[1].type == "cuda":
+            raise NotImplementedError("capturable=True with GradScaler needs a fused backend (the torch backend "
+                                      "reads found_inf on the host, which a CUDA graph cannot replay); use "
+                                      "backend='triton' or 'auto'")
         if (amp or bias_correction) and name == "cuda":
             # The CUDA kernels do not take GradScaler's scale or the bias scales yet: "auto" runs such
             # steps on Triton.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 import numbers
 import operator
 import weakref
@@ -94,7 +95,12 @@ class CAME(Optimizer):
             groups small tensors with torch._foreach_* ops. Cannot be True together with fused=True.
         fused (bool, optional, keyword-only): True requires a fused backend (CUDA extension or Triton) and
             picks the fastest available; False means the torch backend (default: None, see `backend`).
-        capturable (bool, keyword-only): not supported yet; must be False.
+        capturable (bool, keyword-only): allow step() to be captured in a CUDA graph (default: False). The
+            step then runs entirely on the device: step counters there, lr a float (fixed in the graph) or a
+            tensor on the params' device (what a scheduler writes into is what replays read). Run one
+            step eagerly before capturing: the fused backends build their device tables then. The Triton
+            backend is used for fused steps ("auto"); the CUDA extension, which uploads its table from host
+            memory at every call, and GradScaler with the torch backend cannot be captured.
         differentiable (bool, keyword-only): not supported; must be False.
 
     Example (instead of ``torch.optim.AdamW``)::
@@ -130,8 +136,10 @@ class CAME(Optimizer):
             raise ValueError("CAME: fused=True asks for a fused backend, but backend='torch' was given")
         if fused is False and backend in ("triton", "cuda"):
             raise ValueError(f"CAME: fused=False contradicts backend={backend!r}, which is a fused backend")
-        if capturable:
-            raise ValueError("CAME: capturable=True (CUDA graph capture) is not supported yet; use capturable=False")
+        if capturable and backend == "cuda":
+            raise ValueError("CAME: capturable=True cannot use backend='cuda': the CUDA extension uploads its "
+                             "tensor table from host memory at every step, which a CUDA graph cannot replay; use "
+                             "backend='triton' or 'auto'")
         if differentiable:
             raise ValueError("CAME: differentiable=True is not supported; use differentiable=False")
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay,
@@ -159,6 +167,11 @@ class CAME(Optimizer):
                                  "group (came-pytorch has no default either; CAME usually wants 0.5-0.9x the "
                                  "AdamW lr, e.g. lr=2e-4)")
             _check_group(group, where, read_tensor_lr=True)
+            lr = group["lr"]
+            if group["capturable"] and isinstance(lr, Tensor) and any(p.device != lr.device for p in group["params"]):
+                # A graph replays device work only: an lr on another device would be read once, at capture.
+                raise ValueError(f"CAME ({where}): capturable=True needs a tensor lr on the params' device "
+                                 f"({group['params'][0].device}), got one on {lr.device}")
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 # One state shared by two entries would be stepped twice per step(); on a GPU, two kernel
                 # programs would race on it.
@@ -187,6 +200,17 @@ class CAME(Optimizer):
                 group.setdefault(key, value)
             group["betas"] = _three_betas(group["betas"])
             group["bias_correction"] = _bias_terms(group["bias_correction"], "a param group")
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """New, empty backend caches (one per group). Caches that a CUDA graph captured from keep the tables
+        and tensors that graph addresses: they are kept alive, and the user is told to capture again."""
+        old = getattr(self, "_caches", None) or []
+        if any(isinstance(v, dict) and v.get("captured") for c in old for v in c.values()):
+            self._graph_keepalive = getattr(self, "_graph_keepalive", []) + old
+            warnings.warn("CAME: the optimizer state was replaced after a CUDA graph captured step(); replaying "
+                          "that graph would update the old state, not this one: capture the step again",
+                          RuntimeWarning, stacklevel=3)
         self._caches = [{} for _ in self.param_groups]
 
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
@@ -307,6 +331,11 @@ class CAME(Optimizer):
         # Compiled, dynamo traces the plain path (its guards do the rest) and the fast path is not even
         # entered: a comprehension here would be one more frame to compile.
         compiling = torch.compiler.is_compiling()
+        if not compiling and _capturing():
+            for gi, group in enumerate(self.param_groups):
+                if not group["capturable"]:
+                    raise RuntimeError(f"CAME (param group {gi}): step() is being captured in a CUDA graph, but "
+                                       "the optimizer was built with capturable=False; pass capturable=True")
         fast = [None] * len(self.param_groups)
         if not compiling:
             fast = [self._unchanged(gi, g) for gi, g in enumerate(self.param_groups)]
@@ -330,7 +359,7 @@ class CAME(Optimizer):
                  beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
                  maximize=group["maximize"], bias_correction=frozenset(group["bias_correction"] or ()),
-                 backend=group["backend"], fused=group["fused"],
+                 backend=group["backend"], fused=group["fused"], capturable=group["capturable"],
                  cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
         return loss
@@ -381,7 +410,7 @@ class CAME(Optimizer):
                 self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
             if p in self.state and "step" in self.state[p]:
                 self.state[p]["step"] = self.state[p]["step"].to(device=p.device, dtype=torch.float32)
-        self._caches = [{} for _ in self.param_groups]  # tensors changed: fused backends rebuild their tables
+        self._reset_caches()  # tensors changed: fused backends rebuild their tables
 
 
 # ---------------------------------------------------------------------- checkpoint validation
@@ -477,6 +506,11 @@ def _raise_bad_grad(p: Tensor, g: Tensor, where: str) -> None:
     if g.shape != p.shape:
         raise RuntimeError(f"CAME: gradient shape {tuple(g.shape)} differs from its parameter's ({where})")
     raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False, and no CUDA call, without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _bias_terms(value: Any, where: str) -> Union[bool, tuple]:
