@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
-from .backends.torch_backend import bias_scales
+from .backends.torch_backend import bias_scales, matrix_shape
 
 __all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
 
@@ -66,6 +66,7 @@ def came(
     found_inf: Optional[Tensor] = None,
     bias_correction: frozenset = frozenset(),
     capturable: bool = False,
+    factor_conv: bool = False,
 ) -> None:
     """Functional form of `came_kernels.CAME.step` (see its docstring for the algorithm).
 
@@ -76,7 +77,9 @@ def came(
     CAME.step); a step with found_inf set changes nothing, step counters included. `bias_correction`: the
     set of terms of torch_backend.BIAS_TERMS to correct (empty: none, as came-pytorch); it reads
     `state_steps` on the device. `capturable`: the step may be captured in a CUDA graph (see CAME): fused
-    steps run on Triton, whose tables can be pointed at new grads inside a graph.
+    steps run on Triton, whose tables can be pointed at new grads inside a graph. `factor_conv`: params with
+    ndim >= 3 are stepped as [shape[0], numel/shape[0]] matrices, their statistics having the shapes of
+    torch_backend.state_shapes(shape, factor_conv=True).
     """
     lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs)
@@ -156,6 +159,10 @@ def came(
             group_lr = lr.item() if lr.device.type == "cpu" and not compiling else lr.to(device=device)
         sub = list(sliced[key])
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
+        write_back = []
+        if factor_conv:
+            for j in range(3):  # params, grads, exp_avgs; the statistics already have the matrix's shapes
+                sub[j] = [_as_matrix(x, write_back if j != 1 else None) if x.ndim >= 3 else x for x in sub[j]]
         extra = {k: None if v is None else v.to(device) for k, v in amp.items()}
         if bias_correction:  # two scalars per tensor from its step counter, on the device (no sync)
             extra["bias_scales"] = bias_scales(
@@ -171,3 +178,17 @@ def came(
         else:  # opaque to the compiler, with its mutations declared (see ops.py)
             from .ops import call_fused_step
             call_fused_step(sub, group_lr, name, **hyper, **extra)
+        for x, copy in write_back:
+            x.copy_(copy.view(x.shape))
+
+
+def _as_matrix(x: Tensor, write_back: Optional[list]) -> Tensor:
+    """x as its [shape[0], rest] matrix (factor_conv): a view when x is contiguous; else a copy, which is
+    written back after the step when `write_back` is a list (a channels_last conv weight, say)."""
+    shape = matrix_shape(x.shape)
+    if x.is_contiguous():
+        return x.view(shape)
+    copy = x.reshape(shape)
+    if write_back is not None:
+        write_back.append((x, copy))
+    return copy

@@ -87,6 +87,11 @@ class CAME(Optimizer):
             True corrects every term; a tuple picks terms among "exp_avg" (the momentum, in the update
             only), "exp_avg_sq" (the column statistic of g^2, or v) and "exp_avg_res" (the column
             confidence statistic). Read from the step counters on the device: no sync, no recompile.
+        factor_conv (bool, keyword-only): factor params with ndim >= 3 (conv weights [out, in, *kernel]) as
+            one [out, in*prod(kernel)] matrix (default: False: came-pytorch factors the last two dims, so a
+            1x1 conv keeps row statistics as large as its weight). Changes the state's shapes: it is saved
+            with the param group. Meant for conv weights; a 3-D param that is a batch of matrices (stacked
+            experts, say) should be put in a param group without it.
         maximize (bool, keyword-only): maximize the objective (default: False).
         backend (str, keyword-only): "auto", "torch", "triton" or "cuda" (default: "auto": the CUDA extension
             for CUDA tensors when it was built, else Triton on CUDA, else torch). Requesting a backend that
@@ -123,6 +128,7 @@ class CAME(Optimizer):
         weight_decay: float = 0.0,
         *,
         bias_correction: Union[bool, tuple] = False,
+        factor_conv: bool = False,
         maximize: bool = False,
         backend: str = "auto",
         foreach: Optional[bool] = None,
@@ -143,7 +149,7 @@ class CAME(Optimizer):
         if differentiable:
             raise ValueError("CAME: differentiable=True is not supported; use differentiable=False")
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay,
-                        bias_correction=bias_correction, maximize=maximize, backend=backend, foreach=foreach, fused=fused,
+                        bias_correction=bias_correction, factor_conv=factor_conv, maximize=maximize, backend=backend, foreach=foreach, fused=fused,
                         capturable=capturable, differentiable=differentiable)
         # lr=None is allowed when every param group brings its own (add_param_group checks that).
         _check_group(defaults, "defaults", lr_optional=True)
@@ -195,7 +201,8 @@ class CAME(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # groups saved by came-pytorch lack our keyword-only options
-            for key, value in (("bias_correction", False), ("maximize", False), ("backend", "auto"),
+            for key, value in (("bias_correction", False), ("factor_conv", False), ("maximize", False),
+                               ("backend", "auto"),
                                ("foreach", None), ("fused", None), ("capturable", False), ("differentiable", False)):
                 group.setdefault(key, value)
             group["betas"] = _three_betas(group["betas"])
@@ -304,9 +311,9 @@ class CAME(Optimizer):
                 # CPU op per tensor (host time is the budget of a fused optimizer step).
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
-                for key, shape in state_shapes(p.shape).items():
+                for key, shape in state_shapes(p.shape, group["factor_conv"]).items():
                     state[key] = torch.zeros(shape, dtype=dt, device=p.device)
-            factored = p.ndim >= 2
+            factored = p.ndim >= 2  # factor_conv keeps ndim >= 3 factored (as a matrix): the same lists
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -359,6 +366,7 @@ class CAME(Optimizer):
                  beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
                  maximize=group["maximize"], bias_correction=frozenset(group["bias_correction"] or ()),
+                 factor_conv=group["factor_conv"],
                  backend=group["backend"], fused=group["fused"], capturable=group["capturable"],
                  cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
@@ -448,7 +456,7 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
             pwhere = f"{where}, param of shape {tuple(p.shape)} (state id {pid})"
             if not isinstance(st, dict):
                 bad(f"{pwhere}: state is a {type(st).__name__}, expected a dict")
-            want = dict(exp_avg=tuple(p.shape), **state_shapes(p.shape))
+            want = dict(exp_avg=tuple(p.shape), **state_shapes(p.shape, saved.get("factor_conv", False)))
             keys = set(st) - set(_UNUSED_CAME_PYTORCH_KEYS) - {"step"}
             if keys != set(want):
                 hint = (" (it looks like another optimizer's state, e.g. AdamW's exp_avg/exp_avg_sq)"
@@ -566,6 +574,8 @@ def _check_group(group: dict, where: str, lr_optional: bool = False, read_tensor
     if not _is_real(wd) or not wd >= 0.0 or math.isinf(wd):
         raise ValueError(f"CAME ({where}): invalid weight_decay {wd!r}; expected a finite float >= 0")
     _bias_terms(group.get("bias_correction", False), where)
+    if not isinstance(group.get("factor_conv", False), bool):
+        raise ValueError(f"CAME ({where}): factor_conv must be a bool, got {group['factor_conv']!r}")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"CAME ({where}): maximize must be a bool, got {group['maximize']!r}")
     if group["backend"] not in ("auto",) + BACKENDS:
