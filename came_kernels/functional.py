@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from . import distributed as _distributed
 from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
 from .backends.torch_backend import bias_scales, matrix_shape
 
@@ -21,8 +22,19 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_backend(backend: str, device: torch.device, param_dtype: torch.dtype, grad_dtype: torch.dtype,
-                    fused: Optional[bool] = None) -> str:
-    """The backend that runs a (device, param dtype, grad dtype) group, or BackendUnavailableError."""
+                    fused: Optional[bool] = None, dtensor: bool = False) -> str:
+    """The backend that runs a (device, param dtype, grad dtype) group, or BackendUnavailableError.
+
+    DTensor params (FSDP2, tensor parallel; `dtensor=True`) run on the torch backend's math through
+    came_kernels.distributed, which sums the statistics that span shards: the fused kernels do not."""
+    if dtensor:
+        if backend in ("triton", "cuda") or fused:
+            what = f"backend={backend!r}" if backend in ("triton", "cuda") else "fused=True"
+            raise BackendUnavailableError(
+                f"{what} does not take DTensor params (FSDP2's fully_shard, tensor parallel) yet: their "
+                "statistics span shards and must be summed across processes between phases, which the fused "
+                "kernels do not do; use backend='auto' or 'torch' (came_kernels.distributed, exact on shards)")
+        return "torch"
     fusable = param_dtype in FUSED_DTYPES and grad_dtype == param_dtype
     if backend == "auto":
         if fused and not fusable:
@@ -97,17 +109,21 @@ def came(
     # passes the same tuple of params every step in steady state (see CAME._unchanged): then the grouping
     # and the slices of every list but the grads are reused from `cache`. Tuples, because a list could be
     # changed in place between calls.
+    # DTensor params (FSDP2, tensor parallel) form their own group, run by came_kernels.distributed.
     memo = cache.get("grouping")
     if memo is not None and memo[0] is params and isinstance(params, tuple) and memo[1] == (backend, fused):
         groups, sliced = memo[2], memo[3]
     else:
         by_dtype: dict = {}
         for i, (p, g) in enumerate(zip(params, grads)):
-            by_dtype.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+            by_dtype.setdefault((p.device, p.dtype, g.dtype, _distributed.is_dtensor(p)), []).append(i)
         groups = {}
-        for (device, p_dtype, g_dtype), idx in by_dtype.items():  # resolve once per group, not per tensor
-            name = resolve_backend(backend, device, p_dtype, g_dtype, fused)
-            key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
+        for (device, p_dtype, g_dtype, dtensor), idx in by_dtype.items():  # resolve once per group
+            name = resolve_backend(backend, device, p_dtype, g_dtype, fused, dtensor)
+            if dtensor:
+                key = ("distributed", device)
+            else:
+                key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
             groups.setdefault(key, []).extend(idx)
         sliced = {key: [None if j == 1 else [lst[i] for i in idx] for j, lst in enumerate(lists)]
                   for key, idx in groups.items()}
@@ -137,6 +153,16 @@ def came(
                     f"{what} is not supported by backend='cuda' yet; use backend='triton' (or 'auto')"
                     + (", or call scaler.unscale_(optimizer) before scaler.step()" if amp else ""))
             name = "triton"
+        if name == "distributed" and capturable:
+            raise NotImplementedError("capturable=True does not take DTensor params (FSDP2, tensor parallel): "
+                                      "their step all-reduces statistics between phases; use capturable=False")
+        if name == "distributed" and factor_conv and any(params[i].ndim >= 3 for i in groups[key]):
+            raise NotImplementedError("factor_conv=True does not take DTensor params with ndim >= 3 yet; put "
+                                      "them in a param group without factor_conv")
+        if name == "distributed":  # the placements of grads and state: host metadata, checked every step
+            lists_now = list(sliced[key])
+            lists_now[1] = [grads[i] for i in groups[key]]
+            _distributed.check_step(*lists_now)
         runs.append((name, (name,) + key[1:], key))
 
     if state_steps:
@@ -168,13 +194,14 @@ def came(
             extra["bias_scales"] = bias_scales(
                 [state_steps[i] for i in idx], [params[i].ndim >= 2 for i in idx], bias_correction,
                 beta1=beta1, beta2=beta2, beta3=beta3, cache=None if compiling else cache,
-                dtype=torch.float64 if name == "torch" and any(params[i].dtype == torch.float64 for i in idx)
-                else torch.float32).to(device)
+                dtype=torch.float64 if name in ("torch", "distributed") and any(
+                    params[i].dtype == torch.float64 for i in idx) else torch.float32).to(device)
+        step_fn = _distributed.came_step if name == "distributed" else None
         if not compiling:
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}), **hyper,
-                                      **extra)
-        elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **extra)
+            (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}),
+                                                   **hyper, **extra)
+        elif name in ("torch", "distributed"):  # traced by the compiler; it keeps nothing in the cache
+            (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=None, **hyper, **extra)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)
             from .ops import call_fused_step
             call_fused_step(sub, group_lr, name, **hyper, **extra)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 import numbers
 import operator
+import warnings
 import weakref
 from typing import Any, Iterable, Optional, Union
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed as _distributed
 from .backends import BACKENDS, BackendUnavailableError
 from .backends.torch_backend import BIAS_TERMS, math_dtype, state_shapes
 from .functional import came, resolve_backend
@@ -189,6 +190,16 @@ class CAME(Optimizer):
                                      f"of shape {tuple(p.shape)}); view it as real with torch.view_as_real")
                 if not p.is_floating_point():
                     raise ValueError(f"CAME: parameters must be floating point, got {p.dtype}")
+                if _distributed.is_dtensor(p):
+                    pwhere = f"{where}, param of shape {tuple(p.shape)}"
+                    _distributed.check_param(p, pwhere)
+                    if group["capturable"]:
+                        raise ValueError(f"CAME ({pwhere}): capturable=True does not take DTensor params (FSDP2, "
+                                         "tensor parallel): their step all-reduces statistics between phases; use "
+                                         "capturable=False")
+                    if group["factor_conv"] and p.ndim >= 3:
+                        raise ValueError(f"CAME ({pwhere}): factor_conv=True does not take DTensor params with "
+                                         "ndim >= 3 yet; put them in a param group without factor_conv")
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
             raise
@@ -197,6 +208,15 @@ class CAME(Optimizer):
         if isinstance(group["lr"], Tensor) and group["lr"].ndim:
             group["lr"] = group["lr"].view(())  # a 1-element lr as 0-d; a view: writes to it still count
         self._caches.append({})
+        flat = sum(map(_distributed.is_fsdp1_flat_param, group["params"]))
+        if flat and not getattr(self, "_warned_flat_params", False):
+            self._warned_flat_params = True
+            warnings.warn(
+                f"CAME: {flat} parameter(s) are FSDP1 flat parameters (FullyShardedDataParallel concatenates and "
+                "flattens a module's tensors into 1-D shards): CAME cannot factor them, so they get the unfactored "
+                "rule (a full-size second moment, no confidence factor), which is not CAME's update of the "
+                "matrices inside. Use FSDP2 (torch.distributed.fsdp.fully_shard): its DTensor parameters keep "
+                "their shapes and CAME factors them exactly across shards", UserWarning, stacklevel=3)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -221,7 +241,8 @@ class CAME(Optimizer):
         self._caches = [{} for _ in self.param_groups]
 
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
-        return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"])
+        return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"],
+                               _distributed.is_dtensor(p))
 
     def _check_step_inputs(self, skip=()) -> None:
         """Every check that can fail, before any state is created or changed. Groups in `skip` (indices
@@ -239,10 +260,11 @@ class CAME(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
+                dtensor = _distributed.is_dtensor(p)
                 if g.layout != torch.strided or not g.dtype.is_floating_point or g.shape != p.shape \
-                        or g.device != p.device:
+                        or g.device != p.device or dtensor != _distributed.is_dtensor(g):
                     _raise_bad_grad(p, g, where)  # the common case pays for one combined test only
-                key = (p.device, p.dtype, g.dtype)
+                key = (p.device, p.dtype, g.dtype, dtensor)
                 if key not in resolved:  # once per (device, dtypes) and group: step() runs this every call
                     try:
                         self._resolve(group, p, g.dtype)
@@ -311,8 +333,11 @@ class CAME(Optimizer):
                 # CPU op per tensor (host time is the budget of a fused optimizer step).
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
-                for key, shape in state_shapes(p.shape, group["factor_conv"]).items():
-                    state[key] = torch.zeros(shape, dtype=dt, device=p.device)
+                if _distributed.is_dtensor(p):  # sharded like the axes they index, so DCP can reshard them
+                    state.update(_distributed.new_stats(p, dt))  # (no factor_conv: add_param_group refuses it)
+                else:
+                    for key, shape in state_shapes(p.shape, group["factor_conv"]).items():
+                        state[key] = torch.zeros(shape, dtype=dt, device=p.device)
             factored = p.ndim >= 2  # factor_conv keeps ndim >= 3 factored (as a matrix): the same lists
             params.append(p)
             grads.append(p.grad)
@@ -415,7 +440,10 @@ class CAME(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
             for key, v in saved.get(pid, {}).items():
-                self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
+                if _distributed.is_dtensor(p) or _distributed.is_dtensor(v):  # laid out as a new state would be
+                    self.state[p][key] = _distributed.load_stat(p, key, v, math_dtype(p.dtype))
+                else:
+                    self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
             if p in self.state and "step" in self.state[p]:
                 self.state[p]["step"] = self.state[p]["step"].to(device=p.device, dtype=torch.float32)
         self._reset_caches()  # tensors changed: fused backends rebuild their tables
@@ -478,6 +506,9 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
                     bad(f"{pwhere}: '{key}' has shape {tuple(v.shape)}, expected {shape}")
                 if not v.is_floating_point() or v.layout != torch.strided:
                     bad(f"{pwhere}: '{key}' must be a dense floating tensor, got {v.dtype} {v.layout}")
+                why = _distributed.check_loaded_stat(p, key, v)
+                if why is not None:
+                    bad(f"{pwhere}: {why}")
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -513,6 +544,10 @@ def _raise_bad_grad(p: Tensor, g: Tensor, where: str) -> None:
         raise RuntimeError(f"CAME: gradient must be floating point, got {g.dtype} ({where})")
     if g.shape != p.shape:
         raise RuntimeError(f"CAME: gradient shape {tuple(g.shape)} differs from its parameter's ({where})")
+    if _distributed.is_dtensor(g) != _distributed.is_dtensor(p):
+        what = ("a DTensor gradient for a plain parameter" if _distributed.is_dtensor(g)
+                else "a plain gradient for a DTensor parameter")
+        raise RuntimeError(f"CAME: {what} ({where}); expected both DTensors laid out alike, or both plain")
     raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
 
 
