@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .backends import torch_backend as tb
 
-__all__ = ["is_dtensor", "is_fsdp1_flat_param", "check_param", "check_step", "came_step", "new_stats",
+__all__ = ["is_dtensor", "is_fsdp1_flat_param", "check_param", "check_grads", "check_states", "came_step", "new_stats",
            "check_loaded_stat", "load_stat"]
 
 try:
@@ -183,27 +183,38 @@ def load_stat(p: Tensor, key: str, v: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 # ---------------------------------------------------------------------- validation before a step
-def check_step(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> None:
-    """RuntimeError naming the param unless every grad and state of these DTensor params is laid out as the
-    step expects. Called before anything changes (step counters included)."""
-    for i, (p, g) in enumerate(zip(params, grads)):
-        where = f"param of shape {tuple(p.shape)} with placements {tuple(p.placements)}"
-        if not is_dtensor(g) or g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
-            got = (f"a DTensor with placements {tuple(g.placements)} on mesh {g.device_mesh}" if is_dtensor(g)
-                   else "a plain tensor")
-            raise RuntimeError(f"CAME ({where}): its grad is {got}; expected a DTensor laid out like the param "
-                               f"(placements {tuple(p.placements)} on mesh {p.device_mesh})")
+def _same_mesh(a, b) -> bool:
+    return a is b or a == b  # DeviceMesh equality compares the rank layout: identity first
+
+
+def check_grads(params, grads) -> None:
+    """RuntimeError naming the param unless every grad is a DTensor laid out like its DTensor param. Run
+    every step (grads are new objects each backward), before anything changes."""
+    for p, g in zip(params, grads):
+        if is_dtensor(g) and tuple(g.placements) == tuple(p.placements) and _same_mesh(g.device_mesh, p.device_mesh):
+            continue
+        got = (f"a DTensor with placements {tuple(g.placements)} on mesh {g.device_mesh}" if is_dtensor(g)
+               else "a plain tensor")
+        raise RuntimeError(f"CAME (param of shape {tuple(p.shape)} with placements {tuple(p.placements)}): its grad "
+                           f"is {got}; expected a DTensor laid out like the param (placements "
+                           f"{tuple(p.placements)} on mesh {p.device_mesh})")
+
+
+def check_states(params, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> None:
+    """RuntimeError naming the param unless every state of these DTensor params is a DTensor laid out as
+    new_stats makes it. Run whenever the state lists are built, before anything changes."""
+    for i, p in enumerate(params):
         state = {"exp_avg": exp_avgs[i], "exp_avg_sq_row": rows[i], "exp_avg_sq_col": cols[i],
                  "exp_avg_res_row": res_rows[i], "exp_avg_res_col": res_cols[i], "exp_avg_sq": sqs[i]}
         for key, v in state.items():
             if v is None:
                 continue
             want = _stat_placements(p, key)
-            if not is_dtensor(v) or v.device_mesh != p.device_mesh or tuple(v.placements) != want:
+            if not is_dtensor(v) or not _same_mesh(v.device_mesh, p.device_mesh) or tuple(v.placements) != want:
                 got = f"placements {tuple(v.placements)}" if is_dtensor(v) else "a plain tensor"
-                raise RuntimeError(f"CAME ({where}): state '{key}' is {got}; expected a DTensor with placements "
-                                   f"{want} on the param's mesh (state made by CAME or loaded with "
-                                   "CAME.load_state_dict is)")
+                raise RuntimeError(f"CAME (param of shape {tuple(p.shape)} with placements {tuple(p.placements)}): "
+                                   f"state '{key}' is {got}; expected a DTensor with placements {want} on the "
+                                   "param's mesh (as CAME makes it, and CAME.load_state_dict loads it)")
 
 
 # ---------------------------------------------------------------------- cross-process sums
@@ -261,7 +272,7 @@ def came_step(
     found_inf: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for DTensor params (the backend contract of backends/README.md; lists as checked by
-    check_step). Every process of each param's mesh must call it with the same params in the same order,
+    check_grads and check_states). Every process of each param's mesh must call it with the same params in the same order,
     as it does with FSDP2. GradScaler: as the torch backend (found_inf is read on the host; a sharded
     GradScaler has already made it the same on every process)."""
     if found_inf is not None and bool(found_inf.reshape(()).item()):
@@ -289,14 +300,13 @@ def came_step(
         sizes[key] = max(sizes.get(key, 0), Mo[i].numel())
     scratch = {k: torch.empty(n, dtype=k[1], device=k[0]) for k, n in sizes.items()}
 
-    def buf(i):
-        return scratch[(Mo[i].device, Mo[i].dtype)][: Mo[i].numel()].view(Mo[i].shape)
+    bufs = {i: scratch[(Mo[i].device, Mo[i].dtype)][: Mo[i].numel()].view(Mo[i].shape) for i in factored}
 
     # ---- phase 1 (sq_stats): EMAs of r and c; row and column factors of u
     sums, handles = _Sums(), {}
     for i in factored:
         lay = layouts[i]
-        parts = tb._sq_stats_(buf(i), G[i], r[i], c[i], inv_scale=inv_scale, beta2=beta2, eps1=eps1,
+        parts = tb._sq_stats_(bufs[i], G[i], r[i], c[i], inv_scale=inv_scale, beta2=beta2, eps1=eps1,
                               split=lay.split)
         handles[i] = sums.add(lay.group, parts)
     sums.all_reduce()
@@ -306,7 +316,7 @@ def came_step(
     # ---- phase 2 (clip_stats): the norm of u over the whole tensor
     sums, handles, norms = _Sums(), {}, {}
     for i in factored:
-        b = buf(i)
+        b = bufs[i]
         tb._u_(b, G[i], *factors[i], inv_scale)
         norms[i] = torch.linalg.vector_norm(b)
         handles[i] = sums.add(layouts[i].group, [norms[i].square()])
@@ -329,7 +339,7 @@ def came_step(
     # ---- phase 3 (momentum_res): u_hat, momentum, EMAs of R and C
     res_sums, res_handles = _Sums(), {}
     for i in factored:
-        b = buf(i)
+        b = bufs[i]
         tb._u_(b, G[i], *factors[i], inv_scale)  # again: the scratch is shared by all tensors
         tb._clip_(b, norm(i, norms[i]), params[i].numel(), clip_threshold)
         parts = tb._momentum_res_(b, Mo[i], R[i], C[i], beta1=beta1, beta3=beta3, eps2=eps2,
@@ -345,4 +355,4 @@ def came_step(
     # ---- phase 4 (param_step)
     for i in factored:
         row_f, col_f = tb._stats_factors(R[i], C[i], beta3, eps2, layouts[i].split, res_sums.get(res_handles[i]))
-        tb._param_step_(P[i], buf(i), Mo[i], row_f, col_f, lr, weight_decay)
+        tb._param_step_(P[i], bufs[i], Mo[i], row_f, col_f, lr, weight_decay)

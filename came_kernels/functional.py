@@ -111,7 +111,9 @@ def came(
     # changed in place between calls.
     # DTensor params (FSDP2, tensor parallel) form their own group, run by came_kernels.distributed.
     memo = cache.get("grouping")
-    if memo is not None and memo[0] is params and isinstance(params, tuple) and memo[1] == (backend, fused):
+    rebuilt = not (memo is not None and memo[0] is params and isinstance(params, tuple)
+                   and memo[1] == (backend, fused))
+    if not rebuilt:
         groups, sliced = memo[2], memo[3]
     else:
         by_dtype: dict = {}
@@ -159,10 +161,10 @@ def came(
         if name == "distributed" and factor_conv and any(params[i].ndim >= 3 for i in groups[key]):
             raise NotImplementedError("factor_conv=True does not take DTensor params with ndim >= 3 yet; put "
                                       "them in a param group without factor_conv")
-        if name == "distributed":  # the placements of grads and state: host metadata, checked every step
-            lists_now = list(sliced[key])
-            lists_now[1] = [grads[i] for i in groups[key]]
-            _distributed.check_step(*lists_now)
+        if name == "distributed":  # placements: the grads' every step, the state's when its lists are new
+            _distributed.check_grads(sliced[key][0], [grads[i] for i in groups[key]])
+            if rebuilt:
+                _distributed.check_states(sliced[key][0], *sliced[key][2:])
         runs.append((name, (name,) + key[1:], key))
 
     if state_steps:
