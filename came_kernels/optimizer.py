@@ -70,6 +70,10 @@ class CAME(Optimizer):
     There is no bias correction. Statistics and momentum are fp32 whatever the parameter dtype (fp64 for
     fp64 params), and all arithmetic is fp32.
 
+    DTensor params (FSDP2's fully_shard, HSDP, tensor parallel) get the same update: each process steps its
+    shard and the statistics that span shards are all-reduced (came_kernels.distributed; the state is
+    DTensors, for torch.distributed.checkpoint). FSDP1's flat parameters cannot be factored (a warning says so).
+
     Args:
         params (iterable): parameters or dicts defining parameter groups.
         lr (float or Tensor): learning rate, > 0; required here or in every param group. A tensor lr
@@ -212,11 +216,12 @@ class CAME(Optimizer):
         if flat and not getattr(self, "_warned_flat_params", False):
             self._warned_flat_params = True
             warnings.warn(
-                f"CAME: {flat} parameter(s) are FSDP1 flat parameters (FullyShardedDataParallel concatenates and "
-                "flattens a module's tensors into 1-D shards): CAME cannot factor them, so they get the unfactored "
-                "rule (a full-size second moment, no confidence factor), which is not CAME's update of the "
-                "matrices inside. Use FSDP2 (torch.distributed.fsdp.fully_shard): its DTensor parameters keep "
-                "their shapes and CAME factors them exactly across shards", UserWarning, stacklevel=3)
+                f"CAME: {flat} parameter(s) are FSDP1 flat parameters (FullyShardedDataParallel flattens and "
+                "concatenates a module's tensors into 1-D shards; with use_orig_params=True each param is a 1-D "
+                "piece of one): CAME cannot factor them, so they get the unfactored rule (a full-size second "
+                "moment, no confidence factor), which is not CAME's update of the matrices inside. Use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard): its DTensor parameters keep their shapes and CAME factors "
+                "them exactly across shards", UserWarning, stacklevel=4)  # the line that called CAME(...)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

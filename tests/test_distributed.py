@@ -233,6 +233,11 @@ def _case_errors(rank, out, dirs):
     out["plain_state"] = message(opt.step)
     after = (p.to_local(), {k: v.to_local() if came_kernels.distributed.is_dtensor(v) else v
                             for k, v in opt.state[p].items()})
+    # A checkpoint whose DTensor state lives on another mesh is refused by load_state_dict, naming it.
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = distribute_tensor(torch.zeros(4, 6), mesh2, (Replicate(), Shard(0)),
+                                                  src_data_rank=None)
+    out["other_mesh"] = message(lambda: opt.load_state_dict(sd))
     out["untouched"] = torch.equal(before[0], after[0]) and all(
         torch.equal(before[1][k], after[1][k]) for k in before[1])
 
@@ -282,6 +287,40 @@ def _case_full_state_dict(rank, out, dirs):
     _train(list(ref.parameters()), ref_opt, DCP_SHAPES, 5, 10)
     _train(list(model.parameters()), opt, DCP_SHAPES, 5, 10)
     out["param_err"] = _errors(_full(model.parameters()), list(ref.parameters()))
+    # And back: the DTensor state dict into an optimizer of plain params gathers each state whole.
+    plain = _Holder(DCP_SHAPES, seed=9)
+    plain_opt = came_kernels.CAME(plain.parameters(), **KW)
+    plain_opt.load_state_dict(opt.state_dict())
+    out["gathered_state_err"] = max(
+        _rel(plain_opt.state[q][k], v.full_tensor()) for p, q in zip(model.parameters(), plain.parameters())
+        for k, v in opt.state[p].items() if k != "step")
+    out["gathered_types"] = sorted({type(v).__name__ for st in plain_opt.state.values() for v in st.values()})
+
+
+def _case_grad_scaler(rank, out, dirs):
+    # GradScaler's contract (see CAME.step): grads scaled by 4 with grad_scale=4 step as the plain grads do,
+    # and a step with found_inf set changes nothing, step counters included.
+    from torch.distributed.fsdp import fully_shard
+    shapes = [(37, 53), (7,)]
+    models = [_Holder(shapes), _Holder(shapes)]
+    opts = []
+    for m in models:
+        fully_shard(m)
+        opts.append(came_kernels.CAME(m.parameters(), **KW))
+    for t in range(3):
+        grads = _grads(shapes, t)
+        _set_grads(list(models[0].parameters()), grads)
+        _set_grads(list(models[1].parameters()), [g * 4 for g in grads])
+        opts[1].grad_scale, opts[1].found_inf = torch.tensor([4.0]), torch.tensor([0.0])
+        opts[0].step()
+        opts[1].step()
+    out["scaled_equal"] = all(torch.equal(a, b) for a, b in zip(*map(_full, (m.parameters() for m in models))))
+    before = [p.full_tensor() for p in models[1].parameters()]
+    steps = [float(st["step"]) for st in opts[1].state.values()]
+    opts[1].found_inf = torch.tensor([1.0])
+    opts[1].step()
+    out["skipped"] = all(torch.equal(a, b.full_tensor()) for a, b in zip(before, models[1].parameters())) and \
+        steps == [float(st["step"]) for st in opts[1].state.values()]
 
 
 def _case_fsdp1(rank, out, dirs):
@@ -298,7 +337,7 @@ def _case_fsdp1(rank, out, dirs):
 
 
 CASES = [_case_fsdp2_shapes, _case_broken_all_reduce, _case_fsdp2_mlp, _case_placements, _case_errors, _case_dcp,
-         _case_dcp_from_one_process, _case_full_state_dict, _case_fsdp1]
+         _case_dcp_from_one_process, _case_full_state_dict, _case_grad_scaler, _case_fsdp1]
 
 
 def _worker(rank, init_file, dirs, outdir):
@@ -406,6 +445,8 @@ def test_bad_grads_and_states_are_refused_before_anything_changes(world):
     assert out["plain_state"].startswith("RuntimeError") and "exp_avg_sq_col" in out["plain_state"], \
         out["plain_state"]
     assert out["untouched"]
+    assert out["other_mesh"].startswith("ValueError") and "'exp_avg'" in out["other_mesh"] \
+        and "mesh" in out["other_mesh"], out["other_mesh"]
 
 
 def test_dcp_save_load_continues_identically(world):
@@ -432,9 +473,15 @@ def test_dcp_checkpoint_of_two_processes_loads_into_one(world):
     assert max(_errors(_full(model.parameters()), list(ref.parameters()))) <= TOL
 
 
-def test_plain_state_dict_loads_into_fsdp2(world):
+def test_plain_state_dict_loads_into_fsdp2_and_back(world):
     out = _outcome(world, "_case_full_state_dict")
     assert max(out["param_err"]) <= TOL, out["param_err"]
+    assert out["gathered_state_err"] == 0.0 and out["gathered_types"] == ["Tensor"]
+
+
+def test_grad_scaler_unscales_and_skips(world):
+    out = _outcome(world, "_case_grad_scaler")
+    assert out["scaled_equal"] and out["skipped"]
 
 
 def test_fsdp1_flat_parameters_warn_once(world):
@@ -444,9 +491,10 @@ def test_fsdp1_flat_parameters_warn_once(world):
     assert out["warnings"][0].startswith("UserWarning") and "fully_shard" in out["warnings"][0]
 
 
-def test_flat_parameter_marker_warns_once_without_a_process_group():
+@pytest.mark.parametrize("marker", ["_is_flat_param", "_fsdp_flattened"])  # FlatParameter, use_orig_params
+def test_flat_parameter_marker_warns_once_without_a_process_group(marker):
     p = torch.nn.Parameter(torch.ones(6))
-    p._is_flat_param = True
+    setattr(p, marker, True)
     with pytest.warns(UserWarning, match="FSDP1 flat parameters") as caught:
         opt = came_kernels.CAME([p], lr=1e-2)
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
