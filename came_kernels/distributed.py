@@ -47,8 +47,8 @@ from torch import Tensor
 
 from .backends import torch_backend as tb
 
-__all__ = ["is_dtensor", "is_fsdp1_flat_param", "check_param", "check_grads", "check_states", "came_step", "new_stats",
-           "check_loaded_stat", "load_stat"]
+__all__ = ["is_dtensor", "is_fsdp1_flat_param", "check_param", "check_grads", "check_states", "came_step",
+           "agree_found_inf", "new_stats", "check_loaded_stat", "load_stat"]
 
 try:
     import torch.distributed as dist
@@ -95,7 +95,7 @@ def _shard_dim(p: Tensor, where: str) -> Optional[tuple]:
             continue
         if type(pl) is not Shard:  # Partial, _StridedShard, anything newer
             raise ValueError(
-                f"CAME ({where}): unsupported DTensor placement {pl} in {tuple(p.placements)} on a mesh of shape "
+                f"CAME ({where}): unsupported DTensor placement {pl!r} in {tuple(p.placements)} on a mesh of shape "
                 f"{tuple(p.device_mesh.shape)}; {_SUPPORTED}")
         if found is not None:
             raise ValueError(
@@ -247,6 +247,23 @@ class _Sums:
         return self._sums[key][start:start + count]
 
 
+def _layouts(params, cache: dict) -> list:
+    memo = cache.get("layouts")
+    if memo is None or memo[0] is not params:  # the optimizer passes the same list every step in steady state
+        memo = cache["layouts"] = (params, [_layout(p) for p in params])
+    return memo[1]
+
+
+def agree_found_inf(found_inf: Tensor, params, cache: dict) -> Tensor:
+    """GradScaler's found_inf, maxed over the processes that hold pieces of these params. torch.amp.GradScaler
+    looks at this process's grads only; were one process to skip a step and another not, the step counters
+    would part and the next all_reduce would wait forever. One 1-element all_reduce per process group."""
+    found_inf = found_inf.detach().reshape(1).to(torch.float32, copy=True)
+    for group in dict.fromkeys(lay.group for lay in _layouts(params, cache) if lay.group is not None):
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
+    return found_inf
+
+
 # ---------------------------------------------------------------------- the step
 def came_step(
     params: list[Tensor],
@@ -272,17 +289,14 @@ def came_step(
     found_inf: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for DTensor params (the backend contract of backends/README.md; lists as checked by
-    check_grads and check_states). Every process of each param's mesh must call it with the same params in the same order,
-    as it does with FSDP2. GradScaler: as the torch backend (found_inf is read on the host; a sharded
-    GradScaler has already made it the same on every process)."""
-    if found_inf is not None and bool(found_inf.reshape(()).item()):
+    check_grads and check_states). Every process of each param's mesh must call it with the same params in
+    the same order, as it does with FSDP2. GradScaler: as the torch backend (found_inf is read on the host),
+    with the found_inf of agree_found_inf (functional.came calls it), the same on every process."""
+    if found_inf is not None and bool(found_inf.reshape(()).item()):  # made the same everywhere: agree_found_inf
         return
     inv_scale = None if grad_scale is None else grad_scale.reshape(()).double().reciprocal().float()
     cache = {} if cache is None else cache
-    memo = cache.get("layouts")
-    if memo is None or memo[0] is not params:  # the optimizer passes the same list every step in steady state
-        memo = cache["layouts"] = (params, [_layout(p) for p in params])
-    layouts = memo[1]
+    layouts = _layouts(params, cache)
 
     def local(xs):
         return [None if x is None else x.to_local() for x in xs]

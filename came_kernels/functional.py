@@ -167,6 +167,12 @@ def came(
                 _distributed.check_states(sliced[key][0], *sliced[key][2:])
         runs.append((name, (name,) + key[1:], key))
 
+    if found_inf is not None:
+        for name, cache_key, key in runs:
+            if name == "distributed":  # every process must skip, or none (see distributed.agree_found_inf)
+                found_inf = _distributed.agree_found_inf(found_inf, sliced[key][0], cache.setdefault(cache_key, {}))
+                amp["found_inf"] = found_inf
+
     if state_steps:
         torch._foreach_add_(state_steps, 1)
         if found_inf is not None:  # as torch's fused Adam: counted, then taken back on the device, no sync
