@@ -287,6 +287,7 @@ def came_step(
     cache: Optional[dict] = None,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    bias_scales: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for DTensor params (the backend contract of backends/README.md; lists as checked by
     check_grads and check_states). Every process of each param's mesh must call it with the same params in
@@ -297,6 +298,8 @@ def came_step(
     inv_scale = None if grad_scale is None else grad_scale.reshape(()).double().reciprocal().float()
     cache = {} if cache is None else cache
     layouts = _layouts(params, cache)
+    # Bias correction: per-tensor scalars from the step counters (the same on every process), no sums.
+    scales = [None] * len(params) if bias_scales is None else list(bias_scales.unbind(0))
 
     def local(xs):
         return [None if x is None else x.to_local() for x in xs]
@@ -331,15 +334,16 @@ def came_step(
     sums, handles, norms = _Sums(), {}, {}
     for i in factored:
         b = bufs[i]
-        tb._u_(b, G[i], *factors[i], inv_scale)
+        tb._u_(b, G[i], *factors[i], inv_scale, scales[i])
         norms[i] = torch.linalg.vector_norm(b)
         handles[i] = sums.add(layouts[i].group, [norms[i].square()])
     buckets: dict = {}  # _foreach_* ops want one device and dtype per list
     for i in vectors:
         buckets.setdefault((P[i].device, P[i].dtype, G[i].dtype), []).append(i)
-    vec_u, vec_norms = {}, {}
+    vec_u, vec_norms, vec_scales = {}, {}, {}
     for bk, idx in buckets.items():
-        vec_u[bk] = tb._vector_u([G[i] for i in idx], [Mo[i] for i in idx], [V[i] for i in idx],
+        vec_scales[bk] = None if bias_scales is None else [scales[i] for i in idx]
+        vec_u[bk] = tb._vector_u([G[i] for i in idx], [Mo[i] for i in idx], [V[i] for i in idx], vec_scales[bk],
                                  inv_scale=inv_scale, beta2=beta2, eps1=eps1, maximize=maximize)
         vec_norms[bk] = torch._foreach_norm(vec_u[bk])
         for i, n in zip(idx, vec_norms[bk]):
@@ -354,7 +358,7 @@ def came_step(
     res_sums, res_handles = _Sums(), {}
     for i in factored:
         b = bufs[i]
-        tb._u_(b, G[i], *factors[i], inv_scale)  # again: the scratch is shared by all tensors
+        tb._u_(b, G[i], *factors[i], inv_scale, scales[i])  # again: the scratch is shared by all tensors
         tb._clip_(b, norm(i, norms[i]), params[i].numel(), clip_threshold)
         parts = tb._momentum_res_(b, Mo[i], R[i], C[i], beta1=beta1, beta3=beta3, eps2=eps2,
                                   split=layouts[i].split)
@@ -362,11 +366,11 @@ def came_step(
     for bk, idx in buckets.items():  # unfactored: phases 2 to 4, no statistics cross shards after the clip
         tb._vector_clip_(vec_u[bk], [norm(i, n) for i, n in zip(idx, vec_norms[bk])],
                          [params[i].numel() for i in idx], clip_threshold)
-        tb._vector_update_([P[i] for i in idx], [Mo[i] for i in idx], vec_u[bk], lr=lr, beta1=beta1,
-                           weight_decay=weight_decay)
+        tb._vector_update_([P[i] for i in idx], [Mo[i] for i in idx], vec_u[bk], vec_scales[bk], lr=lr,
+                           beta1=beta1, weight_decay=weight_decay)
     res_sums.all_reduce()
 
     # ---- phase 4 (param_step)
     for i in factored:
         row_f, col_f = tb._stats_factors(R[i], C[i], beta3, eps2, layouts[i].split, res_sums.get(res_handles[i]))
-        tb._param_step_(P[i], bufs[i], Mo[i], row_f, col_f, lr, weight_decay)
+        tb._param_step_(P[i], bufs[i], Mo[i], row_f, col_f, scales[i], lr, weight_decay)

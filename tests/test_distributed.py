@@ -173,7 +173,8 @@ def _case_fsdp2_mlp(rank, out, dirs):
 
 
 def _case_placements(rank, out, dirs):
-    # Tensor-parallel style placements on a 1-D mesh and HSDP's (Replicate(), Shard(d)) on a 2-D mesh.
+    # Tensor-parallel style placements on a 1-D mesh and HSDP's (Replicate(), Shard(d)) on a 2-D mesh; with
+    # maximize, a tensor lr and bias correction (per-tensor scalars from the step counters).
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
     mesh, mesh2 = init_device_mesh("cpu", (WORLD,)), init_device_mesh("cpu", (1, WORLD))
     cases = [((37, 53), (Shard(1),), mesh), ((33, 1), (Shard(1),), mesh), ((1, 33), (Shard(1),), mesh),
@@ -183,7 +184,7 @@ def _case_placements(rank, out, dirs):
              ((37, 53), (Replicate(), Shard(0)), mesh2), ((5, 6), (Replicate(), Shard(1)), mesh2),
              ((9,), (Replicate(), Shard(0)), mesh2)]
     shapes = [s for s, _, _ in cases]
-    kw = dict(maximize=True, lr=torch.tensor(1e-2))
+    kw = dict(maximize=True, lr=torch.tensor(1e-2), bias_correction=True)
     ref, ref_opt = _reference(shapes, STEPS, **kw)
     init = _Holder(shapes)
     params = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), m, pl, src_data_rank=None))
@@ -216,6 +217,9 @@ def _case_errors(rank, out, dirs):
     out["partial"] = message(lambda: came_kernels.CAME([partial], lr=1))
     out["triton"] = message(lambda: came_kernels.CAME([param((4, 6), (Shard(0),))], lr=1, backend="triton"))
     out["fused"] = message(lambda: came_kernels.CAME([param((4, 6), (Shard(0),))], lr=1, fused=True))
+    out["capturable"] = message(lambda: came_kernels.CAME([param((4, 6), (Shard(0),))], lr=1, capturable=True))
+    out["factor_conv"] = message(lambda: came_kernels.CAME([param((4, 3, 3), (Shard(0),))], lr=1, factor_conv=True))
+    out["factor_conv_2d"] = message(lambda: came_kernels.CAME([param((4, 6), (Shard(0),))], lr=1, factor_conv=True))
 
     # Bad grads are refused before anything changes (params, state, step counters).
     p = param((4, 6), (Shard(0),))
@@ -437,6 +441,9 @@ def test_unsupported_placements_and_fused_backends_are_refused_by_name(world):
     assert out["partial"].startswith("ValueError") and "placement Partial(sum) in" in out["partial"], out["partial"]
     for key in ("triton", "fused"):
         assert out[key].startswith("BackendUnavailableError") and "DTensor" in out[key], out[key]
+    for key in ("capturable", "factor_conv"):
+        assert out[key].startswith("ValueError") and f"{key}=True" in out[key] and "DTensor" in out[key], out[key]
+    assert out["factor_conv_2d"] == "no error"
 
 
 def test_bad_grads_and_states_are_refused_before_anything_changes(world):
