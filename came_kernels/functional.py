@@ -127,7 +127,9 @@ def came(
             else:
                 key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
             groups.setdefault(key, []).extend(idx)
-        sliced = {key: [None if j == 1 else [lst[i] for i in idx] for j, lst in enumerate(lists)]
+        # Tuples: a fused backend may recognise the very same (immutable) lists next step and skip its
+        # checks (see triton_backend._steady).
+        sliced = {key: [None if j == 1 else tuple(lst[i] for i in idx) for j, lst in enumerate(lists)]
                   for key, idx in groups.items()}
         if isinstance(params, tuple):
             cache["grouping"] = (params, (backend, fused), groups, sliced)

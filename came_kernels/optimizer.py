@@ -4,12 +4,12 @@ It knows no kernels: which backend runs is decided in `functional.resolve_backen
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
 import operator
 import warnings
-import weakref
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -24,8 +24,9 @@ from .functional import came, resolve_backend
 __all__ = ["CAME"]
 
 _DEFAULT_BETA3 = 0.9999
-_MISSING = object()  # a param without grad, in the fast path's bookkeeping (a dead weak reference gives None)
-_NO_GRAD = lambda: _MISSING  # noqa: E731  (stands in for the weak reference of a missing grad)
+# Read by map() over a few hundred grads per step in the fast path: C-level getters, no Python frames.
+_dtype, _layout, _device = (operator.attrgetter(a) for a in ("dtype", "layout", "device"))
+_is_none = functools.partial(operator.is_, None)
 # State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
 _UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
 _STATS_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
@@ -281,21 +282,27 @@ class CAME(Optimizer):
     # ------------------------------------------------------------------ the steady-state fast path
     # Host time is a fused step's budget: for 200 tensors, validating every grad and rebuilding the lists
     # costs about 1 ms of Python, as much as the GPU work of a small model. In steady state nothing changes
-    # between steps but the grads' values, so each group remembers the lists it handed to `came` and the
-    # objects they were built from; a step whose grads and state entries are the very same objects reuses
-    # them, validation included. Grads are remembered through weak references (a strong one would keep
-    # last step's grads alive after zero_grad(set_to_none=True)); state tensors are held by the lists, so
-    # their ids cannot be reused while remembered.
+    # between steps but the grads: the same params have grads, of the same shape, dtype, device and layout
+    # as those of the last fully validated step (zero_grad(set_to_none=True) makes new grad tensors every
+    # step; that is fine), and the state entries are the very same objects. Then each group reuses the
+    # lists it handed to `came` (the same tuples, which lets `came` and the fused backends reuse their own
+    # work too). Grads are not remembered (that would keep last step's grads alive), only their kind; state
+    # tensors are held by the lists, so their ids cannot be reused while remembered.
     def _unchanged(self, gi: int, group: dict) -> Optional[tuple]:
-        """The remembered lists of group gi, with this step's grads, if its grads and state are the objects
-        they were built from; else None."""
+        """The remembered lists of group gi, with this step's grads, if nothing but the grads' values changed
+        since they were built (see above); else None."""
         fast = self._caches[gi].get("fast")
         params = group["params"]
         if fast is None or fast["params"] is not params or len(params) != fast["n"] \
                 or fast["how"] != (group["backend"], group["fused"]):
             return None
-        grads = [_MISSING if p.grad is None else p.grad for p in params]
-        if not all(map(operator.is_, [r() for r in fast["grad_refs"]], grads)):
+        grads = [p.grad for p in params]
+        if list(map(_is_none, grads)) != fast["no_grad"]:
+            return None
+        grads = [g for g in grads if g is not None]  # the params with a grad, in order
+        if list(map(Tensor.size, grads)) != fast["shapes"] or list(map(_dtype, grads)) != fast["dtypes"] \
+                or list(map(_layout, grads)) != fast["layouts"] or list(map(_device, grads)) != fast["devices"] \
+                or list(map(type, grads)) != fast["types"]:  # type: a plain grad for a DTensor param
             return None
         states = [self.state.get(p) for p in fast["with_grad"]]
         if not all(map(operator.is_, states, fast["states"])):
@@ -303,20 +310,22 @@ class CAME(Optimizer):
         if fast["entries"] != tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))):
             return None
         lists = list(fast["lists"])
-        lists[1] = [g for g in grads if g is not _MISSING]  # the params with a grad, in order
+        lists[1] = grads
         return lists
 
     def _remember(self, gi: int, group: dict, lists: tuple) -> None:
         params = group["params"]
         with_grad = lists[0]
+        grads = lists[1]
         states = tuple(self.state[p] for p in with_grad)
         self._caches[gi]["fast"] = {
             "params": params, "n": len(params), "how": (group["backend"], group["fused"]),
-            "grad_refs": tuple(_NO_GRAD if p.grad is None else weakref.ref(p.grad) for p in params),
-            "with_grad": with_grad, "states": states,
+            "no_grad": [p.grad is None for p in params], "with_grad": with_grad, "states": states,
+            "shapes": list(map(Tensor.size, grads)), "dtypes": list(map(_dtype, grads)),
+            "layouts": list(map(_layout, grads)), "devices": list(map(_device, grads)),
+            "types": list(map(type, grads)),
             "entries": tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))),
-            # grads are not kept (see above): came() gets this step's, gathered again from the params
-            "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),
+            "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),  # grads: not kept
         }
 
     # ------------------------------------------------------------------ state

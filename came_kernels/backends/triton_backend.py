@@ -18,6 +18,7 @@ TRITON_INTERPRET=1 before triton is imported: that is how CI tests them without 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import warnings
 from typing import Optional, Union
@@ -88,6 +89,71 @@ def _plan_for_capture(plan, key, write_back):
     return plan
 
 
+def _steady(cache: dict, given: tuple, grads: list) -> Optional[dict]:
+    """The cached plan, when it certainly still applies: host time is the budget of a fused step, and for a
+    few hundred tensors the full checks of `_prepare` cost about as much as the GPU work of a small model.
+
+    It applies when the lists other than the grads are the very tuples of the step that cached it
+    (functional.came hands the same ones in steady state), no tensor in them has moved (data_ptr: catches
+    `p.data = ...`), no param was restrided, and the grads are contiguous (their addresses are compared in
+    Plan.update_grads). Never while a CUDA graph is being captured (see _prepare)."""
+    st = cache.get("steady")
+    if st is None or not all(map(operator.is_, st["given"], given)):
+        return None  # (only tuples are remembered: a list could have been changed in place)
+    if tuple(map(Tensor.data_ptr, st["tensors"])) != st["ptrs"] or \
+            tuple(map(Tensor.stride, st["params"])) != st["strides"]:
+        return None
+    if not all(map(Tensor.is_contiguous, grads)) or _capturing(st["device"]):
+        return None
+    return st
+
+
+def _prepare(cache: dict, given: tuple, grads: list):
+    """(plan, keep, grads, device, write_back) with every check: empty tensors dropped (keep: the indices
+    kept, None when all are), contiguous copies where needed, the sizes checked and the tables (re)built
+    when any address changed; the CUDA graph capture rules applied. plan is None when nothing is left."""
+    params = given[0]
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return None, None, grads, None, []
+    lists = [params, grads] + list(given[1:])
+    if len(keep) != len(params):
+        lists = [[lst[i] for i in keep] for lst in lists]
+    else:
+        keep = None
+    device = lists[0][0].device
+
+    lists, write_back = contiguous_lists(lists)  # see _contiguous.py
+    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
+
+    plan = cache.get("plan")
+    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+    if _capturing(device):
+        plan = _plan_for_capture(plan, key, write_back)
+        plan.write_grads_in_graph(grads)
+        # The graph keeps the addresses of the tables and of every tensor: keep them all alive with the
+        # cache, so that replaying it never writes freed memory (see CAME's capturable).
+        cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
+        return plan, keep, grads, device, write_back
+    if write_back or plan is None or plan.key != key:
+        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        if plan is not None and cache.get("captured"):
+            warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
+                          "optimizer's step; replaying that graph would update the old tensors, not these: "
+                          "capture the step again", RuntimeWarning, stacklevel=5)
+        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        if not write_back:  # copies are new every step: caching their addresses would be wrong
+            cache["plan"] = plan
+    else:
+        plan.update_grads(grads)
+    if not write_back and all(isinstance(lst, tuple) for lst in given):
+        tensors = [x for lst in (params, exp_avgs, rows, cols, res_rows, res_cols, sqs) for x in lst if x is not None]
+        cache["steady"] = dict(given=given, keep=keep, plan=plan, device=device, params=params, tensors=tensors,
+                               ptrs=tuple(map(Tensor.data_ptr, tensors)),
+                               strides=tuple(map(Tensor.stride, params)))
+    return plan, keep, grads, device, write_back
+
+
 def _lr_tensor(cache: dict, lr: Union[float, Tensor], device: torch.device) -> Tensor:
     """lr as a 1-element fp32 device tensor. A float lr is written into a cached tensor only when it
     changes (fill_ is an ordinary stream operation: no sync); a tensor lr is used as it is."""
@@ -132,42 +198,23 @@ def came_step(
     bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None."""
     if _tk is None:
         raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
-    # Empty tensors have nothing to update (and no blocks); the kernels never see them.
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not keep:
-        return
+    cache = {} if cache is None else cache
+    given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
+    steady = _steady(cache, given, grads)
+    if steady is not None:  # the common case: see _steady
+        keep, plan = steady["keep"], steady["plan"]
+        grads = grads if keep is None else [grads[i] for i in keep]
+        device = steady["device"]
+        write_back = []
+        plan.update_grads(grads)
+    else:
+        plan, keep, grads, device, write_back = _prepare(cache, given, grads)
+        if plan is None:
+            return
     if bias_scales is not None:
         check_bias_scales("triton", bias_scales, params)
-        if len(keep) != len(params):  # rows follow the tensors the kernels see (device ops, no index upload)
+        if keep is not None:  # rows follow the tensors the kernels see (device ops, no index upload)
             bias_scales = torch.stack([bias_scales[i] for i in keep])
-    lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
-             exp_avg_sqs]
-    lists = [[lst[i] for i in keep] for lst in lists]
-    cache = {} if cache is None else cache
-    device = lists[0][0].device
-
-    lists, write_back = contiguous_lists(lists)  # see _contiguous.py
-    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
-
-    plan = cache.get("plan")
-    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
-    if _capturing(device):
-        plan = _plan_for_capture(plan, key, write_back)
-        plan.write_grads_in_graph(grads)
-        # The graph keeps the addresses of the tables and of every tensor: keep them all alive with the
-        # cache, so that replaying it never writes freed memory (see CAME's capturable).
-        cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
-    elif write_back or plan is None or plan.key != key:
-        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
-        if plan is not None and cache.get("captured"):
-            warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
-                          "optimizer's step; replaying that graph would update the old tensors, not these: "
-                          "capture the step again", RuntimeWarning, stacklevel=4)
-        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
-        if not write_back:  # copies are new every step: caching their addresses would be wrong
-            cache["plan"] = plan
-    else:
-        plan.update_grads(grads)
 
     with _device_guard(device):
         ws = torch.empty(plan.ws_floats, dtype=torch.float32, device=device)
