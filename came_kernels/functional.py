@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
+from .backends import BackendUnavailableError, default_backend, get_step_fn
 
 __all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
 
@@ -103,19 +103,6 @@ def came(
         if isinstance(params, tuple):
             cache["grouping"] = (params, (backend, fused), groups, sliced)
 
-    # Anything that can refuse this step does so before the first change (the step counters included).
-    runs = []
-    for key in groups:
-        name = key[0]
-        if amp and name == "cuda":
-            # The CUDA kernels do not take GradScaler's scale yet: "auto" runs such steps on Triton.
-            if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
-                raise NotImplementedError(
-                    "grad_scale/found_inf (GradScaler) are not supported by backend='cuda' yet; use "
-                    "backend='triton' (or 'auto'), or call scaler.unscale_(optimizer) before scaler.step()")
-            name = "triton"
-        runs.append((name, (name,) + key[1:], key))
-
     if state_steps:
         torch._foreach_add_(state_steps, 1)
         if found_inf is not None:  # as torch's fused Adam: counted, then taken back on the device, no sync
@@ -124,9 +111,8 @@ def came(
                 s.device, found_inf.reshape(()).to(s.device, torch.float32)) for s in state_steps])
 
     compiling = torch.compiler.is_compiling()
-    for name, cache_key, key in runs:
-        idx = groups[key]
-        device = key[1]
+    for key, idx in groups.items():
+        name, device = key[0], key[1]
         group_lr = lr
         if isinstance(lr, Tensor) and lr.device != device:
             # A CPU lr (what schedulers keep) is read on the host: no device is involved, so no sync, and
@@ -138,7 +124,7 @@ def came(
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
         dev_amp = {k: None if v is None else v.to(device) for k, v in amp.items()}
         if not compiling:
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}), **hyper,
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper,
                                       **dev_amp)
         elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
             get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **dev_amp)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from came_kernels.backends import cuda_backend
-from came_testing import HYPER, SHAPES_GPU as SHAPES, backend_step, new_state as _state
+from came_testing import HYPER, SHAPES_GPU as SHAPES, backend_step, new_state as _state, state_lists
 
 _REASON = cuda_backend.unavailable_reason(torch.device("cuda"))
 needs_cuda = pytest.mark.skipif(_REASON is not None, reason=f"backend='cuda' unavailable: {_REASON}")
@@ -35,6 +35,110 @@ def test_cuda_matches_torch_backend_per_phase_op():
         getattr(torch.ops.came_kernels, op)(*lists, stats, *args)
     for a, b in zip(ps, ps2):
         assert torch.equal(a, b), tuple(a.shape)
+
+
+def _op_inputs(shapes, seed=3):
+    """Params, grads, random state (so that a skipped EMA shows), the op lists and a NaN-poisoned stats buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    gs = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    sts = [_state(p, gen) for p in ps]
+    lists = [ps, gs] + list(state_lists(sts))
+    # 2*B + 1 per non-empty tensor (ops.cpp: empty tensors have no slice)
+    nstats = sum(0 if p.numel() == 0 else 2 * (p.numel() // (p.shape[-1] * p.shape[-2])) + 1 if p.ndim >= 2 else 1
+                 for p in ps)
+    return lists, torch.full((nstats,), float("nan"), device="cuda")
+
+
+def _bits(lists, stats):
+    """Everything an op may write, as raw bits (NaN compares equal to itself)."""
+    flat = [x for lst in lists for x in lst if x is not None] + [stats]
+    return [x.detach().clone().view(torch.int32) for x in flat]
+
+
+_ARGS = (0.9, 0.999, 0.9999, 1e-30, 1e-16, 1.0, 0.1, False)
+
+
+@needs_cuda
+def test_found_inf_makes_every_op_write_nothing():
+    # GradScaler found an inf: every kernel of every phase returns before writing (params, state and even the
+    # scratch stats, which are NaN here and would be overwritten by any phase that ran), also with bias scales.
+    lists, stats = _op_inputs(SHAPES)
+    before = _bits(lists, stats)
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    amp = torch.tensor([1.0, 0.5], device="cuda")
+    bias = torch.rand(len(SHAPES), 2, device="cuda") + 0.5
+    for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
+        getattr(torch.ops.came_kernels, op)(*lists, stats, lr, *_ARGS, amp, bias)
+    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp, bias)
+    for a, b in zip(_bits(lists, stats), before):
+        assert torch.equal(a, b)
+    amp[0] = 0.0  # the same call without the flag writes: the check above can fail
+    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp, bias)
+    assert not torch.equal(lists[0][0].view(torch.int32), before[0])
+
+
+@needs_cuda
+def test_per_phase_ops_with_amp_equal_came_step_with_amp():
+    # The phase ops chained with amp = [0, 1/scale] equal the one-call op bit for bit (amp reaches every phase).
+    lists, stats = _op_inputs(SHAPES, seed=4)
+    lists2 = [[None if x is None else x.clone() for x in lst] for lst in lists]
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    amp = torch.tensor([0.0, 1.0 / 3.0], device="cuda")
+    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp)
+    for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
+        getattr(torch.ops.came_kernels, op)(*lists2, stats, lr, *_ARGS, amp)
+    for a, b in zip(lists[0] + lists[2], lists2[0] + lists2[2]):
+        assert torch.equal(a, b), tuple(a.shape)
+
+
+def _bad_amps():
+    cuda = "cuda" if torch.cuda.is_available() else "cpu"  # only built where the tests run
+    return {"float64": lambda: torch.zeros(2, dtype=torch.float64, device=cuda),
+            "3 elements": lambda: torch.zeros(3, device=cuda),
+            "on the CPU": lambda: torch.zeros(2),
+            "non-contiguous": lambda: torch.zeros(4, device=cuda)[::2]}
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad", list(_bad_amps()))
+def test_amp_tensor_is_checked_before_any_launch(bad):
+    lists, stats = _op_inputs([(5, 7), (9,)])
+    before = _bits(lists, stats)
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    with pytest.raises(RuntimeError, match="amp must be a contiguous float32 tensor"):
+        torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, _bad_amps()[bad]())
+    with pytest.raises(RuntimeError, match="amp must be a contiguous float32 tensor"):
+        torch.ops.came_kernels.sq_stats(*lists, stats, lr, *_ARGS, _bad_amps()[bad]())
+    for a, b in zip(_bits(lists, stats), before):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad", ["one row short", "float64", "[T, 3]", "non-contiguous", "on the CPU"])
+def test_bias_scales_are_checked_before_any_launch(bad):
+    lists, stats = _op_inputs([(5, 7), (0, 3), (9,)])  # the empty tensor still has its row
+    before = _bits(lists, stats)
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    x = {"one row short": lambda: torch.ones(2, 2, device="cuda"),
+         "float64": lambda: torch.ones(3, 2, dtype=torch.float64, device="cuda"),
+         "[T, 3]": lambda: torch.ones(3, 3, device="cuda"),
+         "non-contiguous": lambda: torch.ones(3, 4, device="cuda")[:, ::2],
+         "on the CPU": lambda: torch.ones(3, 2)}[bad]()
+    with pytest.raises(RuntimeError, match=r"bias_scales must be a contiguous float32 tensor of shape \[3, 2\]"):
+        torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, None, x)
+    with pytest.raises(ValueError, match=r"bias_scales must be a contiguous float32 tensor of shape \(3, 2\)"):
+        cuda_backend.came_step(*lists, cache={}, bias_scales=x, **HYPER)
+    for a, b in zip(_bits(lists, stats), before):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(2,), (1, 3)])
+def test_grad_scale_must_have_one_element(shape):
+    lists, _ = _op_inputs([(5, 7)])
+    with pytest.raises(ValueError, match="grad_scale must be a 1-element tensor"):
+        cuda_backend.came_step(*lists, cache={}, grad_scale=torch.ones(shape, device="cuda"), **HYPER)
 
 
 # ---- availability: runs everywhere
