@@ -1,13 +1,14 @@
-"""`python -m bench [step|converge|memory|phases|host|all] [options]`; `all` (the default) is the README's main job."""
+"""`python -m bench [step|converge|memory|phases|host|study|all] [options]`; `all` (the default) is the README's main job."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from . import converge, host, memory, phases, step, utils
+from . import converge, host, memory, phases, step, study, utils
 
-SUBCOMMANDS = {"step": step, "converge": converge, "memory": memory, "phases": phases, "host": host}
+SUBCOMMANDS = {"step": step, "converge": converge, "memory": memory, "phases": phases, "host": host,
+               "study": study}
 
 
 def _all(args: argparse.Namespace) -> None:

@@ -122,7 +122,7 @@ def sweep_one(shapes, dtype, reps, copy_gbs):
             BLOCK_N=mt.BLOCK_N, NUM_STAGES=mt.STAGES["momentum_res"], TILED=plan.tiles > 1, **kw), n * (ge + 8)),
         "res fin.": (lambda: _res_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
         "param_step": (lambda: pst._param_step_kernel[(plan.n_tile_blocks,)](
-            plan.meta, plan.tile_blocks, stats, lr, lr, 0.0, DTYPE=plan.dtype, BLOCK_N=mt.BLOCK_N,
+            plan.meta, plan.tile_blocks, stats, lr, lr, lr, 0.0, DTYPE=plan.dtype, BLOCK_N=mt.BLOCK_N, BIAS=False,
             NUM_STAGES=mt.STAGES["param_step"], **kw), n * (2 * ge + 4)),
     }
     out = {}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .backends import BackendUnavailableError, default_backend, get_step_fn
+from .backends.torch_backend import bias_scales
 
 __all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
 
@@ -63,6 +64,7 @@ def came(
     cache: Optional[dict] = None,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    bias_correction: frozenset = frozenset(),
 ) -> None:
     """Functional form of `came_kernels.CAME.step` (see its docstring for the algorithm).
 
@@ -70,7 +72,9 @@ def came(
     for tensors with ndim < 2 and `exp_avg_sqs` is None for the others. Inputs are assumed validated (the
     optimizer class does that before any state exists). `cache` is a dict the caller keeps between calls;
     fused backends keep their device tables there. `grad_scale`, `found_inf`: GradScaler's (see
-    CAME.step); a step with found_inf set changes nothing, step counters included.
+    CAME.step); a step with found_inf set changes nothing, step counters included. `bias_correction`: the
+    set of terms of torch_backend.BIAS_TERMS to correct (empty: none, as came-pytorch); it reads
+    `state_steps` on the device.
     """
     lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs)
@@ -80,6 +84,8 @@ def came(
     if grad_scale is not None or found_inf is not None:
         amp = dict(grad_scale=grad_scale, found_inf=found_inf)
     cache = {} if cache is None else cache
+    if bias_correction and not state_steps:
+        raise ValueError("came(): bias_correction needs state_steps (the step counters it reads)")
 
     # Group once by what a fused kernel must share: device and dtypes. The torch backend takes the lot
     # for a device in one call (it buckets internally), so it is grouped by device only. The optimizer
@@ -122,12 +128,18 @@ def came(
             group_lr = lr.item() if lr.device.type == "cpu" and not compiling else lr.to(device=device)
         sub = list(sliced[key])
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
-        dev_amp = {k: None if v is None else v.to(device) for k, v in amp.items()}
+        extra = {k: None if v is None else v.to(device) for k, v in amp.items()}
+        if bias_correction:  # two scalars per tensor from its step counter, on the device (no sync)
+            extra["bias_scales"] = bias_scales(
+                [state_steps[i] for i in idx], [params[i].ndim >= 2 for i in idx], bias_correction,
+                beta1=beta1, beta2=beta2, beta3=beta3, cache=None if compiling else cache,
+                dtype=torch.float64 if name == "torch" and any(params[i].dtype == torch.float64 for i in idx)
+                else torch.float32).to(device)
         if not compiling:
             get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper,
-                                      **dev_amp)
+                                      **extra)
         elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **dev_amp)
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **extra)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)
             from .ops import call_fused_step
-            call_fused_step(sub, group_lr, name, **hyper, **dev_amp)
+            call_fused_step(sub, group_lr, name, **hyper, **extra)

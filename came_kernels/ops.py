@@ -77,6 +77,7 @@ def fused_step(
     backend: str,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    bias_scales: Optional[Tensor] = None,
 ) -> None:
     """One CAME step of one (device, dtype) group on fused backend `backend` (the backend contract's
     `came_step`, statistics packed as above); lr is the 0-d tensor `lr` when given, else `lr_value`."""
@@ -88,22 +89,28 @@ def fused_step(
             _spread(params, exp_avg_res_cols, True), _spread(params, exp_avg_sqs, False),
             lr=lr_value if lr is None else lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
             clip_threshold=clip_threshold, weight_decay=weight_decay, maximize=maximize,
-            cache=_cache_for(backend, params),
-            **({} if grad_scale is None and found_inf is None else dict(grad_scale=grad_scale, found_inf=found_inf)))
+            cache=_cache_for(backend, params), **_optional(grad_scale=grad_scale, found_inf=found_inf,
+                                                            bias_scales=bias_scales))
+
+
+def _optional(**kwargs) -> dict:
+    """The keyword arguments that are set: a backend that lacks a feature is never passed its None."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 @fused_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
       exp_avg_sqs, lr, lr_value, beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize,
-      backend, grad_scale=None, found_inf=None) -> None:
+      backend, grad_scale=None, found_inf=None, bias_scales=None) -> None:
     return None
 
 
-def call_fused_step(lists, lr, backend: str, grad_scale=None, found_inf=None, **hyper) -> None:
+def call_fused_step(lists, lr, backend: str, grad_scale=None, found_inf=None, bias_scales=None,
+                    **hyper) -> None:
     """`fused_step` on the backend contract's aligned lists (with their None entries)."""
     params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
     pack = lambda xs: [x for x in xs if x is not None]  # noqa: E731
     is_t = isinstance(lr, Tensor)
     fused_step(params, grads, exp_avgs, pack(rows), pack(cols), pack(res_rows), pack(res_cols), pack(sqs),
                lr if is_t else None, 0.0 if is_t else float(lr), backend=backend, grad_scale=grad_scale,
-               found_inf=found_inf, **hyper)
+               found_inf=found_inf, bias_scales=bias_scales, **hyper)

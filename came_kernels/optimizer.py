@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import BACKENDS, BackendUnavailableError
-from .backends.torch_backend import math_dtype, state_shapes
+from .backends.torch_backend import BIAS_TERMS, math_dtype, state_shapes
 from .functional import came, resolve_backend
 
 __all__ = ["CAME"]
@@ -81,6 +81,11 @@ class CAME(Optimizer):
             (default: (0.9, 0.999, 0.9999)). An AdamW-style pair (beta1, beta2) is accepted and gets
             beta3 = 0.9999.
         weight_decay (float): decoupled weight decay, as in AdamW (default: 0).
+        bias_correction (bool or tuple of str, keyword-only): divide statistics by their EMA weight sums
+            1 - beta^t, as Adam does (default: False, the exact came-pytorch 0.1.3 update, which has none).
+            True corrects every term; a tuple picks terms among "exp_avg" (the momentum, in the update
+            only), "exp_avg_sq" (the column statistic of g^2, or v) and "exp_avg_res" (the column
+            confidence statistic). Read from the step counters on the device: no sync, no recompile.
         maximize (bool, keyword-only): maximize the objective (default: False).
         backend (str, keyword-only): "auto", "torch", "triton" or "cuda" (default: "auto": the CUDA extension
             for CUDA tensors when it was built, else Triton on CUDA, else torch). Requesting a backend that
@@ -111,6 +116,7 @@ class CAME(Optimizer):
         betas: tuple = (0.9, 0.999, 0.9999),
         weight_decay: float = 0.0,
         *,
+        bias_correction: Union[bool, tuple] = False,
         maximize: bool = False,
         backend: str = "auto",
         foreach: Optional[bool] = None,
@@ -129,7 +135,7 @@ class CAME(Optimizer):
         if differentiable:
             raise ValueError("CAME: differentiable=True is not supported; use differentiable=False")
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay,
-                        maximize=maximize, backend=backend, foreach=foreach, fused=fused,
+                        bias_correction=bias_correction, maximize=maximize, backend=backend, foreach=foreach, fused=fused,
                         capturable=capturable, differentiable=differentiable)
         # lr=None is allowed when every param group brings its own (add_param_group checks that).
         _check_group(defaults, "defaults", lr_optional=True)
@@ -168,6 +174,7 @@ class CAME(Optimizer):
             self.param_groups.pop()  # leave the optimizer as it was
             raise
         group["betas"] = _three_betas(group["betas"])
+        group["bias_correction"] = _bias_terms(group["bias_correction"], where)  # checked in _check_group
         if isinstance(group["lr"], Tensor) and group["lr"].ndim:
             group["lr"] = group["lr"].view(())  # a 1-element lr as 0-d; a view: writes to it still count
         self._caches.append({})
@@ -175,10 +182,11 @@ class CAME(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # groups saved by came-pytorch lack our keyword-only options
-            for key, value in (("maximize", False), ("backend", "auto"), ("foreach", None), ("fused", None),
-                               ("capturable", False), ("differentiable", False)):
+            for key, value in (("bias_correction", False), ("maximize", False), ("backend", "auto"),
+                               ("foreach", None), ("fused", None), ("capturable", False), ("differentiable", False)):
                 group.setdefault(key, value)
             group["betas"] = _three_betas(group["betas"])
+            group["bias_correction"] = _bias_terms(group["bias_correction"], "a param group")
         self._caches = [{} for _ in self.param_groups]
 
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
@@ -321,7 +329,8 @@ class CAME(Optimizer):
             came(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps, lr=group["lr"],
                  beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
-                 maximize=group["maximize"], backend=group["backend"], fused=group["fused"],
+                 maximize=group["maximize"], bias_correction=frozenset(group["bias_correction"] or ()),
+                 backend=group["backend"], fused=group["fused"],
                  cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
         return loss
@@ -470,6 +479,25 @@ def _raise_bad_grad(p: Tensor, g: Tensor, where: str) -> None:
     raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
 
 
+def _bias_terms(value: Any, where: str) -> Union[bool, tuple]:
+    """False, or the tuple of the bias correction's terms in BIAS_TERMS order (True: all of them)."""
+    if value is False or value is None:
+        return False
+    if value is True:
+        return BIAS_TERMS
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        given = set(value)
+    except TypeError:
+        given = set()
+    terms = tuple(t for t in BIAS_TERMS if t in given)  # one order, whatever order was given
+    if not given or len(terms) != len(given):
+        raise ValueError(f"CAME ({where}): bias_correction must be True, False or a tuple of terms among "
+                         f"{BIAS_TERMS}, got {value!r}")
+    return terms
+
+
 def _three_betas(betas) -> tuple:
     betas = tuple(betas)
     return betas + (_DEFAULT_BETA3,) if len(betas) == 2 else betas
@@ -503,6 +531,7 @@ def _check_group(group: dict, where: str, lr_optional: bool = False, read_tensor
     wd = group["weight_decay"]
     if not _is_real(wd) or not wd >= 0.0 or math.isinf(wd):
         raise ValueError(f"CAME ({where}): invalid weight_decay {wd!r}; expected a finite float >= 0")
+    _bias_terms(group.get("bias_correction", False), where)
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"CAME ({where}): maximize must be a bool, got {group['maximize']!r}")
     if group["backend"] not in ("auto",) + BACKENDS:

@@ -10,8 +10,14 @@ import torch
 
 class OracleCAME:
     def __init__(self, params, lr, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999),
-                 weight_decay=0.0, maximize=False):
+                 weight_decay=0.0, maximize=False, bias_correction=()):
+        """bias_correction: the statistics divided by 1 - beta^t ("exp_avg": m in the update only,
+        "exp_avg_sq": c or v, "exp_avg_res": C); True for all three."""
         self.p = [p.detach().to(torch.float64).clone() for p in params]
+        if bias_correction is True:
+            bias_correction = ("exp_avg", "exp_avg_sq", "exp_avg_res")
+        self.bc = set(bias_correction or ())
+        self.t = 0
         self.lr, self.eps, self.d, self.betas, self.wd, self.maximize = lr, eps, clip_threshold, betas, weight_decay, maximize
         self.state = [self._init(p) for p in self.p]
 
@@ -35,6 +41,13 @@ class OracleCAME:
 
     def step(self, grads):
         b1, b2, b3 = self.betas
+        self.t += 1
+        t = self.t
+        # Each corrected statistic is divided by its EMA's weight sum; the row statistics r and R are left
+        # as they are: their correction cancels in r / mean(r).
+        w1 = 1 - b1 ** t if "exp_avg" in self.bc else 1.0
+        w2 = 1 - b2 ** t if "exp_avg_sq" in self.bc else 1.0
+        w3 = 1 - b3 ** t if "exp_avg_res" in self.bc else 1.0
         e1, e2 = self.eps
         for i, (p, g) in enumerate(zip(self.p, grads)):
             g = g.detach().to(torch.float64)
@@ -45,10 +58,10 @@ class OracleCAME:
                 sq = g * g + e1
                 st["r"] = b2 * st["r"] + (1 - b2) * sq.mean(dim=-1)
                 st["c"] = b2 * st["c"] + (1 - b2) * sq.mean(dim=-2)
-                u = g * self._inv_sqrt_factored(st["r"], st["c"])
+                u = g * self._inv_sqrt_factored(st["r"], st["c"] / w2)
             else:
                 st["v"] = b2 * st["v"] + (1 - b2) * (g * g + e1)
-                u = g / torch.sqrt(st["v"])
+                u = g / torch.sqrt(st["v"] / w2)
             rms = math.sqrt(float((u * u).sum()) / u.numel())
             u_hat = u / max(1.0, rms / self.d)
             st["m"] = b1 * st["m"] + (1 - b1) * u_hat
@@ -56,9 +69,9 @@ class OracleCAME:
                 res = (u_hat - st["m"]) ** 2 + e2
                 st["R"] = b3 * st["R"] + (1 - b3) * res.mean(dim=-1)
                 st["C"] = b3 * st["C"] + (1 - b3) * res.mean(dim=-2)
-                update = st["m"] * self._inv_sqrt_factored(st["R"], st["C"])
+                update = (st["m"] / w1) * self._inv_sqrt_factored(st["R"], st["C"] / w3)
             else:
-                update = st["m"]
+                update = st["m"] / w1
             self.p[i] = p - self.lr * self.wd * p - self.lr * update
 
 

@@ -381,7 +381,7 @@ def _int64_case(vec):
     assert torch.isnan(mf[tail:]).all()
 
     lr_t = torch.tensor([lr], device=DEV)
-    _param_step_kernel[(2,)](meta, blocks, stats, lr_t, lr_t, wd, AMP=False, **untiled)
+    _param_step_kernel[(2,)](meta, blocks, stats, lr_t, lr_t, lr_t, wd, AMP=False, BIAS=False, **untiled)
     update = ref["m"] * (ref["R"] / mean_R).rsqrt()[:, None] * C.double().cpu().rsqrt()[None, :]
     assert_close_rel(p, ref["p"] - lr * wd * ref["p"] - lr * update, 1e-6, "p of the last stripe")
     assert_close_rel(pf[:tail], ref["pf"] - lr * wd * ref["pf"] - lr * ref["mf"], 1e-6, "p of the last chunk")
@@ -427,7 +427,8 @@ _PTX_SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource, compile as triton_compile
     mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
     LAY = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK)
-    PTRS = {"meta": "*i64", "blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "lr_ptr": "*fp32", "amp": "*fp32"}
+    PTRS = {"meta": "*i64", "blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "lr_ptr": "*fp32", "amp": "*fp32",
+            "bias_scales": "*fp32"}
     for mod, name in [("sq_stats", "_sq_stats_kernel"), ("clip_stats", "_clip_stats_kernel"),
                       ("momentum_res", "_momentum_res_kernel"), ("param_step", "_param_step_kernel")]:
         fn = getattr(importlib.import_module("came_kernels.triton_kernels." + mod), name)
@@ -441,6 +442,8 @@ _PTX_SCRIPT = textwrap.dedent('''
             if "MAXIMIZE" in fn.arg_names:
                 ce["MAXIMIZE"] = False
             ce["AMP"] = False
+            if "BIAS" in fn.arg_names:
+                ce["BIAS"] = False
             sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
             k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": mt.NUM_WARPS})

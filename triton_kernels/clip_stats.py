@@ -4,6 +4,8 @@ Math (spec symbols; factored tensors as [B, M, N]):
     u = g * rsqrt(r / mean_M(r))[:, None] * rsqrt(c)[None, :]     (ndim < 2: u = g * rsqrt(v))
     _clip_stats_kernel     ws[block] = sum over the block of u^2
     _clip_finalize_kernel  stats[div] = max(1, sqrt(sum_blocks ws / numel) / d), blocks added in order
+                           with bias correction (s_u = bias_scales[t, 0]; u_hat = s_u*u / max(1, s_u*RMS(u)/d)):
+                           stats[div] = max(1, s_u*RMS(u)/d) / s_u, so phase 3's u / stats[div] needs no change
 u is recomputed from g, not stored: storing it would cost a full-size write and read.
 Traffic per element: reads g (4 B fp32, 2 B bf16), right after phase 1 read it (L2 may still hold small
 tensors); flat tensors also read v (4 B). r, c: O(rows + cols). Grid: one program per row tile of ROWS
@@ -88,8 +90,8 @@ def _clip_stats_kernel(meta, blocks, ws, stats, amp, DTYPE: tl.constexpr, ROWS: 
 
 
 @triton.jit
-def _clip_finalize_kernel(meta, ws, stats, clip_threshold, ROWS: tl.constexpr, FLAT_CHUNK: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _clip_finalize_kernel(meta, ws, stats, bias_scales, clip_threshold, ROWS: tl.constexpr,
+                          FLAT_CHUNK: tl.constexpr, BLOCK: tl.constexpr, BIAS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     numel = _field(meta, t, C_NUMEL)
     M = _field(meta, t, C_NROWS)
@@ -104,17 +106,24 @@ def _clip_finalize_kernel(meta, ws, stats, clip_threshold, ROWS: tl.constexpr, F
         offs = i0 + tl.arange(0, BLOCK)
         acc += tl.load(part + offs, mask=offs < n_blocks, other=0.0)
     rms = tl.sqrt(tl.sum(acc, axis=0) / numel.to(tl.float32))
-    q = rms / clip_threshold
-    # max(1, q) that keeps a NaN q (as torch's clamp does): tl.maximum would return 1 and hide it.
-    tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q))
+    if BIAS:
+        s_u = tl.load(bias_scales + 2 * t)
+        q = (s_u * rms) / clip_threshold
+        # max(1, q) that keeps a NaN q (as torch's clamp does): tl.maximum would return 1 and hide it.
+        tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q) / s_u)
+    else:
+        q = rms / clip_threshold
+        tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q))
 
 
-def clip_stats(plan, ws, stats, *, clip_threshold: float, amp=None) -> None:
+def clip_stats(plan, ws, stats, *, clip_threshold: float, amp=None, bias_scales=None) -> None:
     """Launch phase 2 and its finalize for every tensor of `plan` (`amp`: see sq_stats; a skipped step
-    leaves only the scratch `stats` written by the finalize, which nothing then reads)."""
+    leaves only the scratch `stats` written by the finalize, which nothing then reads). `bias_scales`: None
+    or the checked [T, 2] fp32 tensor of the bias correction (column 0, s_u, is read here)."""
     _clip_stats_kernel[(plan.n_tile_blocks,)](
         plan.meta, plan.tile_blocks, ws, stats, ws if amp is None else amp, DTYPE=plan.dtype, ROWS=ROWS,
         BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
         NUM_STAGES=STAGES["clip_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
-    _clip_finalize_kernel[(plan.n_tensors,)](plan.meta, ws, stats, clip_threshold, ROWS=ROWS,
-                                             FLAT_CHUNK=FLAT_CHUNK, BLOCK=256, num_warps=4)
+    _clip_finalize_kernel[(plan.n_tensors,)](
+        plan.meta, ws, stats, stats if bias_scales is None else bias_scales, clip_threshold, ROWS=ROWS,
+        FLAT_CHUNK=FLAT_CHUNK, BLOCK=256, BIAS=bias_scales is not None, num_warps=4)

@@ -2,6 +2,7 @@
 
 Math (spec symbols; factored tensors as [B, M, N]):
     update = m * rsqrt(R / mean_M(R))[:, None] * rsqrt(C)[None, :]      (ndim < 2: update = m)
+    update = s_m * update                          (bias correction only: s_m = bias_scales[t, 1])
     p = p - lr*weight_decay*p - lr*update          (fp32 arithmetic; p stored in its dtype, rounded once)
 lr is read from a 1-element fp32 device tensor: no host sync, and a new lr value never recompiles.
 Traffic per element: reads m (4 B) and p (4 B fp32, 2 B bf16), writes p: 12 B fp32, 8 B bf16. R, C:
@@ -18,8 +19,8 @@ from .multi_tensor import (BLOCK_N, C_M, C_NROWS, C_NUMEL, C_P, C_RES_COL, C_RES
 
 
 @triton.jit
-def _param_stripe(meta, t, local, stats, lr, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr, BIAS: tl.constexpr):
     """One stripe of factored tensor t: update = m * rsqrt(R / mean_M(R)) * rsqrt(C), then p."""
     SAME: tl.constexpr = DTYPE == tl.float32
     p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
@@ -38,13 +39,15 @@ def _param_stripe(meta, t, local, stats, lr, weight_decay, DTYPE: tl.constexpr, 
         idx = rows[:, None] * N + cols[None, :]
         m = tl.load(m_ptr + idx, mask=mask, other=0.0)
         update = _factored_u(m, R, mean_R, tl.load(C_ptr + cols, mask=cmask, other=1.0))
+        if BIAS:
+            update = update * s_m
         p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         tl.store(p_ptr + idx, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
 
 
 @triton.jit
-def _param_chunk(meta, t, local, lr, weight_decay, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
-                 FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _param_chunk(meta, t, local, lr, s_m, weight_decay, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+                 FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BIAS: tl.constexpr):
     """One chunk of flat tensor t: update = m, then p."""
     SAME: tl.constexpr = DTYPE == tl.float32
     p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
@@ -53,36 +56,45 @@ def _param_chunk(meta, t, local, lr, weight_decay, DTYPE: tl.constexpr, FLAT_CHU
     for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
         offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
         mask = offs < numel
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        update = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        if BIAS:
+            update = update * s_m
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(p_ptr + offs, _round_to(_param_update(p, m, lr, weight_decay, SAME), DTYPE), mask=mask)
+        tl.store(p_ptr + offs, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
 
 
 @triton.jit
-def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                       NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, weight_decay, DTYPE: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+                       FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, AMP: tl.constexpr,
+                       BIAS: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # the params stay as they are
         return
     t, local = _this_block(blocks)
     lr = tl.load(lr_ptr)
+    s_m = 1.0
+    if BIAS:
+        s_m = tl.load(bias_scales + 2 * t + 1)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored
         if _field(meta, t, C_VEC) != 0:
-            _param_stripe(meta, t, local, stats, lr, weight_decay, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES)
+            _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES,
+                          BIAS)
         else:
-            _param_stripe(meta, t, local, stats, lr, weight_decay, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES)
+            _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES,
+                          BIAS)
     else:
         if _field(meta, t, C_VEC) != 0:
-            _param_chunk(meta, t, local, lr, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True)
+            _param_chunk(meta, t, local, lr, s_m, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True, BIAS)
         else:
-            _param_chunk(meta, t, local, lr, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False)
+            _param_chunk(meta, t, local, lr, s_m, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False, BIAS)
 
 
-def param_step(plan, stats, lr, *, weight_decay: float, amp=None) -> None:
+def param_step(plan, stats, lr, *, weight_decay: float, amp=None, bias_scales=None) -> None:
     """Launch phase 4 for every tensor of `plan`; `lr` is a 1-element fp32 tensor on the device (`amp`: see
-    sq_stats)."""
+    sq_stats; `bias_scales`: see clip_stats, column 1, s_m, is read here)."""
     _param_step_kernel[(plan.n_tile_blocks,)](
-        plan.meta, plan.tile_blocks, stats, lr, lr if amp is None else amp, weight_decay, DTYPE=plan.dtype,
-        ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["param_step"],
-        AMP=amp is not None, num_warps=NUM_WARPS)
+        plan.meta, plan.tile_blocks, stats, lr, lr if amp is None else amp,
+        lr if bias_scales is None else bias_scales, weight_decay, DTYPE=plan.dtype, ROWS=ROWS, BLOCK_N=BLOCK_N,
+        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["param_step"], AMP=amp is not None,
+        BIAS=bias_scales is not None, num_warps=NUM_WARPS)

@@ -34,6 +34,21 @@ def amp_flags(grad_scale, found_inf, device):
     return torch.stack([found, inv])
 
 
+def check_bias_scales(backend: str, bias_scales: Tensor, params) -> None:
+    """Raise ValueError unless `bias_scales` is what the kernels read: a contiguous fp32 [T, 2] tensor on the
+    params' device, T = len(params). Shape and dtype only: no values are read (no host sync)."""
+    want = (len(params), 2)
+    device = params[0].device
+    if (not isinstance(bias_scales, Tensor) or tuple(bias_scales.shape) != want
+            or bias_scales.dtype != torch.float32 or bias_scales.device != device
+            or not bias_scales.is_contiguous()):
+        got = (f"{tuple(bias_scales.shape)} {bias_scales.dtype} on {bias_scales.device}"
+               f"{'' if bias_scales.is_contiguous() else ', not contiguous'}"
+               if isinstance(bias_scales, Tensor) else type(bias_scales).__name__)
+        raise ValueError(f"backend={backend!r}: bias_scales must be a contiguous float32 tensor of shape {want} "
+                         f"on {device}, got {got}; nothing was changed")
+
+
 def check_sizes(backend: str, params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> None:
     """Raise ValueError unless every tensor has the shape the kernels will address it with (the contract:
     grads and m like the param; r, R shape[:-1] and c, C shape[:-2]+shape[-1:] for ndim >= 2, else v like the

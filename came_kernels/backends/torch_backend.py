@@ -14,6 +14,17 @@ the parameter viewed as a batch of [M, N] matrices when it has two or more dims 
     else:      update = m
     p = p - lr*weight_decay*p - lr*update
 
+Opt-in bias correction (`bias_correction`, off by default as in came-pytorch 0.1.3, which never reads the
+step counter t). Each term divides one statistic by its EMA's weight sum 1 - beta^t:
+    "exp_avg_sq":   c / (1-b2^t) (factored; the row correction cancels in r / mean_M(r)) or v / (1-b2^t)
+    "exp_avg_res":  C / (1-b3^t) (factored only; the row correction cancels in R / mean_M(R))
+    "exp_avg":      m / (1-b1^t) in the update only: the residual keeps the raw m (corrected there, it
+                    would make (u_hat - m) zero at t = 1 and the update explode)
+Every term is a per-tensor scalar, so the whole correction is two numbers per tensor (`bias_scales`):
+    s_u = sqrt(1-b2^t)                         u is multiplied by it before the clip
+    s_m = sqrt(1-b3^t) / (1-b1^t)              the update is multiplied by it (weight decay is not)
+(a term that is off contributes 1). The fused backends take the same [T, 2] tensor.
+
 Arithmetic is fp32 (fp64 for fp64 params) whatever the storage dtype, and a low-precision parameter is
 rounded once, at its final store. Memory: one scratch buffer the size of the largest factored tensor is
 allocated per call and reused by every phase of every tensor (came-pytorch allocates about four
@@ -29,7 +40,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["came_step", "unavailable_reason", "math_dtype", "state_shapes"]
+__all__ = ["came_step", "unavailable_reason", "math_dtype", "state_shapes", "bias_scales", "BIAS_TERMS"]
+
+# The statistics bias correction can divide by 1 - beta^t (see the module docstring).
+BIAS_TERMS = ("exp_avg", "exp_avg_sq", "exp_avg_res")
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -49,6 +63,36 @@ def state_shapes(shape) -> dict:
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the statistics, the momentum and the arithmetic for a parameter of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bias_scales(steps: list[Tensor], factored: list[bool], terms, *, beta1: float, beta2: float,
+                beta3: float, cache: Optional[dict] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[T, 2] tensor of (s_u, s_m) per tensor (see the module docstring), in `dtype`, from the step counters
+    `steps` (0-d fp32 tensors on one device, already incremented for this step). Device ops only: no host
+    sync, and t is data, so a growing t never recompiles a compiled step. 1 - b^t is computed as
+    -expm1(t * log(b)), which keeps its digits when b^t is close to 1 (1 - 0.9999 in fp32 is off by 2e-4).
+    `cache`: where the device constant for tensors without a confidence statistic is kept between calls."""
+    terms = frozenset(terms)
+    t = torch.stack(steps).to(dtype)
+
+    def weight_sum(beta, t):  # 1 - beta^t
+        return torch.expm1(t * math.log(beta)).neg_() if beta > 0 else torch.ones_like(t)
+
+    ones = torch.ones_like(t)
+    s_u = weight_sum(beta2, t).sqrt_() if "exp_avg_sq" in terms else ones
+    s_m = weight_sum(beta1, t).reciprocal_() if "exp_avg" in terms else ones
+    if "exp_avg_res" in terms and any(factored):
+        # Only factored tensors have C: the others get t = inf, for which 1 - b3^t = 1 (no data-dependent
+        # indexing, no host-to-device copy of a mask).
+        key = ("never", t.device)
+        never = None if cache is None else cache.get(key)
+        if never is None:
+            never = torch.full((), math.inf, dtype=torch.float32, device=t.device)  # as the counters
+            if cache is not None:
+                cache[key] = never
+        t3 = torch.stack([s if f else never for s, f in zip(steps, factored)]).to(dtype)
+        s_m = s_m * weight_sum(beta3, t3).sqrt_()
+    return torch.stack([s_u, s_m], dim=1)
 
 
 def came_step(
@@ -73,8 +117,12 @@ def came_step(
     cache: Optional[dict] = None,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    bias_scales: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for every tensor in the lists (see the module docstring and backends/README.md).
+
+    bias_scales: None (no bias correction, came-pytorch 0.1.3), or the [T, 2] tensor of `bias_scales()`
+    for these lists: row i holds (s_u, s_m) of tensor i.
 
     grad_scale, found_inf (GradScaler's, 1-element fp32 tensors): the grads are used divided by
     grad_scale, and nothing at all changes when found_inf is nonzero. Here found_inf is read on the host
@@ -88,6 +136,7 @@ def came_step(
         inv_scale = grad_scale.reshape(()).double().reciprocal().float()
     else:
         inv_scale = None
+    scales = [None] * len(params) if bias_scales is None else list(bias_scales.unbind(0))  # views, no copy
     hyper = dict(inv_scale=inv_scale, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=clip_threshold, weight_decay=weight_decay, maximize=maximize)
     # Empty tensors have nothing to update; skipping them keeps their statistics finite (a mean over zero
@@ -106,7 +155,7 @@ def came_step(
         m = exp_avgs[i]
         buf = scratch[(m.device, m.dtype)][: m.numel()].view(m.shape)
         _factored_step(params[i], grads[i], m, exp_avg_sq_rows[i], exp_avg_sq_cols[i],
-                       exp_avg_res_rows[i], exp_avg_res_cols[i], buf, **hyper)
+                       exp_avg_res_rows[i], exp_avg_res_cols[i], buf, scales[i], **hyper)
 
     # _foreach_* ops want one device and dtype per list.
     buckets: dict = {}
@@ -114,7 +163,8 @@ def came_step(
         buckets.setdefault((params[i].device, params[i].dtype, grads[i].dtype), []).append(i)
     for idx in buckets.values():
         _vector_step([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                     [exp_avg_sqs[i] for i in idx], **hyper)
+                     [exp_avg_sqs[i] for i in idx], None if bias_scales is None else [scales[i] for i in idx],
+                     **hyper)
 
 
 def _row_col_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,7 +195,7 @@ def _apply_update_(p: Tensor, update: Tensor, lr: Union[float, Tensor], weight_d
     p.sub_(update)  # for bf16/fp16 p the subtraction runs in fp32 and rounds once
 
 
-def _factored_step(p, g, m, r, c, R, C, buf, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
+def _factored_step(p, g, m, r, c, R, C, buf, scale, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
                    clip_threshold, weight_decay, maximize) -> None:
     # ---- phase 1 (sq_stats): EMAs of the row and column means of g^2 + eps1
     buf.copy_(g)
@@ -160,6 +210,8 @@ def _factored_step(p, g, m, r, c, R, C, buf, *, inv_scale, lr, beta1, beta2, bet
     torch.mul(g, row_f, out=buf).mul_(col_f)  # buf = u (g upcast exactly by type promotion)
     if inv_scale is not None:
         buf.mul_(inv_scale)  # exact for GradScaler's power-of-2 scales, so the order does not matter
+    if scale is not None:
+        buf.mul_(scale[0])  # bias correction: rsqrt(c / (1-b2^t)) = rsqrt(c) * s_u
 
     # ---- phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d)
     rms = torch.linalg.vector_norm(buf) / math.sqrt(buf.numel())
@@ -174,10 +226,12 @@ def _factored_step(p, g, m, r, c, R, C, buf, *, inv_scale, lr, beta1, beta2, bet
     # ---- phase 4 (param_step): update = m * rsqrt(R / mean_M(R)) * rsqrt(C); decoupled weight decay
     row_f, col_f = _row_col_factors(R, C)
     torch.mul(m, row_f, out=buf).mul_(col_f)
+    if scale is not None:
+        buf.mul_(scale[1])  # bias correction: m / (1-b1^t) and rsqrt(C / (1-b3^t)), as s_m
     _apply_update_(p, buf, lr, weight_decay)
 
 
-def _vector_step(ps, gs, ms, vs, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
+def _vector_step(ps, gs, ms, vs, scales, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
                  clip_threshold, weight_decay, maximize) -> None:
     """Tensors with ndim < 2: the unfactored rule, all tensors of one (device, dtype) at once."""
     if gs[0].dtype != ms[0].dtype:
@@ -194,6 +248,8 @@ def _vector_step(ps, gs, ms, vs, *, inv_scale, lr, beta1, beta2, beta3, eps1, ep
     torch._foreach_add_(vs, u, alpha=1.0 - beta2)
     u = torch._foreach_rsqrt(vs)
     torch._foreach_mul_(u, gs)
+    if scales is not None:
+        torch._foreach_mul_(u, [s[0] for s in scales])  # bias correction: rsqrt(v / (1-b2^t)), as s_u
 
     # ---- phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d)
     denoms = torch._foreach_norm(u)
@@ -207,6 +263,8 @@ def _vector_step(ps, gs, ms, vs, *, inv_scale, lr, beta1, beta2, beta3, eps1, ep
 
     # ---- phase 4 (param_step): update = m; decoupled weight decay
     update = torch._foreach_mul(ms, lr)
+    if scales is not None:
+        torch._foreach_mul_(update, [s[1] for s in scales])  # bias correction: m / (1-b1^t), as s_m
     if weight_decay != 0:
         if ps[0].dtype == ms[0].dtype:  # same order as _apply_update_
             torch._foreach_add_(ps, torch._foreach_mul(ps, -lr * weight_decay))

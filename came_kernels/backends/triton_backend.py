@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import amp_flags, check_sizes, contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_bias_scales, check_sizes, contiguous_lists, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -103,15 +103,21 @@ def came_step(
     cache: Optional[dict] = None,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    bias_scales: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
-    grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf."""
+    grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf.
+    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None."""
     if _tk is None:
         raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
     # Empty tensors have nothing to update (and no blocks); the kernels never see them.
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
+    if bias_scales is not None:
+        check_bias_scales("triton", bias_scales, params)
+        if len(keep) != len(params):  # rows follow the tensors the kernels see (device ops, no index upload)
+            bias_scales = torch.stack([bias_scales[i] for i in keep])
     lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs]
     lists = [[lst[i] for i in keep] for lst in lists]
@@ -140,8 +146,9 @@ def came_step(
         amp = amp_flags(grad_scale, found_inf, device)
 
         _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1, amp=amp)
-        _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp)
+        _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp, bias_scales=bias_scales)
         _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp)
-        _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp)
+        _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp,
+                       bias_scales=bias_scales)
 
     write_back_(write_back)
