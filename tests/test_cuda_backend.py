@@ -1,4 +1,5 @@
-"""What only backend="cuda" (the extension came_kernels._C) has: its per-phase ops, its availability messages.
+"""What only backend="cuda" (the extension came_kernels._C) has: its per-phase ops, how its ops take the optional
+device tensors (GradScaler's flags, the bias scales), its availability messages.
 
 Its parity, determinism, resume and no-sync tests are shared with the Triton backend in
 test_fused_backends.py. GPU tests are skipped, with the reason, when there is no GPU or the extension was
@@ -9,8 +10,9 @@ the CPU).
 import pytest
 import torch
 
-from came_kernels.backends import cuda_backend
+from came_kernels.backends import cuda_backend, torch_backend
 from came_testing import HYPER, SHAPES_GPU as SHAPES, backend_step, new_state as _state, state_lists
+from oracle import assert_close_rel
 
 _REASON = cuda_backend.unavailable_reason(torch.device("cuda"))
 needs_cuda = pytest.mark.skipif(_REASON is not None, reason=f"backend='cuda' unavailable: {_REASON}")
@@ -139,6 +141,53 @@ def test_grad_scale_must_have_one_element(shape):
     lists, _ = _op_inputs([(5, 7)])
     with pytest.raises(ValueError, match="grad_scale must be a 1-element tensor"):
         cuda_backend.came_step(*lists, cache={}, grad_scale=torch.ones(shape, device="cuda"), **HYPER)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,grad_scale", [(torch.float32, None), (torch.float32, 3.0), (torch.bfloat16, 2.0 ** 12)])
+def test_bias_scales_rows_follow_the_lists_past_empty_tensors(dtype, grad_scale):
+    # Row i of bias_scales belongs to params[i]: the op drops empty tensors and orders the rest largest first
+    # on the device, and every tensor must still read its own (s_u, s_m). Distinct scales per row, against the
+    # torch backend; with a GradScaler too (both on one step).
+    shapes = [(0, 3)] + list(SHAPES[:8]) + [(0,)] + list(SHAPES[8:])
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    amp = {} if grad_scale is None else dict(grad_scale=torch.tensor(grad_scale, device="cuda"),
+                                             found_inf=torch.tensor(0.0, device="cuda"))
+    for t in range(8):
+        big = 1e4 if t == 5 else 1.0  # a clipping spike, where s_u decides how much is clipped
+        gs = [(torch.randn(s, generator=gen) * big * (grad_scale or 1.0)).to("cuda", dtype) for s in shapes]
+        scales = torch.stack([torch.rand(len(shapes), generator=gen) * 0.95 + 0.05,
+                              torch.rand(len(shapes), generator=gen) * 1.95 + 0.05], dim=1).cuda()
+        cuda_backend.came_step(ours, gs, *state_lists(ours_st), cache={}, bias_scales=scales, **amp,
+                               **HYPER | dict(weight_decay=0.1))
+        torch_backend.came_step(spec, gs, *state_lists(spec_st), cache={}, bias_scales=scales, **amp,
+                                **HYPER | dict(weight_decay=0.1))
+    tol = 1e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        if a.numel() == 0:  # nothing to compare (and no row read)
+            continue
+        assert_close_rel(a, b, tol, f"{dtype} param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 2e-4, f"{dtype} state {k} of {tuple(a.shape)}")
+
+
+@needs_cuda
+def test_bias_scales_of_one_are_the_uncorrected_step_bit_for_bit():
+    # s_u = s_m = 1: the scaled divisor and the scaled update are exactly today's (x * 1 and x / 1 are exact).
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=gen).cuda() for s in SHAPES]
+    a, b = [x.clone() for x in init], [x.clone() for x in init]
+    sa, sb = [_state(x) for x in init], [_state(x) for x in init]
+    for _ in range(3):
+        gs = [torch.randn(s, generator=gen).cuda() for s in SHAPES]
+        cuda_backend.came_step(a, gs, *state_lists(sa), cache={}, bias_scales=torch.ones(len(SHAPES), 2).cuda(),
+                               **HYPER)
+        cuda_backend.came_step(b, gs, *state_lists(sb), cache={}, **HYPER)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), tuple(x.shape)
 
 
 # ---- availability: runs everywhere

@@ -158,6 +158,49 @@ def test_clip_divisor_with_bias_correction(lib, s_u, d, scale):
         assert div == lib.came_clip_divisor(float((u * u).sum()), u.numel(), d)
 
 
+@pytest.mark.parametrize("terms", [("exp_avg", "exp_avg_sq", "exp_avg_res"), ("exp_avg_sq",), ("exp_avg",)])
+def test_host_math_with_bias_scales_matches_torch_backend(lib, terms):
+    # The kernels' placement of the bias correction (s_u in the clip divisor, s_m on the update) against the
+    # spec's (u *= s_u before the clip, update *= s_m), 40 steps; tensors start at different step counts, so
+    # every tensor has its own row of scales.
+    gen = torch.Generator().manual_seed(12)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+                 weight_decay=0.1, maximize=False)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    for step in range(40):
+        scale = 1e4 if step % 11 == 5 else 1.0
+        grads = [torch.randn(s, generator=gen) * scale for s in SHAPES]
+        steps = [torch.tensor(float(step + 1 + 3 * (i % 3))) for i in range(len(SHAPES))]
+        bs = torch_backend.bias_scales(steps, [len(s) >= 2 for s in SHAPES], terms, beta1=0.9, beta2=0.999,
+                                       beta3=0.9999)
+        for p, g, st, row in zip(ours, grads, ours_st, bs):
+            _host_step(lib, p, g, st, scales=row.tolist(), **hyper)
+        torch_backend.came_step(
+            spec, grads, [s["m"] for s in spec_st], [s.get("r") for s in spec_st], [s.get("c") for s in spec_st],
+            [s.get("R") for s in spec_st], [s.get("C") for s in spec_st], [s.get("v") for s in spec_st],
+            cache={}, bias_scales=bs, **hyper)
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        assert_close_rel(a, b, 2e-6, f"param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 1e-4, f"state {k} of {tuple(a.shape)}")
+
+
+def test_host_math_with_bias_scales_differs_from_without(lib):
+    # The check above can fail: the scales of an early step (t = 2; s_m ~ 0.07 here) change the update by far
+    # more than its tolerance.
+    p0, g = torch.randn(6, 5), torch.randn(6, 5)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+              weight_decay=0.0, maximize=False)
+    bs = torch_backend.bias_scales([torch.tensor(2.0)], [True], ("exp_avg", "exp_avg_sq", "exp_avg_res"),
+                                   beta1=0.9, beta2=0.999, beta3=0.9999)
+    a, b = p0.clone(), p0.clone()
+    _host_step(lib, a, g, _state(a), scales=bs[0].tolist(), **kw)
+    _host_step(lib, b, g, _state(b), **kw)
+    assert not torch.allclose(a - p0, b - p0, rtol=0.5)
+
+
 def test_clip_divisor_with_bias_correction_keeps_nan(lib):
     assert math.isnan(lib.came_clip_divisor_scaled(float("nan"), 4, 1.0, 0.5))   # a NaN gradient must show
     assert math.isnan(lib.came_clip_divisor_scaled(4.0, 4, 1.0, float("nan")))

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import amp_flags, contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_bias_scales, contiguous_lists, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -76,24 +76,14 @@ def _lr_tensor(lr: Union[float, Tensor], device: torch.device) -> Tensor:
     return torch.full((1,), float(lr), dtype=torch.float32, device=device)
 
 
-def _check_step_tensors(params: list[Tensor], grad_scale, found_inf, bias_scales) -> None:
-    """ValueError naming the argument unless GradScaler's tensors have one element each and bias_scales is a
-    contiguous fp32 [len(params), 2] tensor on the params' device (the op checks again, after amp_flags)."""
-    device = params[0].device
+def _check_amp_tensors(grad_scale, found_inf) -> None:
+    """ValueError naming the argument unless GradScaler's scale and flag have one element each (the op then
+    checks the [found_inf, 1/scale] tensor built from them)."""
     for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if x is not None and (not isinstance(x, Tensor) or x.numel() != 1):
             got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"backend='cuda': {name} must be a 1-element tensor (GradScaler's), got {got}")
-    if bias_scales is not None:
-        want = (len(params), 2)
-        if (not isinstance(bias_scales, Tensor) or tuple(bias_scales.shape) != want
-                or bias_scales.dtype != torch.float32 or bias_scales.device != device
-                or not bias_scales.is_contiguous()):
-            got = (f"{bias_scales.dtype} of shape {tuple(bias_scales.shape)} on {bias_scales.device}"
-                   f"{'' if bias_scales.is_contiguous() else ', non-contiguous'}"
-                   if isinstance(bias_scales, Tensor) else type(bias_scales).__name__)
-            raise ValueError(f"backend='cuda': bias_scales must be a contiguous float32 tensor of shape {want} "
-                             f"([s_u, s_m] per param) on {device}, got {got}")
+            raise ValueError(f"backend='cuda': {name} must be a 1-element tensor (GradScaler's), got {got}; "
+                             "nothing was changed")
 
 
 def came_step(
@@ -122,13 +112,17 @@ def came_step(
 ) -> None:
     """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
     grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf.
-    bias_scales: None, or fp32 [len(params), 2] on the params' device, row i = [s_u, s_m] of params[i]."""
+    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None."""
     if not params:
         return
     if _load() is None:
         raise RuntimeError(unavailable_reason(params[0].device))
     device = params[0].device
-    _check_step_tensors(params, grad_scale, found_inf, bias_scales)  # before anything changes
+    # Before anything changes. Rows of bias_scales follow the lists as given: the op maps each non-empty
+    # tensor to its row, so empty tensors need no restacking here.
+    _check_amp_tensors(grad_scale, found_inf)
+    if bias_scales is not None:
+        check_bias_scales("cuda", bias_scales, params)
     lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs]
     lists, write_back = contiguous_lists(lists)  # see _contiguous.py
