@@ -13,7 +13,7 @@
 // g = g * (1/scale) as it is loaded; both kernels return before writing anything when found_inf != 0.
 //
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B); flat tensors also read v (4 B). r, c, mean_M(r)
-// are O(rows + cols) and stay in L2.
+// are O(rows + cols) and stay in L2. GradScaler: amp, 8 B per block; bias correction: s_u, 4 B per tensor.
 // Launch: one clip_stats_kernel over the whole group, one block per stripe / flat chunk, 256 threads (the
 // blocks of sq_stats); one clip_finalize_kernel, one block per tensor (blockIdx.x is the table slot).
 // Determinism: fixed-order block trees and a fixed-pattern sum of the partials: bitwise reproducible.

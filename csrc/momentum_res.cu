@@ -14,7 +14,7 @@
 // found_inf != 0.
 //
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B), reads and writes m (8 B): fp32 12 B, bf16 10 B;
-// flat tensors also read v (4 B). Column partials: 4/64 B per element.
+// flat tensors also read v (4 B). Column partials: 4/64 B per element. GradScaler: amp, 8 B per block.
 // Launch: one momentum_res_kernel over the whole group, one block per stripe / flat chunk, 256 threads; one
 // res_finalize_kernel, column tiles summed over their stripes by 8 warps, and the means of R
 // (multi_tensor.cuh). Both grids are independent of the tensor count (plan.h).

@@ -12,7 +12,7 @@
 // kernel returns before writing anything when found_inf != 0 (amp = [found_inf, 1/scale]).
 //
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
-// O(rows + cols).
+// O(rows + cols). GradScaler: found_inf, 4 B per block; bias correction: s_m, 4 B per block.
 // Launch: one param_step_kernel over the whole group, one block per stripe / flat chunk (the blocks of the
 // other phases), 256 threads; no finalize.
 // Determinism: purely elementwise.

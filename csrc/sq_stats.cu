@@ -10,7 +10,7 @@
 // as it is loaded; both kernels return before writing anything when found_inf != 0.
 //
 // Memory per element: factored reads g (fp32 4 B, bf16/fp16 2 B) and writes one column partial per kRows
-// rows (4/64 B); flat reads g and v and writes v (fp32 12 B, bf16 10 B).
+// rows (4/64 B); flat reads g and v and writes v (fp32 12 B, bf16 10 B). GradScaler: amp, 8 B per block.
 // Launch: one sq_stats_kernel over the whole group, one block per stripe (factored) or kFlatChunk chunk
 // (flat), 256 threads; one sq_finalize_kernel, column tiles summed over their stripes by 8 warps, and the
 // means of r (multi_tensor.cuh). Both grids are independent of the tensor count (plan.h).

@@ -119,7 +119,8 @@ void came_step_factored(float* p, const float* g, float* m, float* r, float* c, 
       float rs = 0.0f;
       for (int64_t j = 0; j < N; ++j) {
         const int64_t k = (b * M + i) * N + j;
-        const float u_hat = clipped(factored_u(g_of(g, k, h), row_factor(r[b * M + i], mean_r[b]), col_factor(c[b * N + j])), div);
+        const float u = factored_u(g_of(g, k, h), row_factor(r[b * M + i], mean_r[b]), col_factor(c[b * N + j]));
+        const float u_hat = clipped(u, div);
         m[k] = ema(m[k], h.b1, h.omb1, u_hat);
         const float res = residual(u_hat, m[k]);
         rs += res;
