@@ -126,6 +126,32 @@ class TinyGPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, 256), targets.reshape(-1))
 
 
+class ByteCNN(nn.Module):
+    """A causal convolutional byte model (for conv weights: `bench study --model cnn`): per block, a
+    dilated width-5 Conv1d to 2d channels, GELU and a 1x1 Conv1d back to d, residual; tied embedding."""
+
+    def __init__(self, d: int, layers: int, heads: int = 0, ctx: int = 0, width: int = 5):
+        super().__init__()
+        self.width = width
+        self.tok = nn.Embedding(256, d)
+        self.norms = nn.ModuleList(nn.GroupNorm(1, d) for _ in range(layers))
+        self.convs = nn.ModuleList(nn.Conv1d(d, 2 * d, width, dilation=2 ** i) for i in range(layers))
+        self.mixes = nn.ModuleList(nn.Conv1d(2 * d, d, 1) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        nn.init.normal_(self.tok.weight, std=0.02)
+
+    def forward(self, idx, targets):
+        x = self.tok(idx).transpose(1, 2)  # [batch, d, time]
+        for i, (norm, conv, mix) in enumerate(zip(self.norms, self.convs, self.mixes)):
+            h = F.pad(norm(x), ((self.width - 1) * 2 ** i, 0))  # left padding only: causal
+            x = x + mix(F.gelu(conv(h)))
+        logits = self.ln(x.transpose(1, 2)) @ self.tok.weight.t()
+        return F.cross_entropy(logits.float().view(-1, 256), targets.reshape(-1))
+
+
+MODELS = {"gpt": TinyGPT, "cnn": ByteCNN}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------------------
@@ -155,9 +181,10 @@ def evaluate(model, val: torch.Tensor, cfg: dict, device, seed: int, amp) -> flo
     return sum(losses) / len(losses)
 
 
-def train_one(label: str, make_opt, train: torch.Tensor, val: torch.Tensor, cfg: dict, device, seed: int) -> dict:
+def train_one(label: str, make_opt, train: torch.Tensor, val: torch.Tensor, cfg: dict, device, seed: int,
+              model: str = "gpt") -> dict:
     torch.manual_seed(seed)
-    model = TinyGPT(cfg["d"], cfg["layers"], cfg["heads"], cfg["ctx"]).to(device)
+    model = MODELS[model](cfg["d"], cfg["layers"], cfg["heads"], cfg["ctx"]).to(device)
     opt = make_opt(list(model.parameters()))
     steps, warm = cfg["steps"], max(1, cfg["steps"] // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(

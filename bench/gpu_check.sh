@@ -63,7 +63,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py -k cuda >"$LOG/t_cuda.log" 2>&1 & p2=$!
   "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py tests/test_amp.py \
     -k "cuda or triton or gpu or amp" >"$LOG/t_other.log" 2>&1 & p3=$!
-  "${PT[@]}" tests/test_compile.py tests/test_host_fast_path.py >"$LOG/t_compile.log" 2>&1 & p4=$!
+  "${PT[@]}" tests/test_compile.py tests/test_host_fast_path.py tests/test_capturable.py tests/test_bias_correction.py \
+    >"$LOG/t_compile.log" 2>&1 & p4=$!
   pids=("$p1" "$p2" "$p3" "$p4"); names=(triton cuda other compile)
   if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
     ( for tool in memcheck racecheck; do for b in cuda triton; do

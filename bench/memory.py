@@ -5,7 +5,8 @@ parameter of that shape gets a gradient and one optimizer step, and the bytes of
 optimizer allocated are summed (bench.utils.state_bytes), times the number of parameters of that shape.
 Done one shape at a time, so TinyLlama-1.1B needs only about its largest tensor's memory.
 
-Rows: torch.optim.AdamW, torch.optim.Adafactor, came_kernels.CAME (fp32 momentum, as shipped), came-pytorch
+Rows: torch.optim.AdamW, torch.optim.Adafactor, came_kernels.CAME (fp32 momentum, as shipped), CAME with
+factor_conv=True (conv weights factored as [out, in*kh*kw] matrices), came-pytorch
 (if installed), bitsandbytes AdamW8bit (CUDA, if installed), and "CAME, bf16 momentum (projection)": that
 variant does not exist in the optimizer yet; its row is CAME's measured state with the fp32 momentum
 replaced by an allocated bf16 tensor of the same shape.
@@ -34,6 +35,8 @@ def _factories(device: torch.device) -> Dict[str, callable]:
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False),
         "Adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-4),
         "CAME": lambda ps: came_kernels.CAME(ps, lr=1e-4),
+        # Conv weights factored as [out, in*kh*kw] (opt-in); the same as CAME for models without convs.
+        "CAME, factor_conv": lambda ps: came_kernels.CAME(ps, lr=1e-4, factor_conv=True),
     }
     try:
         import came_pytorch

@@ -8,7 +8,8 @@ the comparison about the optimizers, not about one lr guess.
 A grid whose best lr is at one of its ends is extended by factors of 2 (up to three times).
 
 Optimizers: AdamW, Adafactor (torch.optim's), CAME exact (came-pytorch 0.1.3, no bias correction), CAME with
-`bias_correction=True`, and ablations that correct one group of terms only (`--optims` picks).
+`bias_correction=True`, and two ablations: the momentum term only ([exp_avg]) and the two statistics only
+([stats]: exp_avg_sq and exp_avg_res). `--optims` picks.
 
 Every run is cached in <out>/study_runs.json under (optimizer, lr, steps, seed): an interrupted study
 resumes, and a finished one is re-tabulated without training. Output: <out>/study.json, the tables (sweep,
@@ -30,16 +31,17 @@ from . import converge, utils
 # label: (constructor keywords, lr grid). AdamW's grid brackets the benchmark's 2e-3; CAME's spans its
 # usual 0.1-1x of AdamW's lr (came-pytorch recommends 0.5-0.9x at scale; small runs liked less).
 OPTIMIZERS = {
-    "AdamW": (dict(), (1e-3, 2e-3, 4e-3, 8e-3)),
+    "AdamW": (dict(), (1e-3, 2e-3, 4e-3)),
     "Adafactor": (dict(), (3e-3, 1e-2, 3e-2)),
-    "CAME": (dict(bias_correction=False), (1.25e-4, 2.5e-4, 5e-4, 1e-3)),
-    "CAME+bc": (dict(bias_correction=True), (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)),
-    "CAME+bc[exp_avg]": (dict(bias_correction=("exp_avg",)), (2.5e-4, 5e-4, 1e-3, 2e-3)),
-    "CAME+bc[stats]": (dict(bias_correction=("exp_avg_sq", "exp_avg_res")), (2.5e-4, 5e-4, 1e-3, 2e-3)),
-    "CAME+bc[exp_avg_res]": (dict(bias_correction=("exp_avg_res",)), (2.5e-4, 5e-4, 1e-3, 2e-3)),
+    "CAME": (dict(bias_correction=False), (2.5e-4, 5e-4, 1e-3)),
+    "CAME+bc": (dict(bias_correction=True), (5e-4, 1e-3, 2e-3)),
+    "CAME+bc[exp_avg]": (dict(bias_correction=("exp_avg",)), (5e-4, 1e-3, 2e-3)),
+    "CAME+bc[stats]": (dict(bias_correction=("exp_avg_sq", "exp_avg_res")), (2.5e-4, 5e-4, 1e-3)),
+    # For conv nets (--model cnn): conv weights factored as [out, in*width] matrices.
+    "CAME[factor_conv]": (dict(factor_conv=True), (2.5e-4, 5e-4, 1e-3)),
 }
 COLORS = {"AdamW": "tab:blue", "Adafactor": "tab:green", "CAME": "tab:red", "CAME+bc": "tab:purple",
-          "CAME+bc[exp_avg]": "tab:orange", "CAME+bc[stats]": "tab:brown", "CAME+bc[exp_avg_res]": "tab:pink"}
+          "CAME+bc[exp_avg]": "tab:orange", "CAME+bc[stats]": "tab:brown", "CAME[factor_conv]": "tab:olive"}
 
 
 def make_optimizer(label: str, lr: float, wd: float, backend: str):
@@ -56,12 +58,15 @@ def make_optimizer(label: str, lr: float, wd: float, backend: str):
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(converge.SIZES), default="small",
                    help="model size of `bench converge` (default: %(default)s)")
+    p.add_argument("--model", choices=sorted(converge.MODELS), default="gpt",
+                   help="gpt: the byte-level GPT of `bench converge`; cnn: a causal conv net of the same width "
+                        "and depth, for conv weights (default: %(default)s)")
+    p.add_argument("--optims", default=",".join(k for k in OPTIMIZERS if k != "CAME[factor_conv]"),
+                   help=f"optimizers, among {', '.join(OPTIMIZERS)} (default: all but CAME[factor_conv])")
     p.add_argument("--horizons", default="300,1500", help="training steps of the final runs (default: %(default)s)")
     p.add_argument("--sweep-steps", type=int, default=None,
                    help="steps of the lr sweep (default: the shortest horizon)")
     p.add_argument("--seeds", default="0,1", help="seeds of the final runs (default: %(default)s)")
-    p.add_argument("--optims", default=",".join(OPTIMIZERS),
-                   help=f"optimizers, among {', '.join(OPTIMIZERS)} (default: all)")
     p.add_argument("--final-optims", default=None,
                    help="optimizers of the final runs at the longer horizons (default: all of --optims)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="for every optimizer (default: %(default)s)")
@@ -143,6 +148,8 @@ def run(args: argparse.Namespace) -> dict:
     env = utils.environment(device)
     config = dict(size=args.size, weight_decay=args.weight_decay, corpus_mb=args.corpus_mb,
                   backend=args.came_backend, device=env["device"])
+    if args.model != "gpt":
+        config["model"] = args.model
     os.makedirs(args.out, exist_ok=True)
     cache = RunCache(os.path.join(args.out, "study_runs.json"), config)
     train, val, _ = converge.stdlib_corpus(args.corpus_mb)
@@ -152,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         if got is None:
             cfg = dict(base, steps=steps, eval_every=max(1, min(base["eval_every"], steps // 12)))
             got = converge.train_one(f"{label} {lr:g}", make_optimizer(label, lr, args.weight_decay, args.came_backend),
-                                     train, val, cfg, device, seed)
+                                     train, val, cfg, device, seed, model=args.model)
             got = {k: got[k] for k in ("val_step", "val_loss", "final_val_loss", "best_val_loss", "wall_s",
                                        "optimizer_s", "state_bytes", "params")}
             cache.put(label, lr, steps, seed, got)
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     for steps in horizons:
         for label in (optims if steps == sweep_steps else final_optims):
             final.setdefault(steps, {})[label] = [one(label, best_lr[label], steps, s) for s in seeds]
-    payload = {"benchmark": "study", "env": env, "config": dict(config, model=base, sweep_steps=sweep_steps,
+    payload = {"benchmark": "study", "env": env, "config": dict(config, model_config=base, sweep_steps=sweep_steps,
                                                                  horizons=horizons, seeds=seeds),
                "sweep": {k: {f"{lr:g}": v for lr, v in d.items()} for k, d in sweep.items()},
                "best_lr": best_lr, "final": {str(k): v for k, v in final.items()},
@@ -231,7 +238,8 @@ def plot(payload: dict, path: str):
         ax.set_title(f"{steps} steps (solid: seed {payload['config']['seeds'][0]}, dashed: other seeds)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Byte-level GPT ({payload['config']['size']}) on the Python stdlib; {payload['env']['device'][:50]}, "
+    model = {"gpt": "GPT", "cnn": "conv net"}[payload["config"].get("model", "gpt")]
+    fig.suptitle(f"Byte-level {model} ({payload['config']['size']}) on the Python stdlib; {payload['env']['device'][:50]}, "
                  f"commit {payload['env']['commit']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -11,8 +11,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import BackendUnavailableError, default_backend, get_step_fn
-from .backends.torch_backend import bias_scales
+from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
+from .backends.torch_backend import bias_scales, matrix_shape
 
 __all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
 
@@ -65,6 +65,8 @@ def came(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_correction: frozenset = frozenset(),
+    capturable: bool = False,
+    factor_conv: bool = False,
 ) -> None:
     """Functional form of `came_kernels.CAME.step` (see its docstring for the algorithm).
 
@@ -74,7 +76,10 @@ def came(
     fused backends keep their device tables there. `grad_scale`, `found_inf`: GradScaler's (see
     CAME.step); a step with found_inf set changes nothing, step counters included. `bias_correction`: the
     set of terms of torch_backend.BIAS_TERMS to correct (empty: none, as came-pytorch); it reads
-    `state_steps` on the device.
+    `state_steps` on the device. `capturable`: the step may be captured in a CUDA graph (see CAME): fused
+    steps run on Triton, whose tables can be pointed at new grads inside a graph. `factor_conv`: params with
+    ndim >= 3 are stepped as [shape[0], numel/shape[0]] matrices, their statistics having the shapes of
+    torch_backend.state_shapes(shape, factor_conv=True).
     """
     lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs)
@@ -109,6 +114,22 @@ def came(
         if isinstance(params, tuple):
             cache["grouping"] = (params, (backend, fused), groups, sliced)
 
+    # Anything that can refuse this step does so before the first change (the step counters included).
+    runs = []
+    for key in groups:
+        name = key[0]
+        if capturable and name == "cuda":
+            # The extension uploads its table from host memory at every call: a graph cannot replay that.
+            if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
+                raise NotImplementedError("capturable=True cannot run on backend='cuda'; use backend='triton' "
+                                          "(or 'auto')")
+            name = "triton"
+        if capturable and amp and found_inf is not None and name == "torch" and key[1].type == "cuda":
+            raise NotImplementedError("capturable=True with GradScaler needs a fused backend (the torch backend "
+                                      "reads found_inf on the host, which a CUDA graph cannot replay); use "
+                                      "backend='triton' or 'auto'")
+        runs.append((name, (name,) + key[1:], key))
+
     if state_steps:
         torch._foreach_add_(state_steps, 1)
         if found_inf is not None:  # as torch's fused Adam: counted, then taken back on the device, no sync
@@ -117,8 +138,9 @@ def came(
                 s.device, found_inf.reshape(()).to(s.device, torch.float32)) for s in state_steps])
 
     compiling = torch.compiler.is_compiling()
-    for key, idx in groups.items():
-        name, device = key[0], key[1]
+    for name, cache_key, key in runs:
+        idx = groups[key]
+        device = key[1]
         group_lr = lr
         if isinstance(lr, Tensor) and lr.device != device:
             # A CPU lr (what schedulers keep) is read on the host: no device is involved, so no sync, and
@@ -128,6 +150,10 @@ def came(
             group_lr = lr.item() if lr.device.type == "cpu" and not compiling else lr.to(device=device)
         sub = list(sliced[key])
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
+        write_back = []
+        if factor_conv:
+            for j in range(3):  # params, grads, exp_avgs; the statistics already have the matrix's shapes
+                sub[j] = [_as_matrix(x, write_back if j != 1 else None) if x.ndim >= 3 else x for x in sub[j]]
         extra = {k: None if v is None else v.to(device) for k, v in amp.items()}
         if bias_correction:  # two scalars per tensor from its step counter, on the device (no sync)
             extra["bias_scales"] = bias_scales(
@@ -136,10 +162,24 @@ def came(
                 dtype=torch.float64 if name == "torch" and any(params[i].dtype == torch.float64 for i in idx)
                 else torch.float32).to(device)
         if not compiling:
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(key, {}), **hyper,
+            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}), **hyper,
                                       **extra)
         elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
             get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **extra)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)
             from .ops import call_fused_step
             call_fused_step(sub, group_lr, name, **hyper, **extra)
+        for x, copy in write_back:
+            x.copy_(copy.view(x.shape))
+
+
+def _as_matrix(x: Tensor, write_back: Optional[list]) -> Tensor:
+    """x as its [shape[0], rest] matrix (factor_conv): a view when x is contiguous; else a copy, which is
+    written back after the step when `write_back` is a list (a channels_last conv weight, say)."""
+    shape = matrix_shape(x.shape)
+    if x.is_contiguous():
+        return x.view(shape)
+    copy = x.reshape(shape)
+    if write_back is not None:
+        write_back.append((x, copy))
+    return copy

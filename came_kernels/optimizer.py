@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 import numbers
 import operator
 import weakref
@@ -86,6 +87,11 @@ class CAME(Optimizer):
             True corrects every term; a tuple picks terms among "exp_avg" (the momentum, in the update
             only), "exp_avg_sq" (the column statistic of g^2, or v) and "exp_avg_res" (the column
             confidence statistic). Read from the step counters on the device: no sync, no recompile.
+        factor_conv (bool, keyword-only): factor params with ndim >= 3 (conv weights [out, in, *kernel]) as
+            one [out, in*prod(kernel)] matrix (default: False: came-pytorch factors the last two dims, so a
+            1x1 conv keeps row statistics as large as its weight). Changes the state's shapes: it is saved
+            with the param group. Meant for conv weights; a 3-D param that is a batch of matrices (stacked
+            experts, say) should be put in a param group without it.
         maximize (bool, keyword-only): maximize the objective (default: False).
         backend (str, keyword-only): "auto", "torch", "triton" or "cuda" (default: "auto": the CUDA extension
             for CUDA tensors when it was built, else Triton on CUDA, else torch). Requesting a backend that
@@ -94,7 +100,12 @@ class CAME(Optimizer):
             groups small tensors with torch._foreach_* ops. Cannot be True together with fused=True.
         fused (bool, optional, keyword-only): True requires a fused backend (CUDA extension or Triton) and
             picks the fastest available; False means the torch backend (default: None, see `backend`).
-        capturable (bool, keyword-only): not supported yet; must be False.
+        capturable (bool, keyword-only): allow step() to be captured in a CUDA graph (default: False). The
+            step then runs entirely on the device: step counters there, lr a float (fixed in the graph) or a
+            tensor on the params' device (what a scheduler writes into is what replays read). Run one
+            step eagerly before capturing: the fused backends build their device tables then. The Triton
+            backend is used for fused steps ("auto"); the CUDA extension, which uploads its table from host
+            memory at every call, and GradScaler with the torch backend cannot be captured.
         differentiable (bool, keyword-only): not supported; must be False.
 
     Example (instead of ``torch.optim.AdamW``)::
@@ -117,6 +128,7 @@ class CAME(Optimizer):
         weight_decay: float = 0.0,
         *,
         bias_correction: Union[bool, tuple] = False,
+        factor_conv: bool = False,
         maximize: bool = False,
         backend: str = "auto",
         foreach: Optional[bool] = None,
@@ -130,12 +142,14 @@ class CAME(Optimizer):
             raise ValueError("CAME: fused=True asks for a fused backend, but backend='torch' was given")
         if fused is False and backend in ("triton", "cuda"):
             raise ValueError(f"CAME: fused=False contradicts backend={backend!r}, which is a fused backend")
-        if capturable:
-            raise ValueError("CAME: capturable=True (CUDA graph capture) is not supported yet; use capturable=False")
+        if capturable and backend == "cuda":
+            raise ValueError("CAME: capturable=True cannot use backend='cuda': the CUDA extension uploads its "
+                             "tensor table from host memory at every step, which a CUDA graph cannot replay; use "
+                             "backend='triton' or 'auto'")
         if differentiable:
             raise ValueError("CAME: differentiable=True is not supported; use differentiable=False")
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay,
-                        bias_correction=bias_correction, maximize=maximize, backend=backend, foreach=foreach, fused=fused,
+                        bias_correction=bias_correction, factor_conv=factor_conv, maximize=maximize, backend=backend, foreach=foreach, fused=fused,
                         capturable=capturable, differentiable=differentiable)
         # lr=None is allowed when every param group brings its own (add_param_group checks that).
         _check_group(defaults, "defaults", lr_optional=True)
@@ -159,6 +173,11 @@ class CAME(Optimizer):
                                  "group (came-pytorch has no default either; CAME usually wants 0.5-0.9x the "
                                  "AdamW lr, e.g. lr=2e-4)")
             _check_group(group, where, read_tensor_lr=True)
+            lr = group["lr"]
+            if group["capturable"] and isinstance(lr, Tensor) and any(p.device != lr.device for p in group["params"]):
+                # A graph replays device work only: an lr on another device would be read once, at capture.
+                raise ValueError(f"CAME ({where}): capturable=True needs a tensor lr on the params' device "
+                                 f"({group['params'][0].device}), got one on {lr.device}")
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 # One state shared by two entries would be stepped twice per step(); on a GPU, two kernel
                 # programs would race on it.
@@ -182,11 +201,23 @@ class CAME(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # groups saved by came-pytorch lack our keyword-only options
-            for key, value in (("bias_correction", False), ("maximize", False), ("backend", "auto"),
+            for key, value in (("bias_correction", False), ("factor_conv", False), ("maximize", False),
+                               ("backend", "auto"),
                                ("foreach", None), ("fused", None), ("capturable", False), ("differentiable", False)):
                 group.setdefault(key, value)
             group["betas"] = _three_betas(group["betas"])
             group["bias_correction"] = _bias_terms(group["bias_correction"], "a param group")
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """New, empty backend caches (one per group). Caches that a CUDA graph captured from keep the tables
+        and tensors that graph addresses: they are kept alive, and the user is told to capture again."""
+        old = getattr(self, "_caches", None) or []
+        if any(isinstance(v, dict) and v.get("captured") for c in old for v in c.values()):
+            self._graph_keepalive = getattr(self, "_graph_keepalive", []) + old
+            warnings.warn("CAME: the optimizer state was replaced after a CUDA graph captured step(); replaying "
+                          "that graph would update the old state, not this one: capture the step again",
+                          RuntimeWarning, stacklevel=3)
         self._caches = [{} for _ in self.param_groups]
 
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
@@ -280,9 +311,9 @@ class CAME(Optimizer):
                 # CPU op per tensor (host time is the budget of a fused optimizer step).
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
-                for key, shape in state_shapes(p.shape).items():
+                for key, shape in state_shapes(p.shape, group["factor_conv"]).items():
                     state[key] = torch.zeros(shape, dtype=dt, device=p.device)
-            factored = p.ndim >= 2
+            factored = p.ndim >= 2  # factor_conv keeps ndim >= 3 factored (as a matrix): the same lists
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -307,6 +338,11 @@ class CAME(Optimizer):
         # Compiled, dynamo traces the plain path (its guards do the rest) and the fast path is not even
         # entered: a comprehension here would be one more frame to compile.
         compiling = torch.compiler.is_compiling()
+        if not compiling and _capturing():
+            for gi, group in enumerate(self.param_groups):
+                if not group["capturable"]:
+                    raise RuntimeError(f"CAME (param group {gi}): step() is being captured in a CUDA graph, but "
+                                       "the optimizer was built with capturable=False; pass capturable=True")
         fast = [None] * len(self.param_groups)
         if not compiling:
             fast = [self._unchanged(gi, g) for gi, g in enumerate(self.param_groups)]
@@ -330,7 +366,8 @@ class CAME(Optimizer):
                  beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
                  maximize=group["maximize"], bias_correction=frozenset(group["bias_correction"] or ()),
-                 backend=group["backend"], fused=group["fused"],
+                 factor_conv=group["factor_conv"],
+                 backend=group["backend"], fused=group["fused"], capturable=group["capturable"],
                  cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
         return loss
@@ -381,7 +418,7 @@ class CAME(Optimizer):
                 self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
             if p in self.state and "step" in self.state[p]:
                 self.state[p]["step"] = self.state[p]["step"].to(device=p.device, dtype=torch.float32)
-        self._caches = [{} for _ in self.param_groups]  # tensors changed: fused backends rebuild their tables
+        self._reset_caches()  # tensors changed: fused backends rebuild their tables
 
 
 # ---------------------------------------------------------------------- checkpoint validation
@@ -419,7 +456,7 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
             pwhere = f"{where}, param of shape {tuple(p.shape)} (state id {pid})"
             if not isinstance(st, dict):
                 bad(f"{pwhere}: state is a {type(st).__name__}, expected a dict")
-            want = dict(exp_avg=tuple(p.shape), **state_shapes(p.shape))
+            want = dict(exp_avg=tuple(p.shape), **state_shapes(p.shape, saved.get("factor_conv", False)))
             keys = set(st) - set(_UNUSED_CAME_PYTORCH_KEYS) - {"step"}
             if keys != set(want):
                 hint = (" (it looks like another optimizer's state, e.g. AdamW's exp_avg/exp_avg_sq)"
@@ -479,6 +516,11 @@ def _raise_bad_grad(p: Tensor, g: Tensor, where: str) -> None:
     raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False, and no CUDA call, without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _bias_terms(value: Any, where: str) -> Union[bool, tuple]:
     """False, or the tuple of the bias correction's terms in BIAS_TERMS order (True: all of them)."""
     if value is False or value is None:
@@ -532,6 +574,8 @@ def _check_group(group: dict, where: str, lr_optional: bool = False, read_tensor
     if not _is_real(wd) or not wd >= 0.0 or math.isinf(wd):
         raise ValueError(f"CAME ({where}): invalid weight_decay {wd!r}; expected a finite float >= 0")
     _bias_terms(group.get("bias_correction", False), where)
+    if not isinstance(group.get("factor_conv", False), bool):
+        raise ValueError(f"CAME ({where}): factor_conv must be a bool, got {group['factor_conv']!r}")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"CAME ({where}): maximize must be a bool, got {group['maximize']!r}")
     if group["backend"] not in ("auto",) + BACKENDS:

@@ -148,7 +148,8 @@ def _p():
     (dict(lr=1e-3, backend="jax"), "unknown backend"),
     (dict(lr=1e-3, fused=True, foreach=True), "fused=True and foreach=True"),
     (dict(lr=1e-3, fused=True, backend="torch"), "fused=True"),
-    (dict(lr=1e-3, capturable=True), "capturable"), (dict(lr=1e-3, differentiable=True), "differentiable"),
+    (dict(lr=1e-3, capturable=True, backend="cuda"), "capturable"),
+    (dict(lr=1e-3, differentiable=True), "differentiable"),
 ])
 def test_bad_hyperparameters_are_rejected_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):

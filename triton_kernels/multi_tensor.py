@@ -160,6 +160,26 @@ class Plan:
             self.vec = vec
         self.grad_ptrs = ptrs
 
+    def write_grads_in_graph(self, grads) -> None:
+        """Point the table at this step's grads while a CUDA graph is being captured: the addresses travel
+        as kernel arguments (`_write_column_kernel`), which the graph replays as captured. A copy from
+        pinned host memory, as `update_grads` makes, would replay whatever that memory holds by then. The
+        write is captured even when the grads did not move, so that every replay restores the graph's own
+        grads whatever eager steps wrote in between; and the next eager step uploads its grads again."""
+        ptrs = tuple(g.data_ptr() for g in grads)
+        _check_grads(grads, self.dtype)
+        if tuple(map(torch.Tensor.numel, grads)) != self.numels:
+            raise ValueError("backend='triton': a grad's size differs from its param's: "
+                             f"{[tuple(g.shape) for g in grads]} for params of {self.numels} elements")
+        vec = tuple(int(ok and ptr % 16 == 0) for ok, ptr in zip(self.vec_base, ptrs))
+        for column, values in ((C_G, ptrs), (C_VEC, vec)):
+            for row0 in range(0, len(values), WRITE_BATCH):
+                chunk = list(values[row0:row0 + WRITE_BATCH])
+                _write_column_kernel[(1,)](self.meta, int(column), row0, len(chunk),
+                                           *(chunk + [0] * (WRITE_BATCH - len(chunk))))
+        self.vec = vec
+        self.grad_ptrs = None  # what `meta` holds after a replay is the graph's business: upload next time
+
     def _upload(self, column, values) -> torch.Tensor:
         host = torch.tensor(values, dtype=torch.int64)
         if self.meta.is_cuda:
@@ -317,6 +337,40 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
 
 
 # ---------------------------------------------------------------------------------- device-side helpers
+WRITE_BATCH = 16  # table entries per _write_column_kernel launch
+
+
+@triton.jit
+def _put(meta, row0, i, n, column, value):
+    if i < n:
+        tl.store(meta + (row0 + i) * NCOL + column, value.to(tl.int64))
+
+
+# Not specialized on the values (Triton would compile a variant for every pattern of ones and multiples of
+# 16 among addresses and flags).
+@triton.jit(do_not_specialize=["row0", "n", "v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10",
+                               "v11", "v12", "v13", "v14", "v15"])
+def _write_column_kernel(meta, column, row0, n, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14,
+                         v15):
+    """meta[row0 + i, column] = v_i for i < n, the values given by value (see Plan.write_grads_in_graph)."""
+    _put(meta, row0, 0, n, column, v0)
+    _put(meta, row0, 1, n, column, v1)
+    _put(meta, row0, 2, n, column, v2)
+    _put(meta, row0, 3, n, column, v3)
+    _put(meta, row0, 4, n, column, v4)
+    _put(meta, row0, 5, n, column, v5)
+    _put(meta, row0, 6, n, column, v6)
+    _put(meta, row0, 7, n, column, v7)
+    _put(meta, row0, 8, n, column, v8)
+    _put(meta, row0, 9, n, column, v9)
+    _put(meta, row0, 10, n, column, v10)
+    _put(meta, row0, 11, n, column, v11)
+    _put(meta, row0, 12, n, column, v12)
+    _put(meta, row0, 13, n, column, v13)
+    _put(meta, row0, 14, n, column, v14)
+    _put(meta, row0, 15, n, column, v15)
+
+
 @triton.jit
 def _ptr(meta, t, COLUMN: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The address in column COLUMN of tensor t's row of `meta`, as a pointer to DTYPE; ALIGNED promises

@@ -25,6 +25,9 @@ Every term is a per-tensor scalar, so the whole correction is two numbers per te
     s_m = sqrt(1-b3^t) / (1-b1^t)              the update is multiplied by it (weight decay is not)
 (a term that is off contributes 1). The fused backends take the same [T, 2] tensor.
 
+Opt-in conv factoring (`factor_conv`): a param with ndim >= 3 is stepped as its [shape[0], numel/shape[0]]
+matrix (functional.came hands every backend that view, see `state_shapes`); the rule above is unchanged.
+
 Arithmetic is fp32 (fp64 for fp64 params) whatever the storage dtype, and a low-precision parameter is
 rounded once, at its final store. Memory: one scratch buffer the size of the largest factored tensor is
 allocated per call and reused by every phase of every tensor (came-pytorch allocates about four
@@ -40,7 +43,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["came_step", "unavailable_reason", "math_dtype", "state_shapes", "bias_scales", "BIAS_TERMS"]
+__all__ = ["came_step", "unavailable_reason", "math_dtype", "state_shapes", "matrix_shape", "bias_scales",
+           "BIAS_TERMS"]
 
 # The statistics bias correction can divide by 1 - beta^t (see the module docstring).
 BIAS_TERMS = ("exp_avg", "exp_avg_sq", "exp_avg_res")
@@ -50,14 +54,26 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None  # plain PyTorch runs wherever torch does
 
 
-def state_shapes(shape) -> dict:
+def state_shapes(shape, factor_conv: bool = False) -> dict:
     """{state key: shape} of the statistics of a param of `shape` (came-pytorch 0.1.3's layout): factored
-    (ndim >= 2) over the last two dims, else one full-size v. The momentum `exp_avg` has the param's shape."""
+    (ndim >= 2) over the last two dims, else one full-size v. The momentum `exp_avg` has the param's shape.
+
+    factor_conv (opt-in): a param with ndim >= 3 (a conv weight [out, in, *kernel]) is factored as the one
+    matrix [shape[0], numel / shape[0]] (`matrix_shape`) instead of a batch of [in, kernel] matrices, whose
+    row statistics are as large as the weight divided by its last dim (all of it for a 1x1 conv)."""
     shape = tuple(shape)
+    if factor_conv and len(shape) >= 3:
+        shape = matrix_shape(shape)
     if len(shape) >= 2:
         row, col = shape[:-1], shape[:-2] + shape[-1:]
         return {"exp_avg_sq_row": row, "exp_avg_sq_col": col, "exp_avg_res_row": row, "exp_avg_res_col": col}
     return {"exp_avg_sq": shape}
+
+
+def matrix_shape(shape) -> tuple:
+    """The [out, rest] matrix a param of ndim >= 3 is stepped as under factor_conv (see state_shapes)."""
+    shape = tuple(shape)
+    return (shape[0], math.prod(shape[1:]))
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -64,6 +65,27 @@ def _device_guard(device: torch.device):
     """Make the params' GPU the current one around the launches: Triton launches on the current CUDA device
     (and its current stream), not on the device of the pointers it is given. A no-op for CPU tensors."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether this step is being captured into a CUDA graph (tests replace this to check the rules of the
+    capture path on a CPU)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _plan_for_capture(plan, key, write_back):
+    """The cached tables, which a step under CUDA graph capture must find ready: building them copies from
+    host memory, which a graph cannot replay."""
+    if write_back:
+        raise RuntimeError("CAME(capturable=True): a non-contiguous param, grad or state cannot be captured in a "
+                           "CUDA graph (it runs on a copy made every step); make it contiguous")
+    if plan is None:
+        raise RuntimeError("CAME(capturable=True): run one step eagerly before capturing it in a CUDA graph "
+                           "(the device tables are built then, as torch's capturable optimizers need a warm-up)")
+    if plan.key != key:
+        raise RuntimeError("CAME(capturable=True): params or optimizer states moved since the last eager step; "
+                           "run one eager step with them before capturing")
+    return plan
 
 
 def _lr_tensor(cache: dict, lr: Union[float, Tensor], device: torch.device) -> Tensor:
@@ -128,9 +150,19 @@ def came_step(
     params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
 
     plan = cache.get("plan")
-    if write_back or plan is None or plan.key != _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols,
-                                                                            res_rows, res_cols, sqs):
+    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+    if _capturing(device):
+        plan = _plan_for_capture(plan, key, write_back)
+        plan.write_grads_in_graph(grads)
+        # The graph keeps the addresses of the tables and of every tensor: keep them all alive with the
+        # cache, so that replaying it never writes freed memory (see CAME's capturable).
+        cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
+    elif write_back or plan is None or plan.key != key:
         check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        if plan is not None and cache.get("captured"):
+            warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
+                          "optimizer's step; replaying that graph would update the old tensors, not these: "
+                          "capture the step again", RuntimeWarning, stacklevel=4)
         plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
         if not write_back:  # copies are new every step: caching their addresses would be wrong
             cache["plan"] = plan
