@@ -148,15 +148,6 @@ def came(
             raise NotImplementedError("capturable=True with GradScaler needs a fused backend (the torch backend "
                                       "reads found_inf on the host, which a CUDA graph cannot replay); use "
                                       "backend='triton' or 'auto'")
-        if (amp or bias_correction) and name == "cuda":
-            # The CUDA kernels do not take GradScaler's scale or the bias scales yet: "auto" runs such
-            # steps on Triton.
-            if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
-                what = ("grad_scale/found_inf (GradScaler)" if amp else "bias_correction")
-                raise NotImplementedError(
-                    f"{what} is not supported by backend='cuda' yet; use backend='triton' (or 'auto')"
-                    + (", or call scaler.unscale_(optimizer) before scaler.step()" if amp else ""))
-            name = "triton"
         if name == "distributed" and capturable:
             raise NotImplementedError("capturable=True does not take DTensor params (FSDP2, tensor parallel): "
                                       "their step all-reduces statistics between phases; use capturable=False")
