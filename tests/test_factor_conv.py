@@ -9,19 +9,11 @@ import torch
 
 import came_kernels
 from came_kernels.backends import triton_backend
+from came_testing import fused_backend_params
 from oracle import OracleCAME, assert_close_rel
 
 _GPU = torch.cuda.is_available()
 SHAPES = [(8, 3, 3, 3), (6, 4, 1, 1), (5, 4, 3), (2, 3, 1, 1, 2), (7, 5), (9,)]
-
-
-def _fused_backends():
-    out = []
-    for name in ("triton", "cuda"):
-        device = "cuda" if _GPU else "cpu"
-        why = came_kernels.backends.unavailable_reason(name, device)
-        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
 
 
 def _train(shapes, steps, backend="torch", device="cpu", channels_last=False, **kw):
@@ -84,7 +76,7 @@ def test_channels_last_weights_are_written_back():
         assert torch.equal(x, y), f"param {tuple(x.shape)}"
 
 
-@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("backend", fused_backend_params())
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_matches_torch_backend(backend, channels_last, monkeypatch):
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
