@@ -100,9 +100,9 @@ def sweep_one(shapes, dtype, reps, copy_gbs):
     tk.clip_stats(plan, ws, stats, clip_threshold=1.0)
     ge = ps[0].element_size()
     n = sum(p.numel() for p in ps)
-    fin_args = (plan.meta, plan.fin_blocks, ws, stats, ws, 0.9, 0.1, 1e-16)
+    fin_args = (plan.meta, plan.fin_blocks, ws, stats, ws, 0.9, 0.1, 1e-16, ws, ws)
     fin_kw = dict(ROWS=mt.ROWS, FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN,
-                  NUM_STAGES=mt.STAGES["finalize"], AMP=False, num_warps=mt.FIN_WARPS)
+                  NUM_STAGES=mt.STAGES["finalize"], AMP=False, MODE=int(mt.FIN_DIRECT), num_warps=mt.FIN_WARPS)
     # The modules, not the launchers of the same names that came_kernels.triton_kernels exports.
     import importlib
     cs, mr, pst, sq = (importlib.import_module(f"came_kernels.triton_kernels.{m}")

@@ -35,11 +35,18 @@ of the param, r and R (shape[:-1]) are Shard(d) unless d is the last dim (then R
 (shape[:-2] + shape[-1:]) are Replicate when d = ndim-2, Shard(ndim-2) when d = ndim-1, else Shard(d);
 m and v are sharded like the param. So `torch.distributed.checkpoint` saves and reshards them.
 
-The fused backends do not take shards (their finalize kernels would need to hand partials out between
-phases): backend="auto" runs DTensor params here, and backend="triton"/"cuda" or fused=True refuse them.
+The Triton kernels take shards too (`backend="triton"`, and "auto" for CUDA tensors): every phase kernel
+runs on the local shards as it does on whole tensors, and only the finalize kernels change. Each runs in
+two halves around the phase's all_reduce: the first writes the tensor's local sums (column sums and
+sum_M of the row statistic; sum(u^2)) into one flat buffer, the second finishes the statistics from the
+summed buffer, dividing by the whole tensor's M and numel (`_TritonShards`). Same collectives as above,
+three per step, no host sync. Column-cut tensors (whose row statistics need the cross-process sum before
+their EMA, inside the phase kernel) take the torch math in the same step. The CUDA extension does not take
+shards yet (backend="cuda" refuses DTensor params).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -288,15 +295,34 @@ def came_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_scales: Optional[Tensor] = None,
+    backend: str = "torch",
 ) -> None:
     """One CAME step for DTensor params (the backend contract of backends/README.md; lists as checked by
     check_grads and check_states). Every process of each param's mesh must call it with the same params in
-    the same order, as it does with FSDP2. GradScaler: as the torch backend (found_inf is read on the host),
-    with the found_inf of agree_found_inf (functional.came calls it), the same on every process."""
+    the same order, as it does with FSDP2. GradScaler: with the found_inf of agree_found_inf (functional.came
+    calls it), the same on every process; the torch math reads it on the host, the Triton kernels on the
+    device. `backend`: the math on the shards, "torch" or "triton" (one device and dtype; see the module
+    docstring)."""
+    lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
+             exp_avg_sqs]
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
+                 weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+    cache = {} if cache is None else cache
+    if backend == "triton":
+        layouts = _layouts(params, cache)
+        cut_cols = [i for i, lay in enumerate(layouts) if lay.cols]
+        if cut_cols:  # their row statistics' EMA needs the cross-process sum inside the phase kernel
+            rest = [i for i, lay in enumerate(layouts) if not lay.cols]
+            for idx, name in ((cut_cols, "torch"), (rest, "triton")):
+                if idx:
+                    came_step(*[[lst[i] for i in idx] for lst in lists], **hyper, backend=name,
+                              cache=cache.setdefault(("cols", name), {}),
+                              bias_scales=None if bias_scales is None else torch.stack([bias_scales[i] for i in idx]))
+            return
+        return _triton_step(lists, layouts, cache, bias_scales, **hyper)
     if found_inf is not None and bool(found_inf.reshape(()).item()):  # made the same everywhere: agree_found_inf
         return
     inv_scale = None if grad_scale is None else grad_scale.reshape(()).double().reciprocal().float()
-    cache = {} if cache is None else cache
     layouts = _layouts(params, cache)
     # Bias correction: per-tensor scalars from the step counters (the same on every process), no sums.
     scales = [None] * len(params) if bias_scales is None else list(bias_scales.unbind(0))
@@ -374,3 +400,119 @@ def came_step(
     for i in factored:
         row_f, col_f = tb._stats_factors(R[i], C[i], beta3, eps2, layouts[i].split, res_sums.get(res_handles[i]))
         tb._param_step_(P[i], bufs[i], Mo[i], row_f, col_f, scales[i], lr, weight_decay)
+
+
+# ---------------------------------------------------------------------- the step on the Triton kernels
+def _triton_step(lists, layouts, cache, bias_scales, **hyper) -> None:
+    from .backends import triton_backend
+    params = lists[0]
+    memo = cache.get("shards")
+    if memo is None or memo[0] is not params:
+        memo = cache["shards"] = (params, _TritonShards(params, layouts))
+    shards = memo[1]
+    local = [[None if x is None else x.to_local() for x in lst] for lst in lists]
+    shards.step_inputs(local[4], local[6], hyper)
+    triton_backend.came_step(*local, **hyper, cache=cache.setdefault("triton", {}), bias_scales=bias_scales,
+                             shards=shards)
+
+
+class _TritonShards:
+    """Where each tensor's sums go in the flat buffer the finalize kernels export to and apply from
+    (triton_kernels.multi_tensor.finalize), and which slices are summed across which processes.
+
+    Per tensor: phases 1 and 3 write B*N column sums then B row-statistic sums (factored tensors), phase 2
+    one sum of u^2. A tensor whose rows are cut puts its phase 1/3 sums in its process group's slice, any
+    sharded tensor its u^2 sum; everything else is only this process's. The group slices come first, in the
+    order of the params (the same on every process, as each process has the same slots there), then the
+    local ones. A process that holds nothing of a row-cut tensor still owns its slots (zeros) and updates
+    its replicated column statistics from the sums (`_apply_empty`)."""
+
+    def __init__(self, params, layouts):
+        stat_slots, clip_slots = {}, {}  # group (None: local) -> [(tensor, floats)]
+        self.empty_rows = []             # (tensor, B, N, M) of row-cut tensors with no rows here
+        self.empty_slots = []            # their tensors (their slots are zeroed every step)
+        for t, (p, lay) in enumerate(zip(params, layouts)):
+            here = p.to_local().numel() > 0
+            if p.numel() == 0:
+                continue  # nothing anywhere: the kernels never see it, no slots
+            if p.ndim >= 2 and (here or lay.rows):
+                M, N = p.to_local().shape[-2:] if here else (0, p.shape[-1])
+                B = p.to_local().numel() // (M * N) if here and M * N else math.prod(p.shape[:-2])
+                stat_slots.setdefault(lay.group if lay.rows else None, []).append((t, B * N + B))
+                if not here:
+                    self.empty_rows.append((t, B, N, lay.m))
+            if here or lay.group is not None:
+                clip_slots.setdefault(lay.group, []).append((t, 1))
+                if not here:
+                    self.empty_slots.append(t)
+        self.stat_off, self.stat_regions, n = self._place(stat_slots, 0)
+        self.clip_off, self.clip_regions, n = self._place(clip_slots, n)
+        self.floats = max(n, 1)
+        self.globals_ = [(lay.m if p.ndim >= 2 else 1, p.numel()) for p, lay in zip(params, layouts)]
+        self._dmeta = {}
+
+    @staticmethod
+    def _place(slots: dict, start: int):
+        off, regions = {}, []
+        for group in [g for g in slots if g is not None] + ([None] if None in slots else []):
+            first = start
+            for t, n in slots[group]:
+                off[t] = start
+                start += n
+            if group is not None and start > first:
+                regions.append((group, first, start))
+        return off, regions, start
+
+    def step_inputs(self, cols, res_cols, hyper) -> None:
+        """This step's local column statistics (for _apply_empty) and hyperparameters."""
+        self.cols, self.res_cols, self.hyper = cols, res_cols, hyper
+
+    def bind(self, keep, device, amp):
+        """The buffers of one step: `dmeta` (rows of the tensors the kernels see, `keep`), `sums`."""
+        keep = tuple(keep)
+        key = (keep, device)
+        if key not in self._dmeta:
+            self._dmeta[key] = torch.tensor(
+                [[self.stat_off.get(t, 0), self.clip_off.get(t, 0), *self.globals_[t]] for t in keep] or [[0] * 4],
+                dtype=torch.int64).to(device)
+        from .backends import triton_backend
+        self.dmeta = self._dmeta[key]
+        self.sums = torch.empty(self.floats, dtype=torch.float32, device=device)
+        if triton_backend.POISON_SCRATCH:
+            self.sums.fill_(float("nan"))
+        self._zero_empty()
+        for t in self.empty_slots:
+            self.sums[self.clip_off[t]].zero_()
+        self.found = None if amp is None else amp[0]
+        return self
+
+    def _zero_empty(self) -> None:
+        """The phase 1/3 slots of tensors this process holds no rows of: zeros, as nothing exports there (again
+        after phase 1: its all_reduce wrote the sums there, which phase 3 must not add again)."""
+        for t, B, N, _ in self.empty_rows:
+            self.sums[self.stat_off[t]:self.stat_off[t] + B * N + B].zero_()
+
+    def reduce(self, phase: str) -> None:
+        """Sum this phase's group slices across processes; then the column statistics of row-cut tensors
+        this process holds no rows of (phases 1 and 3)."""
+        for group, start, end in (self.clip_regions if phase == "clip" else self.stat_regions):
+            dist.all_reduce(self.sums[start:end], group=group)
+        if phase != "clip":
+            self._apply_empty(phase)
+        if phase == "stats":
+            self._zero_empty()
+
+    def _apply_empty(self, phase: str) -> None:
+        h = self.hyper
+        beta, eps, cols = ((h["beta2"], h["eps1"], self.cols) if phase == "stats" else
+                           (h["beta3"], h["eps2"], self.res_cols))
+        for t, B, N, M in self.empty_rows:
+            col, off = cols[t], self.stat_off[t]
+            # As the finalize kernel: beta*col + (1-beta)*(sum/M + eps).
+            new = beta * col + (1.0 - beta) * (self.sums[off:off + B * N].view(col.shape) / M + eps)
+            col.copy_(new if self.found is None else torch.where(self.found != 0, col, new))
+
+    def no_tensors(self) -> None:
+        """This process holds nothing of any tensor: it still joins the three collectives, in order."""
+        for phase in ("stats", "clip", "res"):
+            self.reduce(phase)

@@ -6,6 +6,7 @@ in `resolve_backend`, and nowhere else.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -25,17 +26,31 @@ def resolve_backend(backend: str, device: torch.device, param_dtype: torch.dtype
                     fused: Optional[bool] = None, dtensor: bool = False) -> str:
     """The backend that runs a (device, param dtype, grad dtype) group, or BackendUnavailableError.
 
-    DTensor params (FSDP2, tensor parallel; `dtensor=True`) run on the torch backend's math through
-    came_kernels.distributed, which sums the statistics that span shards: the fused kernels do not."""
-    if dtensor:
-        if backend in ("triton", "cuda") or fused:
-            what = f"backend={backend!r}" if backend in ("triton", "cuda") else "fused=True"
-            raise BackendUnavailableError(
-                f"{what} does not take DTensor params (FSDP2's fully_shard, tensor parallel) yet: their "
-                "statistics span shards and must be summed across processes between phases, which the fused "
-                "kernels do not do; use backend='auto' or 'torch' (came_kernels.distributed, exact on shards)")
-        return "torch"
+    DTensor params (FSDP2, tensor parallel; `dtensor=True`) run through came_kernels.distributed, which sums
+    the statistics that span shards between phases, on the local shards with the torch backend's math or
+    the Triton kernels (the name returned); the CUDA extension does not take shards yet."""
     fusable = param_dtype in FUSED_DTYPES and grad_dtype == param_dtype
+    if fused is False and backend == "auto":  # as the optimizer's docstring says: the torch backend
+        backend = "torch"
+    if dtensor:
+        if backend == "cuda":
+            raise BackendUnavailableError(
+                "backend='cuda' does not take DTensor params (FSDP2's fully_shard, tensor parallel) yet: use "
+                "backend='triton' or 'auto' (the Triton kernels on the local shards) or 'torch'")
+        if backend == "torch":
+            return "torch"
+        if backend == "auto" and not fused:  # the Triton kernels where they train, as for plain params
+            fast = fusable and device.type == "cuda" and unavailable_reason("triton", device) is None
+            return "triton" if fast else "torch"
+        what = f"backend={backend!r}" if backend != "auto" else "fused=True"
+        if not fusable:
+            raise BackendUnavailableError(
+                f"{what} takes fp32/bf16/fp16 params with grads of the same dtype, got param dtype {param_dtype} "
+                f"and grad dtype {grad_dtype}; use backend='torch' (or 'auto') for these")
+        if backend == "auto" and device.type != "cuda":
+            default_backend(device, fused_only=True)  # raises, saying why (no fused training on CPU tensors)
+        get_step_fn("triton", device)  # raises with the reason when it cannot run here
+        return "triton"
     if backend == "auto":
         if fused and not fusable:
             raise BackendUnavailableError(
@@ -122,8 +137,8 @@ def came(
         groups = {}
         for (device, p_dtype, g_dtype, dtensor), idx in by_dtype.items():  # resolve once per group
             name = resolve_backend(backend, device, p_dtype, g_dtype, fused, dtensor)
-            if dtensor:
-                key = ("distributed", device)
+            if dtensor:  # the math on the shards: "torch", or "triton" (one kernel group per dtype)
+                key = ("distributed", device, name) + ((p_dtype, g_dtype) if name == "triton" else ())
             else:
                 key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
             groups.setdefault(key, []).extend(idx)
@@ -199,7 +214,11 @@ def came(
                 beta1=beta1, beta2=beta2, beta3=beta3, cache=None if compiling else cache,
                 dtype=torch.float64 if name in ("torch", "distributed") and any(
                     params[i].dtype == torch.float64 for i in idx) else torch.float32).to(device)
-        step_fn = _distributed.came_step if name == "distributed" else None
+        step_fn = None
+        if name == "distributed":
+            # Compiled, the torch math on the shards (traced; the Triton path issues collectives between
+            # launches that the compiler cannot see through).
+            step_fn = functools.partial(_distributed.came_step, backend="torch" if compiling else key[2])
         if not compiling:
             (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}),
                                                    **hyper, **extra)

@@ -31,7 +31,7 @@ LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_B
 # Kernels launched with read_block_n(DTYPE) columns per tile (they only read g), not BLOCK_N.
 READ_ONLY = {"_sq_stats_kernel", "_clip_stats_kernel"}
 POINTERS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32",
-            "lr_ptr": "*fp32", "amp": "*fp32", "bias_scales": "*fp32"}
+            "lr_ptr": "*fp32", "amp": "*fp32", "bias_scales": "*fp32", "dmeta": "*i64", "sums": "*fp32"}
 # (module, kernel, num_warps, variants of the constexprs that are not layout constants)
 KERNELS = [
     ("sq_stats", "_sq_stats_kernel", mt.NUM_WARPS, "dtype+tiled"),
@@ -80,6 +80,8 @@ def main() -> int:
         extras = amp if "AMP" in fn.arg_names else variants(kind)
         if "BIAS" in fn.arg_names:  # the bias correction, for one dtype (one more load and multiply)
             extras = [dict(v, BIAS=False) for v in extras] + [dict(extras[0], BIAS=True)]
+        if "MODE" in fn.arg_names:  # finalize kernels: whole tensors, and the two halves for sharded ones
+            extras = [dict(v, MODE=0) for v in extras] + [dict(extras[0], MODE=m) for m in (1, 2)]
         for extra in extras:
             constexprs = {n: v for n, v in LAYOUT.items() if n in fn.arg_names}
             constexprs.update(extra)

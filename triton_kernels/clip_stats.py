@@ -17,7 +17,8 @@ import triton.language as tl
 
 from .came_math import _factored_u
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
-from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_VEC, C_WS_BLK,
+from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_VEC, C_WS_BLK, D_CLIP,
+                           D_NUMEL, DNCOL, FIN_APPLY, FIN_DIRECT, FIN_EXPORT,
                            FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block,
                            _vec_run, read_block_n)
 
@@ -90,40 +91,62 @@ def _clip_stats_kernel(meta, blocks, ws, stats, amp, DTYPE: tl.constexpr, ROWS: 
 
 
 @triton.jit
-def _clip_finalize_kernel(meta, ws, stats, bias_scales, clip_threshold, ROWS: tl.constexpr,
-                          FLAT_CHUNK: tl.constexpr, BLOCK: tl.constexpr, BIAS: tl.constexpr):
+def _clip_finalize_kernel(meta, ws, stats, bias_scales, clip_threshold, dmeta, sums, ROWS: tl.constexpr,
+                          FLAT_CHUNK: tl.constexpr, BLOCK: tl.constexpr, BIAS: tl.constexpr, MODE: tl.constexpr):
+    """One program per tensor. MODE (sharded tensors, see multi_tensor.D_CLIP): FIN_EXPORT stores the sum of
+    u^2 into `sums`; FIN_APPLY takes it from there (summed over processes) and divides by the whole tensor's
+    numel; FIN_DIRECT does both with this tensor's numel."""
     t = tl.program_id(0).to(tl.int64)
     numel = _field(meta, t, C_NUMEL)
-    M = _field(meta, t, C_NROWS)
-    if M > 0:
-        N = _field(meta, t, C_NCOLS)
-        n_blocks = (numel // (M * N)) * ((M + ROWS - 1) // ROWS)
+    if MODE == FIN_APPLY:
+        total = tl.load(sums + tl.load(dmeta + t * DNCOL + D_CLIP))
+        numel_all = tl.load(dmeta + t * DNCOL + D_NUMEL).to(tl.float32)
     else:
-        n_blocks = (numel + FLAT_CHUNK - 1) // FLAT_CHUNK
-    part = ws + _field(meta, t, C_WS_BLK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n_blocks, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        acc += tl.load(part + offs, mask=offs < n_blocks, other=0.0)
-    rms = tl.sqrt(tl.sum(acc, axis=0) / numel.to(tl.float32))
-    if BIAS:
-        s_u = tl.load(bias_scales + 2 * t)
-        q = (s_u * rms) / clip_threshold
-        # max(1, q) that keeps a NaN q (as torch's clamp does): tl.maximum would return 1 and hide it.
-        tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q) / s_u)
+        M = _field(meta, t, C_NROWS)
+        if M > 0:
+            N = _field(meta, t, C_NCOLS)
+            n_blocks = (numel // (M * N)) * ((M + ROWS - 1) // ROWS)
+        else:
+            n_blocks = (numel + FLAT_CHUNK - 1) // FLAT_CHUNK
+        part = ws + _field(meta, t, C_WS_BLK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, n_blocks, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            acc += tl.load(part + offs, mask=offs < n_blocks, other=0.0)
+        total = tl.sum(acc, axis=0)
+        numel_all = numel.to(tl.float32)
+    if MODE == FIN_EXPORT:
+        tl.store(sums + tl.load(dmeta + t * DNCOL + D_CLIP), total)
     else:
-        q = rms / clip_threshold
-        tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q))
+        rms = tl.sqrt(total / numel_all)
+        if BIAS:
+            s_u = tl.load(bias_scales + 2 * t)
+            q = (s_u * rms) / clip_threshold
+            # max(1, q) that keeps a NaN q (as torch's clamp does): tl.maximum would return 1 and hide it.
+            tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q) / s_u)
+        else:
+            q = rms / clip_threshold
+            tl.store(stats + _field(meta, t, C_DIV), tl.where(q < 1.0, 1.0, q))
 
 
-def clip_stats(plan, ws, stats, *, clip_threshold: float, amp=None, bias_scales=None) -> None:
+def clip_stats(plan, ws, stats, *, clip_threshold: float, amp=None, bias_scales=None, shards=None) -> None:
     """Launch phase 2 and its finalize for every tensor of `plan` (`amp`: see sq_stats; a skipped step
     leaves only the scratch `stats` written by the finalize, which nothing then reads). `bias_scales`: None
-    or the checked [T, 2] fp32 tensor of the bias correction (column 0, s_u, is read here)."""
-    _clip_stats_kernel[(plan.n_tile_blocks,)](
-        plan.meta, plan.tile_blocks, ws, stats, ws if amp is None else amp, DTYPE=plan.dtype, ROWS=ROWS,
-        BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
-        NUM_STAGES=STAGES["clip_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
-    _clip_finalize_kernel[(plan.n_tensors,)](
-        plan.meta, ws, stats, stats if bias_scales is None else bias_scales, clip_threshold, ROWS=ROWS,
-        FLAT_CHUNK=FLAT_CHUNK, BLOCK=256, BIAS=bias_scales is not None, num_warps=4)
+    or the checked [T, 2] fp32 tensor of the bias correction (column 0, s_u, is read here). `shards`: see
+    sq_stats (the finalize's reduce is shards.reduce("clip"))."""
+    if plan.n_tile_blocks:
+        _clip_stats_kernel[(plan.n_tile_blocks,)](
+            plan.meta, plan.tile_blocks, ws, stats, ws if amp is None else amp, DTYPE=plan.dtype, ROWS=ROWS,
+            BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
+            NUM_STAGES=STAGES["clip_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
+
+    def launch(mode, dmeta, sums):
+        _clip_finalize_kernel[(plan.n_tensors,)](
+            plan.meta, ws, stats, stats if bias_scales is None else bias_scales, clip_threshold, dmeta, sums,
+            ROWS=ROWS, FLAT_CHUNK=FLAT_CHUNK, BLOCK=256, BIAS=bias_scales is not None, MODE=mode, num_warps=4)
+    if shards is None:
+        launch(int(FIN_DIRECT), ws, ws)
+    else:
+        launch(int(FIN_EXPORT), shards.dmeta, shards.sums)
+        shards.reduce("clip")
+        launch(int(FIN_APPLY), shards.dmeta, shards.sums)

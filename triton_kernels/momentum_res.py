@@ -19,7 +19,7 @@ from .came_math import _ema, _factored_u
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
-                           NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
+                           NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr, finalize,
                            _row_tile_done, _stripe, _this_block, _vec_run, _ws_col)
 
 
@@ -113,26 +113,29 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, beta1, one_minus_beta1, b
 
 
 @triton.jit
-def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta3, eps2, ROWS: tl.constexpr,
-                         FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta3, eps2, dmeta, sums,
+                         ROWS: tl.constexpr, FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr,
+                         FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr, AMP: tl.constexpr, MODE: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # a skipped step: C must not change
         return
-    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2,
+    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2, dmeta, sums,
                                 COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
-                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)
+                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE)
 
 
-def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None) -> None:
-    """Launch phase 3 and its finalize for every tensor of `plan` (`amp`: see sq_stats)."""
+def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None,
+                 shards=None) -> None:
+    """Launch phase 3 and its finalize for every tensor of `plan` (`amp`, `shards`: see sq_stats)."""
     _momentum_res_kernel[(plan.n_blocks,)](
         plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
         eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
         FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], AMP=amp is not None,
         num_warps=NUM_WARPS)
-    if plan.n_fin:
+
+    def launch(mode, dmeta, sums):
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
-                                            beta3, 1.0 - beta3, eps2, AMP=amp is not None,
+                                            beta3, 1.0 - beta3, eps2, dmeta, sums, AMP=amp is not None,
                                             ROWS=ROWS, FIN_STRIPES=FIN_STRIPES, FIN_COLS=FIN_COLS,
-                                            FIN_MEAN=FIN_MEAN, NUM_STAGES=STAGES["finalize"],
+                                            FIN_MEAN=FIN_MEAN, NUM_STAGES=STAGES["finalize"], MODE=mode,
                                             num_warps=FIN_WARPS)
+    finalize(plan, ws, launch, shards, "res")

@@ -111,6 +111,16 @@ NCOL = tl.constexpr(16)
 
 WS_ALIGN = 4                   # each tensor's column partials start on a 16-byte boundary of the workspace
 
+# ---- Sharded tensors (DTensor params: came_kernels.distributed). The finalize kernels then run in two
+# halves around an all_reduce the host issues: FIN_EXPORT writes each tensor's local sums into a flat `sums`
+# buffer, FIN_APPLY finishes the statistics from the summed buffer. Columns of the `dmeta` table [T, DNCOL]:
+D_SUM = tl.constexpr(0)        # first `sums` float of phases 1 and 3: B*N column sums, then B row-stat sums
+D_CLIP = tl.constexpr(1)       # the `sums` float of sum(u^2) (phase 2)
+D_NROWS = tl.constexpr(2)      # M of the whole tensor (the column and row means divide by it)
+D_NUMEL = tl.constexpr(3)      # numel of the whole tensor (the RMS of the clip divides by it)
+DNCOL = tl.constexpr(4)
+FIN_DIRECT, FIN_EXPORT, FIN_APPLY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # MODE of the finalize kernels
+
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -341,6 +351,22 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
         tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec), numels=tuple(p.numel() for p in params))
 
 
+def finalize(plan, ws, launch, shards, phase: str) -> None:
+    """Run a phase's finalize: `launch(MODE, dmeta, sums)` once, or, for sharded tensors (`shards`: the
+    backend's object with the device table `dmeta` [T, DNCOL], the flat fp32 `sums` buffer and
+    `reduce(phase)`, which sums that phase's slices of `sums` across processes), export, reduce, apply.
+    `reduce` runs even when this process has no finalize program: every process must join each collective."""
+    if shards is None:
+        if plan.n_fin:
+            launch(int(FIN_DIRECT), ws, ws)
+        return
+    if plan.n_fin:
+        launch(int(FIN_EXPORT), shards.dmeta, shards.sums)
+    shards.reduce(phase)
+    if plan.n_fin:
+        launch(int(FIN_APPLY), shards.dmeta, shards.sums)
+
+
 # ---------------------------------------------------------------------------------- device-side helpers
 WRITE_BATCH = 16  # table entries per _write_column_kernel launch
 
@@ -487,10 +513,10 @@ def _row_tile_done():
 
 
 @triton.jit
-def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_beta, eps,
+def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_beta, eps, dmeta, sums,
                                 COL: tl.constexpr, ROW: tl.constexpr, MEAN_SLOT: tl.constexpr,
                                 ROWS: tl.constexpr, FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr,
-                                FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr):
+                                FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr, MODE: tl.constexpr):
     """Finalize of phases 1 and 3 for one program (shared by _sq_finalize_kernel and _res_finalize_kernel).
 
     column programs: col[b, n] = beta*col + (1-beta)*(sum_s partial[s, n] / M + eps) for FIN_COLS columns
@@ -499,33 +525,54 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
                      result is the same every run, and no serial chain of one dependent load per stripe;
     mean programs:   stats[C_STAT + MEAN_SLOT*B + b] = mean_M(row[b, :]) (row already updated in-block),
                      FIN_MEAN rows per tile, the same way.
+    MODE (sharded tensors, see D_SUM): FIN_EXPORT stores the two sums (column sum, sum_M(row)) into `sums`
+    and changes nothing else; FIN_APPLY takes them from `sums` (summed over processes by then) and divides by
+    the whole tensor's M (dmeta). FIN_DIRECT does both at once, with this tensor's own M.
     """
     t, local = _this_block(fin_blocks)
     M = _field(meta, t, C_NROWS)
     N = _field(meta, t, C_NCOLS)
     B = _field(meta, t, C_NUMEL) // (M * N)
-    per_matrix = _stripes_per_matrix(meta, t, ROWS)
     col_blocks = (B * N + FIN_COLS - 1) // FIN_COLS
+    if MODE == FIN_DIRECT:
+        M_all = M.to(tl.float32)
+    else:
+        out = sums + tl.load(dmeta + t * DNCOL + D_SUM)
+        M_all = tl.load(dmeta + t * DNCOL + D_NROWS).to(tl.float32)
     # (Branch-local names differ: compiled Triton wants a name bound in both branches to have one type.)
     if local < col_blocks:
         k = local * FIN_COLS + tl.arange(0, FIN_COLS)  # index into the [B, N] column statistic
         kmask = k < B * N
-        kb = k // N
-        part = ws + _field(meta, t, C_WS_COL) + kb * per_matrix * N + (k - kb * N)  # stripe 0 of each column
-        acc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
-        for s0 in tl.range(0, per_matrix, FIN_STRIPES, num_stages=NUM_STAGES):
-            s = s0 + tl.arange(0, FIN_STRIPES)
-            acc += tl.load(part[None, :] + s[:, None] * N, mask=(s < per_matrix)[:, None] & kmask[None, :],
-                           other=0.0)
-        col_sum = tl.sum(acc, axis=0)
-        col = _ptr(meta, t, COL, tl.float32, False)
-        c = tl.load(col + k, mask=kmask, other=0.0)
-        tl.store(col + k, beta * c + one_minus_beta * (col_sum / M.to(tl.float32) + eps), mask=kmask)
+        if MODE == FIN_APPLY:
+            col_sum = tl.load(out + k, mask=kmask, other=0.0)
+        else:
+            per_matrix = _stripes_per_matrix(meta, t, ROWS)
+            kb = k // N
+            part = ws + _field(meta, t, C_WS_COL) + kb * per_matrix * N + (k - kb * N)  # stripe 0 of each column
+            acc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
+            for s0 in tl.range(0, per_matrix, FIN_STRIPES, num_stages=NUM_STAGES):
+                s = s0 + tl.arange(0, FIN_STRIPES)
+                acc += tl.load(part[None, :] + s[:, None] * N, mask=(s < per_matrix)[:, None] & kmask[None, :],
+                               other=0.0)
+            col_sum = tl.sum(acc, axis=0)
+        if MODE == FIN_EXPORT:
+            tl.store(out + k, col_sum, mask=kmask)
+        else:
+            col = _ptr(meta, t, COL, tl.float32, False)
+            c = tl.load(col + k, mask=kmask, other=0.0)
+            tl.store(col + k, beta * c + one_minus_beta * (col_sum / M_all + eps), mask=kmask)
     else:
         mb = local - col_blocks
-        row = _ptr(meta, t, ROW, tl.float32, False) + mb * M
-        row_acc = tl.zeros([FIN_MEAN], dtype=tl.float32)
-        for i0 in tl.range(0, M, FIN_MEAN, num_stages=NUM_STAGES):
-            offs = i0 + tl.arange(0, FIN_MEAN)
-            row_acc += tl.load(row + offs, mask=offs < M, other=0.0)
-        tl.store(stats + _field(meta, t, C_STAT) + MEAN_SLOT * B + mb, tl.sum(row_acc, axis=0) / M.to(tl.float32))
+        if MODE == FIN_APPLY:
+            row_total = tl.load(out + B * N + mb)
+        else:
+            row = _ptr(meta, t, ROW, tl.float32, False) + mb * M
+            row_acc = tl.zeros([FIN_MEAN], dtype=tl.float32)
+            for i0 in tl.range(0, M, FIN_MEAN, num_stages=NUM_STAGES):
+                offs = i0 + tl.arange(0, FIN_MEAN)
+                row_acc += tl.load(row + offs, mask=offs < M, other=0.0)
+            row_total = tl.sum(row_acc, axis=0)
+        if MODE == FIN_EXPORT:
+            tl.store(out + B * N + mb, row_total)
+        else:
+            tl.store(stats + _field(meta, t, C_STAT) + MEAN_SLOT * B + mb, row_total / M_all)

@@ -19,7 +19,7 @@ from .came_math import _ema
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS,
                            FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _add_column_partials, _field,
-                           _finalize_columns_and_means, _ptr, _row_tile_done, _stripe, _this_block, _vec_run,
+                           _finalize_columns_and_means, _ptr, _row_tile_done, finalize, _stripe, _this_block, _vec_run,
                            _ws_col, read_block_n)
 
 
@@ -92,25 +92,28 @@ def _sq_stats_kernel(meta, blocks, ws, amp, beta2, one_minus_beta2, eps1, DTYPE:
 
 
 @triton.jit
-def _sq_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta2, one_minus_beta2, eps1, ROWS: tl.constexpr,
-                        FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr, FIN_MEAN: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+def _sq_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta2, one_minus_beta2, eps1, dmeta, sums,
+                        ROWS: tl.constexpr, FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr,
+                        FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr, AMP: tl.constexpr, MODE: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # a skipped step: the partials are stale, c must not change
         return
-    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1,
+    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1, dmeta, sums,
                                 COL=C_COL, ROW=C_ROW, MEAN_SLOT=0, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
-                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)
+                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE)
 
 
-def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None) -> None:
+def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=None) -> None:
     """Launch phase 1 and its finalize for every tensor of `plan`. `amp`: None, or the fp32 device tensor
-    [found_inf, 1/grad_scale] of a GradScaler step."""
+    [found_inf, 1/grad_scale] of a GradScaler step. `shards`: None, or the Shards of sharded tensors (see
+    multi_tensor.finalize): the finalize then runs in two halves around shards.reduce("stats")."""
     _sq_stats_kernel[(plan.n_blocks,)](
         plan.meta, plan.blocks, ws, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
         ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
         TILED=plan.tiles > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
-    if plan.n_fin:
+
+    def launch(mode, dmeta, sums):
         _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
-                                           beta2, 1.0 - beta2, eps1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
+                                           beta2, 1.0 - beta2, eps1, dmeta, sums, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
                                            FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=STAGES["finalize"],
-                                           AMP=amp is not None, num_warps=FIN_WARPS)
+                                           AMP=amp is not None, MODE=mode, num_warps=FIN_WARPS)
+    finalize(plan, ws, launch, shards, "stats")

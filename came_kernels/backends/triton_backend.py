@@ -192,10 +192,15 @@ def came_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_scales: Optional[Tensor] = None,
+    shards=None,
 ) -> None:
     """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
     grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf.
-    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None."""
+    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None.
+    shards: None, or (came_kernels.distributed) the local shards of DTensor params are given, and
+    `shards.bind(keep, device, amp)` returns what the finalize kernels need to sum their statistics across
+    processes (see triton_kernels.multi_tensor.finalize); it is called even when this process holds nothing
+    of any tensor, since every process must join each collective."""
     if _tk is None:
         raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
     cache = {} if cache is None else cache
@@ -210,6 +215,8 @@ def came_step(
     else:
         plan, keep, grads, device, write_back = _prepare(cache, given, grads)
         if plan is None:
+            if shards is not None and params:
+                shards.bind([], params[0].device, amp_flags(grad_scale, found_inf, params[0].device)).no_tensors()
             return
     if bias_scales is not None:
         check_bias_scales("triton", bias_scales, params)
@@ -223,10 +230,14 @@ def came_step(
             ws.fill_(float("nan"))
             stats.fill_(float("nan"))
         amp = amp_flags(grad_scale, found_inf, device)
+        if shards is not None:
+            shards = shards.bind(range(len(params)) if keep is None else keep, device, amp)
 
-        _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1, amp=amp)
-        _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp, bias_scales=bias_scales)
-        _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp)
+        _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1, amp=amp, shards=shards)
+        _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp, bias_scales=bias_scales,
+                       shards=shards)
+        _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp,
+                         shards=shards)
         _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp,
                        bias_scales=bias_scales)
 
