@@ -73,7 +73,8 @@ class CAME(Optimizer):
 
     DTensor params (FSDP2's fully_shard, HSDP, tensor parallel) get the same update: each process steps its
     shard (on CUDA through the Triton kernels) and the statistics that span shards are all-reduced
-    (came_kernels.distributed; the state is DTensors, for torch.distributed.checkpoint). FSDP1's flat parameters cannot be factored (a warning says so).
+    (came_kernels.distributed; the state is DTensors, for torch.distributed.checkpoint). FSDP1's flat
+    parameters cannot be factored (a warning says so).
 
     Args:
         params (iterable): parameters or dicts defining parameter groups.

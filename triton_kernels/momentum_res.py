@@ -19,8 +19,8 @@ from .came_math import _ema, _factored_u
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
-                           NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr, finalize,
-                           _row_tile_done, _stripe, _this_block, _vec_run, _ws_col)
+                           NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
+                           _row_tile_done, _stripe, _this_block, _vec_run, _ws_col, finalize)
 
 
 @triton.jit
