@@ -278,6 +278,24 @@ def test_low_precision_checkpoint_keeps_fp32_statistics(dtype):
         assert torch.equal(a, b)  # the fp32 statistics survived the round trip exactly
 
 
+def test_fused_false_means_the_torch_backend_and_auto_picks_triton_for_cuda_dtensors(monkeypatch):
+    # resolve_backend alone (no GPU needed): what "auto" picks as if a fused backend could run.
+    from came_kernels import functional
+    f32, f64, cuda = torch.float32, torch.float64, torch.device("cuda")
+    monkeypatch.setattr(functional, "default_backend", lambda *a, **k: "cuda")
+    monkeypatch.setattr(functional, "unavailable_reason", lambda name, device: None)
+    assert functional.resolve_backend("auto", cuda, f32, f32, fused=None) == "cuda"
+    assert functional.resolve_backend("auto", cuda, f32, f32, fused=False) == "torch"
+    assert functional.resolve_backend("auto", cuda, f32, f32, dtensor=True) == "triton"
+    assert functional.resolve_backend("auto", cuda, f32, f32, fused=False, dtensor=True) == "torch"
+    assert functional.resolve_backend("auto", cuda, f64, f64, dtensor=True) == "torch"
+    assert functional.resolve_backend("torch", cuda, f32, f32, dtensor=True) == "torch"
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' does not take DTensor"):
+        functional.resolve_backend("cuda", cuda, f32, f32, dtensor=True)
+    with pytest.raises(BackendUnavailableError, match="torch.float64"):
+        functional.resolve_backend("triton", cuda, f64, f64, dtensor=True)
+
+
 def test_fused_true_on_cpu_says_why_for_each_fused_backend():
     with pytest.raises(BackendUnavailableError) as e:
         CAME([torch.nn.Parameter(torch.randn(3, 2))], lr=1e-3, fused=True)
