@@ -61,7 +61,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   PT=(timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE -p no:cacheprovider -o faulthandler_timeout=120)
   "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
   "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py -k cuda >"$LOG/t_cuda.log" 2>&1 & p2=$!
-  "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py tests/test_amp.py \
+  "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py tests/test_amp.py tests/test_distributed.py \
     -k "cuda or triton or gpu or amp" >"$LOG/t_other.log" 2>&1 & p3=$!
   "${PT[@]}" tests/test_compile.py tests/test_host_fast_path.py tests/test_capturable.py tests/test_bias_correction.py \
     >"$LOG/t_compile.log" 2>&1 & p4=$!

@@ -569,3 +569,35 @@ def test_flat_parameter_marker_warns_once_without_a_process_group(marker):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         came_kernels.CAME([torch.nn.Parameter(torch.ones(2, 3))], lr=1e-2)  # no warning for plain params
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dtensor_params_on_one_gpu_take_the_compiled_triton_kernels(tmp_path):
+    # One process, a mesh of one GPU: the compiled export/apply finalize kernels (the collectives have
+    # nothing to sum), against plain CAME on the same tensors.
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from came_kernels.backends import triton_backend
+    dist.init_process_group("nccl" if dist.is_nccl_available() else "gloo", init_method=f"file://{tmp_path}/init",
+                            rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        shapes = [s for s in FSDP_SHAPES]
+        init = _Holder(shapes).cuda()
+        plain = [torch.nn.Parameter(p.detach().clone()) for p in init.parameters()]
+        params = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, (Shard(0),))) for p in plain]
+        o1 = came_kernels.CAME(plain, **KW, backend="torch")
+        o2 = came_kernels.CAME(params, **KW)  # auto: Triton for CUDA DTensors
+        assert o2._resolve(o2.param_groups[0], params[0], params[0].dtype) == "triton"
+        triton_backend.POISON_SCRATCH = True
+        for t in range(TRITON_STEPS):
+            grads = [g.cuda() for g in _grads(shapes, t)]
+            for p, q, g in zip(plain, params, grads):
+                p.grad = g.clone()
+                q.grad = distribute_tensor(g.clone(), mesh, (Shard(0),))
+            o1.step()
+            o2.step()
+        errs = _errors(_full(params), [p.detach() for p in plain])
+        assert max(errs) <= 1e-5, dict(zip(shapes, errs))
+    finally:
+        triton_backend.POISON_SCRATCH = False
+        dist.destroy_process_group()
