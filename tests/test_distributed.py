@@ -295,16 +295,20 @@ def _case_dcp_triton(rank, out, dirs):
     _case_dcp(rank, out, dirs, backend="triton", key="two_triton", t=(2, 4))
 
 
-def _case_dcp_from_one_process(rank, out, dirs):
+def _case_dcp_from_one_process(rank, out, dirs, backend="torch", t1=10):
     # 1 -> 2: a checkpoint saved by one process without FSDP, loaded into FSDP2 on two.
     from torch.distributed.fsdp import fully_shard
-    ref, _ = _reference(DCP_SHAPES, 10)
+    ref, _ = _reference(DCP_SHAPES, t1)
     model = _Holder(DCP_SHAPES, seed=9)
     fully_shard(model)
-    opt = came_kernels.CAME(model.parameters(), **KW)
+    opt = came_kernels.CAME(model.parameters(), **KW, backend=backend)
     _load(model, opt, dirs["one"])
-    _train(list(model.parameters()), opt, DCP_SHAPES, 5, 10)
+    _train(list(model.parameters()), opt, DCP_SHAPES, 5, t1)
     out["param_err"] = _errors(_full(model.parameters()), list(ref.parameters()))
+
+
+def _case_dcp_from_one_process_triton(rank, out, dirs):
+    _case_dcp_from_one_process(rank, out, dirs, backend="triton", t1=7)
 
 
 def _case_full_state_dict(rank, out, dirs):
@@ -382,7 +386,7 @@ CASES = [_case_fsdp2_shapes, _case_broken_all_reduce, _case_fsdp2_mlp, _case_pla
          _case_dcp_from_one_process, _case_full_state_dict, _case_grad_scaler, _case_fsdp1]
 # The Triton kernels on the shards, where Triton can run them (under TRITON_INTERPRET=1 on the CPU).
 TRITON_CASES = [_case_fsdp2_shapes_triton, _case_broken_all_reduce_triton, _case_placements_triton,
-                _case_dcp_triton, _case_grad_scaler_triton]
+                _case_dcp_triton, _case_dcp_from_one_process_triton, _case_grad_scaler_triton]
 HAS_TRITON = came_kernels.available_backends("cpu").get("triton") is None
 
 
@@ -519,8 +523,9 @@ def test_dcp_save_load_continues_identically(world, variant):
     assert out["state_types"] == ["DTensor"]
 
 
-def test_dcp_checkpoint_of_one_process_loads_into_two(world):
-    out = _outcome(world, "_case_dcp_from_one_process")
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_dcp_checkpoint_of_one_process_loads_into_two(world, variant):
+    out = _outcome(world, "_case_dcp_from_one_process" + variant)
     assert max(out["param_err"]) <= TOL, out["param_err"]
 
 
