@@ -15,27 +15,48 @@ chunk (plan.blocks, largest first); finalize as in phase 1. Deterministic.
 import triton
 import triton.language as tl
 
-from .came_math import _ema, _factored_u
+from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _sr_bf16
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
-from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
+from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
+                           C_RES_COL, C_RES_ROW, C_ROW, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
                            NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
                            _row_tile_done, _stripe, _this_block, _vec_run, _ws_col)
 
 
 @triton.jit
+def _load_momentum(meta, t, idx, mask, MKIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """m (fp32) of the elements idx of tensor t from its storage (MKIND: see multi_tensor.C_MKIND)."""
+    if MKIND == MK_INT8:
+        q = tl.load(_ptr(meta, t, C_M, tl.int8, ALIGNED) + idx, mask=mask, other=0)
+        absmax = tl.load(_ptr(meta, t, C_ABSMAX, tl.float32, False) + idx // QBLOCK, mask=mask, other=0.0)
+        return _dequantize(q, absmax)
+    elif MKIND == MK_BF16:
+        return tl.load(_ptr(meta, t, C_M, tl.bfloat16, ALIGNED) + idx, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(_ptr(meta, t, C_M, tl.float32, ALIGNED) + idx, mask=mask, other=0.0)
+
+
+@triton.jit
 def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
-                         inv, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                         inv, rng, qmax, qold, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         TILED: tl.constexpr, AMP: tl.constexpr):
-    """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws."""
+                         TILED: tl.constexpr, AMP: tl.constexpr, MKIND: tl.constexpr):
+    """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws.
+    Low-precision momentum: bf16 is stored rounded stochastically; int8 is not stored here (its blocks'
+    new absmax is not known until every program is done): the new absmax is gathered into qmax (atomic max
+    of the bits of |m|: exact, so in any order the same), the old one copied to qold, and phase 4 recomputes
+    the new m and stores its codes."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
-    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
     M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
     col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
     mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
     R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False)
     part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    if MKIND != MK_FP32:
+        key = tl.load(rng + 2 * t)
+        step = tl.load(rng + 2 * t + 1)
+        qoff = _field(meta, t, C_QOFF)
     for tile in range(0, n_tiles):
         rows = row0 + tile * ROWS + tl.arange(0, ROWS)
         rmask = rows < row_end
@@ -52,8 +73,14 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
             if MAXIMIZE:
                 g = -g
             u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
-            m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
-            tl.store(m_ptr + idx, m, mask=mask)
+            m = _ema(_load_momentum(meta, t, idx, mask, MKIND, ALIGNED), beta1, one_minus_beta1, u_hat)
+            if MKIND == MK_FP32:
+                tl.store(_ptr(meta, t, C_M, tl.float32, ALIGNED) + idx, m, mask=mask)
+            elif MKIND == MK_BF16:
+                bits = _random_bits(key, step, idx, STREAM_MOMENTUM)
+                tl.store(_ptr(meta, t, C_M, tl.bfloat16, ALIGNED) + idx, _sr_bf16(m, bits), mask=mask)
+            else:
+                _gather_absmax(meta, t, m, idx, rows, rmask, mask, n0, N, qmax + qoff, qold + qoff)
             res = u_hat - m
             res = tl.where(mask, res * res, 0.0)
             res_row_sum += tl.sum(res, axis=1)
@@ -61,6 +88,21 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
         R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
         tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
         _row_tile_done()
+
+
+@triton.jit
+def _gather_absmax(meta, t, m, idx, rows, rmask, mask, n0, N, qmax, qold):
+    """int8 momentum, phase 3: qmax[block] = max |new m| over the block (as int32 bits: non-negative floats
+    order as their bits, and a NaN, whose bits are the largest, wins as torch's amax lets it); the element
+    that starts a block copies the block's old absmax to qold, for phase 4, which overwrites the state."""
+    bits = tl.where(mask, tl.abs(m), 0.0).to(tl.int32, bitcast=True)
+    if N % QBLOCK == 0:  # BLOCK_N divides QBLOCK: each row of the tile lies in one block, one atomic per row
+        tl.atomic_max(qmax + (rows * N + n0) // QBLOCK, tl.max(bits, axis=1), mask=rmask)
+    else:
+        tl.atomic_max(qmax + idx // QBLOCK, bits, mask=mask)
+    first = mask & (idx % QBLOCK == 0)
+    old = tl.load(_ptr(meta, t, C_ABSMAX, tl.float32, False) + idx // QBLOCK, mask=first, other=0.0)
+    tl.store(qold + idx // QBLOCK, old, mask=first)
 
 
 @triton.jit
@@ -86,23 +128,48 @@ def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE: tl.
 
 
 @triton.jit
-def _momentum_res_kernel(meta, blocks, ws, stats, amp, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
-                         DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         TILED: tl.constexpr, AMP: tl.constexpr):
+def _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
+                           inv, rng, qmax, qold, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, TILED: tl.constexpr,
+                           AMP: tl.constexpr, MKIND: tl.constexpr):
+    # Two copies of the body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+    if _field(meta, t, C_VEC) != 0:
+        _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                             eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED,
+                             AMP, MKIND)
+    else:
+        _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                             eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED,
+                             AMP, MKIND)
+
+
+@triton.jit
+def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, one_minus_beta1, beta3,
+                         one_minus_beta3, eps2, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, LOWBIT: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
         return
     inv = _amp_inv_scale(amp, AMP)
     t, local = _this_block(blocks)
     div = tl.load(stats + _field(meta, t, C_DIV))
-    # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored
-        if _field(meta, t, C_VEC) != 0:
-            _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED, AMP)
+        # LOWBIT (a launch constant): the group has bf16/int8 momenta; without it only the fp32 body is built.
+        kind = MK_FP32
+        if LOWBIT:
+            kind = _field(meta, t, C_MKIND)
+        if kind == MK_FP32:
+            _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                   eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, NUM_STAGES, TILED,
+                                   AMP, MK_FP32)
+        elif kind == MK_BF16:
+            _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                   eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, NUM_STAGES, TILED,
+                                   AMP, MK_BF16)
         else:
-            _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED, AMP)
+            _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                   eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, NUM_STAGES, TILED,
+                                   AMP, MK_INT8)
     else:
         if _field(meta, t, C_VEC) != 0:
             _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE, MAXIMIZE, FLAT_CHUNK,
@@ -123,13 +190,17 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
                                 FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES)
 
 
-def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None) -> None:
-    """Launch phase 3 and its finalize for every tensor of `plan` (`amp`: see sq_stats)."""
+def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None,
+                 rng=None, qmax=None, qold=None) -> None:
+    """Launch phase 3 and its finalize for every tensor of `plan` (`amp`: see sq_stats). Low-precision
+    momentum (plan.lowbit): rng, the int64 [T, 2] (Philox key, step) per tensor; qmax (int32, zeros) and
+    qold (fp32), plan.q_blocks slots each, for the int8 momenta."""
     _momentum_res_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
+        plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, ws if rng is None else rng,
+        ws if qmax is None else qmax, ws if qold is None else qold, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
         eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
         FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], AMP=amp is not None,
-        num_warps=NUM_WARPS)
+        LOWBIT=plan.lowbit, num_warps=NUM_WARPS)
     if plan.n_fin:
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
                                             beta3, 1.0 - beta3, eps2, AMP=amp is not None,

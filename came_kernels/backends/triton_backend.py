@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import amp_flags, check_bias_scales, check_sizes, contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_bias_scales, check_rng, check_sizes, contiguous_lists, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -126,10 +126,16 @@ def came_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_scales: Optional[Tensor] = None,
+    exp_avg_absmaxes: Optional[list[Optional[Tensor]]] = None,
+    param_comps: Optional[list[Optional[Tensor]]] = None,
+    param_rounding: str = "nearest",
+    rng: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
     grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf.
-    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None."""
+    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None.
+    Low-precision state (opt-in): bf16 or int8 exp_avgs (with exp_avg_absmaxes), param_rounding (with
+    param_comps for "kahan"), rng: int64 [T, 2] (Philox key, step) per tensor (see the torch backend)."""
     if _tk is None:
         raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
     # Empty tensors have nothing to update (and no blocks); the kernels never see them.
@@ -140,17 +146,29 @@ def came_step(
         check_bias_scales("triton", bias_scales, params)
         if len(keep) != len(params):  # rows follow the tensors the kernels see (device ops, no index upload)
             bias_scales = torch.stack([bias_scales[i] for i in keep])
+    absmaxes = exp_avg_absmaxes or [None] * len(params)
+    comps = param_comps or [None] * len(params)
+    if param_rounding not in ("nearest", "stochastic", "kahan"):
+        raise ValueError(f"backend='triton': unknown param_rounding {param_rounding!r}")
+    stochastic = param_rounding == "stochastic" and params[0].dtype == torch.bfloat16
+    if stochastic or any(m.dtype != torch.float32 for m in exp_avgs):
+        check_rng("triton", rng, params)
+        if len(keep) != len(params):
+            rng = torch.stack([rng[i] for i in keep])
+    if param_rounding != "kahan" or params[0].dtype != torch.bfloat16:
+        comps = [None] * len(params)  # no compensation to read or write
     lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
-             exp_avg_sqs]
+             exp_avg_sqs, absmaxes, comps]
     lists = [[lst[i] for i in keep] for lst in lists]
     cache = {} if cache is None else cache
     device = lists[0][0].device
 
     lists, write_back = contiguous_lists(lists)  # see _contiguous.py
-    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
+    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps = lists
 
     plan = cache.get("plan")
-    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs,
+                                                            absmaxes, comps)
     if _capturing(device):
         plan = _plan_for_capture(plan, key, write_back)
         plan.write_grads_in_graph(grads)
@@ -158,12 +176,12 @@ def came_step(
         # cache, so that replaying it never writes freed memory (see CAME's capturable).
         cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
     elif write_back or plan is None or plan.key != key:
-        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
         if plan is not None and cache.get("captured"):
             warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
                           "optimizer's step; replaying that graph would update the old tensors, not these: "
                           "capture the step again", RuntimeWarning, stacklevel=4)
-        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
         if not write_back:  # copies are new every step: caching their addresses would be wrong
             cache["plan"] = plan
     else:
@@ -176,11 +194,19 @@ def came_step(
             ws.fill_(float("nan"))
             stats.fill_(float("nan"))
         amp = amp_flags(grad_scale, found_inf, device)
+        qmax = qold = None
+        if plan.lowbit:  # int8 momenta's new absmax (int32 bits, gathered by atomic max) and old absmax
+            qmax = torch.zeros(max(plan.q_blocks, 1), dtype=torch.int32, device=device)
+            qold = torch.empty(max(plan.q_blocks, 1), dtype=torch.float32, device=device)
+            if POISON_SCRATCH:
+                qold.fill_(float("nan"))
 
         _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1, amp=amp)
         _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp, bias_scales=bias_scales)
-        _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp)
+        _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp,
+                         rng=rng, qmax=qmax, qold=qold)
         _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp,
-                       bias_scales=bias_scales)
+                       bias_scales=bias_scales, beta1=beta1, maximize=maximize, rounding=param_rounding, rng=rng,
+                       qmax=qmax, qold=qold)
 
     write_back_(write_back)
