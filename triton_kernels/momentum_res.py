@@ -8,8 +8,15 @@ Math (spec symbols; factored tensors as [B, M, N]; g negated first when maximize
                            ws[s, n] = sum over the rows of stripe s of res  (column partials)
     _res_finalize_kernel   C[b, n] = b3*C + (1-b3)*(sum_s ws[s, n] / M + eps2);  stats: mean_M(R)[b]
 Tensors with ndim < 2 stop after the momentum (no confidence step).
+Opt-in low-precision momentum (factored tensors of at least LOWBIT_MIN_NUMEL elements; C_MKIND per tensor):
+    bf16   m is loaded from bf16 and stored as came_math._sr_bf16(m, Philox bits of stream 0)
+    int8   m = q * (absmax * fp32(1/127)); the new m is not stored here: qmax[block] = max |new m| (atomic
+           max on the bits, exact in any order), qold[block] = the old absmax; phase 4 stores the codes
+The residual uses the new m before it is rounded (as the torch backend).
 Traffic per element: reads g (4 B fp32, 2 B bf16) and m (4 B), writes m (4 B): 12 B fp32, 10 B bf16; flat
-tensors also read v (4 B). Partials as in phase 1. Grid: one program per stripe of TILES row tiles or flat
+tensors also read v (4 B). bf16 m: 8 B fp32 params, 6 B bf16 (plus a Philox4x32-10 per element); int8 m:
+reads g and q only, 5 B fp32, 3 B bf16 (the absmax gathers hit one float per 256 elements; one atomic per
+tile row when N is a multiple of QBLOCK, else one per element). Partials as in phase 1. Grid: one program per stripe of TILES row tiles or flat
 chunk (plan.blocks, largest first); finalize as in phase 1. Deterministic.
 """
 import triton

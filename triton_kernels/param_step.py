@@ -5,8 +5,17 @@ Math (spec symbols; factored tensors as [B, M, N]):
     update = s_m * update                          (bias correction only: s_m = bias_scales[t, 1])
     p = p - lr*weight_decay*p - lr*update          (fp32 arithmetic; p stored in its dtype, rounded once)
 lr is read from a 1-element fp32 device tensor: no host sync, and a new lr value never recompiles.
+Opt-in low-precision state:
+    bf16 m     update uses the stored bf16 m (what phase 3 rounded)
+    int8 m     the new m is recomputed as phase 3 computed it (g, r, c, the old codes and qold), quantized
+               with its block's new absmax (qmax) rounding stochastically (Philox stream 0), stored; the
+               update uses the stored (dequantized) m; the block's first element writes the new absmax
+    bf16 p     param_rounding: "nearest" (_round_to), "stochastic" (_sr_bf16, Philox stream 1), "kahan"
+               (p + k is the param; p = bf16(x), k = bf16(x - p))
 Traffic per element: reads m (4 B) and p (4 B fp32, 2 B bf16), writes p: 12 B fp32, 8 B bf16. R, C:
-O(rows + cols). Grid: one program per row tile of ROWS rows or flat chunk (plan.tile_blocks, largest
+O(rows + cols). bf16 m: 10 B fp32, 6 B bf16. int8 m: reads g, q, p, writes q, p: 14 B fp32, 8 B bf16.
+Kahan: +4 B (k read and written). Whole step (4 phases): fp32 params 32 B (bf16 m 26, int8 m 27); bf16
+params 22 B (bf16 m 16, int8 m 15; Kahan +4). Grid: one program per row tile of ROWS rows or flat chunk (plan.tile_blocks, largest
 first). Deterministic (elementwise).
 """
 import triton
