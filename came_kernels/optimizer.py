@@ -466,8 +466,8 @@ class CAME(Optimizer):
                 comp = saved[pid].get(_COMP_KEY)
                 st[_COMP_KEY] = (torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device) if comp is None
                                  else comp.to(device=p.device, dtype=torch.bfloat16, copy=True))
-            if "step" in st:
-                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+            if "step" in st:  # a copy, as every other tensor: a live optimizer's state_dict shares its counters
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32, copy=True)
         self._reset_caches()  # tensors changed: fused backends rebuild their tables
 
 
@@ -521,11 +521,12 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
             for key, (shape, dtype) in dict(momentum, **({_COMP_KEY: (tuple(p.shape), None)} if _COMP_KEY in st
                                                           else {})).items():
                 v = st[key]
-                if not isinstance(v, Tensor) or v.layout != torch.strided or tuple(v.shape) != shape \
-                        or (v.dtype != dtype if dtype is not None else not v.is_floating_point()):
-                    got = (f"{tuple(v.shape)} {v.dtype} {v.layout}" if isinstance(v, Tensor) else type(v).__name__)
-                    bad(f"{pwhere}: '{key}' is {got}, expected a dense tensor of shape {shape} and dtype "
-                        f"{dtype or 'floating point'}")
+                if not isinstance(v, Tensor):
+                    bad(f"{pwhere}: '{key}' is a {type(v).__name__}, expected a tensor of shape {shape}")
+                if tuple(v.shape) != shape:
+                    bad(f"{pwhere}: '{key}' has shape {tuple(v.shape)}, expected {shape}")
+                if v.layout != torch.strided or (v.dtype != dtype if dtype is not None else not v.is_floating_point()):
+                    bad(f"{pwhere}: '{key}' must be a dense {dtype or 'floating'} tensor, got {v.dtype} {v.layout}")
             if "step" not in st:
                 bad(f"{pwhere}: state lacks 'step'")
             step = st["step"]

@@ -44,13 +44,54 @@ def _load_momentum(meta, t, idx, mask, MKIND: tl.constexpr, ALIGNED: tl.constexp
         return tl.load(_ptr(meta, t, C_M, tl.float32, ALIGNED) + idx, mask=mask, other=0.0)
 
 
+# The default path (fp32 momenta): this body, unchanged, keeps its code (registers) exactly as without
+# the opt-in state; the _lp variant below is built only for groups with a bf16/int8 momentum.
 @triton.jit
 def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
+                         inv, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         TILED: tl.constexpr, AMP: tl.constexpr):
+    """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
+    col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
+    mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
+    R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False)
+    part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    for tile in range(0, n_tiles):
+        rows = row0 + tile * ROWS + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
+        res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            idx = rows[:, None] * N + cols[None, :]
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if AMP:
+                g = g * inv
+            if MAXIMIZE:
+                g = -g
+            u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
+            m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+            tl.store(m_ptr + idx, m, mask=mask)
+            res = u_hat - m
+            res = tl.where(mask, res * res, 0.0)
+            res_row_sum += tl.sum(res, axis=1)
+            _add_column_partials(part, cols, cmask, tile, tl.sum(res, axis=0))
+        R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
+        tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+        _row_tile_done()
+
+
+@triton.jit
+def _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
                          inv, rng, qmax, qold, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
                          TILED: tl.constexpr, AMP: tl.constexpr, MKIND: tl.constexpr):
-    """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws.
-    Low-precision momentum: bf16 is stored rounded stochastically; int8 is not stored here (its blocks'
+    """_momentum_res_stripe with the momentum stored as MKIND. Low-precision momentum: bf16 is stored rounded stochastically; int8 is not stored here (its blocks'
     new absmax is not known until every program is done): the new absmax is gathered into qmax (atomic max
     of the bits of |m|: exact, so in any order the same), the old one copied to qold, and phase 4 recomputes
     the new m and stores its codes."""
@@ -141,11 +182,11 @@ def _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta
                            AMP: tl.constexpr, MKIND: tl.constexpr):
     # Two copies of the body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_VEC) != 0:
-        _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+        _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
                              eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED,
                              AMP, MKIND)
     else:
-        _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+        _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
                              eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED,
                              AMP, MKIND)
 
@@ -161,22 +202,28 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, o
     t, local = _this_block(blocks)
     div = tl.load(stats + _field(meta, t, C_DIV))
     if _field(meta, t, C_NROWS) > 0:  # factored
-        # LOWBIT (a launch constant): the group has bf16/int8 momenta; without it only the fp32 body is built.
-        kind = MK_FP32
-        if LOWBIT:
+        if not LOWBIT:
+            # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+            if _field(meta, t, C_VEC) != 0:
+                _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED, AMP)
+            else:
+                _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED, AMP)
+        else:  # a group with bf16/int8 momenta: a body per storage kind
             kind = _field(meta, t, C_MKIND)
-        if kind == MK_FP32:
-            _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                   eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, NUM_STAGES, TILED,
-                                   AMP, MK_FP32)
-        elif kind == MK_BF16:
-            _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                   eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, NUM_STAGES, TILED,
-                                   AMP, MK_BF16)
-        else:
-            _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                   eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, NUM_STAGES, TILED,
-                                   AMP, MK_INT8)
+            if kind == MK_FP32:
+                _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                       one_minus_beta3, eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N,
+                                       NUM_STAGES, TILED, AMP, MK_FP32)
+            elif kind == MK_BF16:
+                _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                       one_minus_beta3, eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N,
+                                       NUM_STAGES, TILED, AMP, MK_BF16)
+            else:
+                _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                       one_minus_beta3, eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N,
+                                       NUM_STAGES, TILED, AMP, MK_INT8)
     else:
         if _field(meta, t, C_VEC) != 0:
             _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE, MAXIMIZE, FLAT_CHUNK,

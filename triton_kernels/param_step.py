@@ -89,12 +89,59 @@ def _int8_momentum(meta, t, b, N, idx, rows, rmask, cols, cmask, mask, stats, in
     return _dequantize(q, absmax)
 
 
+# The default path (fp32 momentum, params rounded to nearest): these bodies, unchanged, keep its code
+# (registers) exactly as without the opt-in state; the _lp variants below are built only when asked for.
 @triton.jit
-def _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax, qold,
+def _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr, BIAS: tl.constexpr):
+    """One stripe of factored tensor t: update = m * rsqrt(R / mean_M(R)) * rsqrt(C), then p."""
+    SAME: tl.constexpr = DTYPE == tl.float32
+    p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
+    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    M, N, b, row0, row_end, _ = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED=False)  # one row tile
+    B = _field(meta, t, C_NUMEL) // (M * N)
+    C_ptr = _ptr(meta, t, C_RES_COL, tl.float32, ALIGNED) + b * N
+    mean_R = tl.load(stats + _field(meta, t, C_STAT) + B + b)
+    rows = row0 + tl.arange(0, ROWS)
+    rmask = rows < row_end
+    R = tl.load(_ptr(meta, t, C_RES_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        idx = rows[:, None] * N + cols[None, :]
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        update = _factored_u(m, R, mean_R, tl.load(C_ptr + cols, mask=cmask, other=1.0))
+        if BIAS:
+            update = update * s_m
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p_ptr + idx, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
+
+
+@triton.jit
+def _param_chunk(meta, t, local, lr, s_m, weight_decay, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+                 FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BIAS: tl.constexpr):
+    """One chunk of flat tensor t: update = m, then p."""
+    SAME: tl.constexpr = DTYPE == tl.float32
+    p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
+    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    numel = _vec_run(meta, t, C_NUMEL, DTYPE, ALIGNED)
+    for i0 in range(0, FLAT_CHUNK, FLAT_BLOCK):
+        offs = local * FLAT_CHUNK + i0 + tl.arange(0, FLAT_BLOCK)
+        mask = offs < numel
+        update = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        if BIAS:
+            update = update * s_m
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p_ptr + offs, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
+
+
+@triton.jit
+def _param_stripe_lp(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax, qold,
                   DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
                   NUM_STAGES: tl.constexpr, BIAS: tl.constexpr, MKIND: tl.constexpr, ROUNDING: tl.constexpr,
                   MAXIMIZE: tl.constexpr, AMP: tl.constexpr):
-    """One stripe of factored tensor t: update = m * rsqrt(R / mean_M(R)) * rsqrt(C), then p."""
+    """_param_stripe with the opt-in low-precision state (momentum kind MKIND, param ROUNDING)."""
     SAME: tl.constexpr = DTYPE == tl.float32
     p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
     M, N, b, row0, row_end, _ = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED=False)  # one row tile
@@ -129,9 +176,9 @@ def _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_
 
 
 @triton.jit
-def _param_chunk(meta, t, local, lr, s_m, weight_decay, rng, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+def _param_chunk_lp(meta, t, local, lr, s_m, weight_decay, rng, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constexpr,
                  FLAT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BIAS: tl.constexpr, ROUNDING: tl.constexpr):
-    """One chunk of flat tensor t: update = m (always fp32: small tensors keep an fp32 momentum), then p."""
+    """_param_chunk with param ROUNDING (the momentum of a flat tensor is always fp32)."""
     SAME: tl.constexpr = DTYPE == tl.float32
     p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
     m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
@@ -159,10 +206,10 @@ def _param_factored(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, on
                     AMP: tl.constexpr):
     # Two copies of the body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_VEC) != 0:
-        _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax, qold,
+        _param_stripe_lp(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax, qold,
                       DTYPE, ROWS, BLOCK_N, True, NUM_STAGES, BIAS, MKIND, ROUNDING, MAXIMIZE, AMP)
     else:
-        _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax, qold,
+        _param_stripe_lp(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax, qold,
                       DTYPE, ROWS, BLOCK_N, False, NUM_STAGES, BIAS, MKIND, ROUNDING, MAXIMIZE, AMP)
 
 
@@ -174,12 +221,38 @@ def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, rng, qmax,
                        MAXIMIZE: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # the params stay as they are
         return
-    inv = _amp_inv_scale(amp, AMP)
     t, local = _this_block(blocks)
     lr = tl.load(lr_ptr)
     s_m = 1.0
     if BIAS:
         s_m = tl.load(bias_scales + 2 * t + 1)
+    if not LOWBIT and ROUNDING == NEAREST:
+        # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+        if _field(meta, t, C_NROWS) > 0:  # factored
+            if _field(meta, t, C_VEC) != 0:
+                _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES,
+                              BIAS)
+            else:
+                _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES,
+                              BIAS)
+        else:
+            if _field(meta, t, C_VEC) != 0:
+                _param_chunk(meta, t, local, lr, s_m, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True, BIAS)
+            else:
+                _param_chunk(meta, t, local, lr, s_m, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False, BIAS)
+    else:
+        _param_step_lp(meta, t, local, stats, lr, s_m, weight_decay, amp, rng, qmax, qold, beta1, one_minus_beta1,
+                       DTYPE, ROWS, BLOCK_N, FLAT_CHUNK, FLAT_BLOCK, NUM_STAGES, AMP, BIAS, LOWBIT, ROUNDING,
+                       MAXIMIZE)
+
+
+@triton.jit
+def _param_step_lp(meta, t, local, stats, lr, s_m, weight_decay, amp, rng, qmax, qold, beta1, one_minus_beta1,
+                   DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+                   FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, AMP: tl.constexpr, BIAS: tl.constexpr,
+                   LOWBIT: tl.constexpr, ROUNDING: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The kernel's body with the opt-in low-precision state."""
+    inv = _amp_inv_scale(amp, AMP)
     if _field(meta, t, C_NROWS) > 0:  # factored
         # LOWBIT (a launch constant): the group has bf16/int8 momenta; without it only the fp32 body is built.
         kind = MK_FP32
@@ -196,11 +269,11 @@ def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, rng, qmax,
                             qold, DTYPE, ROWS, BLOCK_N, NUM_STAGES, BIAS, MK_INT8, ROUNDING, MAXIMIZE, AMP)
     else:
         if _field(meta, t, C_VEC) != 0:
-            _param_chunk(meta, t, local, lr, s_m, weight_decay, rng, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True, BIAS,
-                         ROUNDING)
+            _param_chunk_lp(meta, t, local, lr, s_m, weight_decay, rng, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True, BIAS,
+                            ROUNDING)
         else:
-            _param_chunk(meta, t, local, lr, s_m, weight_decay, rng, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False, BIAS,
-                         ROUNDING)
+            _param_chunk_lp(meta, t, local, lr, s_m, weight_decay, rng, DTYPE, FLAT_CHUNK, FLAT_BLOCK, False, BIAS,
+                            ROUNDING)
 
 
 def param_step(plan, stats, lr, *, weight_decay: float, amp=None, bias_scales=None, beta1: float = 0.9,
