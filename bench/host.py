@@ -13,7 +13,9 @@ same on any machine class and needs no GPU:
 - the step counters' `torch._foreach_add_` is stubbed as well on a CPU, where it is 200 tiny CPU ops
   (~0.5 ms) rather than the single launch it is on a GPU. State is created by a first, unstubbed step.
 
-Reported: microseconds per step() (min / median / max over --iters steps after --warmup), per shape set.
+Reported: microseconds per step() (min / median / max over --iters steps after --warmup), per shape set,
+with the same grad tensors every step, and with new grad tensors every step (what backward produces after
+zero_grad(set_to_none=True), torch's default).
 """
 from __future__ import annotations
 
@@ -68,15 +70,32 @@ def _no_triton_launches():
         yield
 
 
-def _time(step: Callable[[], None], warmup: int, iters: int) -> List[float]:
+def _time(step: Callable[[], None], warmup: int, iters: int, before: Callable[[], None] = _noop) -> List[float]:
+    """Microseconds per step(); `before` runs untimed before each (e.g. new grads)."""
     for _ in range(warmup):
+        before()
         step()
     out = []
     for _ in range(iters):
+        before()
         t0 = time.perf_counter()
         step()
         out.append((time.perf_counter() - t0) * 1e6)
     return out
+
+
+def _new_grads(params) -> Callable[[], None]:
+    """Gives every param a grad tensor other than last step's, as backward after zero_grad(set_to_none=True)
+    does (two sets, alternated: new objects, and addresses that move)."""
+    import torch
+    sets = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    state = {"i": 0}
+
+    def before():
+        state["i"] ^= 1
+        for p, g in zip(params, sets[state["i"]]):
+            p.grad = g
+    return before
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -112,14 +131,17 @@ def run(args: argparse.Namespace) -> dict:
                         stack.enter_context(_no_triton_launches())
                         opt.step()
                     t = _time(opt.step, args.warmup, args.iters)
-                row.update(us_min=min(t), us_median=statistics.median(t), us_max=max(t), steps=len(t))
+                    t_new = _time(opt.step, args.warmup, args.iters, _new_grads(params))
+                row.update(us_min=min(t), us_median=statistics.median(t), us_max=max(t), steps=len(t),
+                           new_min=min(t_new), new_median=statistics.median(t_new))
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"{set_name} {name}: FAILED {row['error']}")
             rows.append(row)
     cols = [("set", "shapes", ""), ("tensors", "tensors", "d"), ("optimizer", "optimizer", ""),
             ("us_min", "us min", ".0f"), ("us_median", "us median", ".0f"), ("us_max", "us max", ".0f"),
-            ("steps", "steps", "d")]
+            ("steps", "steps", "d"), ("new_min", "new grads: us min", ".0f"),
+            ("new_median", "us median", ".0f")]
     print(utils.markdown_table(rows, cols))
     print(f"- {env['date']}, {env['device']}, commit {env['commit']}: `{env['command']}`")
     payload = {"benchmark": "host", "env": env, "rows": rows}

@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from . import distributed as _distributed
 from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
 from .backends.torch_backend import bias_scales, matrix_shape, rng_keys
 
@@ -21,8 +22,19 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_backend(backend: str, device: torch.device, param_dtype: torch.dtype, grad_dtype: torch.dtype,
-                    fused: Optional[bool] = None) -> str:
-    """The backend that runs a (device, param dtype, grad dtype) group, or BackendUnavailableError."""
+                    fused: Optional[bool] = None, dtensor: bool = False) -> str:
+    """The backend that runs a (device, param dtype, grad dtype) group, or BackendUnavailableError.
+
+    DTensor params (FSDP2, tensor parallel; `dtensor=True`) run on the torch backend's math through
+    came_kernels.distributed, which sums the statistics that span shards: the fused kernels do not."""
+    if dtensor:
+        if backend in ("triton", "cuda") or fused:
+            what = f"backend={backend!r}" if backend in ("triton", "cuda") else "fused=True"
+            raise BackendUnavailableError(
+                f"{what} does not take DTensor params (FSDP2's fully_shard, tensor parallel) yet: their "
+                "statistics span shards and must be summed across processes between phases, which the fused "
+                "kernels do not do; use backend='auto' or 'torch' (came_kernels.distributed, exact on shards)")
+        return "torch"
     fusable = param_dtype in FUSED_DTYPES and grad_dtype == param_dtype
     if backend == "auto":
         if fused and not fusable:
@@ -122,19 +134,27 @@ def came(
     # passes the same tuple of params every step in steady state (see CAME._unchanged): then the grouping
     # and the slices of every list but the grads are reused from `cache`. Tuples, because a list could be
     # changed in place between calls.
+    # DTensor params (FSDP2, tensor parallel) form their own group, run by came_kernels.distributed.
     memo = cache.get("grouping")
-    if memo is not None and memo[0] is params and isinstance(params, tuple) and memo[1] == (backend, fused):
+    rebuilt = not (memo is not None and memo[0] is params and isinstance(params, tuple)
+                   and memo[1] == (backend, fused))
+    if not rebuilt:
         groups, sliced = memo[2], memo[3]
     else:
         by_dtype: dict = {}
         for i, (p, g) in enumerate(zip(params, grads)):
-            by_dtype.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+            by_dtype.setdefault((p.device, p.dtype, g.dtype, _distributed.is_dtensor(p)), []).append(i)
         groups = {}
-        for (device, p_dtype, g_dtype), idx in by_dtype.items():  # resolve once per group, not per tensor
-            name = resolve_backend(backend, device, p_dtype, g_dtype, fused)
-            key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
+        for (device, p_dtype, g_dtype, dtensor), idx in by_dtype.items():  # resolve once per group
+            name = resolve_backend(backend, device, p_dtype, g_dtype, fused, dtensor)
+            if dtensor:
+                key = ("distributed", device)
+            else:
+                key = (name, device) if name == "torch" else (name, device, p_dtype, g_dtype)
             groups.setdefault(key, []).extend(idx)
-        sliced = {key: [None if j == 1 else [lst[i] for i in idx] for j, lst in enumerate(lists)]
+        # Tuples: a fused backend may recognise the very same (immutable) lists next step and skip its
+        # checks (see triton_backend._steady).
+        sliced = {key: [None if j == 1 else tuple(lst[i] for i in idx) for j, lst in enumerate(lists)]
                   for key, idx in groups.items()}
         if isinstance(params, tuple):
             cache["grouping"] = (params, (backend, fused), groups, sliced)
@@ -163,16 +183,26 @@ def came(
                 raise NotImplementedError(
                     f"{lowbit} is not supported by backend='cuda' yet; use backend='triton' (or 'auto')")
             name = "triton"
-        if (amp or bias_correction) and name == "cuda":
-            # The CUDA kernels do not take GradScaler's scale or the bias scales yet: "auto" runs such
-            # steps on Triton.
-            if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
-                what = ("grad_scale/found_inf (GradScaler)" if amp else "bias_correction")
-                raise NotImplementedError(
-                    f"{what} is not supported by backend='cuda' yet; use backend='triton' (or 'auto')"
-                    + (", or call scaler.unscale_(optimizer) before scaler.step()" if amp else ""))
-            name = "triton"
+        if lowbit and name == "distributed":
+            raise NotImplementedError(f"{lowbit} does not take DTensor params (FSDP2, tensor parallel) yet; use "
+                                      "the default momentum_dtype and param_rounding for them")
+        if name == "distributed" and capturable:
+            raise NotImplementedError("capturable=True does not take DTensor params (FSDP2, tensor parallel): "
+                                      "their step all-reduces statistics between phases; use capturable=False")
+        if name == "distributed" and factor_conv and any(params[i].ndim >= 3 for i in groups[key]):
+            raise NotImplementedError("factor_conv=True does not take DTensor params with ndim >= 3 yet; put "
+                                      "them in a param group without factor_conv")
+        if name == "distributed":  # placements: the grads' every step, the state's when its lists are new
+            _distributed.check_grads(sliced[key][0], [grads[i] for i in groups[key]])
+            if rebuilt:
+                _distributed.check_states(sliced[key][0], *sliced[key][2:])
         runs.append((name, (name,) + key[1:], key))
+
+    if found_inf is not None:
+        for name, cache_key, key in runs:
+            if name == "distributed":  # every process must skip, or none (see distributed.agree_found_inf)
+                found_inf = _distributed.agree_found_inf(found_inf, sliced[key][0], cache.setdefault(cache_key, {}))
+                amp["found_inf"] = found_inf
 
     if state_steps:
         torch._foreach_add_(state_steps, 1)
@@ -203,17 +233,18 @@ def came(
             extra["bias_scales"] = bias_scales(
                 [state_steps[i] for i in idx], [params[i].ndim >= 2 for i in idx], bias_correction,
                 beta1=beta1, beta2=beta2, beta3=beta3, cache=None if compiling else cache,
-                dtype=torch.float64 if name == "torch" and any(params[i].dtype == torch.float64 for i in idx)
-                else torch.float32).to(device)
+                dtype=torch.float64 if name in ("torch", "distributed") and any(
+                    params[i].dtype == torch.float64 for i in idx) else torch.float32).to(device)
+        step_fn = _distributed.came_step if name == "distributed" else None
         if lowbit:
             extra.update(exp_avg_absmaxes=[exp_avg_absmaxes[i] for i in idx],
                          param_comps=[param_comps[i] for i in idx], param_rounding=param_rounding,
                          rng=_rng_table(cache, seed, rng_ids, idx, state_steps, device))
         if not compiling:
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}), **hyper,
-                                      **extra)
-        elif name == "torch":  # traced and fused by the compiler; it keeps nothing in the cache
-            get_step_fn(name, device)(*sub, lr=group_lr, cache=None, **hyper, **extra)
+            (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}),
+                                                   **hyper, **extra)
+        elif name in ("torch", "distributed"):  # traced by the compiler; it keeps nothing in the cache
+            (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=None, **hyper, **extra)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)
             from .ops import call_fused_step
             call_fused_step(sub, group_lr, name, **hyper, **extra)

@@ -4,18 +4,19 @@ It knows no kernels: which backend runs is decided in `functional.resolve_backen
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-import warnings
 import numbers
 import operator
-import weakref
+import warnings
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed as _distributed
 from .backends import BACKENDS, BackendUnavailableError
 from .backends.torch_backend import (BIAS_TERMS, MOMENTUM_DTYPES, PARAM_ROUNDINGS, QBLOCK, dequantize_blockwise,
                                      math_dtype, momentum_state, quantize_blockwise, sr_bf16, state_shapes)
@@ -24,8 +25,9 @@ from .functional import came, resolve_backend
 __all__ = ["CAME"]
 
 _DEFAULT_BETA3 = 0.9999
-_MISSING = object()  # a param without grad, in the fast path's bookkeeping (a dead weak reference gives None)
-_NO_GRAD = lambda: _MISSING  # noqa: E731  (stands in for the weak reference of a missing grad)
+# Read by map() over a few hundred grads per step in the fast path: C-level getters, no Python frames.
+_dtype, _layout, _device = (operator.attrgetter(a) for a in ("dtype", "layout", "device"))
+_is_none = functools.partial(operator.is_, None)
 # State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
 _UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
 _STATS_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
@@ -76,6 +78,10 @@ class CAME(Optimizer):
 
     There is no bias correction. Statistics and momentum are fp32 whatever the parameter dtype (fp64 for
     fp64 params), and all arithmetic is fp32.
+
+    DTensor params (FSDP2's fully_shard, HSDP, tensor parallel) get the same update: each process steps its
+    shard and the statistics that span shards are all-reduced (came_kernels.distributed; the state is
+    DTensors, for torch.distributed.checkpoint). FSDP1's flat parameters cannot be factored (a warning says so).
 
     Args:
         params (iterable): parameters or dicts defining parameter groups.
@@ -218,6 +224,19 @@ class CAME(Optimizer):
                     raise ValueError(f"CAME ({where}): param_rounding={group['param_rounding']!r} takes bf16 params "
                                      f"(fp32/fp64 params are stored exactly), got a float16 param of shape "
                                      f"{tuple(p.shape)}; use param_rounding='nearest' for fp16 params")
+                if _distributed.is_dtensor(p):
+                    pwhere = f"{where}, param of shape {tuple(p.shape)}"
+                    _distributed.check_param(p, pwhere)
+                    if group["capturable"]:
+                        raise ValueError(f"CAME ({pwhere}): capturable=True does not take DTensor params (FSDP2, "
+                                         "tensor parallel): their step all-reduces statistics between phases; use "
+                                         "capturable=False")
+                    if group["momentum_dtype"] != "fp32" or group["param_rounding"] != "nearest":
+                        raise ValueError(f"CAME ({pwhere}): momentum_dtype and param_rounding other than the "
+                                         "defaults do not take DTensor params (FSDP2, tensor parallel) yet")
+                    if group["factor_conv"] and p.ndim >= 3:
+                        raise ValueError(f"CAME ({pwhere}): factor_conv=True does not take DTensor params with "
+                                         "ndim >= 3 yet; put them in a param group without factor_conv")
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
             raise
@@ -226,6 +245,16 @@ class CAME(Optimizer):
         if isinstance(group["lr"], Tensor) and group["lr"].ndim:
             group["lr"] = group["lr"].view(())  # a 1-element lr as 0-d; a view: writes to it still count
         self._caches.append({})
+        flat = sum(map(_distributed.is_fsdp1_flat_param, group["params"]))
+        if flat and not getattr(self, "_warned_flat_params", False):
+            self._warned_flat_params = True
+            warnings.warn(
+                f"CAME: {flat} parameter(s) are FSDP1 flat parameters (FullyShardedDataParallel flattens and "
+                "concatenates a module's tensors into 1-D shards; with use_orig_params=True each param is a 1-D "
+                "piece of one): CAME cannot factor them, so they get the unfactored rule (a full-size second "
+                "moment, no confidence factor), which is not CAME's update of the matrices inside. Use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard): its DTensor parameters keep their shapes and CAME factors "
+                "them exactly across shards", UserWarning, stacklevel=4)  # the line that called CAME(...)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -251,7 +280,8 @@ class CAME(Optimizer):
         self._caches = [{} for _ in self.param_groups]
 
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
-        return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"])
+        return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"],
+                               _distributed.is_dtensor(p))
 
     def _check_step_inputs(self, skip=()) -> None:
         """Every check that can fail, before any state is created or changed. Groups in `skip` (indices
@@ -269,10 +299,11 @@ class CAME(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
+                dtensor = _distributed.is_dtensor(p)
                 if g.layout != torch.strided or not g.dtype.is_floating_point or g.shape != p.shape \
-                        or g.device != p.device:
+                        or g.device != p.device or dtensor != _distributed.is_dtensor(g):
                     _raise_bad_grad(p, g, where)  # the common case pays for one combined test only
-                key = (p.device, p.dtype, g.dtype)
+                key = (p.device, p.dtype, g.dtype, dtensor)
                 if key not in resolved:  # once per (device, dtypes) and group: step() runs this every call
                     try:
                         self._resolve(group, p, g.dtype)
@@ -284,21 +315,27 @@ class CAME(Optimizer):
     # ------------------------------------------------------------------ the steady-state fast path
     # Host time is a fused step's budget: for 200 tensors, validating every grad and rebuilding the lists
     # costs about 1 ms of Python, as much as the GPU work of a small model. In steady state nothing changes
-    # between steps but the grads' values, so each group remembers the lists it handed to `came` and the
-    # objects they were built from; a step whose grads and state entries are the very same objects reuses
-    # them, validation included. Grads are remembered through weak references (a strong one would keep
-    # last step's grads alive after zero_grad(set_to_none=True)); state tensors are held by the lists, so
-    # their ids cannot be reused while remembered.
+    # between steps but the grads: the same params have grads, of the same shape, dtype, device and layout
+    # as those of the last fully validated step (zero_grad(set_to_none=True) makes new grad tensors every
+    # step; that is fine), and the state entries are the very same objects. Then each group reuses the
+    # lists it handed to `came` (the same tuples, which lets `came` and the fused backends reuse their own
+    # work too). Grads are not remembered (that would keep last step's grads alive), only their kind; state
+    # tensors are held by the lists, so their ids cannot be reused while remembered.
     def _unchanged(self, gi: int, group: dict) -> Optional[tuple]:
-        """The remembered lists of group gi, with this step's grads, if its grads and state are the objects
-        they were built from; else None."""
+        """The remembered lists of group gi, with this step's grads, if nothing but the grads' values changed
+        since they were built (see above); else None."""
         fast = self._caches[gi].get("fast")
         params = group["params"]
         if fast is None or fast["params"] is not params or len(params) != fast["n"] \
                 or fast["how"] != (group["backend"], group["fused"]):
             return None
-        grads = [_MISSING if p.grad is None else p.grad for p in params]
-        if not all(map(operator.is_, [r() for r in fast["grad_refs"]], grads)):
+        grads = [p.grad for p in params]
+        if list(map(_is_none, grads)) != fast["no_grad"]:
+            return None
+        grads = [g for g in grads if g is not None]  # the params with a grad, in order
+        if list(map(Tensor.size, grads)) != fast["shapes"] or list(map(_dtype, grads)) != fast["dtypes"] \
+                or list(map(_layout, grads)) != fast["layouts"] or list(map(_device, grads)) != fast["devices"] \
+                or list(map(type, grads)) != fast["types"]:  # type: a plain grad for a DTensor param
             return None
         states = [self.state.get(p) for p in fast["with_grad"]]
         if not all(map(operator.is_, states, fast["states"])):
@@ -306,20 +343,22 @@ class CAME(Optimizer):
         if fast["entries"] != tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))):
             return None
         lists = list(fast["lists"])
-        lists[1] = [g for g in grads if g is not _MISSING]  # the params with a grad, in order
+        lists[1] = grads
         return lists
 
     def _remember(self, gi: int, group: dict, lists: tuple) -> None:
         params = group["params"]
         with_grad = lists[0]
+        grads = lists[1]
         states = tuple(self.state[p] for p in with_grad)
         self._caches[gi]["fast"] = {
             "params": params, "n": len(params), "how": (group["backend"], group["fused"]),
-            "grad_refs": tuple(_NO_GRAD if p.grad is None else weakref.ref(p.grad) for p in params),
-            "with_grad": with_grad, "states": states,
+            "no_grad": [p.grad is None for p in params], "with_grad": with_grad, "states": states,
+            "shapes": list(map(Tensor.size, grads)), "dtypes": list(map(_dtype, grads)),
+            "layouts": list(map(_layout, grads)), "devices": list(map(_device, grads)),
+            "types": list(map(type, grads)),
             "entries": tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))),
-            # grads are not kept (see above): came() gets this step's, gathered again from the params
-            "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),
+            "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),  # grads: not kept
         }
 
     # ------------------------------------------------------------------ state
@@ -340,12 +379,16 @@ class CAME(Optimizer):
                 # On the param's device: one _foreach_add_ launch per step on a GPU instead of one tiny
                 # CPU op per tensor (host time is the budget of a fused optimizer step).
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                for key, (shape, mdt) in momentum_state(p.shape, group["momentum_dtype"], p.dtype).items():
-                    state[key] = torch.zeros(shape, dtype=mdt, device=p.device)
-                for key, shape in state_shapes(p.shape, group["factor_conv"]).items():
-                    state[key] = torch.zeros(shape, dtype=dt, device=p.device)
-                if _wants_comp(group, p):
-                    state[_COMP_KEY] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
+                if _distributed.is_dtensor(p):  # sharded like the axes they index, so DCP can reshard them
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+                    state.update(_distributed.new_stats(p, dt))  # (fp32 m, no factor_conv: add_param_group)
+                else:
+                    for key, (shape, mdt) in momentum_state(p.shape, group["momentum_dtype"], p.dtype).items():
+                        state[key] = torch.zeros(shape, dtype=mdt, device=p.device)
+                    for key, shape in state_shapes(p.shape, group["factor_conv"]).items():
+                        state[key] = torch.zeros(shape, dtype=dt, device=p.device)
+                    if _wants_comp(group, p):
+                        state[_COMP_KEY] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
             factored = p.ndim >= 2  # factor_conv keeps ndim >= 3 factored (as a matrix): the same lists
             params.append(p)
             grads.append(p.grad)
@@ -458,14 +501,18 @@ class CAME(Optimizer):
             if pid not in saved:
                 continue
             st = self.state[p]
-            for key, v in saved[pid].items():
-                if key in _STATS_KEYS:
-                    st[key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
-            st.update(_loaded_momentum(saved[pid], p, group["momentum_dtype"]))
-            if _wants_comp(group, p):
-                comp = saved[pid].get(_COMP_KEY)
-                st[_COMP_KEY] = (torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device) if comp is None
-                                 else comp.to(device=p.device, dtype=torch.bfloat16, copy=True))
+            if _distributed.is_dtensor(p) or any(map(_distributed.is_dtensor, saved[pid].values())):
+                for key, v in saved[pid].items():  # laid out as a new state would be (an fp32 momentum)
+                    st[key] = _distributed.load_stat(p, key, v, math_dtype(p.dtype))
+            else:
+                for key, v in saved[pid].items():
+                    if key in _STATS_KEYS:
+                        st[key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
+                st.update(_loaded_momentum(saved[pid], p, group["momentum_dtype"]))
+                if _wants_comp(group, p):
+                    comp = saved[pid].get(_COMP_KEY)
+                    st[_COMP_KEY] = (torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device) if comp is None
+                                     else comp.to(device=p.device, dtype=torch.bfloat16, copy=True))
             if "step" in st:  # a copy, as every other tensor: a live optimizer's state_dict shares its counters
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32, copy=True)
         self._reset_caches()  # tensors changed: fused backends rebuild their tables
@@ -543,6 +590,9 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
                     bad(f"{pwhere}: '{key}' has shape {tuple(v.shape)}, expected {shape}")
                 if not v.is_floating_point() or v.layout != torch.strided:
                     bad(f"{pwhere}: '{key}' must be a dense floating tensor, got {v.dtype} {v.layout}")
+                why = _distributed.check_loaded_stat(p, key, v)
+                if why is not None:
+                    bad(f"{pwhere}: {why}")
 
 
 def _loaded_momentum(saved: dict, p: Tensor, momentum_dtype: str) -> dict:
@@ -598,6 +648,10 @@ def _raise_bad_grad(p: Tensor, g: Tensor, where: str) -> None:
         raise RuntimeError(f"CAME: gradient must be floating point, got {g.dtype} ({where})")
     if g.shape != p.shape:
         raise RuntimeError(f"CAME: gradient shape {tuple(g.shape)} differs from its parameter's ({where})")
+    if _distributed.is_dtensor(g) != _distributed.is_dtensor(p):
+        what = ("a DTensor gradient for a plain parameter" if _distributed.is_dtensor(g)
+                else "a plain gradient for a DTensor parameter")
+        raise RuntimeError(f"CAME: {what} ({where}); expected both DTensors laid out alike, or both plain")
     raise RuntimeError(f"CAME: gradient on {g.device} but its parameter on {p.device} ({where})")
 
 

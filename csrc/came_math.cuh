@@ -46,6 +46,11 @@ CAME_HD float mean_plus_eps(float sum, float n, float eps) { return sum / n + ep
 CAME_HD float row_factor(float r, float mean_r) { return rsqrt_(r / mean_r); }
 CAME_HD float col_factor(float c) { return rsqrt_(c); }
 
+// GradScaler: the gradient as the spec uses it, g * (1/scale) in fp32 (GradScaler.unscale_'s multiply, kept in
+// fp32 rather than rounded to g's dtype). The kernels apply it to g wherever they read it (phases 1, 2, 3),
+// where triton_kernels/ does; `inv_scale` comes from the device (amp = [found_inf, 1/scale]).
+CAME_HD float unscaled(float g, float inv_scale) { return g * inv_scale; }
+
 // Phase 1 -> 2: u = g * rsqrt(r/mean_M(r)) * rsqrt(c)   (factored), in the spec's order (g*row)*col.
 CAME_HD float factored_u(float g, float row_f, float col_f) { return (g * row_f) * col_f; }
 // u = g * rsqrt(v)   (ndim < 2)
@@ -53,10 +58,20 @@ CAME_HD float vector_u(float g, float v) { return g * rsqrt_(v); }
 
 // Phase 2: the clip divisor max(1, RMS(u)/d) from sum(u^2). NaN propagates (a NaN gradient must show,
 // never be clipped away): `q < 1 ? 1 : q` keeps a NaN q, fmaxf(q, 1) would drop it.
+CAME_HD float rms_of(float sum_u2, int64_t numel) {
+  return std::sqrt(sum_u2) / static_cast<float>(std::sqrt(static_cast<double>(numel)));
+}
 CAME_HD float clip_divisor(float sum_u2, int64_t numel, float clip_threshold) {
-  const float rms = std::sqrt(sum_u2) / static_cast<float>(std::sqrt(static_cast<double>(numel)));
-  const float q = rms / clip_threshold;
+  const float q = rms_of(sum_u2, numel) / clip_threshold;
   return q < 1.0f ? 1.0f : q;
+}
+
+// Phase 2 with bias correction (opt-in bias_scales, column s_u): u is scaled by s_u before the clip,
+// u_hat = s_u*u / max(1, RMS(s_u*u)/d). Phase 3 divides u by the stored divisor, so the slot holds
+// max(1, s_u*RMS(u)/d) / s_u and phase 3 stays as it is. A NaN q (or s_u) still gives a NaN divisor.
+CAME_HD float clip_divisor_scaled(float sum_u2, int64_t numel, float clip_threshold, float s_u) {
+  const float q = (s_u * rms_of(sum_u2, numel)) / clip_threshold;
+  return (q < 1.0f ? 1.0f : q) / s_u;
 }
 
 // Phase 3: u_hat = u / divisor; m = b1*m + (1-b1)*u_hat; res = (u_hat - m)^2 with the new m.
@@ -65,6 +80,9 @@ CAME_HD float residual(float u_hat, float m) {
   const float d = u_hat - m;
   return d * d;
 }
+
+// Phase 4 with bias correction (column s_m of bias_scales): update = s_m * update; m itself stays raw.
+CAME_HD float corrected_update(float update, float s_m) { return s_m * update; }
 
 // Phase 4: p - lr*wd*p - lr*update, in fp32, rounded by the caller once at the store. The decay goes first,
 // as in came-pytorch (p -= lr*wd*p; p -= lr*update), never as p*(1 - lr*wd): 1 - lr*wd rounded to fp32

@@ -24,6 +24,7 @@ struct TensorRef {
   at::Tensor v;         // exp_avg_sq [numel]                                   (flat)
   int64_t numel = 0, B = 0, M = 0, N = 0;
   int64_t stat_off = 0;  // this tensor's slice of `stats`: mean_M(r)[B], mean_M(R)[B], clip divisor [1]
+  int64_t index = 0;     // its position in the op's lists (empty tensors are dropped): its row of bias_scales
   bool factored() const { return M > 0; }
   Shape shape() const { return Shape{numel, B, M, N}; }
 };
@@ -33,6 +34,7 @@ struct Hyper {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3;
   float eps1, eps2, clip_threshold, weight_decay;
   bool maximize;
+  bool bias_correction;  // bias_scales given: s_u in the clip finalize, s_m in param_step (TensorDesc::scales)
 };
 
 struct Group {
@@ -51,10 +53,11 @@ inline int64_t stats_numel_of(const TensorRef& t) { return 2 * t.B + 1; }
 
 // The phase launchers, one per .cu; `g.tab` must be uploaded. `lr` is a 1-element fp32 CUDA tensor (read on
 // the device: no sync); the per-tensor slices of `stats` (in the table) carry the per-matrix means and the
-// clip divisors between phases; `ws` (g.layout.ws_floats floats) is scratch.
-void sq_stats_launch(const Group& g, const Hyper& h, float* ws);
-void clip_stats_launch(const Group& g, const Hyper& h, float* ws);
-void momentum_res_launch(const Group& g, const Hyper& h, float* ws);
-void param_step_launch(const Group& g, const Hyper& h, const at::Tensor& lr);
+// clip divisors between phases; `ws` (g.layout.ws_floats floats) is scratch. `amp`: GradScaler's
+// [found_inf, 1/scale] as 2 fp32 device floats, or nullptr without a GradScaler (multi_tensor.cuh).
+void sq_stats_launch(const Group& g, const Hyper& h, float* ws, const float* amp);
+void clip_stats_launch(const Group& g, const Hyper& h, float* ws, const float* amp);
+void momentum_res_launch(const Group& g, const Hyper& h, float* ws, const float* amp);
+void param_step_launch(const Group& g, const Hyper& h, const at::Tensor& lr, const float* amp);
 
 }  // namespace came

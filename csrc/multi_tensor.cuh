@@ -65,6 +65,16 @@ namespace came {
 
 #if defined(__CUDACC__)
 
+// ---- GradScaler (mirror of triton_kernels/multi_tensor.py's _amp_found_inf / _amp_inv_scale). `amp` is
+// [found_inf, 1/scale], 2 fp32 floats on the device, or nullptr without a GradScaler: then nothing is loaded
+// and g is multiplied by 1.0f, which is exact, so results are bitwise those of a step without the flags.
+// A uniform kernel argument rather than a template: a third switch would double the instantiations (nvcc
+// time on 2 cores) for one multiply per element of a memory-bound kernel.
+// A step with found_inf != 0 changes nothing: every kernel calls this first and returns (the whole block,
+// before any barrier, search or write).
+__device__ __forceinline__ bool amp_found_inf(const float* amp) { return amp != nullptr && amp[0] != 0.0f; }
+__device__ __forceinline__ float amp_inv_scale(const float* amp) { return amp != nullptr ? amp[1] : 1.0f; }
+
 // ---- Which tensor a block works on.
 struct BlockRef {
   const TensorDesc* d;  // its table entry

@@ -6,6 +6,11 @@
 // `stats` buffer (layout: per tensor in list order, mean_M(r)[B], mean_M(R)[B], clip divisor[1]; B = 0 for
 // ndim < 2) that carries the small per-tensor results from one phase to the next.
 //
+// Two optional tensors, after the scalars: `amp`, GradScaler's [found_inf, 1/scale] as 2 fp32 floats on the
+// params' device (every kernel returns before writing when found_inf != 0, and g is multiplied by 1/scale
+// wherever it is read), and `bias_scales`, the opt-in bias correction as fp32 [n, 2], row i = [s_u, s_m] of
+// params[i] (s_u in the clip finalize, s_m in param_step). Both are read on the device: no host sync.
+//
 // Every check names the list and index of the offending tensor. Nothing is launched before all checks pass,
 // so a bad call leaves params and state untouched.
 #include <cmath>
@@ -105,6 +110,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
       t.v = opt_at(sqs, i);
       check_state(t.v, name_of("exp_avg_sqs", i), p, p.sizes());
     }
+    t.index = static_cast<int64_t>(i);
     t.stat_off = grp.stats_numel;
     grp.stats_numel += stats_numel_of(t);
     grp.ts.push_back(std::move(t));
@@ -119,12 +125,38 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   return grp;
 }
 
+// GradScaler's flags: the kernels read amp[0] and amp[1].
+void check_amp(const std::optional<at::Tensor>& amp, const at::Tensor& p0) {
+  if (!amp.has_value()) return;
+  const at::Tensor& a = *amp;
+  TORCH_CHECK(a.device() == p0.device() && a.scalar_type() == at::kFloat && a.numel() == 2 && a.is_contiguous(),
+              "came_kernels: amp must be a contiguous float32 tensor [found_inf, 1/scale] of 2 elements on ",
+              p0.device(), ", got ", a.scalar_type(), " of shape ", a.sizes(), " on ", a.device(),
+              a.is_contiguous() ? "" : " (non-contiguous)");
+}
+
+// Bias correction: the kernels read row i of bias_scales for params[i] (TensorRef::index).
+void check_bias_scales(const std::optional<at::Tensor>& bias_scales, const at::Tensor& p0, size_t n) {
+  if (!bias_scales.has_value()) return;
+  const at::Tensor& b = *bias_scales;
+  const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
+  TORCH_CHECK(b.device() == p0.device() && b.scalar_type() == at::kFloat && b.sizes() == at::IntArrayRef(want) &&
+              b.is_contiguous(),
+              "came_kernels: bias_scales must be a contiguous float32 tensor of shape ", at::IntArrayRef(want),
+              " ([s_u, s_m] per param) on ", p0.device(), ", got ", b.scalar_type(), " of shape ", b.sizes(),
+              " on ", b.device(), b.is_contiguous() ? "" : " (non-contiguous)");
+}
+
+const float* ptr_or_null(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? x->data_ptr<float>() : nullptr;
+}
+
 // The device table of the group (plan.h): filled on the host in pinned memory, copied to the device on the
 // current stream. A non-blocking copy from pinned memory is not a host sync, and the caching host allocator
 // keeps the pinned block until the copy is done. Rebuilt every call rather than cached: it is ~130 B per
 // tensor (26 KB for TinyLlama's 201 tensors), the host loop is the one make_group runs anyway, and nothing
 // can go stale when params, state or grads move.
-void upload_table(Group& grp, const at::Tensor& stats) {
+void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::Tensor>& bias_scales) {
   const int64_t n = static_cast<int64_t>(grp.ts.size());
   const int vec = 16 / static_cast<int>(c10::elementSize(grp.dtype));
   at::Tensor host = at::empty({table_bytes(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -132,6 +164,7 @@ void upload_table(Group& grp, const at::Tensor& stats) {
   auto* main_start = reinterpret_cast<int32_t*>(descs + n);
   int32_t* fin_start = main_start + n + 1;
   float* stats_base = stats.data_ptr<float>();
+  const float* scales_base = ptr_or_null(bias_scales);
   auto addr = [](const at::Tensor& x) -> void* { return x.defined() ? x.data_ptr() : nullptr; };
   for (int64_t k = 0; k < n; ++k) {
     const TensorRef& t = grp.ts[grp.layout.order[k]];
@@ -156,6 +189,7 @@ void upload_table(Group& grp, const at::Tensor& stats) {
       ok = ok && (reinterpret_cast<uintptr_t>(ptr) % 16 == 0);
     }
     d.vec_ok = ok ? 1 : 0;
+    d.scales = scales_base != nullptr ? scales_base + 2 * t.index : nullptr;
     descs[k] = d;
   }
   for (int64_t k = 0; k <= n; ++k) {
@@ -172,7 +206,7 @@ void upload_table(Group& grp, const at::Tensor& stats) {
 }
 
 Hyper make_hyper(double beta1, double beta2, double beta3, double eps1, double eps2, double clip_threshold,
-                 double weight_decay, bool maximize) {
+                 double weight_decay, bool maximize, bool bias_correction) {
   for (auto [b, name] : {std::pair<double, const char*>{beta1, "beta1"}, {beta2, "beta2"}, {beta3, "beta3"}}) {
     TORCH_CHECK(b >= 0.0 && b < 1.0, "came_kernels: ", name, " must be in [0, 1), got ", b);
   }
@@ -190,6 +224,7 @@ Hyper make_hyper(double beta1, double beta2, double beta3, double eps1, double e
   h.clip_threshold = static_cast<float>(clip_threshold);
   h.weight_decay = static_cast<float>(weight_decay);
   h.maximize = maximize;
+  h.bias_correction = bias_correction;
   return h;
 }
 
@@ -211,47 +246,61 @@ void check_stats(const at::Tensor& stats, const Group& grp, const at::Tensor& p0
       const OptList &sq_cols, const OptList &res_rows, const OptList &res_cols, const OptList &sqs
 #define CAME_HYPER_ARGS                                                                                     \
   const at::Tensor &lr, double beta1, double beta2, double beta3, double eps1, double eps2,                \
-      double clip_threshold, double weight_decay, bool maximize
+      double clip_threshold, double weight_decay, bool maximize, const std::optional<at::Tensor> &amp,      \
+      const std::optional<at::Tensor> &bias_scales
 
 enum class Phase { kSqStats, kClipStats, kMomentumRes, kParamStep };
 
-void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_ARGS) {
+// Everything every op checks before anything is launched: the lists, the scalars, amp and bias_scales.
+Group checked_group(CAME_LIST_ARGS, CAME_HYPER_ARGS, Hyper& h) {
   Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
-  const Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize);
+  h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize, bias_scales.has_value());
+  check_amp(amp, params[0]);
+  check_bias_scales(bias_scales, params[0], params.size());
+  return grp;
+}
+
+void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_ARGS) {
+  Hyper h;
+  Group grp = checked_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr, beta1, beta2,
+                            beta3, eps1, eps2, clip_threshold, weight_decay, maximize, amp, bias_scales, h);
   check_stats(stats, grp, params[0]);
   if (grp.ts.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  upload_table(grp, stats);
+  upload_table(grp, stats, bias_scales);
   at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
+  const float* amp_ptr = ptr_or_null(amp);
   switch (phase) {
-    case Phase::kSqStats: sq_stats_launch(grp, h, ws.data_ptr<float>()); break;
-    case Phase::kClipStats: clip_stats_launch(grp, h, ws.data_ptr<float>()); break;
-    case Phase::kMomentumRes: momentum_res_launch(grp, h, ws.data_ptr<float>()); break;
-    case Phase::kParamStep: param_step_launch(grp, h, lr); break;
+    case Phase::kSqStats: sq_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr); break;
+    case Phase::kClipStats: clip_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr); break;
+    case Phase::kMomentumRes: momentum_res_launch(grp, h, ws.data_ptr<float>(), amp_ptr); break;
+    case Phase::kParamStep: param_step_launch(grp, h, lr, amp_ptr); break;
   }
 }
 
 void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
-  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
-  const Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize);
+  Hyper h;
+  Group grp = checked_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr, beta1, beta2,
+                            beta3, eps1, eps2, clip_threshold, weight_decay, maximize, amp, bias_scales, h);
   if (grp.ts.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   // Transient scratch from the caching allocator, freed (stream-ordered) when the step returns: the stats
   // are O(matrices) floats, the workspace about numel/64 floats (the column partials of every tensor).
   at::Tensor stats = new_floats(grp.stats_numel, params[0]);
   at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
-  upload_table(grp, stats);
-  sq_stats_launch(grp, h, ws.data_ptr<float>());
-  clip_stats_launch(grp, h, ws.data_ptr<float>());
-  momentum_res_launch(grp, h, ws.data_ptr<float>());
-  param_step_launch(grp, h, lr);
+  upload_table(grp, stats, bias_scales);
+  const float* amp_ptr = ptr_or_null(amp);
+  sq_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
+  clip_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
+  momentum_res_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
+  param_step_launch(grp, h, lr, amp_ptr);
 }
 
 #define CAME_PHASE_OP(FN, PHASE)                                                     \
   void FN(CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_ARGS) {               \
     run_phase(PHASE, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, \
               sqs, stats, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold,      \
-              weight_decay, maximize);                                              \
+              weight_decay, maximize, amp, bias_scales);                            \
   }
 CAME_PHASE_OP(sq_stats, Phase::kSqStats)
 CAME_PHASE_OP(clip_stats, Phase::kClipStats)
@@ -261,15 +310,16 @@ CAME_PHASE_OP(param_step, Phase::kParamStep)
 }  // namespace
 }  // namespace came
 
-// Schemas: the contract's lists, then (phase ops) the stats buffer, then lr as a 1-element fp32 device tensor
-// and the scalars. Mutated arguments carry alias annotations so torch knows what each op writes.
+// Schemas: the contract's lists, then (phase ops) the stats buffer, then lr as a 1-element fp32 device tensor,
+// the scalars and the two optional device tensors (read only). Mutated arguments carry alias annotations so
+// torch knows what each op writes.
 #define CAME_SCHEMA_LISTS                                                                           \
   "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)?[] exp_avg_sq_rows, "    \
   "Tensor(d!)?[] exp_avg_sq_cols, Tensor(e!)?[] exp_avg_res_rows, Tensor(f!)?[] exp_avg_res_cols, " \
   "Tensor(g!)?[] exp_avg_sqs, "
 #define CAME_SCHEMA_HYPER                                                                                   \
   "Tensor lr, float beta1, float beta2, float beta3, float eps1, float eps2, float clip_threshold, "       \
-  "float weight_decay, bool maximize) -> ()"
+  "float weight_decay, bool maximize, Tensor? amp=None, Tensor? bias_scales=None) -> ()"
 
 // `import came_kernels._C` loads this library, which registers the ops below; the module itself is empty
 // (no pybind11: it would add ~50 s of compile time for nothing).

@@ -4,12 +4,15 @@
 // Math (per tensor; lr read on the device from a 1-element fp32 tensor, never synced to the host):
 //   factored:  update = m * rsqrt(R / mean_M(R))[:, :, None] * rsqrt(C)[:, None, :]
 //   ndim < 2:  update = m
+//   bias correction (bias_scales, s_m):  update = s_m * update   (m itself, and so R and C, stay raw)
 //   p = p - lr*wd*p - lr*update      (fp32 arithmetic; p rounded to its dtype once, at the store)
 //   bf16/fp16 p: p = p - (lr*update + lr*wd*p), the decay folded into the update as in the torch backend
-// weight_decay == 0 is a compile-time switch that drops the decay term (as the torch backend does).
+// weight_decay == 0 is a compile-time switch that drops the decay term (as the torch backend does). s_m is
+// 1.0f without bias correction (nothing loaded; the multiply is exact). GradScaler: g is not read here; the
+// kernel returns before writing anything when found_inf != 0 (amp = [found_inf, 1/scale]).
 //
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
-// O(rows + cols).
+// O(rows + cols). GradScaler: found_inf, 4 B per block; bias correction: s_m, 4 B per block.
 // Launch: one param_step_kernel over the whole group, one block per stripe / flat chunk (the blocks of the
 // other phases), 256 threads; no finalize.
 // Determinism: purely elementwise.
@@ -30,7 +33,8 @@ __device__ __forceinline__ float step_one(float p, float update, float lr, float
 }
 
 template <typename T, int VEC, bool kVec, bool kDecay>
-__device__ __forceinline__ void param_step_flat(const TensorDesc& d, int64_t local, float lr, float weight_decay) {
+__device__ __forceinline__ void param_step_flat(const TensorDesc& d, int64_t local, float lr, float weight_decay,
+                                                float s_m) {
   constexpr int kUnroll = 16 / VEC;  // 16 elements per thread per batch: the loads go out together
   T* __restrict__ p = static_cast<T*>(d.p);
   const float* __restrict__ m = d.m;
@@ -45,14 +49,17 @@ __device__ __forceinline__ void param_step_flat(const TensorDesc& d, int64_t loc
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) pv[u][e] = step_one<T, kDecay>(pv[u][e], mv[u][e], lr, weight_decay);
+      for (int e = 0; e < VEC; ++e) {
+        pv[u][e] = step_one<T, kDecay>(pv[u][e], corrected_update(mv[u][e], s_m), lr, weight_decay);
+      }
       store_vec<VEC, kVec>(p, i0 + u * kThreads * VEC, end, pv[u]);
     }
   }
 }
 
 template <typename T, int VEC, bool kVec, bool kDecay>
-__device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t local, float lr, float weight_decay) {
+__device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t local, float lr, float weight_decay,
+                                                  float s_m) {
   // Two batches of 4 rows of p and m in flight (as momentum_res: two blocks per SM fit in 128 registers).
   constexpr int kB = kVec ? kRowsPerWarp / 2 : 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -87,9 +94,9 @@ __device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t l
           float pv[VEC];
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            // same product order as the spec: (m * row_f) * col_f
-            pv[e] = step_one<T, kDecay>(pt.at(jj, e), factored_u(mt.at(jj, e), row_f[j0 + jj], col_f[e]), lr,
-                                        weight_decay);
+            // same product order as the spec: s_m * ((m * row_f) * col_f)
+            const float update = corrected_update(factored_u(mt.at(jj, e), row_f[j0 + jj], col_f[e]), s_m);
+            pv[e] = step_one<T, kDecay>(pt.at(jj, e), update, lr, weight_decay);
           }
           store_vec<VEC, kVec>(p + warp_row(s, warp, j0 + jj) * s.N, col, s.N, pv);  // padding not stored
         }
@@ -99,28 +106,31 @@ __device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t l
 }
 
 template <typename T, bool kDecay>
-__global__ void __launch_bounds__(kThreads, 2) param_step_kernel(DeviceTable tab, const float* lr_ptr, Hyper h) {
+__global__ void __launch_bounds__(kThreads, 2) param_step_kernel(DeviceTable tab, const float* lr_ptr, Hyper h,
+                                                                 const float* amp) {
   constexpr int VEC = 16 / sizeof(T);
+  if (amp_found_inf(amp)) return;  // the params stay as they are
   const BlockRef blk = find_main(tab);
   const TensorDesc& d = *blk.d;
   const float lr = *lr_ptr;
+  const float s_m = h.bias_correction ? d.scales[1] : 1.0f;  // uniform: no load without bias correction
   if (d.M == 0) {
-    if (d.vec_ok) param_step_flat<T, VEC, true, kDecay>(d, blk.local, lr, h.weight_decay);
-    else param_step_flat<T, VEC, false, kDecay>(d, blk.local, lr, h.weight_decay);
+    if (d.vec_ok) param_step_flat<T, VEC, true, kDecay>(d, blk.local, lr, h.weight_decay, s_m);
+    else param_step_flat<T, VEC, false, kDecay>(d, blk.local, lr, h.weight_decay, s_m);
   } else {
-    if (d.vec_ok) param_step_stripe<T, VEC, true, kDecay>(d, blk.local, lr, h.weight_decay);
-    else param_step_stripe<T, VEC, false, kDecay>(d, blk.local, lr, h.weight_decay);
+    if (d.vec_ok) param_step_stripe<T, VEC, true, kDecay>(d, blk.local, lr, h.weight_decay, s_m);
+    else param_step_stripe<T, VEC, false, kDecay>(d, blk.local, lr, h.weight_decay, s_m);
   }
 }
 
 }  // namespace
 
-void param_step_launch(const Group& grp, const Hyper& h, const at::Tensor& lr) {
+void param_step_launch(const Group& grp, const Hyper& h, const at::Tensor& lr, const float* amp) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* lr_ptr = lr.data_ptr<float>();
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "param_step", [&] {
     CAME_BOOL_SWITCH(h.weight_decay != 0.0f, kDecay, [&] {
-      param_step_kernel<scalar_t, kDecay><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, lr_ptr, h);
+      param_step_kernel<scalar_t, kDecay><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, lr_ptr, h, amp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

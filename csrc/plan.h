@@ -163,7 +163,8 @@ struct alignas(16) TensorDesc {
   int64_t numel, B, M, N;  // M = N = B = 0 for flat tensors
   int64_t ws_col, ws_blk;  // workspace offsets (Layout)
   int32_t vec_ok;          // 16-byte loads allowed: every pointer aligned, N % VEC == 0
-  int32_t pad_[3];
+  int32_t pad_;
+  const float* scales;     // bias correction: its row [s_u, s_m] of bias_scales (nullptr without; then unread)
 };
 static_assert(sizeof(TensorDesc) == 128, "TensorDesc is one 128-byte line");
 

@@ -6,10 +6,11 @@
 //              c[b, j] = b2*c + (1-b2)*(mean_M(g^2)[b, j] + eps1)     sq_finalize_kernel (stripe partials)
 //              mean_M(r)[b] -> stats                                   sq_finalize_kernel
 //   ndim < 2:  v = b2*v + (1-b2)*(g^2 + eps1)                          sq_stats_kernel
-// maximize does not matter here: g^2 is even in g.
+// maximize does not matter here: g^2 is even in g. GradScaler (amp = [found_inf, 1/scale]): g = g * (1/scale)
+// as it is loaded; both kernels return before writing anything when found_inf != 0.
 //
 // Memory per element: factored reads g (fp32 4 B, bf16/fp16 2 B) and writes one column partial per kRows
-// rows (4/64 B); flat reads g and v and writes v (fp32 12 B, bf16 10 B).
+// rows (4/64 B); flat reads g and v and writes v (fp32 12 B, bf16 10 B). GradScaler: amp, 8 B per block.
 // Launch: one sq_stats_kernel over the whole group, one block per stripe (factored) or kFlatChunk chunk
 // (flat), 256 threads; one sq_finalize_kernel, column tiles summed over their stripes by 8 warps, and the
 // means of r (multi_tensor.cuh). Both grids are independent of the tensor count (plan.h).
@@ -21,7 +22,7 @@ namespace came {
 namespace {
 
 template <typename T, int VEC, bool kVec>
-__device__ __forceinline__ void sq_stats_flat(const TensorDesc& d, int64_t local, const Hyper& h) {
+__device__ __forceinline__ void sq_stats_flat(const TensorDesc& d, int64_t local, const Hyper& h, float inv) {
   constexpr int kUnroll = 16 / VEC;  // 16 elements per thread per batch: the loads go out together
   const T* __restrict__ g = static_cast<const T*>(d.g);
   float* __restrict__ v = d.row;
@@ -36,7 +37,10 @@ __device__ __forceinline__ void sq_stats_flat(const TensorDesc& d, int64_t local
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) vv[u][e] = ema(vv[u][e], h.beta2, h.one_minus_beta2, gv[u][e] * gv[u][e] + h.eps1);
+      for (int e = 0; e < VEC; ++e) {
+        const float gx = unscaled(gv[u][e], inv);
+        vv[u][e] = ema(vv[u][e], h.beta2, h.one_minus_beta2, gx * gx + h.eps1);
+      }
       store_vec<VEC, kVec>(v, i0 + u * kThreads * VEC, end, vv[u]);
     }
   }
@@ -44,7 +48,7 @@ __device__ __forceinline__ void sq_stats_flat(const TensorDesc& d, int64_t local
 
 template <typename T, int VEC, bool kVec>
 __device__ __forceinline__ void sq_stats_stripe(const TensorDesc& d, int64_t local, float* __restrict__ ws,
-                                                const Hyper& h) {
+                                                const Hyper& h, float inv) {
   constexpr int kB = kReadBatch<kVec>;
   __shared__ float tiles[2][kWarps][32 * VEC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -72,7 +76,8 @@ __device__ __forceinline__ void sq_stats_stripe(const TensorDesc& d, int64_t loc
         float sum = 0.0f;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float sq = x.at(jj, e) * x.at(jj, e);
+          const float gx = unscaled(x.at(jj, e), inv);
+          const float sq = gx * gx;
           col_acc[e] += sq;
           sum += sq;
         }
@@ -94,21 +99,26 @@ __device__ __forceinline__ void sq_stats_stripe(const TensorDesc& d, int64_t loc
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) sq_stats_kernel(DeviceTable tab, float* ws, Hyper h) {
+__global__ void __launch_bounds__(kThreads, 2) sq_stats_kernel(DeviceTable tab, float* ws, Hyper h,
+                                                               const float* amp) {
   constexpr int VEC = 16 / sizeof(T);
+  if (amp_found_inf(amp)) return;  // GradScaler: skip the whole step, else unscale g by inv
+  const float inv = amp_inv_scale(amp);
   const BlockRef blk = find_main(tab);
   const TensorDesc& d = *blk.d;
   // Branches below are uniform per block.
   if (d.M == 0) {
-    if (d.vec_ok) sq_stats_flat<T, VEC, true>(d, blk.local, h);
-    else sq_stats_flat<T, VEC, false>(d, blk.local, h);
+    if (d.vec_ok) sq_stats_flat<T, VEC, true>(d, blk.local, h, inv);
+    else sq_stats_flat<T, VEC, false>(d, blk.local, h, inv);
   } else {
-    if (d.vec_ok) sq_stats_stripe<T, VEC, true>(d, blk.local, ws, h);
-    else sq_stats_stripe<T, VEC, false>(d, blk.local, ws, h);
+    if (d.vec_ok) sq_stats_stripe<T, VEC, true>(d, blk.local, ws, h, inv);
+    else sq_stats_stripe<T, VEC, false>(d, blk.local, ws, h, inv);
   }
 }
 
-__global__ void __launch_bounds__(kThreads) sq_finalize_kernel(DeviceTable tab, const float* ws, Hyper h) {
+__global__ void __launch_bounds__(kThreads) sq_finalize_kernel(DeviceTable tab, const float* ws, Hyper h,
+                                                               const float* amp) {
+  if (amp_found_inf(amp)) return;  // a skipped step: the partials are stale, c must not change
   const BlockRef blk = find_fin(tab);
   const TensorDesc& d = *blk.d;
   finalize_columns_and_means(d, blk.local, ws, d.col, d.row, d.stat, h.beta2, h.one_minus_beta2, h.eps1);
@@ -116,14 +126,14 @@ __global__ void __launch_bounds__(kThreads) sq_finalize_kernel(DeviceTable tab, 
 
 }  // namespace
 
-void sq_stats_launch(const Group& grp, const Hyper& h, float* ws) {
+void sq_stats_launch(const Group& grp, const Hyper& h, float* ws, const float* amp) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "sq_stats", [&] {
-    sq_stats_kernel<scalar_t><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, ws, h);
+    sq_stats_kernel<scalar_t><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (grp.fin_blocks > 0) {
-    sq_finalize_kernel<<<grp.fin_blocks, kThreads, 0, stream>>>(grp.tab, ws, h);
+    sq_finalize_kernel<<<grp.fin_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -1,25 +1,32 @@
 """GradScaler support (`_step_supports_amp_scaling`): step() reads the optimizer's `grad_scale` and
 `found_inf`, as torch.optim.AdamW(fused=True) does. The result must equal unscaling first and stepping,
-and a step with an inf/NaN grad must change nothing at all, step counters included."""
+and a step with an inf/NaN grad must change nothing at all, step counters included. Every backend takes
+them: the fused kernels (Triton and CUDA) read [found_inf, 1/scale] on the device, without a host sync.
+"""
 import copy
 
 import pytest
 import torch
 
 import came_kernels
+import came_kernels.functional
 from came_kernels import CAME
-from came_kernels.backends import triton_backend
+from came_kernels.backends import cuda_backend, torch_backend, triton_backend
+from came_testing import HYPER, SHAPES_GPU, new_state, state_lists
+from oracle import assert_close_rel
 
 _GPU = torch.cuda.is_available()
 DEVICE = "cuda" if _GPU else "cpu"
+_CUDA_WHY = came_kernels.backends.unavailable_reason("cuda", "cuda")
+needs_cuda = pytest.mark.skipif(_CUDA_WHY is not None, reason=f"backend='cuda' unavailable: {_CUDA_WHY}")
 
 
 def _backends():
-    """torch, triton, and "auto" on a GPU (the CUDA kernels do not take the scale yet: auto runs GradScaler
-    steps on Triton; an explicit backend="cuda" refuses them, see the last test)."""
+    """torch, triton, cuda (the extension, on a GPU) and "auto" on a GPU (the extension when built)."""
     out = [pytest.param("torch", "cpu")]
     why = came_kernels.backends.unavailable_reason("triton", DEVICE)
     out.append(pytest.param("triton", DEVICE, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    out.append(pytest.param("cuda", "cuda", marks=needs_cuda))
     out.append(pytest.param("auto", "cuda", marks=pytest.mark.skipif(not _GPU, reason="needs a GPU")))
     return out
 
@@ -119,16 +126,89 @@ def test_with_torch_grad_scaler_end_to_end():
     assert float(opt.state[next(model.parameters())]["step"]) == 3
 
 
-@pytest.mark.skipif(came_kernels.backends.unavailable_reason("cuda", "cuda") is not None,
-                    reason="needs the CUDA extension and a GPU")
-def test_explicit_cuda_backend_refuses_a_grad_scale_and_says_what_to_do():
-    ps = _params(device="cuda")
-    opt = CAME(ps, lr=1e-2, backend="cuda")
-    for p, g in zip(ps, _grads(0)):
-        p.grad = g.cuda()
-    before = [p.detach().clone() for p in ps]
+def test_every_backend_gets_the_scale_itself_none_is_rerouted(monkeypatch):
+    # functional.came hands grad_scale/found_inf to the backend that resolve_backend picked, "cuda" included
+    # (it used to reroute GradScaler steps away from it). Runs anywhere: the backend is a recorder.
+    calls = []
+    monkeypatch.setattr(came_kernels.functional, "resolve_backend", lambda *a, **k: "cuda")
+    monkeypatch.setattr(came_kernels.functional, "get_step_fn",
+                        lambda name, device: lambda *a, **kw: calls.append((name, kw)))
+    ps = [torch.zeros(3, 2), torch.zeros(2)]
+    st = [new_state(p) for p in ps]
+    scale, found = torch.tensor(8.0), torch.tensor(0.0)
+    came_kernels.functional.came(ps, [torch.ones_like(p) for p in ps], *state_lists(st), backend="cuda",
+                                 grad_scale=scale, found_inf=found, **HYPER)
+    assert [name for name, _ in calls] == ["cuda"]
+    assert torch.equal(calls[0][1]["grad_scale"], scale) and torch.equal(calls[0][1]["found_inf"], found)
+
+
+def _cuda_and_spec(dtype, grad_scale, steps, maximize, found_at=()):
+    """cuda_backend.came_step and the torch backend side by side, both with GradScaler's scale; the grads are
+    scaled as backward produces them. found_at: steps at which found_inf is set (a skipped step)."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in SHAPES_GPU]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [new_state(x) for x in init], [new_state(x) for x in init]
+    hyper = HYPER | dict(weight_decay=0.1, maximize=maximize)
+    scale = torch.tensor(grad_scale, device="cuda")
+    for t in range(steps):
+        big = 1e4 if t % 11 == 5 else 1.0  # a clipping spike
+        gs = [(torch.randn(s, generator=gen) * big * grad_scale).to("cuda", dtype) for s in SHAPES_GPU]
+        found = torch.tensor(float(t in found_at), device="cuda")
+        cuda_backend.came_step(ours, gs, *state_lists(ours_st), cache={}, grad_scale=scale, found_inf=found,
+                               **hyper)
+        torch_backend.came_step(spec, gs, *state_lists(spec_st), cache={}, grad_scale=scale, found_inf=found,
+                                **hyper)
+    return ours, spec, ours_st, spec_st
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,grad_scale,maximize", [(torch.float32, 2.0 ** 14, False),
+                                                       (torch.float32, 3.0, True),
+                                                       (torch.bfloat16, 2.0 ** 16, False),
+                                                       (torch.float16, 0.5, True)])
+def test_cuda_kernels_with_grad_scale_match_torch_backend(dtype, grad_scale, maximize):
+    # Every shape class (stripes, flat chunks, ragged and aligned rows): the kernels unscale g in phases 1-3
+    # where the Triton kernels do; 3.0 is not a power of 2, so the unscale rounds (summation order only).
+    ours, spec, ours_st, spec_st = _cuda_and_spec(dtype, grad_scale, 12, maximize, found_at=(4,))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4 * 2.0 ** -7, torch.float16: 4 * 2.0 ** -10}[dtype]
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        assert_close_rel(a, b, tol, f"{dtype} param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 2e-4, f"{dtype} state {k} of {tuple(a.shape)}")
+
+
+@needs_cuda
+def test_cuda_kernels_with_grad_scale_are_not_the_unscaled_step():
+    # The check above can fail: the same scaled grads without the scale give statistics that grow with the
+    # scale squared (r, c, v), and with it give those of the unscaled grads.
+    gen = torch.Generator().manual_seed(1)
+    ps = [torch.randn(s, generator=gen).cuda() for s in [(70, 33), (40000,)]]
+    gs = [torch.randn(p.shape, generator=gen).cuda() for p in ps]
+    runs = {}
+    for name, grads, amp in (("unscaled", gs, {}), ("scaled", [g * 1024.0 for g in gs], {}),
+                             ("with_scale", [g * 1024.0 for g in gs], dict(grad_scale=torch.tensor(1024.0).cuda()))):
+        st = [new_state(p) for p in ps]
+        cuda_backend.came_step([p.clone() for p in ps], grads, *state_lists(st), cache={}, **HYPER, **amp)
+        runs[name] = st
+    for k, key in ((0, "r"), (0, "c"), (1, "v")):
+        assert torch.allclose(runs["with_scale"][k][key], runs["unscaled"][k][key], rtol=1e-6, atol=0), key
+        assert not torch.allclose(runs["scaled"][k][key], runs["unscaled"][k][key], rtol=0.5), key
+
+
+@pytest.mark.skipif(not _GPU, reason="host syncs only exist with a GPU")
+@pytest.mark.parametrize("backend,device", [b for b in _backends() if b.values[0] in ("triton", "cuda")])
+def test_grad_scaler_step_makes_no_host_sync(backend, device):
+    ps = [torch.randn(64, 32, device="cuda", requires_grad=True), torch.randn(32, device="cuda", requires_grad=True)]
+    opt = CAME(ps, lr=torch.tensor(1e-2, device="cuda"), backend=backend)
+    for p in ps:
+        p.grad = torch.randn_like(p)
     opt.grad_scale, opt.found_inf = torch.tensor(4.0, device="cuda"), torch.tensor(0.0, device="cuda")
-    with pytest.raises(NotImplementedError, match="backend='triton'"):
+    opt.step()  # warm-up: JIT, tables
+    torch.cuda.set_sync_debug_mode("error")
+    try:
         opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(ps, before))
-    assert all(float(st["step"]) == 0 for st in opt.state.values())  # refused before anything changed
+        opt.found_inf.fill_(1.0)
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,4 +1,5 @@
-"""What only backend="cuda" (the extension came_kernels._C) has: its per-phase ops, its availability messages.
+"""What only backend="cuda" (the extension came_kernels._C) has: its per-phase ops, how its ops take the optional
+device tensors (GradScaler's flags, the bias scales), its availability messages.
 
 Its parity, determinism, resume and no-sync tests are shared with the Triton backend in
 test_fused_backends.py. GPU tests are skipped, with the reason, when there is no GPU or the extension was
@@ -9,8 +10,9 @@ the CPU).
 import pytest
 import torch
 
-from came_kernels.backends import cuda_backend
-from came_testing import HYPER, SHAPES_GPU as SHAPES, backend_step, new_state as _state
+from came_kernels.backends import cuda_backend, torch_backend
+from came_testing import HYPER, SHAPES_GPU as SHAPES, backend_step, new_state as _state, state_lists
+from oracle import assert_close_rel
 
 _REASON = cuda_backend.unavailable_reason(torch.device("cuda"))
 needs_cuda = pytest.mark.skipif(_REASON is not None, reason=f"backend='cuda' unavailable: {_REASON}")
@@ -35,6 +37,157 @@ def test_cuda_matches_torch_backend_per_phase_op():
         getattr(torch.ops.came_kernels, op)(*lists, stats, *args)
     for a, b in zip(ps, ps2):
         assert torch.equal(a, b), tuple(a.shape)
+
+
+def _op_inputs(shapes, seed=3):
+    """Params, grads, random state (so that a skipped EMA shows), the op lists and a NaN-poisoned stats buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    gs = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    sts = [_state(p, gen) for p in ps]
+    lists = [ps, gs] + list(state_lists(sts))
+    # 2*B + 1 per non-empty tensor (ops.cpp: empty tensors have no slice)
+    nstats = sum(0 if p.numel() == 0 else 2 * (p.numel() // (p.shape[-1] * p.shape[-2])) + 1 if p.ndim >= 2 else 1
+                 for p in ps)
+    return lists, torch.full((nstats,), float("nan"), device="cuda")
+
+
+def _bits(lists, stats):
+    """Everything an op may write, as raw bits (NaN compares equal to itself)."""
+    flat = [x for lst in lists for x in lst if x is not None] + [stats]
+    return [x.detach().clone().view(torch.int32) for x in flat]
+
+
+_ARGS = (0.9, 0.999, 0.9999, 1e-30, 1e-16, 1.0, 0.1, False)
+
+
+@needs_cuda
+def test_found_inf_makes_every_op_write_nothing():
+    # GradScaler found an inf: every kernel of every phase returns before writing (params, state and even the
+    # scratch stats, which are NaN here and would be overwritten by any phase that ran), also with bias scales.
+    lists, stats = _op_inputs(SHAPES)
+    before = _bits(lists, stats)
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    amp = torch.tensor([1.0, 0.5], device="cuda")
+    bias = torch.rand(len(SHAPES), 2, device="cuda") + 0.5
+    for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
+        getattr(torch.ops.came_kernels, op)(*lists, stats, lr, *_ARGS, amp, bias)
+    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp, bias)
+    for a, b in zip(_bits(lists, stats), before):
+        assert torch.equal(a, b)
+    amp[0] = 0.0  # the same call without the flag writes: the check above can fail
+    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp, bias)
+    assert not torch.equal(lists[0][0].view(torch.int32), before[0])
+
+
+@needs_cuda
+def test_per_phase_ops_with_amp_equal_came_step_with_amp():
+    # The phase ops chained with amp = [0, 1/scale] equal the one-call op bit for bit (amp reaches every phase).
+    lists, stats = _op_inputs(SHAPES, seed=4)
+    lists2 = [[None if x is None else x.clone() for x in lst] for lst in lists]
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    amp = torch.tensor([0.0, 1.0 / 3.0], device="cuda")
+    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp)
+    for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
+        getattr(torch.ops.came_kernels, op)(*lists2, stats, lr, *_ARGS, amp)
+    for a, b in zip(lists[0] + lists[2], lists2[0] + lists2[2]):
+        assert torch.equal(a, b), tuple(a.shape)
+
+
+def _bad_amps():
+    cuda = "cuda" if torch.cuda.is_available() else "cpu"  # only built where the tests run
+    return {"float64": lambda: torch.zeros(2, dtype=torch.float64, device=cuda),
+            "3 elements": lambda: torch.zeros(3, device=cuda),
+            "on the CPU": lambda: torch.zeros(2),
+            "non-contiguous": lambda: torch.zeros(4, device=cuda)[::2]}
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad", list(_bad_amps()))
+def test_amp_tensor_is_checked_before_any_launch(bad):
+    lists, stats = _op_inputs([(5, 7), (9,)])
+    before = _bits(lists, stats)
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    with pytest.raises(RuntimeError, match="amp must be a contiguous float32 tensor"):
+        torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, _bad_amps()[bad]())
+    with pytest.raises(RuntimeError, match="amp must be a contiguous float32 tensor"):
+        torch.ops.came_kernels.sq_stats(*lists, stats, lr, *_ARGS, _bad_amps()[bad]())
+    for a, b in zip(_bits(lists, stats), before):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad", ["one row short", "float64", "[T, 3]", "non-contiguous", "on the CPU"])
+def test_bias_scales_are_checked_before_any_launch(bad):
+    lists, stats = _op_inputs([(5, 7), (0, 3), (9,)])  # the empty tensor still has its row
+    before = _bits(lists, stats)
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    x = {"one row short": lambda: torch.ones(2, 2, device="cuda"),
+         "float64": lambda: torch.ones(3, 2, dtype=torch.float64, device="cuda"),
+         "[T, 3]": lambda: torch.ones(3, 3, device="cuda"),
+         "non-contiguous": lambda: torch.ones(3, 4, device="cuda")[:, ::2],
+         "on the CPU": lambda: torch.ones(3, 2)}[bad]()
+    with pytest.raises(RuntimeError, match=r"bias_scales must be a contiguous float32 tensor of shape \[3, 2\]"):
+        torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, None, x)
+    with pytest.raises(ValueError, match=r"bias_scales must be a contiguous float32 tensor of shape \(3, 2\)"):
+        cuda_backend.came_step(*lists, cache={}, bias_scales=x, **HYPER)
+    for a, b in zip(_bits(lists, stats), before):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(2,), (1, 3)])
+def test_grad_scale_must_have_one_element(shape):
+    lists, _ = _op_inputs([(5, 7)])
+    with pytest.raises(ValueError, match="grad_scale must be a 1-element tensor"):
+        cuda_backend.came_step(*lists, cache={}, grad_scale=torch.ones(shape, device="cuda"), **HYPER)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,grad_scale", [(torch.float32, None), (torch.float32, 3.0), (torch.bfloat16, 2.0 ** 12)])
+def test_bias_scales_rows_follow_the_lists_past_empty_tensors(dtype, grad_scale):
+    # Row i of bias_scales belongs to params[i]: the op drops empty tensors and orders the rest largest first
+    # on the device, and every tensor must still read its own (s_u, s_m). Distinct scales per row, against the
+    # torch backend; with a GradScaler too (both on one step).
+    shapes = [(0, 3)] + list(SHAPES[:8]) + [(0,)] + list(SHAPES[8:])
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    amp = {} if grad_scale is None else dict(grad_scale=torch.tensor(grad_scale, device="cuda"),
+                                             found_inf=torch.tensor(0.0, device="cuda"))
+    for t in range(8):
+        big = 1e4 if t == 5 else 1.0  # a clipping spike, where s_u decides how much is clipped
+        gs = [(torch.randn(s, generator=gen) * big * (grad_scale or 1.0)).to("cuda", dtype) for s in shapes]
+        scales = torch.stack([torch.rand(len(shapes), generator=gen) * 0.95 + 0.05,
+                              torch.rand(len(shapes), generator=gen) * 1.95 + 0.05], dim=1).cuda()
+        cuda_backend.came_step(ours, gs, *state_lists(ours_st), cache={}, bias_scales=scales, **amp,
+                               **HYPER | dict(weight_decay=0.1))
+        torch_backend.came_step(spec, gs, *state_lists(spec_st), cache={}, bias_scales=scales, **amp,
+                                **HYPER | dict(weight_decay=0.1))
+    tol = 1e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        if a.numel() == 0:  # nothing to compare (and no row read)
+            continue
+        assert_close_rel(a, b, tol, f"{dtype} param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 2e-4, f"{dtype} state {k} of {tuple(a.shape)}")
+
+
+@needs_cuda
+def test_bias_scales_of_one_are_the_uncorrected_step_bit_for_bit():
+    # s_u = s_m = 1: the scaled divisor and the scaled update are exactly today's (x * 1 and x / 1 are exact).
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=gen).cuda() for s in SHAPES]
+    a, b = [x.clone() for x in init], [x.clone() for x in init]
+    sa, sb = [_state(x) for x in init], [_state(x) for x in init]
+    for _ in range(3):
+        gs = [torch.randn(s, generator=gen).cuda() for s in SHAPES]
+        cuda_backend.came_step(a, gs, *state_lists(sa), cache={}, bias_scales=torch.ones(len(SHAPES), 2).cuda(),
+                               **HYPER)
+        cuda_backend.came_step(b, gs, *state_lists(sb), cache={}, **HYPER)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), tuple(x.shape)
 
 
 # ---- availability: runs everywhere

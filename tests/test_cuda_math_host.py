@@ -2,7 +2,8 @@
 
 csrc/came_math.cuh is compiled with g++ (its `__host__ __device__` qualifiers are empty there) into a tiny
 shared library, tests/cuda_host/came_math_host.cpp, that composes the kernels' functions in the kernels'
-phase order. It is run for 60 steps against the torch backend (the spec) on every shape class. The GPU
+phase order. It is run for 60 steps against the torch backend (the spec) on every shape class, also with
+GradScaler's unscale (g * 1/scale wherever a phase reads it) and with the bias correction's scales. The GPU
 plumbing (tables, stripes, vector loads, partial sums) is tested by tests/test_cuda_backend.py on a GPU,
 and .ci/check_cuda.sh compiles it with nvcc.
 
@@ -42,17 +43,28 @@ def lib(tmp_path_factory):
     ptr = ctypes.c_void_p
     so.came_clip_divisor.restype = f
     so.came_clip_divisor.argtypes = [f, i64, f]
+    so.came_clip_divisor_scaled.restype = f
+    so.came_clip_divisor_scaled.argtypes = [f, i64, f, f]
     so.came_param_step_folded.restype = f
     so.came_param_step_folded.argtypes = [f, f, f, f]
     so.came_step_flat.restype = None
-    so.came_step_flat.argtypes = [ptr] * 4 + [i64] + [d] * 8 + [i]
+    # ... hyperparameters, maximize, then 1/scale (fp32, as the kernels read it) and the bias scales
+    so.came_step_flat.argtypes = [ptr] * 4 + [i64] + [d] * 8 + [i] + [f, i, f, f]
     so.came_step_factored.restype = None
-    so.came_step_factored.argtypes = [ptr] * 7 + [i64] * 3 + [d] * 8 + [i]
+    so.came_step_factored.argtypes = [ptr] * 7 + [i64] * 3 + [d] * 8 + [i] + [f, i, f, f]
     return so
 
 
-def _host_step(lib, p, g, st, *, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize):
-    hyper = (beta1, beta2, beta3, eps1, eps2, clip_threshold, lr, weight_decay, int(maximize))
+def _inv_scale(grad_scale):
+    """1/scale as the glue hands it to the kernels (_contiguous.amp_flags: in double, rounded to fp32)."""
+    return float(torch.tensor(grad_scale, dtype=torch.float64).reciprocal().float())
+
+
+def _host_step(lib, p, g, st, *, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize,
+               inv_scale=1.0, scales=None):
+    """One step of the host build; `scales` = (s_u, s_m) turns the bias correction on."""
+    bias = (0, 1.0, 1.0) if scales is None else (1, float(scales[0]), float(scales[1]))
+    hyper = (beta1, beta2, beta3, eps1, eps2, clip_threshold, lr, weight_decay, int(maximize), inv_scale, *bias)
     if p.ndim >= 2:
         M, N = p.shape[-2], p.shape[-1]
         B = p.numel() // (M * N)
@@ -88,6 +100,111 @@ def test_host_math_matches_torch_backend_60_steps_every_shape(lib, weight_decay,
         assert_close_rel(a, b, 2e-6, f"param {tuple(a.shape)}")
         for k in sa:
             assert_close_rel(sa[k], sb[k], 1e-4, f"state {k} of {tuple(a.shape)}")
+
+
+@pytest.mark.parametrize("grad_scale", [2.0 ** 14, 3.0, 0.25])
+def test_host_math_with_grad_scale_matches_torch_backend(lib, grad_scale):
+    # The kernels multiply g by 1/scale wherever they read it (phases 1, 2, 3); the spec unscales in
+    # phase 1 and scales u in phase 2. A power-of-2 scale is exact either way; 3.0 is not (rounding only).
+    # CAME's u is nearly invariant to a scale of g, but r, c and v are not: a phase that forgot the unscale
+    # shows in the state, and in the clip (a scaled u hits the threshold).
+    gen = torch.Generator().manual_seed(8)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+                 weight_decay=0.1, maximize=True)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    for step in range(30):
+        scale = 1e4 if step % 11 == 5 else 1.0
+        grads = [torch.randn(s, generator=gen) * scale * grad_scale for s in SHAPES]  # as backward under a scaler
+        for p, g, st in zip(ours, grads, ours_st):
+            _host_step(lib, p, g, st, inv_scale=_inv_scale(grad_scale), **hyper)
+        torch_backend.came_step(
+            spec, grads, [s["m"] for s in spec_st], [s.get("r") for s in spec_st], [s.get("c") for s in spec_st],
+            [s.get("R") for s in spec_st], [s.get("C") for s in spec_st], [s.get("v") for s in spec_st],
+            cache={}, grad_scale=torch.tensor(grad_scale), found_inf=torch.tensor(0.0), **hyper)
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        assert_close_rel(a, b, 2e-6, f"param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 1e-4, f"state {k} of {tuple(a.shape)}")
+
+
+def test_host_math_without_the_unscale_is_far_off(lib):
+    # The check above can fail: the same scaled grads with inv_scale = 1 (no unscale) move r, c and the param.
+    gen = torch.Generator().manual_seed(9)
+    p0, g = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen) * 1024.0
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+              weight_decay=0.0, maximize=False)
+    a, b = p0.clone(), p0.clone()
+    sa, sb = _state(a), _state(b)
+    _host_step(lib, a, g, sa, inv_scale=1.0 / 1024.0, **kw)
+    _host_step(lib, b, g, sb, **kw)
+    assert (sa["r"] * 1024.0 ** 2 - sb["r"]).abs().max() < 1e-5 * sb["r"].abs().max()  # r scales with g^2
+    assert not torch.allclose(sa["r"], sb["r"], rtol=0.5)
+
+
+@pytest.mark.parametrize("s_u", [1.0, 0.0316, 0.5, 1.7, 40.0])
+@pytest.mark.parametrize("d,scale", [(1.0, 1.0), (1.0, 1e-3), (0.5, 20.0)])
+def test_clip_divisor_with_bias_correction(lib, s_u, d, scale):
+    # Phase 3 computes u / divisor; with bias correction that must be s_u*u / max(1, RMS(s_u*u)/d), in float64
+    # here. The cases clip (RMS(s_u*u) > d) and do not, and s_u moves tensors across the threshold.
+    gen = torch.Generator().manual_seed(10)
+    u = (torch.randn(257, generator=gen) * scale).float()
+    div = lib.came_clip_divisor_scaled(float((u * u).sum()), u.numel(), d, s_u)
+    su = s_u * u.double()
+    want = su / max(1.0, float(su.square().mean().sqrt()) / d)
+    assert_close_rel(u.double() / div, want, 1e-6, f"s_u={s_u} d={d}")
+    if s_u == 1.0:  # no correction: the divisor of today, to the bit
+        assert div == lib.came_clip_divisor(float((u * u).sum()), u.numel(), d)
+
+
+@pytest.mark.parametrize("terms", [("exp_avg", "exp_avg_sq", "exp_avg_res"), ("exp_avg_sq",), ("exp_avg",)])
+def test_host_math_with_bias_scales_matches_torch_backend(lib, terms):
+    # The kernels' placement of the bias correction (s_u in the clip divisor, s_m on the update) against the
+    # spec's (u *= s_u before the clip, update *= s_m), 40 steps; tensors start at different step counts, so
+    # every tensor has its own row of scales.
+    gen = torch.Generator().manual_seed(12)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+                 weight_decay=0.1, maximize=False)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    for step in range(40):
+        scale = 1e4 if step % 11 == 5 else 1.0
+        grads = [torch.randn(s, generator=gen) * scale for s in SHAPES]
+        steps = [torch.tensor(float(step + 1 + 3 * (i % 3))) for i in range(len(SHAPES))]
+        bs = torch_backend.bias_scales(steps, [len(s) >= 2 for s in SHAPES], terms, beta1=0.9, beta2=0.999,
+                                       beta3=0.9999)
+        for p, g, st, row in zip(ours, grads, ours_st, bs):
+            _host_step(lib, p, g, st, scales=row.tolist(), **hyper)
+        torch_backend.came_step(
+            spec, grads, [s["m"] for s in spec_st], [s.get("r") for s in spec_st], [s.get("c") for s in spec_st],
+            [s.get("R") for s in spec_st], [s.get("C") for s in spec_st], [s.get("v") for s in spec_st],
+            cache={}, bias_scales=bs, **hyper)
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        assert_close_rel(a, b, 2e-6, f"param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 1e-4, f"state {k} of {tuple(a.shape)}")
+
+
+def test_host_math_with_bias_scales_differs_from_without(lib):
+    # The check above can fail: the scales of an early step (t = 2; s_m ~ 0.07 here) change the update by far
+    # more than its tolerance.
+    p0, g = torch.randn(6, 5), torch.randn(6, 5)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+              weight_decay=0.0, maximize=False)
+    bs = torch_backend.bias_scales([torch.tensor(2.0)], [True], ("exp_avg", "exp_avg_sq", "exp_avg_res"),
+                                   beta1=0.9, beta2=0.999, beta3=0.9999)
+    a, b = p0.clone(), p0.clone()
+    _host_step(lib, a, g, _state(a), scales=bs[0].tolist(), **kw)
+    _host_step(lib, b, g, _state(b), **kw)
+    assert not torch.allclose(a - p0, b - p0, rtol=0.5)
+
+
+def test_clip_divisor_with_bias_correction_keeps_nan(lib):
+    assert math.isnan(lib.came_clip_divisor_scaled(float("nan"), 4, 1.0, 0.5))   # a NaN gradient must show
+    assert math.isnan(lib.came_clip_divisor_scaled(4.0, 4, 1.0, float("nan")))
+    assert lib.came_clip_divisor_scaled(0.0, 10, 1.0, 0.5) == 2.0                  # max(1, 0) / s_u
 
 
 def test_host_math_really_differs_when_the_math_differs(lib):
@@ -154,9 +271,12 @@ def test_op_schemas_in_ops_cpp_parse():
         args = [a.name for a in schema.arguments]
         assert args[:8] == ["params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols",
                             "exp_avg_res_rows", "exp_avg_res_cols", "exp_avg_sqs"], args
-        assert args[-9:] == ["lr", "beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold", "weight_decay",
-                             "maximize"], args
+        assert args[-11:] == ["lr", "beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold", "weight_decay",
+                              "maximize", "amp", "bias_scales"], args
+        for opt in schema.arguments[-2:]:  # optional, default None: the ops run as before without them
+            assert str(opt.type) == "Optional[Tensor]" and opt.has_default_value() and opt.default_value is None
         mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert {"params", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sqs"} <= mutated and "grads" not in mutated
+        assert not mutated & {"amp", "bias_scales"}
     assert sorted(names) == sorted(["came_kernels::" + n for n in
                                     ("came_step", "sq_stats", "clip_stats", "momentum_res", "param_step")])

@@ -59,6 +59,7 @@ dtypes, so that a tile is 8 KB whatever the dtype.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import triton
@@ -215,6 +216,10 @@ _MKINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # MK_FP32, MK_BF
 def _check_grads(grads, dtype) -> None:
     # The kernels read a grad through a pointer of the param dtype: any other dtype would be misread (and
     # read out of bounds). The optimizer routes such groups to the torch backend; this guards direct calls.
+    # Runs whenever grads move (every step after zero_grad(set_to_none=True), often): C-level maps first.
+    want = next((k for k, v in _TORCH_TO_TL.items() if v == dtype), None)
+    if set(map(operator.attrgetter("dtype"), grads)) <= {want} and all(map(torch.Tensor.is_contiguous, grads)):
+        return
     for i, g in enumerate(grads):
         if _TORCH_TO_TL.get(g.dtype) != dtype or not g.is_contiguous():
             raise ValueError(f"backend='triton': grads[{i}] must be a contiguous tensor of the param dtype "

@@ -7,6 +7,11 @@ the group's tensor table (pinned memory, non-blocking), then four phase kernels 
 kernels, 7 launches whatever the tensor count, about 32 B of traffic per fp32 parameter, no host sync (lr is
 read on the device), deterministic (fixed-order sums).
 
+GradScaler (grad_scale/found_inf): the kernels read [found_inf, 1/scale] from one small device tensor
+(`_contiguous.amp_flags`, as the Triton backend), multiply g by 1/scale wherever they read it and return
+before writing anything when found_inf is set. Bias correction (bias_scales, [T, 2] fp32 on the device):
+s_u goes into the clip divisor, s_m into the update (csrc/clip_stats.cu, csrc/param_step.cu).
+
 Import is lazy: a missing or broken extension only matters when backend="cuda" is asked for, and then
 `unavailable_reason` keeps the original import error and says how to build the extension.
 """
@@ -17,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_bias_scales, contiguous_lists, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -71,6 +76,16 @@ def _lr_tensor(lr: Union[float, Tensor], device: torch.device) -> Tensor:
     return torch.full((1,), float(lr), dtype=torch.float32, device=device)
 
 
+def _check_amp_tensors(grad_scale, found_inf) -> None:
+    """ValueError naming the argument unless GradScaler's scale and flag have one element each (the op then
+    checks the [found_inf, 1/scale] tensor built from them)."""
+    for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if x is not None and (not isinstance(x, Tensor) or x.numel() != 1):
+            got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"backend='cuda': {name} must be a 1-element tensor (GradScaler's), got {got}; "
+                             "nothing was changed")
+
+
 def came_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -91,18 +106,30 @@ def came_step(
     weight_decay: float,
     maximize: bool,
     cache: Optional[dict] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    bias_scales: Optional[Tensor] = None,
 ) -> None:
-    """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md)."""
+    """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
+    grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf.
+    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None."""
     if not params:
         return
     if _load() is None:
         raise RuntimeError(unavailable_reason(params[0].device))
+    device = params[0].device
+    # Before anything changes. Rows of bias_scales follow the lists as given: the op maps each non-empty
+    # tensor to its row, so empty tensors need no restacking here.
+    _check_amp_tensors(grad_scale, found_inf)
+    if bias_scales is not None:
+        check_bias_scales("cuda", bias_scales, params)
     lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs]
     lists, write_back = contiguous_lists(lists)  # see _contiguous.py
 
     torch.ops.came_kernels.came_step(
-        *lists, _lr_tensor(lr, params[0].device), float(beta1), float(beta2), float(beta3), float(eps1),
-        float(eps2), float(clip_threshold), float(weight_decay), bool(maximize))
+        *lists, _lr_tensor(lr, device), float(beta1), float(beta2), float(beta3), float(eps1),
+        float(eps2), float(clip_threshold), float(weight_decay), bool(maximize),
+        amp_flags(grad_scale, found_inf, device), bias_scales)
 
     write_back_(write_back)

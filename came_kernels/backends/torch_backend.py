@@ -349,9 +349,12 @@ def came_step(
                      [comps[i] for i in idx], param_rounding, [rngs[i] for i in idx], **hyper)
 
 
-def _row_col_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
-    """rsqrt(row / mean_M(row)) and rsqrt(col): the factored inverse square root, as two small vectors."""
-    return (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1), col.rsqrt().unsqueeze(-2)
+def _row_col_factors(row: Tensor, col: Tensor, row_mean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """rsqrt(row / mean_M(row)) and rsqrt(col): the factored inverse square root, as two small vectors.
+    `row_mean`: mean_M(row) when the rows are sharded (see _stats_partials_), else computed here."""
+    if row_mean is None:
+        row_mean = row.mean(dim=-1, keepdim=True)
+    return (row / row_mean).rsqrt_().unsqueeze(-1), col.rsqrt().unsqueeze(-2)
 
 
 def _ema_(avg: Tensor, beta: float, new: Tensor) -> None:
@@ -388,56 +391,132 @@ def _apply_update_(p: Tensor, update: Tensor, lr: Union[float, Tensor], weight_d
     p.sub_(update)  # for bf16/fp16 p the subtraction runs in fp32 and rounds once
 
 
-def _factored_step(p, g, m, r, c, R, C, buf, scale, *, absmax, comp, rounding, rng, inv_scale, lr, beta1, beta2,
-                   beta3, eps1, eps2, clip_threshold, weight_decay, maximize) -> None:
-    # ---- phase 1 (sq_stats): EMAs of the row and column means of g^2 + eps1
+# ---------------------------------------------------------------------- the factored rule, phase by phase
+# Each phase is a function so that came_kernels.distributed can run one phase for every tensor, sum the
+# statistics that span shards across processes, and go on: the math is written once, here. `split` is
+# None when this process holds the whole tensor (every call in this file); for a shard it says whether
+# the rows (`split.rows`) or the columns (`split.cols`) of the [B, M, N] view are cut across processes,
+# and gives the global `split.m` and `split.n` the means divide by. Where an axis is cut, a phase returns
+# the partial sums it cannot finish (a list of tensors, [] when none), and the next phase takes their sums
+# over all processes (`sums`, the same list, all-reduced). `scale`: the tensor's row of bias_scales, or None.
+
+def _stats_partials_(sq: Tensor, row: Tensor, col: Tensor, beta: float, eps: float, split=None) -> list:
+    """EMAs of mean_N(sq) + eps into `row` and of mean_M(sq) + eps into `col`, where this process sees the
+    whole axis; returns the partial sums for the rest (finished by _stats_factors)."""
+    parts = []
+    if split is not None and split.cols:
+        parts.append(sq.sum(dim=-1))  # row sums over this shard's columns
+    else:
+        _ema_(row, beta, sq.mean(dim=-1).add_(eps))
+    if split is not None and split.rows:
+        # column sums over this shard's rows, and this shard's part of sum_M(row) (rows are whole: N is local)
+        parts += [sq.sum(dim=-2), row.sum(dim=-1)]
+    else:
+        _ema_(col, beta, sq.mean(dim=-2).add_(eps))
+    return parts
+
+
+def _stats_factors(row: Tensor, col: Tensor, beta: float, eps: float, split=None, sums=()) -> tuple:
+    """Finish the EMAs _stats_partials_ left to the cross-process `sums`; rsqrt(row / mean_M(row)), rsqrt(col)."""
+    row_mean = None
+    if split is not None and split.cols:
+        _ema_(row, beta, sums[0].div_(split.n).add_(eps))
+    if split is not None and split.rows:
+        _ema_(col, beta, sums[0].div_(split.m).add_(eps))
+        row_mean = sums[1].div_(split.m).unsqueeze_(-1)
+    return _row_col_factors(row, col, row_mean)
+
+
+def _sq_stats_(buf: Tensor, g: Tensor, r: Tensor, c: Tensor, *, inv_scale, beta2: float, eps1: float,
+               split=None) -> list:
+    """Phase 1 (sq_stats), first half: buf = (g / scale)^2 and the EMAs of r and c (see _stats_partials_)."""
     buf.copy_(g)
     if inv_scale is not None:
         buf.mul_(inv_scale)  # GradScaler's unscale, in fp32
     buf.square_()
-    _ema_(r, beta2, buf.mean(dim=-1).add_(eps1))
-    _ema_(c, beta2, buf.mean(dim=-2).add_(eps1))
-    row_f, col_f = _row_col_factors(r, c)
+    return _stats_partials_(buf, r, c, beta2, eps1, split)
+
+
+def _sq_factors(r: Tensor, c: Tensor, *, beta2: float, eps1: float, maximize: bool, split=None, sums=()) -> tuple:
+    """Phase 1, second half: the row and column factors of u (negated rows when maximizing)."""
+    row_f, col_f = _stats_factors(r, c, beta2, eps1, split, sums)
     if maximize:
         row_f.neg_()  # u is linear in g: negating the small row factor negates u
-    torch.mul(g, row_f, out=buf).mul_(col_f)  # buf = u (g upcast exactly by type promotion)
+    return row_f, col_f
+
+
+def _u_(buf: Tensor, g: Tensor, row_f: Tensor, col_f: Tensor, inv_scale, scale) -> None:
+    """buf = u = g * row_f * col_f (g upcast exactly by type promotion)."""
+    torch.mul(g, row_f, out=buf).mul_(col_f)
     if inv_scale is not None:
         buf.mul_(inv_scale)  # exact for GradScaler's power-of-2 scales, so the order does not matter
     if scale is not None:
         buf.mul_(scale[0])  # bias correction: rsqrt(c / (1-b2^t)) = rsqrt(c) * s_u
 
-    # ---- phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d)
-    rms = torch.linalg.vector_norm(buf) / math.sqrt(buf.numel())
-    buf.div_((rms / clip_threshold).clamp_(min=1.0))  # buf = u_hat
 
-    # ---- phase 3 (momentum_res): momentum, then EMAs of the confidence residual (u_hat - m)^2 + eps2
-    m_new = _load_momentum(m, absmax)  # m itself for an fp32 momentum, else a dequantized copy
-    _ema_(m_new, beta1, buf)
-    buf.sub_(m_new).square_()  # buf = (u_hat - m)^2, with the new m before it is stored
-    _ema_(R, beta3, buf.mean(dim=-1).add_(eps2))
-    _ema_(C, beta3, buf.mean(dim=-2).add_(eps2))
-    m_new = _store_momentum_(m, absmax, m_new, rng)  # the update uses the stored momentum
+def _clip_(u: Tensor, norm: Tensor, numel: int, clip_threshold: float) -> None:
+    """Phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d), RMS = norm / sqrt(numel) over the whole tensor."""
+    rms = norm / math.sqrt(numel)
+    u.div_((rms / clip_threshold).clamp_(min=1.0))
 
-    # ---- phase 4 (param_step): update = m * rsqrt(R / mean_M(R)) * rsqrt(C); decoupled weight decay
-    row_f, col_f = _row_col_factors(R, C)
-    torch.mul(m_new, row_f, out=buf).mul_(col_f)
+
+def _momentum_res_(buf: Tensor, m: Tensor, R: Tensor, C: Tensor, *, beta1: float, beta3: float, eps2: float,
+                   split=None) -> list:
+    """Phase 3 (momentum_res), first half: with buf = u_hat, the momentum, then the EMAs of the confidence
+    residual (u_hat - m)^2 + eps2 into R and C (see _stats_partials_)."""
+    _ema_(m, beta1, buf)
+    buf.sub_(m).square_()  # buf = (u_hat - m)^2
+    return _stats_partials_(buf, R, C, beta3, eps2, split)
+
+
+def _param_step_(p: Tensor, buf: Tensor, m: Tensor, row_f: Tensor, col_f: Tensor, scale, lr,
+                 weight_decay: float, comp: Optional[Tensor] = None, rounding: str = "nearest",
+                 rng: Optional[Tensor] = None) -> None:
+    """Phase 4 (param_step): update = m * rsqrt(R / mean_M(R)) * rsqrt(C); decoupled weight decay (a bf16 p
+    stored as `rounding` says, see _apply_update_)."""
+    torch.mul(m, row_f, out=buf).mul_(col_f)
     if scale is not None:
         buf.mul_(scale[1])  # bias correction: m / (1-b1^t) and rsqrt(C / (1-b3^t)), as s_m
     _apply_update_(p, buf, lr, weight_decay, comp, rounding, rng)
 
 
-def _vector_step(ps, gs, ms, vs, scales, comps, rounding, rngs, *, inv_scale, lr, beta1, beta2, beta3, eps1,
-                 eps2, clip_threshold, weight_decay, maximize) -> None:
+def _factored_step(p, g, m, r, c, R, C, buf, scale, *, absmax=None, comp=None, rounding="nearest", rng=None,
+                   inv_scale, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize) -> None:
+    """Every phase for one whole tensor, in one scratch buffer."""
+    # ---- phase 1 (sq_stats): EMAs of the row and column means of g^2 + eps1; buf = u
+    _sq_stats_(buf, g, r, c, inv_scale=inv_scale, beta2=beta2, eps1=eps1)
+    row_f, col_f = _sq_factors(r, c, beta2=beta2, eps1=eps1, maximize=maximize)
+    _u_(buf, g, row_f, col_f, inv_scale, scale)
+    # ---- phase 2 (clip_stats): buf = u_hat
+    _clip_(buf, torch.linalg.vector_norm(buf), buf.numel(), clip_threshold)
+    # ---- phase 3 (momentum_res): momentum, then EMAs of the confidence residual; the residual uses the
+    # new m before it is stored, the update the stored m (low-precision momentum: see the module docstring)
+    m32 = _load_momentum(m, absmax)  # m itself for an fp32 momentum, else a dequantized copy
+    _momentum_res_(buf, m32, R, C, beta1=beta1, beta3=beta3, eps2=eps2)
+    m32 = _store_momentum_(m, absmax, m32, rng)
+    row_f, col_f = _stats_factors(R, C, beta3, eps2)
+    # ---- phase 4 (param_step)
+    _param_step_(p, buf, m32, row_f, col_f, scale, lr, weight_decay, comp, rounding, rng)
+
+
+def _vector_step(ps, gs, ms, vs, scales, comps=None, rounding="nearest", rngs=None, *, inv_scale, lr, beta1,
+                 beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize) -> None:
     """Tensors with ndim < 2: the unfactored rule, all tensors of one (device, dtype) at once. Their momentum
     is always in the math dtype (momentum_storage)."""
+    u = _vector_u(gs, ms, vs, scales, inv_scale=inv_scale, beta2=beta2, eps1=eps1, maximize=maximize)
+    _vector_clip_(u, torch._foreach_norm(u), [x.numel() for x in u], clip_threshold)
+    _vector_update_(ps, ms, u, scales, lr=lr, beta1=beta1, weight_decay=weight_decay, comps=comps,
+                    rounding=rounding, rngs=rngs)
+
+
+def _vector_u(gs, ms, vs, scales, *, inv_scale, beta2, eps1, maximize) -> list:
+    """Phase 1 (sq_stats) of tensors with ndim < 2: v = b2*v + (1-b2)*(g^2 + eps1); returns u = g * rsqrt(v)."""
     if gs[0].dtype != ms[0].dtype:
         gs = [g.to(ms[0].dtype) for g in gs]  # small tensors: the copy is cheaper than mixed-dtype foreach
     if inv_scale is not None:
         gs = torch._foreach_mul(gs, inv_scale.to(ms[0].dtype))
     if maximize:
         gs = torch._foreach_neg(gs)
-
-    # ---- phase 1 (sq_stats): v = b2*v + (1-b2)*(g^2 + eps1);  u = g * rsqrt(v)
     u = torch._foreach_mul(gs, gs)
     torch._foreach_add_(u, eps1)
     torch._foreach_mul_(vs, beta2)
@@ -446,20 +525,26 @@ def _vector_step(ps, gs, ms, vs, scales, comps, rounding, rngs, *, inv_scale, lr
     torch._foreach_mul_(u, gs)
     if scales is not None:
         torch._foreach_mul_(u, [s[0] for s in scales])  # bias correction: rsqrt(v / (1-b2^t)), as s_u
+    return u
 
-    # ---- phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d)
-    denoms = torch._foreach_norm(u)
-    torch._foreach_div_(denoms, [math.sqrt(x.numel()) * clip_threshold for x in u])
-    torch._foreach_clamp_min_(denoms, 1.0)
-    torch._foreach_div_(u, denoms)
 
-    # ---- phase 3 (momentum_res): momentum only; no confidence step for unfactored tensors
+def _vector_clip_(u, norms, numels, clip_threshold) -> None:
+    """Phase 2 (clip_stats): u_hat = u / max(1, RMS(u) / d), RMS = norm / sqrt(numel) over each whole tensor.
+    Overwrites `norms`."""
+    torch._foreach_div_(norms, [math.sqrt(n) * clip_threshold for n in numels])
+    torch._foreach_clamp_min_(norms, 1.0)
+    torch._foreach_div_(u, norms)
+
+
+def _vector_update_(ps, ms, u, scales, *, lr, beta1, weight_decay, comps=None, rounding="nearest",
+                    rngs=None) -> None:
+    """Phases 3 and 4: momentum only (no confidence step for unfactored tensors); update = m; decoupled
+    weight decay."""
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, u, alpha=1.0 - beta1)
-
-    # ---- phase 4 (param_step): update = m; decoupled weight decay
     if ps[0].dtype == torch.bfloat16 and rounding != "nearest":  # per tensor, as the factored ones
-        for p, m, s, comp, rng in zip(ps, ms, scales or [None] * len(ps), comps, rngs):
+        for p, m, s, comp, rng in zip(ps, ms, scales or [None] * len(ps), comps or [None] * len(ps),
+                                      rngs or [None] * len(ps)):
             update = m.clone() if s is None else m * s[1]
             _apply_update_(p, update, lr, weight_decay, comp, rounding, rng)
         return

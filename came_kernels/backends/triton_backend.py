@@ -18,6 +18,7 @@ TRITON_INTERPRET=1 before triton is imported: that is how CI tests them without 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import warnings
 from typing import Optional, Union
@@ -88,6 +89,72 @@ def _plan_for_capture(plan, key, write_back):
     return plan
 
 
+def _steady(cache: dict, given: tuple, grads: list) -> Optional[dict]:
+    """The cached plan, when it certainly still applies: host time is the budget of a fused step, and for a
+    few hundred tensors the full checks of `_prepare` cost about as much as the GPU work of a small model.
+
+    It applies when the lists other than the grads are the very tuples of the step that cached it
+    (functional.came hands the same ones in steady state), no tensor in them has moved (data_ptr: catches
+    `p.data = ...`), no param was restrided, and the grads are contiguous (their addresses are compared in
+    Plan.update_grads). Never while a CUDA graph is being captured (see _prepare)."""
+    st = cache.get("steady")
+    if st is None or not all(map(operator.is_, st["given"], given)):
+        return None  # (only tuples are remembered: a list could have been changed in place)
+    if tuple(map(Tensor.data_ptr, st["tensors"])) != st["ptrs"] or \
+            tuple(map(Tensor.stride, st["params"])) != st["strides"]:
+        return None
+    if not all(map(Tensor.is_contiguous, grads)) or _capturing(st["device"]):
+        return None
+    return st
+
+
+def _prepare(cache: dict, given: tuple, grads: list, extra=None):
+    """(plan, keep, grads, device, write_back) with every check: empty tensors dropped (keep: the indices
+    kept, None when all are), contiguous copies where needed, the sizes checked and the tables (re)built
+    when any address changed; the CUDA graph capture rules applied. plan is None when nothing is left."""
+    params = given[0]
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return None, None, grads, None, []
+    lists = [params, grads] + list(given[1:]) + list(extra or ([None] * len(params), [None] * len(params)))
+    if len(keep) != len(params):
+        lists = [[lst[i] for i in keep] for lst in lists]
+    else:
+        keep = None
+    device = lists[0][0].device
+
+    lists, write_back = contiguous_lists(lists)  # see _contiguous.py
+    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps = lists
+
+    plan = cache.get("plan")
+    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs,
+                                                            absmaxes, comps)
+    if _capturing(device):
+        plan = _plan_for_capture(plan, key, write_back)
+        plan.write_grads_in_graph(grads)
+        # The graph keeps the addresses of the tables and of every tensor: keep them all alive with the
+        # cache, so that replaying it never writes freed memory (see CAME's capturable).
+        cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
+        return plan, keep, grads, device, write_back
+    if write_back or plan is None or plan.key != key:
+        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
+        if plan is not None and cache.get("captured"):
+            warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
+                          "optimizer's step; replaying that graph would update the old tensors, not these: "
+                          "capture the step again", RuntimeWarning, stacklevel=5)
+        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
+        if not write_back:  # copies are new every step: caching their addresses would be wrong
+            cache["plan"] = plan
+    else:
+        plan.update_grads(grads)
+    if not write_back and extra is None and all(isinstance(lst, tuple) for lst in given):
+        tensors = [x for lst in (params, exp_avgs, rows, cols, res_rows, res_cols, sqs) for x in lst if x is not None]
+        cache["steady"] = dict(given=given, keep=keep, plan=plan, device=device, params=params, tensors=tensors,
+                               ptrs=tuple(map(Tensor.data_ptr, tensors)),
+                               strides=tuple(map(Tensor.stride, params)))
+    return plan, keep, grads, device, write_back
+
+
 def _lr_tensor(cache: dict, lr: Union[float, Tensor], device: torch.device) -> Tensor:
     """lr as a 1-element fp32 device tensor. A float lr is written into a cached tensor only when it
     changes (fill_ is an ordinary stream operation: no sync); a tensor lr is used as it is."""
@@ -138,54 +205,35 @@ def came_step(
     param_comps for "kahan"), rng: int64 [T, 2] (Philox key, step) per tensor (see the torch backend)."""
     if _tk is None:
         raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
-    # Empty tensors have nothing to update (and no blocks); the kernels never see them.
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not keep:
-        return
-    if bias_scales is not None:
-        check_bias_scales("triton", bias_scales, params)
-        if len(keep) != len(params):  # rows follow the tensors the kernels see (device ops, no index upload)
-            bias_scales = torch.stack([bias_scales[i] for i in keep])
-    absmaxes = exp_avg_absmaxes or [None] * len(params)
-    comps = param_comps or [None] * len(params)
+    cache = {} if cache is None else cache
     if param_rounding not in ("nearest", "stochastic", "kahan"):
         raise ValueError(f"backend='triton': unknown param_rounding {param_rounding!r}")
-    stochastic = param_rounding == "stochastic" and params[0].dtype == torch.bfloat16
-    if stochastic or any(m.dtype != torch.float32 for m in exp_avgs):
+    stochastic = param_rounding == "stochastic" and bool(params) and params[0].dtype == torch.bfloat16
+    low = stochastic or any(m.dtype != torch.float32 for m in exp_avgs)
+    if low:
         check_rng("triton", rng, params)
-        if len(keep) != len(params):
-            rng = torch.stack([rng[i] for i in keep])
-    if param_rounding != "kahan" or params[0].dtype != torch.bfloat16:
-        comps = [None] * len(params)  # no compensation to read or write
-    lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
-             exp_avg_sqs, absmaxes, comps]
-    lists = [[lst[i] for i in keep] for lst in lists]
-    cache = {} if cache is None else cache
-    device = lists[0][0].device
-
-    lists, write_back = contiguous_lists(lists)  # see _contiguous.py
-    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps = lists
-
-    plan = cache.get("plan")
-    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs,
-                                                            absmaxes, comps)
-    if _capturing(device):
-        plan = _plan_for_capture(plan, key, write_back)
-        plan.write_grads_in_graph(grads)
-        # The graph keeps the addresses of the tables and of every tensor: keep them all alive with the
-        # cache, so that replaying it never writes freed memory (see CAME's capturable).
-        cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
-    elif write_back or plan is None or plan.key != key:
-        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
-        if plan is not None and cache.get("captured"):
-            warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
-                          "optimizer's step; replaying that graph would update the old tensors, not these: "
-                          "capture the step again", RuntimeWarning, stacklevel=4)
-        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
-        if not write_back:  # copies are new every step: caching their addresses would be wrong
-            cache["plan"] = plan
-    else:
+    kahan = param_rounding == "kahan" and bool(params) and params[0].dtype == torch.bfloat16
+    extra = None  # the low-precision state's lists (int8 absmaxes, Kahan compensations), when there is any
+    if exp_avg_absmaxes is not None and any(a is not None for a in exp_avg_absmaxes) or kahan:
+        extra = (exp_avg_absmaxes or [None] * len(params), (param_comps if kahan else None) or [None] * len(params))
+    given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
+    steady = None if extra is not None else _steady(cache, given, grads)
+    if steady is not None:  # the common case: see _steady
+        keep, plan = steady["keep"], steady["plan"]
+        grads = grads if keep is None else [grads[i] for i in keep]
+        device = steady["device"]
+        write_back = []
         plan.update_grads(grads)
+    else:
+        plan, keep, grads, device, write_back = _prepare(cache, given, grads, extra)
+        if plan is None:
+            return
+    if bias_scales is not None:
+        check_bias_scales("triton", bias_scales, params)
+        if keep is not None:  # rows follow the tensors the kernels see (device ops, no index upload)
+            bias_scales = torch.stack([bias_scales[i] for i in keep])
+    if low and keep is not None:
+        rng = torch.stack([rng[i] for i in keep])
 
     with _device_guard(device):
         ws = torch.empty(plan.ws_floats, dtype=torch.float32, device=device)

@@ -5,6 +5,8 @@
 // sums over M, the per-matrix mean of the row statistic, one sum of u^2 per tensor. What this does not
 // check is the GPU plumbing (tables, stripes, vector loads): tests/test_cuda_backend.py does that on a GPU.
 // Plain C ABI for ctypes; fp32 storage only (the kernels' bf16/fp16 loads and stores are conversions).
+// GradScaler: g is multiplied by inv_scale wherever a phase reads it (1.0f without a GradScaler, as in the
+// kernels). Bias correction (bias != 0): s_u in the clip divisor, s_m on the update, as the kernels do.
 #include <cstdint>
 #include <vector>
 
@@ -16,22 +18,37 @@ namespace {
 struct H {
   float b1, omb1, b2, omb2, b3, omb3, eps1, eps2, d, lr, wd;
   bool maximize;
+  float inv;       // GradScaler's 1/scale (1.0f without one)
+  bool bias;       // bias correction on: s_u, s_m below are used
+  float s_u, s_m;
 };
-H make(double b1, double b2, double b3, double eps1, double eps2, double d, double lr, double wd, int maximize) {
+H make(double b1, double b2, double b3, double eps1, double eps2, double d, double lr, double wd, int maximize,
+       float inv, int bias, float s_u, float s_m) {
   // the same double -> float conversions as ops.cpp's make_hyper and the glue's fp32 lr
   return {static_cast<float>(b1), static_cast<float>(1.0 - b1), static_cast<float>(b2),
           static_cast<float>(1.0 - b2), static_cast<float>(b3), static_cast<float>(1.0 - b3),
           static_cast<float>(eps1), static_cast<float>(eps2), static_cast<float>(d), static_cast<float>(lr),
-          static_cast<float>(wd), maximize != 0};
+          static_cast<float>(wd), maximize != 0, inv, bias != 0, s_u, s_m};
 }
 float step_p(float p, float update, const H& h) {
+  update = corrected_update(update, h.bias ? h.s_m : 1.0f);         // param_step.cu: s_m = 1 without
   return h.wd != 0.0f ? param_step(p, update, h.lr, h.wd) : p - h.lr * update;  // param_step.cu's kDecay
+}
+float divisor(float sum_u2, int64_t numel, const H& h) {  // clip_stats.cu's clip_finalize_kernel
+  return h.bias ? clip_divisor_scaled(sum_u2, numel, h.d, h.s_u) : clip_divisor(sum_u2, numel, h.d);
+}
+float g_of(const float* g, int64_t k, const H& h) {  // momentum_res.cu: unscale, then negate for maximize
+  const float gu = unscaled(g[k], h.inv);
+  return h.maximize ? -gu : gu;
 }
 }  // namespace
 
 extern "C" {
 
 float came_clip_divisor(float sum_u2, int64_t numel, float d) { return clip_divisor(sum_u2, numel, d); }
+float came_clip_divisor_scaled(float sum_u2, int64_t numel, float d, float s_u) {
+  return clip_divisor_scaled(sum_u2, numel, d, s_u);
+}
 
 // param_step.cu's per-element update for bf16/fp16 params (decay folded into the update), in fp32; the
 // caller rounds to the param dtype, as the kernel's store does.
@@ -39,22 +56,23 @@ float came_param_step_folded(float p, float update, float lr, float wd) { return
 
 // Tensors with ndim < 2: p, g, m, v of n elements.
 void came_step_flat(float* p, const float* g, float* m, float* v, int64_t n, double b1, double b2, double b3,
-                    double eps1, double eps2, double d, double lr, double wd, int maximize) {
-  const H h = make(b1, b2, b3, eps1, eps2, d, lr, wd, maximize);
+                    double eps1, double eps2, double d, double lr, double wd, int maximize, float inv, int bias,
+                    float s_u, float s_m) {
+  const H h = make(b1, b2, b3, eps1, eps2, d, lr, wd, maximize, inv, bias, s_u, s_m);
   // phase 1
-  for (int64_t i = 0; i < n; ++i) v[i] = ema(v[i], h.b2, h.omb2, g[i] * g[i] + h.eps1);
+  for (int64_t i = 0; i < n; ++i) {
+    const float gx = unscaled(g[i], h.inv);
+    v[i] = ema(v[i], h.b2, h.omb2, gx * gx + h.eps1);
+  }
   // phase 2
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    const float u = vector_u(g[i], v[i]);
+    const float u = vector_u(unscaled(g[i], h.inv), v[i]);
     s += u * u;
   }
-  const float div = clip_divisor(s, n, h.d);
+  const float div = divisor(s, n, h);
   // phase 3
-  for (int64_t i = 0; i < n; ++i) {
-    const float gx = h.maximize ? -g[i] : g[i];
-    m[i] = ema(m[i], h.b1, h.omb1, clipped(vector_u(gx, v[i]), div));
-  }
+  for (int64_t i = 0; i < n; ++i) m[i] = ema(m[i], h.b1, h.omb1, clipped(vector_u(g_of(g, i, h), v[i]), div));
   // phase 4
   for (int64_t i = 0; i < n; ++i) p[i] = step_p(p[i], m[i], h);
 }
@@ -62,8 +80,8 @@ void came_step_flat(float* p, const float* g, float* m, float* v, int64_t n, dou
 // Factored tensors: [B, M, N] p, g, m; r, R [B*M]; c, C [B*N].
 void came_step_factored(float* p, const float* g, float* m, float* r, float* c, float* R, float* C, int64_t B,
                         int64_t M, int64_t N, double b1, double b2, double b3, double eps1, double eps2, double d,
-                        double lr, double wd, int maximize) {
-  const H h = make(b1, b2, b3, eps1, eps2, d, lr, wd, maximize);
+                        double lr, double wd, int maximize, float inv, int bias, float s_u, float s_m) {
+  const H h = make(b1, b2, b3, eps1, eps2, d, lr, wd, maximize, inv, bias, s_u, s_m);
   std::vector<float> mean_r(B), mean_R(B), colsum(N);
   // phase 1: r from row sums, c from column sums, mean_M(r)
   for (int64_t b = 0; b < B; ++b) {
@@ -71,7 +89,7 @@ void came_step_factored(float* p, const float* g, float* m, float* r, float* c, 
     for (int64_t i = 0; i < M; ++i) {
       float rs = 0.0f;
       for (int64_t j = 0; j < N; ++j) {
-        const float x = g[(b * M + i) * N + j];
+        const float x = unscaled(g[(b * M + i) * N + j], h.inv);
         rs += x * x;
         colsum[j] += x * x;
       }
@@ -89,11 +107,11 @@ void came_step_factored(float* p, const float* g, float* m, float* r, float* c, 
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) {
-        const float u = factored_u(g[(b * M + i) * N + j], row_factor(r[b * M + i], mean_r[b]),
+        const float u = factored_u(unscaled(g[(b * M + i) * N + j], h.inv), row_factor(r[b * M + i], mean_r[b]),
                                    col_factor(c[b * N + j]));
         s += u * u;
       }
-  const float div = clip_divisor(s, B * M * N, h.d);
+  const float div = divisor(s, B * M * N, h);
   // phase 3: m, then R from row sums of the residual, C from column sums, mean_M(R)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < N; ++j) colsum[j] = 0.0f;
@@ -101,8 +119,8 @@ void came_step_factored(float* p, const float* g, float* m, float* r, float* c, 
       float rs = 0.0f;
       for (int64_t j = 0; j < N; ++j) {
         const int64_t k = (b * M + i) * N + j;
-        const float gx = h.maximize ? -g[k] : g[k];
-        const float u_hat = clipped(factored_u(gx, row_factor(r[b * M + i], mean_r[b]), col_factor(c[b * N + j])), div);
+        const float u = factored_u(g_of(g, k, h), row_factor(r[b * M + i], mean_r[b]), col_factor(c[b * N + j]));
+        const float u_hat = clipped(u, div);
         m[k] = ema(m[k], h.b1, h.omb1, u_hat);
         const float res = residual(u_hat, m[k]);
         rs += res;
