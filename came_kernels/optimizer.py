@@ -574,6 +574,9 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
                     bad(f"{pwhere}: '{key}' has shape {tuple(v.shape)}, expected {shape}")
                 if v.layout != torch.strided or (v.dtype != dtype if dtype is not None else not v.is_floating_point()):
                     bad(f"{pwhere}: '{key}' must be a dense {dtype or 'floating'} tensor, got {v.dtype} {v.layout}")
+                why = _distributed.check_loaded_stat(p, key, v)
+                if why is not None:
+                    bad(f"{pwhere}: {why}")
             if "step" not in st:
                 bad(f"{pwhere}: state lacks 'step'")
             step = st["step"]
