@@ -169,7 +169,7 @@ def came(
                 raise NotImplementedError("capturable=True cannot run on backend='cuda'; use backend='triton' "
                                           "(or 'auto')")
             name = "triton"
-        if capturable and amp and found_inf is not None and name == "torch" and key[1].type == "cuda":
+        if capturable and found_inf is not None and name == "torch" and key[1].type == "cuda":
             raise NotImplementedError("capturable=True with GradScaler needs a fused backend (the torch backend "
                                       "reads found_inf on the host, which a CUDA graph cannot replay); use "
                                       "backend='triton' or 'auto'")
@@ -225,9 +225,11 @@ def came(
         sub = list(sliced[key])
         sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
         write_back = []
-        if factor_conv:
-            for j in range(3):  # params, grads, exp_avgs; the statistics already have the matrix's shapes
-                sub[j] = [_as_matrix(x, write_back if j != 1 else None) if x.ndim >= 3 else x for x in sub[j]]
+        if factor_conv:  # params, grads, exp_avgs as matrices; the statistics already have their shapes
+            views = cache.setdefault(("matrix_views",) + cache_key, {})
+            sub[0] = _matrix_views(sub[0], write_back, views, "params")
+            sub[2] = _matrix_views(sub[2], write_back, views, "exp_avgs")
+            sub[1] = [_as_matrix(x, None) if x.ndim >= 3 else x for x in sub[1]]
         extra = {k: None if v is None else v.to(device) for k, v in amp.items()}
         if bias_correction:  # two scalars per tensor from its step counter, on the device (no sync)
             extra["bias_scales"] = bias_scales(
@@ -282,6 +284,24 @@ def _rng_table(cache: dict, seed: int, rng_ids, idx, state_steps, device) -> Ten
             cache[memo_key] = keys
     steps = torch.stack([state_steps[i] for i in idx]).to(device=device, dtype=torch.int64)
     return torch.stack([keys, steps], dim=1)
+
+
+def _matrix_views(xs: tuple, write_back: list, memo: dict, name: str):
+    """The entries of xs with ndim >= 3 as matrices (_as_matrix). In steady state the same tuple of views as
+    last step, so that a fused backend recognises its lists and skips its checks (triton_backend._steady):
+    reused while xs is the same tuple and each such tensor is still contiguous at the view's address with
+    its shape (a `p.data = ...` swap gives new views)."""
+    last = memo.get(name)
+    conv = [x for x in xs if x.ndim >= 3]
+    if last is not None and last[0] is xs and all(
+            x.is_contiguous() and x.data_ptr() == v.data_ptr() and x.shape == s for x, (v, s) in zip(conv, last[2])):
+        return last[1]
+    views = tuple(_as_matrix(x, write_back) if x.ndim >= 3 else x for x in xs)
+    if write_back or not isinstance(xs, tuple):  # copies are new every step: nothing to reuse
+        memo.pop(name, None)
+    else:
+        memo[name] = (xs, views, [(v, x.shape) for x, v in zip(xs, views) if x.ndim >= 3])
+    return views
 
 
 def _as_matrix(x: Tensor, write_back: Optional[list]) -> Tensor:

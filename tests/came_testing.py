@@ -41,3 +41,16 @@ def state_lists(sts):
 def backend_step(mod, ps, gs, sts, cache=None, hyper=HYPER, **kw):
     """One `came_step` of backend module `mod` with the states `sts` (see new_state)."""
     mod.came_step(ps, gs, *state_lists(sts), cache={} if cache is None else cache, **(hyper | kw))
+
+
+def fused_backend_params():
+    """pytest params for the fused backends ("triton", "cuda"), each skipped with its reason where it cannot
+    run (on a CPU, Triton runs through its interpreter)."""
+    import pytest
+    import came_kernels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = []
+    for name in ("triton", "cuda"):
+        why = came_kernels.backends.unavailable_reason(name, device)
+        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out

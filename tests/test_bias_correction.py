@@ -11,21 +11,12 @@ import torch
 
 import came_kernels
 from came_kernels.backends import torch_backend, triton_backend
-from came_testing import SHAPES_CPU, SHAPES_GPU
+from came_testing import SHAPES_CPU, SHAPES_GPU, fused_backend_params
 from oracle import OracleCAME, assert_close_rel
 
 _GPU = torch.cuda.is_available()
 TERM_SETS = [True, ("exp_avg",), ("exp_avg_sq",), ("exp_avg_res",), ("exp_avg_sq", "exp_avg_res")]
 SHAPES = [(5, 7), (3, 4, 6), (9,), (1, 6), (6, 1), (1, 1), (2, 1, 3, 4), ()]
-
-
-def _fused_backends():
-    out = []
-    for name in ("triton", "cuda"):
-        device = "cuda" if _GPU else "cpu"
-        why = came_kernels.backends.unavailable_reason(name, device)
-        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
 
 
 def _grads(shapes, gen, dtype, device):
@@ -108,7 +99,7 @@ def test_default_is_uncorrected_and_equal_to_false():
     assert not any(torch.equal(x, y) for x, y in zip(a, c) if x.ndim >= 1)  # the option does something
 
 
-@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("backend", fused_backend_params())
 @pytest.mark.parametrize("bc", [True, ("exp_avg",), ("exp_avg_sq",), ("exp_avg_res",)])
 def test_fused_matches_torch_backend(backend, bc, monkeypatch):
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
@@ -125,7 +116,7 @@ def test_fused_matches_torch_backend(backend, bc, monkeypatch):
     assert float(o1.state[ours[2]]["step"]) == steps - 2
 
 
-@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("backend", fused_backend_params())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_matches_torch_backend_low_precision(backend, dtype, monkeypatch):
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
@@ -223,7 +214,7 @@ def test_compiled_step_equals_eager_and_never_recompiles_as_t_grows():
 
 
 @pytest.mark.skipif(not _GPU, reason="host syncs only exist with a GPU")
-@pytest.mark.parametrize("backend", ["torch"] + _fused_backends())
+@pytest.mark.parametrize("backend", ["torch"] + fused_backend_params())
 def test_step_makes_no_host_sync(backend):
     ps = [torch.randn(64, 32, device="cuda", requires_grad=True), torch.randn(32, device="cuda", requires_grad=True)]
     opt = came_kernels.CAME(ps, lr=torch.tensor(1e-2, device="cuda"), bias_correction=True, backend=backend)

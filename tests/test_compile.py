@@ -10,6 +10,7 @@ import torch
 
 import came_kernels
 from came_kernels.backends import triton_backend
+from came_testing import fused_backend_params
 
 SHAPES = [(5, 7), (3, 4, 6), (9,), (1, 6)]
 _GPU = torch.cuda.is_available()
@@ -96,16 +97,7 @@ def test_float_lr_changes_recompile_but_stay_correct():
     _assert_trained_and_equal(ours, ref, opt, 3, 1e-6)
 
 
-def _fused_backends():
-    out = []
-    for name in ("triton", "cuda"):
-        device = "cuda" if _GPU else "cpu"
-        why = came_kernels.backends.unavailable_reason(name, device)
-        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
-
-
-@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("backend", fused_backend_params())
 def test_fused_backend_compiles_as_one_custom_op(backend, monkeypatch):
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
     device = "cuda" if _GPU else "cpu"
