@@ -239,8 +239,11 @@ def came(
                     params[i].dtype == torch.float64 for i in idx) else torch.float32).to(device)
         step_fn = _distributed.came_step if name == "distributed" else None
         if lowbit:
+            comps = [param_comps[i] for i in idx]
+            if factor_conv:  # the Kahan compensation is addressed like its param: as the matrix
+                comps = [_as_matrix(k, write_back) if k is not None and k.ndim >= 3 else k for k in comps]
             extra.update(exp_avg_absmaxes=[exp_avg_absmaxes[i] for i in idx],
-                         param_comps=[param_comps[i] for i in idx], param_rounding=param_rounding,
+                         param_comps=comps, param_rounding=param_rounding,
                          rng=_rng_table(cache, seed, rng_ids, idx, state_steps, device))
         if not compiling:
             (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}),
