@@ -122,6 +122,11 @@ def _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_bet
                 g = -g
             u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
             m = _ema(_load_momentum(meta, t, idx, mask, MKIND, ALIGNED), beta1, one_minus_beta1, u_hat)
+            res = u_hat - m
+            res = tl.where(mask, res * res, 0.0)
+            res_row_sum += tl.sum(res, axis=1)
+            _add_column_partials(part, cols, cmask, tile, tl.sum(res, axis=0))
+            # m is stored after the residual (u_hat is dead by then: fewer live registers around the Philox)
             if MKIND == MK_FP32:
                 tl.store(_ptr(meta, t, C_M, tl.float32, ALIGNED) + idx, m, mask=mask)
             elif MKIND == MK_BF16:
@@ -129,10 +134,6 @@ def _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_bet
                 tl.store(_ptr(meta, t, C_M, tl.bfloat16, ALIGNED) + idx, _sr_bf16(m, bits), mask=mask)
             else:
                 _gather_absmax(meta, t, m, idx, rows, rmask, mask, n0, N, qmax + qoff, qold + qoff)
-            res = u_hat - m
-            res = tl.where(mask, res * res, 0.0)
-            res_row_sum += tl.sum(res, axis=1)
-            _add_column_partials(part, cols, cmask, tile, tl.sum(res, axis=0))
         R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
         tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
         _row_tile_done()
