@@ -176,13 +176,6 @@ def came(
         if lowbit and name != "torch" and torch.compiler.is_compiling():
             raise NotImplementedError(f"{lowbit} under torch.compile needs backend='torch' for now (the fused "
                                       "step's custom op does not take the low-precision state yet)")
-        if lowbit and name == "cuda":
-            # The CUDA kernels store an fp32 momentum and round params to nearest: "auto" runs such steps on
-            # Triton; an explicit backend='cuda' refuses before anything changes.
-            if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
-                raise NotImplementedError(
-                    f"{lowbit} is not supported by backend='cuda' yet; use backend='triton' (or 'auto')")
-            name = "triton"
         if lowbit and name == "distributed":
             raise NotImplementedError(f"{lowbit} does not take DTensor params (FSDP2, tensor parallel) yet; use "
                                       "the default momentum_dtype and param_rounding for them")

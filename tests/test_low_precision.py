@@ -15,13 +15,19 @@ import torch
 import came_kernels
 from came_kernels import functional
 from came_kernels.backends import torch_backend as tb
-from came_kernels.backends import triton_backend
+from came_kernels.backends import cuda_backend, triton_backend
 from came_testing import SHAPES_CPU, SHAPES_GPU
 
 _GPU = torch.cuda.is_available()
 DEVICE = "cuda" if _GPU else "cpu"
 _TRITON = triton_backend.unavailable_reason(torch.device(DEVICE)) is None
 needs_triton = pytest.mark.skipif(not _TRITON, reason="Triton (or its interpreter) is not available")
+_CUDA_EXT = _GPU and cuda_backend.unavailable_reason(torch.device("cuda")) is None
+# The fused backends checked against the spec: Triton everywhere (its interpreter on a CPU), the CUDA
+# extension where it is built and a GPU is present.
+FUSED = [pytest.param("triton", marks=needs_triton),
+         pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA_EXT, reason="the CUDA extension needs a GPU "
+                                                        "and a build of came_kernels._C"))]
 # Every shape class, plus factored tensors with at least LOWBIT_MIN_NUMEL elements (those get the low-bit
 # momentum): one whose rows are a multiple of QBLOCK wide, a batch, and the threshold itself.
 LOWBIT_SHAPES = [(16, 512), (3, 40, 50), (64, 64)]
@@ -292,15 +298,15 @@ def test_kahan_tracks_fp32_params_better_than_nearest():
 
 
 # ------------------------------------------------------------------------------ Triton against the spec
-@needs_triton
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("md", ["bf16", "int8"])
-def test_triton_matches_torch_backend_on_every_shape_class(md, dtype, monkeypatch):
+def test_fused_matches_torch_backend_on_every_shape_class(backend, md, dtype, monkeypatch):
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
     steps = 6 if _GPU else 2
     kw = dict(momentum_dtype=md, param_rounding="stochastic" if dtype == torch.bfloat16 else "nearest",
               lr=1e-3, dtype=dtype)
-    ours, o1 = _train(SHAPES, steps, "triton", **kw)
+    ours, o1 = _train(SHAPES, steps, backend, **kw)
     spec, o2 = _train(SHAPES, steps, "torch", **kw)
     for a, b in zip(ours, spec):
         what = f"{md} {dtype} {tuple(a.shape)}"
@@ -324,10 +330,10 @@ def test_triton_matches_torch_backend_on_every_shape_class(md, dtype, monkeypatc
         assert ((a.detach().float() - b.detach().float()).abs().max() / scale) <= 2 * eps, what
 
 
-@needs_triton
-def test_triton_kahan_matches_torch_backend():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_kahan_matches_torch_backend(backend):
     shapes = [(37, 53), (64, 64), (7,), ()]
-    ours, o1 = _train(shapes, 3, "triton", dtype=torch.bfloat16, param_rounding="kahan", lr=1e-3)
+    ours, o1 = _train(shapes, 3, backend, dtype=torch.bfloat16, param_rounding="kahan", lr=1e-3)
     spec, o2 = _train(shapes, 3, "torch", dtype=torch.bfloat16, param_rounding="kahan", lr=1e-3)
     for a, b in zip(ours, spec):
         ea = a.detach().double() + o1.state[a]["param_comp"].double()
@@ -477,43 +483,47 @@ def _functional_args(md="int8"):
 
 
 @pytest.mark.parametrize("md", ["int8", "bf16"])
-def test_explicit_cuda_backend_refuses_low_bit_state_before_anything_changes(md, monkeypatch):
-    # The CUDA extension keeps an fp32 momentum: backend='cuda' must refuse, naming the option. Checked on
-    # any machine by making the dispatcher believe the extension would run this group.
+def test_cuda_backend_is_handed_the_low_precision_state(md, monkeypatch):
+    # The CUDA extension takes the low-precision state (came_step_lowbit): a group the dispatcher gives it
+    # goes to it with the int8 absmaxes, the Kahan compensations, param_rounding and the rng table (Philox
+    # key, step), whether asked for by name or by "auto". Checked on any machine with a stand-in step.
     monkeypatch.setattr(functional, "resolve_backend", lambda *a, **k: "cuda")
-    p, st, q, absmax, step = _functional_args(md)
-    before = p.clone()
-    with pytest.raises(NotImplementedError, match="momentum_dtype.*not supported by backend='cuda'.*'triton'"):
-        functional.came([p], [torch.ones_like(p)], [q], [st["exp_avg_sq_row"]], [st["exp_avg_sq_col"]],
-                         [st["exp_avg_res_row"]], [st["exp_avg_res_col"]], [None], [step], lr=0.1, beta1=0.9,
-                         beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0, weight_decay=0.0,
-                         backend="cuda", exp_avg_absmaxes=absmax)
-    assert torch.equal(p, before) and float(step) == 0 and not q.any()
-    pb = p.to(torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="param_rounding='stochastic' is not supported by backend='cuda'"):
-        functional.came([pb], [torch.ones_like(pb)], [torch.zeros(64, 64)], [st["exp_avg_sq_row"]],
-                        [st["exp_avg_sq_col"]], [st["exp_avg_res_row"]], [st["exp_avg_res_col"]], [None], [step],
-                        lr=0.1, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
-                        weight_decay=0.0, backend="cuda", param_rounding="stochastic")
-    assert float(step) == 0
+    got = []
+    monkeypatch.setattr(functional, "get_step_fn", lambda name, device: lambda *a, **k: got.append((name, k)))
+    for backend in ("cuda", "auto"):
+        got.clear()
+        p, st, q, absmax, step = _functional_args(md)
+        pb = p.to(torch.bfloat16)
+        comp = torch.zeros_like(pb)
+        functional.came([pb], [torch.ones_like(pb)], [q], [st["exp_avg_sq_row"]], [st["exp_avg_sq_col"]],
+                        [st["exp_avg_res_row"]], [st["exp_avg_res_col"]], [None], [step], lr=0.1, beta1=0.9,
+                        beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0, weight_decay=0.0,
+                        backend=backend, exp_avg_absmaxes=absmax, param_comps=[comp], param_rounding="kahan",
+                        seed=7, rng_ids=[3])
+        (name, kw), = got
+        assert name == "cuda", backend
+        assert kw["param_rounding"] == "kahan" and kw["param_comps"][0] is comp
+        assert (kw["exp_avg_absmaxes"][0] is absmax[0]) if md == "int8" else kw["exp_avg_absmaxes"] == [None]
+        assert kw["rng"].tolist() == [[tb.rng_keys(7, [3])[0], 1]]
 
 
-@needs_triton
-def test_auto_runs_low_bit_steps_on_triton_where_it_would_pick_cuda(monkeypatch):
-    monkeypatch.setattr(functional, "resolve_backend", lambda *a, **k: "cuda")
-    ran = []
-    real = functional.get_step_fn
-    monkeypatch.setattr(functional, "get_step_fn", lambda name, device: ran.append(name) or real(name, device))
+def test_cuda_backend_rejects_an_unknown_rounding_or_a_missing_rng_before_anything_changes(monkeypatch):
+    # The glue's checks run before the extension is asked for anything (made to look loaded here).
+    monkeypatch.setattr(cuda_backend, "_load", lambda: True)
     p, st, q, absmax, step = _functional_args("int8")
-    functional.came([p], [torch.ones_like(p)], [q], [st["exp_avg_sq_row"]], [st["exp_avg_sq_col"]],
-                    [st["exp_avg_res_row"]], [st["exp_avg_res_col"]], [None], [step], lr=0.1, beta1=0.9, beta2=0.999,
-                    beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0, weight_decay=0.0, backend="auto",
-                    exp_avg_absmaxes=absmax)
-    assert ran == ["triton"] and float(step) == 1 and q.any()
+    args = ([p], [torch.ones_like(p)], [q], [st["exp_avg_sq_row"]], [st["exp_avg_sq_col"]], [st["exp_avg_res_row"]],
+            [st["exp_avg_res_col"]], [None])
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.999, beta3=0.9999, eps1=1e-30, eps2=1e-16, clip_threshold=1.0,
+                 weight_decay=0.0, maximize=False)
+    with pytest.raises(ValueError, match="unknown param_rounding 'up'"):
+        cuda_backend.came_step(*args, exp_avg_absmaxes=absmax, param_rounding="up", **hyper)
+    with pytest.raises(ValueError, match="backend='cuda': stochastic rounding needs rng"):
+        cuda_backend.came_step(*args, exp_avg_absmaxes=absmax, **hyper)
+    assert not q.any()
 
 
 @pytest.mark.skipif(not _GPU, reason="host syncs only exist with a GPU")
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
 def test_low_bit_step_makes_no_host_sync(backend):
     ps = [torch.randn(64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True),
           torch.randn(32, device="cuda", dtype=torch.bfloat16, requires_grad=True)]
