@@ -5,11 +5,11 @@ parameter of that shape gets a gradient and one optimizer step, and the bytes of
 optimizer allocated are summed (bench.utils.state_bytes), times the number of parameters of that shape.
 Done one shape at a time, so TinyLlama-1.1B needs only about its largest tensor's memory.
 
-Rows: torch.optim.AdamW, torch.optim.Adafactor, came_kernels.CAME (fp32 momentum, as shipped), CAME with
-factor_conv=True (conv weights factored as [out, in*kh*kw] matrices), came-pytorch
-(if installed), bitsandbytes AdamW8bit (CUDA, if installed), and "CAME, bf16 momentum (projection)": that
-variant does not exist in the optimizer yet; its row is CAME's measured state with the fp32 momentum
-replaced by an allocated bf16 tensor of the same shape.
+Rows: torch.optim.AdamW, torch.optim.Adafactor, came_kernels.CAME (fp32 momentum, the default), CAME with
+factor_conv=True (conv weights factored as [out, in*kh*kw] matrices), CAME with momentum_dtype="bf16" and
+"int8" (the opt-in low-precision momentum), CAME with an int8 momentum and bf16 params with
+param_rounding="kahan" (its bf16 compensation buffer counts as state; measured with bf16 params whatever
+--dtype says), came-pytorch (if installed) and bitsandbytes AdamW8bit (CUDA, if installed).
 
 Output: a table, <out>/memory.json and <out>/memory.png.
 """
@@ -26,7 +26,7 @@ import torch
 from . import shapes as shapes_mod
 from . import utils
 
-PROJECTION = "CAME, bf16 momentum (projection)"
+KAHAN = "CAME, int8 m, kahan (bf16 params)"
 
 
 def _factories(device: torch.device) -> Dict[str, callable]:
@@ -37,6 +37,9 @@ def _factories(device: torch.device) -> Dict[str, callable]:
         "CAME": lambda ps: came_kernels.CAME(ps, lr=1e-4),
         # Conv weights factored as [out, in*kh*kw] (opt-in); the same as CAME for models without convs.
         "CAME, factor_conv": lambda ps: came_kernels.CAME(ps, lr=1e-4, factor_conv=True),
+        "CAME, bf16 momentum": lambda ps: came_kernels.CAME(ps, lr=1e-4, momentum_dtype="bf16"),
+        "CAME, int8 momentum": lambda ps: came_kernels.CAME(ps, lr=1e-4, momentum_dtype="int8"),
+        KAHAN: lambda ps: came_kernels.CAME(ps, lr=1e-4, momentum_dtype="int8", param_rounding="kahan"),
     }
     try:
         import came_pytorch
@@ -57,23 +60,18 @@ def measure_set(set_name: str, scale: float, device: torch.device, dtype: torch.
     n = shapes_mod.numel(shapes)
     counts = collections.Counter(shapes)
     factories = _factories(device)
-    total: Dict[str, int] = {name: 0 for name in list(factories) + [PROJECTION]}
+    total: Dict[str, int] = {name: 0 for name in factories}
     gen = torch.Generator(device="cpu").manual_seed(0)
     for shape, count in counts.items():
-        p = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+        grad = torch.randn(shape, generator=gen) * 1e-3
         for name, make in factories.items():
+            pdt = torch.bfloat16 if name == KAHAN else dtype  # the compensation exists for bf16 params only
+            p = torch.zeros(shape, dtype=pdt, device=device, requires_grad=True)
+            p.grad = grad.to(device=device, dtype=pdt)
             opt = make([p])
             opt.step()
-            sb = utils.state_bytes(opt)
-            total[name] += count * sb
-            if name == "CAME":  # the bf16-momentum projection: swap the fp32 exp_avg for an allocated bf16 one
-                m = opt.state[p]["exp_avg"]
-                m16 = torch.empty_like(m, dtype=torch.bfloat16)
-                total[PROJECTION] += count * (sb - m.numel() * m.element_size() + m16.numel() * m16.element_size())
-                del m, m16
-            del opt
-        del p
+            total[name] += count * utils.state_bytes(opt)
+            del opt, p
         utils.free_memory(device)
     pg = 2 * n * torch.empty((), dtype=dtype).element_size()  # params + grads
     rows = []
@@ -81,7 +79,7 @@ def measure_set(set_name: str, scale: float, device: torch.device, dtype: torch.
         rows.append({"set": set_name, "set_desc": shapes_mod.describe(set_name, scale), "optimizer": name,
                      "numel": n, "state_bytes": b, "state_gib": b / 2**30, "bytes_per_param": b / n,
                      "vs_adamw_pct": 100 * b / total["AdamW"], "with_params_grads_gib": (b + pg) / 2**30,
-                     "projection": name == PROJECTION})
+                     })
     return rows
 
 
@@ -105,8 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         rows += measure_set(set_name, args.scale, device, dtype)
     payload = {"benchmark": "memory", "env": env, "dtype": args.dtype, "scale": args.scale,
                "method": "per distinct shape: one param, one step, sum of nbytes of its state tensors, times "
-                         "the count of that shape; the projection row swaps CAME's measured fp32 exp_avg for "
-                         "an allocated bf16 tensor of the same shape",
+                         "the count of that shape",
                "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = utils.write_json(os.path.join(args.out, "memory.json"), payload)
@@ -125,8 +122,7 @@ def table(payload: dict) -> str:
             ("with_params_grads_gib", f"+ params + grads GiB ({payload['dtype']})", ".2f")]
     lines = [utils.markdown_table(payload["rows"], cols)]
     lines += [f"- {d}" for d in dict.fromkeys(r["set_desc"] for r in payload["rows"])]
-    lines.append(f"- {PROJECTION}: not an optimizer option yet; measured CAME state with the momentum "
-                 f"re-allocated in bf16")
+    lines.append(f"- {KAHAN}: measured with bf16 params (the Kahan buffer is 2 B/param of bf16 state)")
     return "\n".join(lines)
 
 
@@ -138,22 +134,21 @@ def plot(payload: dict, path: str):
     sets = list(dict.fromkeys(r["set"] for r in rows))
     opts = list(dict.fromkeys(r["optimizer"] for r in rows))
     colors = {"AdamW": "tab:blue", "Adafactor": "tab:green", "CAME": "tab:red", "came-pytorch": "tab:orange",
-              PROJECTION: "salmon", "AdamW8bit[bnb]": "tab:purple"}
+              "CAME, bf16 momentum": "salmon", "CAME, int8 momentum": "lightcoral", KAHAN: "rosybrown",
+              "AdamW8bit[bnb]": "tab:purple"}
     fig, ax = plt.subplots(figsize=(8, 4))
     w = 0.8 / len(opts)
     for j, o in enumerate(opts):
         vals = [next((r["bytes_per_param"] for r in rows if r["set"] == s and r["optimizer"] == o), 0) for s in sets]
         xs = [i + (j - (len(opts) - 1) / 2) * w for i in range(len(sets))]
-        bars = ax.bar(xs, vals, w, label=o, color=colors.get(o, "gray"),
-                      hatch="//" if o == PROJECTION else None)
+        bars = ax.bar(xs, vals, w, label=o, color=colors.get(o, "gray"))
         for b, v in zip(bars, vals):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     # Set descriptions are long: break them at the colon so neighbouring labels do not overlap.
     ax.set_xticks(range(len(sets)), [next(r["set_desc"] for r in rows if r["set"] == s).replace(": ", ":\n", 1)
                                      for s in sets], fontsize=7)
     ax.set_ylabel("optimizer state, bytes per parameter")
-    ax.set_title(f"Optimizer state from real allocations ({payload['dtype']} params); hatched: projection",
-                 fontsize=9)
+    ax.set_title(f"Optimizer state from real allocations ({payload['dtype']} params)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -39,9 +39,15 @@ OPTIMIZERS = {
     "CAME+bc[stats]": (dict(bias_correction=("exp_avg_sq", "exp_avg_res")), (2.5e-4, 5e-4, 1e-3)),
     # For conv nets (--model cnn): conv weights factored as [out, in*width] matrices.
     "CAME[factor_conv]": (dict(factor_conv=True), (2.5e-4, 5e-4, 1e-3)),
+    # Opt-in low-precision momentum (the byte model's tensors of >= 4096 elements get it).
+    "CAME[bf16 m]": (dict(momentum_dtype="bf16"), (2.5e-4, 5e-4, 1e-3)),
+    "CAME[int8 m]": (dict(momentum_dtype="int8"), (2.5e-4, 5e-4, 1e-3)),
 }
+# Labels a default study leaves out (ask for them with --optims).
+_OPT_IN_LABELS = ("CAME[factor_conv]", "CAME[bf16 m]", "CAME[int8 m]")
 COLORS = {"AdamW": "tab:blue", "Adafactor": "tab:green", "CAME": "tab:red", "CAME+bc": "tab:purple",
-          "CAME+bc[exp_avg]": "tab:orange", "CAME+bc[stats]": "tab:brown", "CAME[factor_conv]": "tab:olive"}
+          "CAME+bc[exp_avg]": "tab:orange", "CAME+bc[stats]": "tab:brown", "CAME[factor_conv]": "tab:olive",
+          "CAME[bf16 m]": "salmon", "CAME[int8 m]": "lightcoral"}
 
 
 def make_optimizer(label: str, lr: float, wd: float, backend: str):
@@ -61,8 +67,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=sorted(converge.MODELS), default="gpt",
                    help="gpt: the byte-level GPT of `bench converge`; cnn: a causal conv net of the same width "
                         "and depth, for conv weights (default: %(default)s)")
-    p.add_argument("--optims", default=",".join(k for k in OPTIMIZERS if k != "CAME[factor_conv]"),
-                   help=f"optimizers, among {', '.join(OPTIMIZERS)} (default: all but CAME[factor_conv])")
+    p.add_argument("--optims", default=",".join(k for k in OPTIMIZERS if k not in _OPT_IN_LABELS),
+                   help=f"optimizers, among {', '.join(OPTIMIZERS)} (default: all but {', '.join(_OPT_IN_LABELS)})")
     p.add_argument("--horizons", default="300,1500", help="training steps of the final runs (default: %(default)s)")
     p.add_argument("--sweep-steps", type=int, default=None,
                    help="steps of the lr sweep (default: the shortest horizon)")

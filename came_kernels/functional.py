@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import distributed as _distributed
 from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
-from .backends.torch_backend import bias_scales, matrix_shape
+from .backends.torch_backend import bias_scales, matrix_shape, rng_keys
 
 __all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
 
@@ -94,6 +94,11 @@ def came(
     bias_correction: frozenset = frozenset(),
     capturable: bool = False,
     factor_conv: bool = False,
+    exp_avg_absmaxes: Optional[list[Optional[Tensor]]] = None,
+    param_comps: Optional[list[Optional[Tensor]]] = None,
+    param_rounding: str = "nearest",
+    seed: int = 0,
+    rng_ids: Optional[list[int]] = None,
 ) -> None:
     """Functional form of `came_kernels.CAME.step` (see its docstring for the algorithm).
 
@@ -107,17 +112,37 @@ def came(
     steps run on Triton, whose tables can be pointed at new grads inside a graph. `factor_conv`: params with
     ndim >= 3 are stepped as [shape[0], numel/shape[0]] matrices, their statistics having the shapes of
     torch_backend.state_shapes(shape, factor_conv=True).
+
+    Low-precision state (opt-in, see CAME's momentum_dtype and param_rounding): exp_avgs[i] may be bf16, or
+    int8 codes with their per-block absmax in exp_avg_absmaxes[i]; bf16 params are stored with
+    `param_rounding` ("nearest", "stochastic", or "kahan" with param_comps[i]). Stochastic rounding draws
+    Philox bits keyed by `seed` and rng_ids[i] (default: i), with the step from `state_steps` (on the device).
     """
-    lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
-             exp_avg_sqs)
     hyper = dict(beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
                  weight_decay=weight_decay, maximize=maximize)
     amp = {}
     if grad_scale is not None or found_inf is not None:
         amp = dict(grad_scale=grad_scale, found_inf=found_inf)
     cache = {} if cache is None else cache
+    lists = (params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
+             exp_avg_sqs)
     if bias_correction and not state_steps:
         raise ValueError("came(): bias_correction needs state_steps (the step counters it reads)")
+    lowbit = _lowbit_options(params, exp_avgs, param_rounding, cache)
+    if lowbit:
+        if exp_avg_absmaxes is None:
+            exp_avg_absmaxes = [None] * len(params)
+        if param_comps is None:
+            param_comps = [None] * len(params)
+        if any((m.dtype == torch.int8) != (a is not None) for m, a in zip(exp_avgs, exp_avg_absmaxes)):
+            raise ValueError("came(): exp_avg_absmaxes[i] must be given exactly for the int8 exp_avgs[i]")
+        if param_rounding == "kahan" and any((p.dtype == torch.bfloat16) != (k is not None)
+                                             for p, k in zip(params, param_comps)):
+            raise ValueError("came(): param_rounding='kahan' needs param_comps[i] (bf16, the param's shape) for "
+                             "every bf16 param, and None for the others")
+        if not state_steps:
+            raise ValueError("came(): momentum_dtype/param_rounding other than fp32/nearest need state_steps "
+                             "(stochastic rounding reads the step on the device)")
 
     # Group once by what a fused kernel must share: device and dtypes. The torch backend takes the lot
     # for a device in one call (it buckets internally), so it is grouped by device only. The optimizer
@@ -163,6 +188,12 @@ def came(
             raise NotImplementedError("capturable=True with GradScaler needs a fused backend (the torch backend "
                                       "reads found_inf on the host, which a CUDA graph cannot replay); use "
                                       "backend='triton' or 'auto'")
+        if lowbit and name != "torch" and torch.compiler.is_compiling():
+            raise NotImplementedError(f"{lowbit} under torch.compile needs backend='torch' for now (the fused "
+                                      "step's custom op does not take the low-precision state yet)")
+        if lowbit and name == "distributed":
+            raise NotImplementedError(f"{lowbit} does not take DTensor params (FSDP2, tensor parallel) yet; use "
+                                      "the default momentum_dtype and param_rounding for them")
         if name == "distributed" and capturable:
             raise NotImplementedError("capturable=True does not take DTensor params (FSDP2, tensor parallel): "
                                       "their step all-reduces statistics between phases; use capturable=False")
@@ -219,6 +250,13 @@ def came(
             # Compiled, the torch math on the shards (traced; the Triton path issues collectives between
             # launches that the compiler cannot see through).
             step_fn = functools.partial(_distributed.came_step, backend="torch" if compiling else key[2])
+        if lowbit:
+            comps = [param_comps[i] for i in idx]
+            if factor_conv:  # the Kahan compensation is addressed like its param: as the matrix
+                comps = [_as_matrix(k, write_back) if k is not None and k.ndim >= 3 else k for k in comps]
+            extra.update(exp_avg_absmaxes=[exp_avg_absmaxes[i] for i in idx],
+                         param_comps=comps, param_rounding=param_rounding,
+                         rng=_rng_table(cache, seed, rng_ids, idx, state_steps, device))
         if not compiling:
             (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}),
                                                    **hyper, **extra)
@@ -229,6 +267,38 @@ def came(
             call_fused_step(sub, group_lr, name, **hyper, **extra)
         for x, copy in write_back:
             x.copy_(copy.view(x.shape))
+
+
+def _lowbit_options(params, exp_avgs, param_rounding: str, cache: dict) -> str:
+    """'' for the default storage, else the options in use ("momentum_dtype", "param_rounding") as words for
+    an error message. Host checks of dtypes only (remembered for the same tuple of exp_avgs)."""
+    memo = cache.get("lowbit")
+    if memo is not None and memo[0] is exp_avgs and memo[1] == param_rounding:
+        return memo[2]
+    what = []
+    if any(m.dtype in (torch.bfloat16, torch.int8) for m in exp_avgs):
+        what.append("momentum_dtype='bf16'/'int8'")
+    if param_rounding != "nearest" and any(p.dtype == torch.bfloat16 for p in params):
+        what.append(f"param_rounding={param_rounding!r}")
+    out = " and ".join(what)
+    if isinstance(exp_avgs, tuple):
+        cache["lowbit"] = (exp_avgs, param_rounding, out)
+    return out
+
+
+def _rng_table(cache: dict, seed: int, rng_ids, idx, state_steps, device) -> Tensor:
+    """int64 [len(idx), 2]: (Philox key, step) per tensor of a group. The keys (seed, tensor id) are uploaded
+    once per parameter set; the steps are converted from the step counters on the device (no sync, and a
+    growing t is data: nothing recompiles)."""
+    ids = [rng_ids[i] if rng_ids is not None else i for i in idx]
+    memo_key = ("rng_keys", device, seed, tuple(ids))
+    keys = cache.get(memo_key) if not torch.compiler.is_compiling() else None
+    if keys is None:
+        keys = torch.tensor(rng_keys(seed, ids), dtype=torch.int64).to(device)
+        if not torch.compiler.is_compiling():
+            cache[memo_key] = keys
+    steps = torch.stack([state_steps[i] for i in idx]).to(device=device, dtype=torch.int64)
+    return torch.stack([keys, steps], dim=1)
 
 
 def _matrix_views(xs: tuple, write_back: list, memo: dict, name: str):

@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 
 from . import distributed as _distributed
 from .backends import BACKENDS, BackendUnavailableError
-from .backends.torch_backend import BIAS_TERMS, math_dtype, state_shapes
+from .backends.torch_backend import (BIAS_TERMS, MOMENTUM_DTYPES, PARAM_ROUNDINGS, QBLOCK, dequantize_blockwise,
+                                     math_dtype, momentum_state, quantize_blockwise, sr_bf16, state_shapes)
 from .functional import came, resolve_backend
 
 __all__ = ["CAME"]
@@ -29,9 +30,16 @@ _dtype, _layout, _device = (operator.attrgetter(a) for a in ("dtype", "layout", 
 _is_none = functools.partial(operator.is_, None)
 # State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
 _UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
-_STATS_KEYS = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
+_STATS_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
+# The momentum's keys, one of two layouts (torch_backend.momentum_state): "exp_avg" (fp32 or bf16), or int8
+# codes "exp_avg_q" with "exp_avg_absmax"; and the Kahan compensation of bf16 params (param_rounding="kahan").
+_MOMENTUM_KEYS = ("exp_avg", "exp_avg_q", "exp_avg_absmax")
+_COMP_KEY = "param_comp"
 # Group entries that say how this process runs, not what was trained: never taken from a checkpoint.
 _RUNTIME_KEYS = ("backend", "fused", "foreach", "capturable", "differentiable")
+# Group entries that say how the state is stored: kept from the constructor, the checkpoint's state is
+# converted to them on load (an fp32 momentum quantized into an int8 optimizer, and back).
+_STORAGE_KEYS = ("momentum_dtype", "param_rounding")
 # Group entries a checkpoint must have (came-pytorch's; the keyword-only ones get defaults).
 _REQUIRED_GROUP_KEYS = ("params", "lr", "eps", "clip_threshold", "betas", "weight_decay")
 
@@ -99,6 +107,19 @@ class CAME(Optimizer):
             1x1 conv keeps row statistics as large as its weight). Changes the state's shapes: it is saved
             with the param group. Meant for conv weights; a 3-D param that is a batch of matrices (stacked
             experts, say) should be put in a param group without it.
+        momentum_dtype (str, keyword-only): how the momentum is stored between steps (default: "fp32", the
+            exact came-pytorch update). "bf16": bf16, rounded stochastically (2 B/param); "int8": int8 codes
+            with one fp32 absmax per block of 256 elements, rounded stochastically (1.02 B/param). Tensors with
+            ndim < 2 or fewer than 4096 elements keep an fp32 momentum. The math stays fp32. Kept from the
+            constructor on load_state_dict: a checkpoint's momentum is converted to this storage.
+        param_rounding (str, keyword-only): how bf16 params are stored (default: "nearest": fp32 math,
+            rounded once to nearest). "stochastic": rounded stochastically (no memory), so updates below half
+            a bf16 ulp move the param on average; "kahan": a bf16 compensation buffer (state "param_comp",
+            +2 B/param) keeps what rounding lost and adds it back next step. fp32/fp64 params are stored
+            exactly either way; fp16 params take "nearest" only.
+        seed (int, keyword-only): seed of the stochastic rounding (default: 0), in [0, 2^32). The random bits
+            are Philox4x32-10 of (seed, param index, step, element index): reproducible, and the same in
+            every backend. Saved with the param group.
         maximize (bool, keyword-only): maximize the objective (default: False).
         backend (str, keyword-only): "auto", "torch", "triton" or "cuda" (default: "auto": the CUDA extension
             for CUDA tensors when it was built, else Triton on CUDA, else torch). Requesting a backend that
@@ -136,6 +157,9 @@ class CAME(Optimizer):
         *,
         bias_correction: Union[bool, tuple] = False,
         factor_conv: bool = False,
+        momentum_dtype: str = "fp32",
+        param_rounding: str = "nearest",
+        seed: int = 0,
         maximize: bool = False,
         backend: str = "auto",
         foreach: Optional[bool] = None,
@@ -156,8 +180,9 @@ class CAME(Optimizer):
         if differentiable:
             raise ValueError("CAME: differentiable=True is not supported; use differentiable=False")
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay,
-                        bias_correction=bias_correction, factor_conv=factor_conv, maximize=maximize, backend=backend, foreach=foreach, fused=fused,
-                        capturable=capturable, differentiable=differentiable)
+                        bias_correction=bias_correction, factor_conv=factor_conv, momentum_dtype=momentum_dtype,
+                        param_rounding=param_rounding, seed=seed, maximize=maximize, backend=backend,
+                        foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         # lr=None is allowed when every param group brings its own (add_param_group checks that).
         _check_group(defaults, "defaults", lr_optional=True)
         # Backend scratch (device tables, workspaces), one dict per param group (add_param_group appends);
@@ -196,6 +221,10 @@ class CAME(Optimizer):
                                      f"of shape {tuple(p.shape)}); view it as real with torch.view_as_real")
                 if not p.is_floating_point():
                     raise ValueError(f"CAME: parameters must be floating point, got {p.dtype}")
+                if p.dtype == torch.float16 and group["param_rounding"] != "nearest":
+                    raise ValueError(f"CAME ({where}): param_rounding={group['param_rounding']!r} takes bf16 params "
+                                     f"(fp32/fp64 params are stored exactly), got a float16 param of shape "
+                                     f"{tuple(p.shape)}; use param_rounding='nearest' for fp16 params")
                 if _distributed.is_dtensor(p):
                     pwhere = f"{where}, param of shape {tuple(p.shape)}"
                     _distributed.check_param(p, pwhere)
@@ -203,6 +232,9 @@ class CAME(Optimizer):
                         raise ValueError(f"CAME ({pwhere}): capturable=True does not take DTensor params (FSDP2, "
                                          "tensor parallel): their step all-reduces statistics between phases; use "
                                          "capturable=False")
+                    if group["momentum_dtype"] != "fp32" or group["param_rounding"] != "nearest":
+                        raise ValueError(f"CAME ({pwhere}): momentum_dtype and param_rounding other than the "
+                                         "defaults do not take DTensor params (FSDP2, tensor parallel) yet")
                     if group["factor_conv"] and p.ndim >= 3:
                         raise ValueError(f"CAME ({pwhere}): factor_conv=True does not take DTensor params with "
                                          "ndim >= 3 yet; put them in a param group without factor_conv")
@@ -228,7 +260,8 @@ class CAME(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # groups saved by came-pytorch lack our keyword-only options
-            for key, value in (("bias_correction", False), ("factor_conv", False), ("maximize", False),
+            for key, value in (("bias_correction", False), ("factor_conv", False), ("momentum_dtype", "fp32"),
+                               ("param_rounding", "nearest"), ("seed", 0), ("maximize", False),
                                ("backend", "auto"),
                                ("foreach", None), ("fused", None), ("capturable", False), ("differentiable", False)):
                 group.setdefault(key, value)
@@ -331,14 +364,14 @@ class CAME(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows,
-                    exp_avg_res_cols, exp_avg_sqs, state_steps) -> None:
+                    exp_avg_res_cols, exp_avg_sqs, state_steps, absmaxes, comps, ids, first_id) -> None:
         """Create missing state and append each param with a grad, and its state, to the lists.
 
         Why plain list arguments: torch.compile (dynamo) runs a method named `_init_group` outside the trace
         and passes back only what it appended to list arguments, as for torch's own optimizers. Lists packed
         in a dict would stay empty inside the trace, and a compiled step() would silently do nothing.
         """
-        for p in group["params"]:
+        for k, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             state = self.state[p]
@@ -347,16 +380,23 @@ class CAME(Optimizer):
                 # On the param's device: one _foreach_add_ launch per step on a GPU instead of one tiny
                 # CPU op per tensor (host time is the budget of a fused optimizer step).
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
                 if _distributed.is_dtensor(p):  # sharded like the axes they index, so DCP can reshard them
-                    state.update(_distributed.new_stats(p, dt))  # (no factor_conv: add_param_group refuses it)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+                    state.update(_distributed.new_stats(p, dt))  # (fp32 m, no factor_conv: add_param_group)
                 else:
+                    for key, (shape, mdt) in momentum_state(p.shape, group["momentum_dtype"], p.dtype).items():
+                        state[key] = torch.zeros(shape, dtype=mdt, device=p.device)
                     for key, shape in state_shapes(p.shape, group["factor_conv"]).items():
                         state[key] = torch.zeros(shape, dtype=dt, device=p.device)
+                    if _wants_comp(group, p):
+                        state[_COMP_KEY] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
             factored = p.ndim >= 2  # factor_conv keeps ndim >= 3 factored (as a matrix): the same lists
             params.append(p)
             grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
+            exp_avgs.append(state["exp_avg_q"] if "exp_avg_q" in state else state["exp_avg"])
+            absmaxes.append(state.get("exp_avg_absmax"))
+            comps.append(state.get(_COMP_KEY))
+            ids.append(first_id + k)  # the param's index in state_dict(): its random stream
             exp_avg_sq_rows.append(state["exp_avg_sq_row"] if factored else None)
             exp_avg_sq_cols.append(state["exp_avg_sq_col"] if factored else None)
             exp_avg_res_rows.append(state["exp_avg_res_row"] if factored else None)
@@ -389,15 +429,18 @@ class CAME(Optimizer):
         self._check_step_inputs(skip=() if compiling else {gi for gi, f in enumerate(fast) if f is not None})
         for gi, group in enumerate(self.param_groups):  # indexed: dynamo maps `group` back to param_groups[gi]
             if fast[gi] is not None:
-                params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = fast[gi]
+                (params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps, absmaxes, comps,
+                 ids) = fast[gi]
             else:
-                params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps = ([] for _ in range(9))
+                (params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, steps, absmaxes, comps,
+                 ids) = ([] for _ in range(12))
+                first_id = sum(len(g["params"]) for g in self.param_groups[:gi])
                 self._init_group(group, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs,
-                                 steps)
+                                 steps, absmaxes, comps, ids, first_id)
                 if not compiling:
                     self._remember(gi, group, (tuple(params), grads, tuple(exp_avgs), tuple(sq_rows),
                                                tuple(sq_cols), tuple(res_rows), tuple(res_cols), tuple(sqs),
-                                               tuple(steps)))
+                                               tuple(steps), tuple(absmaxes), tuple(comps), tuple(ids)))
             if not params:
                 continue
             beta1, beta2, beta3 = group["betas"]
@@ -406,7 +449,8 @@ class CAME(Optimizer):
                  beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
                  maximize=group["maximize"], bias_correction=frozenset(group["bias_correction"] or ()),
-                 factor_conv=group["factor_conv"],
+                 factor_conv=group["factor_conv"], exp_avg_absmaxes=absmaxes, param_comps=comps,
+                 param_rounding=group["param_rounding"], seed=group["seed"], rng_ids=ids,
                  backend=group["backend"], fused=group["fused"], capturable=group["capturable"],
                  cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
@@ -444,23 +488,34 @@ class CAME(Optimizer):
             st = {key: v for key, v in st.items() if key not in _UNUSED_CAME_PYTORCH_KEYS}
             if "step" in st and not isinstance(st["step"], Tensor):
                 st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
-            saved[k] = {key: v for key, v in st.items() if key in _STATS_KEYS and isinstance(v, Tensor)}
-            new_state[k] = st
+            saved[k] = {key: v for key, v in st.items() if isinstance(v, Tensor) and key != "step"}
+            new_state[k] = {key: v for key, v in st.items() if key == "step" or key not in saved[k]}
         state_dict["state"] = new_state
         state_dict["param_groups"] = [
-            dict(saved_group, **{key: group[key] for key in _RUNTIME_KEYS})
+            dict(saved_group, **{key: group[key] for key in _RUNTIME_KEYS + _STORAGE_KEYS},
+                 seed=saved_group.get("seed", group["seed"]))
             for saved_group, group in zip(state_dict["param_groups"], self.param_groups)]
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(ids, params):
-            for key, v in saved.get(pid, {}).items():
-                if _distributed.is_dtensor(p) or _distributed.is_dtensor(v):  # laid out as a new state would be
-                    self.state[p][key] = _distributed.load_stat(p, key, v, math_dtype(p.dtype))
-                else:
-                    self.state[p][key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
-            if p in self.state and "step" in self.state[p]:
-                self.state[p]["step"] = self.state[p]["step"].to(device=p.device, dtype=torch.float32)
+        pairs = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, (p, group) in zip(ids, pairs):
+            if pid not in saved:
+                continue
+            st = self.state[p]
+            if _distributed.is_dtensor(p) or any(map(_distributed.is_dtensor, saved[pid].values())):
+                for key, v in saved[pid].items():  # laid out as a new state would be (an fp32 momentum)
+                    st[key] = _distributed.load_stat(p, key, v, math_dtype(p.dtype))
+            else:
+                for key, v in saved[pid].items():
+                    if key in _STATS_KEYS:
+                        st[key] = v.to(device=p.device, dtype=math_dtype(p.dtype), copy=True)
+                st.update(_loaded_momentum(saved[pid], p, group["momentum_dtype"]))
+                if _wants_comp(group, p):
+                    comp = saved[pid].get(_COMP_KEY)
+                    st[_COMP_KEY] = (torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device) if comp is None
+                                     else comp.to(device=p.device, dtype=torch.bfloat16, copy=True))
+            if "step" in st:  # a copy, as every other tensor: a live optimizer's state_dict shares its counters
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32, copy=True)
         self._reset_caches()  # tensors changed: fused backends rebuild their tables
 
 
@@ -499,12 +554,30 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
             pwhere = f"{where}, param of shape {tuple(p.shape)} (state id {pid})"
             if not isinstance(st, dict):
                 bad(f"{pwhere}: state is a {type(st).__name__}, expected a dict")
-            want = dict(exp_avg=tuple(p.shape), **state_shapes(p.shape, saved.get("factor_conv", False)))
-            keys = set(st) - set(_UNUSED_CAME_PYTORCH_KEYS) - {"step"}
-            if keys != set(want):
+            want = dict(state_shapes(p.shape, saved.get("factor_conv", False)))
+            keys = set(st) - set(_UNUSED_CAME_PYTORCH_KEYS) - {"step", _COMP_KEY}
+            # The momentum in either layout (fp32/bf16 exp_avg, or int8 codes with their absmax), whatever
+            # the saving optimizer's momentum_dtype: it is converted to this one's on load.
+            quantized = {"exp_avg_q": (tuple(p.shape), torch.int8),
+                         "exp_avg_absmax": (((p.numel() + QBLOCK - 1) // QBLOCK,), torch.float32)}
+            momentum = quantized if "exp_avg_q" in keys else {"exp_avg": (tuple(p.shape), None)}
+            if keys != set(want) | set(momentum):
                 hint = (" (it looks like another optimizer's state, e.g. AdamW's exp_avg/exp_avg_sq)"
                         if "exp_avg_sq" in keys and p.ndim >= 2 else "")
-                bad(f"{pwhere}: state keys {sorted(keys)}, expected {sorted(want)}{hint}")
+                bad(f"{pwhere}: state keys {sorted(keys)}, expected {sorted(set(want) | {'exp_avg'})} (or "
+                    f"'exp_avg_q' and 'exp_avg_absmax' for an int8 momentum instead of 'exp_avg'){hint}")
+            for key, (shape, dtype) in dict(momentum, **({_COMP_KEY: (tuple(p.shape), None)} if _COMP_KEY in st
+                                                          else {})).items():
+                v = st[key]
+                if not isinstance(v, Tensor):
+                    bad(f"{pwhere}: '{key}' is a {type(v).__name__}, expected a tensor of shape {shape}")
+                if tuple(v.shape) != shape:
+                    bad(f"{pwhere}: '{key}' has shape {tuple(v.shape)}, expected {shape}")
+                if v.layout != torch.strided or (v.dtype != dtype if dtype is not None else not v.is_floating_point()):
+                    bad(f"{pwhere}: '{key}' must be a dense {dtype or 'floating'} tensor, got {v.dtype} {v.layout}")
+                why = _distributed.check_loaded_stat(p, key, v)
+                if why is not None:
+                    bad(f"{pwhere}: {why}")
             if "step" not in st:
                 bad(f"{pwhere}: state lacks 'step'")
             step = st["step"]
@@ -524,6 +597,26 @@ def _check_state_dict(opt: "CAME", sd: Any) -> None:
                 why = _distributed.check_loaded_stat(p, key, v)
                 if why is not None:
                     bad(f"{pwhere}: {why}")
+
+
+def _loaded_momentum(saved: dict, p: Tensor, momentum_dtype: str) -> dict:
+    """The momentum entries of param p's state for this optimizer's `momentum_dtype`, from a checkpoint's
+    (already checked) state `saved` in either layout: copied as they are when the layouts agree (resuming
+    is bit-exact), else converted through fp32, rounding to nearest (a conversion draws no random bits)."""
+    want = momentum_state(p.shape, momentum_dtype, p.dtype)
+    have = {k: v for k, v in saved.items() if k in _MOMENTUM_KEYS}
+    if set(have) == set(want) and all(v.dtype == want[k][1] for k, v in have.items()):
+        return {k: v.to(device=p.device, copy=True) for k, v in have.items()}
+    if "exp_avg_q" in have:
+        m = dequantize_blockwise(have["exp_avg_q"].to(p.device), have["exp_avg_absmax"].to(p.device))
+    else:
+        m = have["exp_avg"].to(device=p.device, dtype=torch.float32)
+    half = torch.full(p.shape, 0x80000000, dtype=torch.int64, device=p.device)  # random bits of 1/2: nearest
+    if "exp_avg_q" in want:
+        q, absmax = quantize_blockwise(m, half)
+        return {"exp_avg_q": q, "exp_avg_absmax": absmax}
+    dtype = want["exp_avg"][1]
+    return {"exp_avg": sr_bf16(m, half) if dtype == torch.bfloat16 else m.to(dtype, copy=True)}
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -590,6 +683,11 @@ def _bias_terms(value: Any, where: str) -> Union[bool, tuple]:
     return terms
 
 
+def _wants_comp(group: dict, p: Tensor) -> bool:
+    """Whether param p keeps a Kahan compensation buffer (param_rounding="kahan", bf16 p)."""
+    return group["param_rounding"] == "kahan" and p.dtype == torch.bfloat16
+
+
 def _three_betas(betas) -> tuple:
     betas = tuple(betas)
     return betas + (_DEFAULT_BETA3,) if len(betas) == 2 else betas
@@ -626,6 +724,15 @@ def _check_group(group: dict, where: str, lr_optional: bool = False, read_tensor
     _bias_terms(group.get("bias_correction", False), where)
     if not isinstance(group.get("factor_conv", False), bool):
         raise ValueError(f"CAME ({where}): factor_conv must be a bool, got {group['factor_conv']!r}")
+    if group.get("momentum_dtype", "fp32") not in MOMENTUM_DTYPES:
+        raise ValueError(f"CAME ({where}): momentum_dtype must be one of {MOMENTUM_DTYPES}, got "
+                         f"{group['momentum_dtype']!r}")
+    if group.get("param_rounding", "nearest") not in PARAM_ROUNDINGS:
+        raise ValueError(f"CAME ({where}): param_rounding must be one of {PARAM_ROUNDINGS}, got "
+                         f"{group['param_rounding']!r}")
+    seed = group.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"CAME ({where}): seed must be an int in [0, 2**32), got {seed!r}")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"CAME ({where}): maximize must be a bool, got {group['maximize']!r}")
     if group["backend"] not in ("auto",) + BACKENDS:

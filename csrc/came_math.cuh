@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "lowbit.h"
+
 #ifndef CAME_HD
 #if defined(__CUDACC__)
 #define CAME_HD __host__ __device__ __forceinline__
@@ -98,5 +100,100 @@ CAME_HD float param_step(float p, float update, float lr, float weight_decay) {
 CAME_HD float param_step_folded(float p, float update, float lr, float weight_decay) {
   return p - (update * lr + p * (lr * weight_decay));
 }
+
+// ---- Opt-in low-precision state (mirror of triton_kernels/came_math.py's helpers and of the spec's
+// torch_backend.philox, sr_bf16, quantize_blockwise, dequantize_blockwise): integer ops and exactly rounded
+// fp32 ops in the spec's order, so every backend draws the same bits and rounds the same fp32 value alike.
+// Constants (kQBlock, the Philox streams, the storage kinds and roundings): lowbit.h.
+constexpr float kInv127 = 0.007874015718698502f;  // fp32(1/127): m = q * (absmax * kInv127)
+
+CAME_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+CAME_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+CAME_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, 4);
+  return x;
+#endif
+}
+
+// Philox4x32-10 (Salmon et al., SC 2011), as Triton's tl.philox(key, c0, c1, c2, c3): key = (low 32 bits,
+// high 32 bits) of the int64 key; the first output word.
+CAME_HD uint32_t philox_first(uint64_t key, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  for (int round = 0; round < 10; ++round) {  // constant trip count: unrolled by nvcc
+    const uint32_t hi_b = umulhi32(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
+    const uint32_t hi_a = umulhi32(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
+    c0 = hi_b ^ c1 ^ k0;
+    c1 = lo_b;
+    c2 = hi_a ^ c3 ^ k1;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// 32 random bits for element `idx` of a tensor whose rng row is (key, step): counters (idx lo, idx hi,
+// step lo, stream). The spec's random_bits, Triton's _random_bits.
+CAME_HD uint32_t random_bits(int64_t key, int64_t step, int64_t idx, uint32_t stream) {
+  return philox_first(static_cast<uint64_t>(key), static_cast<uint32_t>(idx),
+                      static_cast<uint32_t>(static_cast<uint64_t>(idx) >> 32), static_cast<uint32_t>(step), stream);
+}
+
+// fp32 x rounded to bf16 stochastically with the random bits r, as its 16-bit pattern: r's top 16 bits are
+// added below the bf16 ulp, then the low 16 bits dropped (up with probability (x - down) / ulp). NaN stays
+// a NaN (0x7FC0, what torch's to(bfloat16) gives on the CPU).
+CAME_HD uint16_t sr_bf16_bits(float x, uint32_t r) {
+  if (x != x) return 0x7FC0u;
+  return static_cast<uint16_t>((float_bits(x) + (r >> 16)) >> 16);
+}
+
+// fp32 x rounded to bf16 to nearest even, as its 16-bit pattern (what torch's and c10's conversions do).
+CAME_HD uint16_t rne_bf16_bits(float x) {
+  if (x != x) return 0x7FC0u;
+  const uint32_t u = float_bits(x);
+  return static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+CAME_HD float bf16_bits_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
+
+// Kahan-compensated bf16 param: the param p stands for p + k; the new fp32 value x is stored as p = bf16(x)
+// (to nearest) and k = bf16(x - p) (what the rounding lost; x - p is exact in fp32).
+CAME_HD float kahan_value(float p, float k) { return p + k; }
+
+// int8 momentum: m of code q in a block of absmax, and the code of fp32 m in a block of absmax with random
+// bits r: x = m * (127 / absmax), up with probability frac(x) from r's top 24 bits, clamped to [-127, 127];
+// 0 for NaN (its block's absmax is NaN, which shows); an all-zero block stays zero.
+CAME_HD float dequantize(int8_t q, float absmax) { return static_cast<float>(q) * (absmax * kInv127); }
+CAME_HD int8_t quantize(float m, float absmax, uint32_t r) {
+  const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+  const float x = m * inv;
+  if (x != x) return 0;
+  const float down = std::floor(x);
+  const bool up = static_cast<float>(r >> 8) * 5.9604644775390625e-08f < x - down;  // 2^-24
+  float q = down + (up ? 1.0f : 0.0f);
+  q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
+  return static_cast<int8_t>(q);
+}
+// The block maximum of |m| is gathered as the int bits of |m| (non-negative floats order as their bits, and a
+// NaN, whose bits are the largest, wins as in torch's amax): exact in any order.
+CAME_HD int32_t absmax_key(float m) { return static_cast<int32_t>(float_bits(m) & 0x7FFFFFFFu); }
 
 }  // namespace came

@@ -25,6 +25,11 @@ struct TensorRef {
   int64_t numel = 0, B = 0, M = 0, N = 0;
   int64_t stat_off = 0;  // this tensor's slice of `stats`: mean_M(r)[B], mean_M(R)[B], clip divisor [1]
   int64_t index = 0;     // its position in the op's lists (empty tensors are dropped): its row of bias_scales
+  // Opt-in low-precision state (came_step_lowbit only): m is then fp32, bf16 or int8 codes (mkind, see
+  // came_math.cuh), with the int8 codes' block absmax; comp: the Kahan compensation of a bf16 param.
+  at::Tensor absmax, comp;
+  int mkind = 0;
+  int64_t qoff = 0;      // int8: its first slot in the group's qmax / qold buffers
   bool factored() const { return M > 0; }
   Shape shape() const { return Shape{numel, B, M, N}; }
 };
@@ -46,6 +51,12 @@ struct Group {
   int64_t fin_blocks = 0;   // grid of the column finalize kernels (0: no factored tensor)
   at::Tensor table_dev;     // the uploaded table; keeps `tab` valid until the op returns
   DeviceTable tab{};
+  // Opt-in low-precision state (came_step_lowbit): `lowbit` uploads the LowbitDesc entries (tab.lp);
+  // `lowbit_momentum`: some m is bf16 or int8 (phase 3 takes its low-precision bodies); `rounding`: the
+  // param_rounding of bf16 params (phase 4 takes them when it is not nearest, or for lowbit_momentum).
+  bool lowbit = false, lowbit_momentum = false;
+  int rounding = 0;
+  int64_t q_blocks = 0;     // int8 momenta: blocks of 256 elements over the group (qmax / qold slots)
 };
 
 // stats floats per tensor: the layout contract between make_group and the Python glue (`_stats_numel`).

@@ -13,6 +13,9 @@
 // [found_inf, 1/scale]): g = g * (1/scale) as it is loaded; both kernels return before writing anything when
 // found_inf != 0.
 //
+// Opt-in low-precision momentum (came_step_lowbit; factored tensors whose m is bf16 or int8 codes): see
+// momentum_res_stripe_lp. The default kernels (kLow = false) are compiled as before.
+//
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B), reads and writes m (8 B): fp32 12 B, bf16 10 B;
 // flat tensors also read v (4 B). Column partials: 4/64 B per element. GradScaler: amp, 8 B per block.
 // Launch: one momentum_res_kernel over the whole group, one block per stripe / flat chunk, 256 threads; one
@@ -132,9 +135,116 @@ __device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t
   }
 }
 
-template <typename T, bool kMaximize>
-__global__ void __launch_bounds__(kThreads, 2) momentum_res_kernel(DeviceTable tab, float* ws, Hyper h,
-                                                                   const float* amp) {
+// The opt-in low-precision momentum of a factored tensor (MK: kMomBf16 or kMomInt8; L: its LowbitDesc):
+// momentum_res_stripe's math and sums in the same order, one row at a time, with m loaded from its storage:
+//   bf16: the new m is stored rounded stochastically (sr_bf16_bits, Philox stream 0, counter = element index)
+//   int8: m = q * (absmax * fp32(1/127)); the new m is not stored here (its block's new absmax is known only
+//         when every block is done): its |m| bits go to qmax by atomic max (exact in any order), the element
+//         that starts a block copies the block's old absmax to qold, and param_step recomputes the new m and
+//         stores its codes (triton_kernels/momentum_res.py does the same).
+// The residual uses the new m before it is rounded, as the spec.
+// `tiles`: one shared buffer for all four instantiations (each its own would pass the 48 KB of static
+// shared memory a block may have).
+template <typename T, int VEC, bool kVec, bool kMaximize, int MK>
+__device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, const LowbitDesc& L, int64_t local,
+                                                       float* __restrict__ ws, const Hyper& h, float inv,
+                                                       float (&tiles)[2][kWarps][32 * VEC]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Stripe s = stripe_of(d.M, d.N, local);
+  const T* __restrict__ g = static_cast<const T*>(d.g);
+  const float* __restrict__ r = d.row;
+  const float* __restrict__ c = d.col + s.b * s.N;
+  const float mean_r = d.stat[s.b];
+  const float divisor = d.stat[2 * d.B];
+  float* __restrict__ colpart = ws + d.ws_col + local * s.N;
+  int64_t key = 0, step = 0;
+  if constexpr (MK == kMomBf16) {
+    key = L.rng[0];
+    step = L.rng[1];
+  }
+
+  float row_f[kRowsPerWarp], row_acc[kRowsPerWarp];
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int64_t row = warp_row(s, warp, j);
+    row_f[j] = row < s.row_end ? row_factor(r[row], mean_r) : 0.0f;
+    row_acc[j] = 0.0f;
+  }
+
+  int buf = 0;
+  for (int64_t col0 = 0; col0 < s.N; col0 += 32 * VEC, buf ^= 1) {
+    const int64_t col = col0 + lane * VEC;
+    float col_f[VEC], col_acc[VEC];
+    load_vec<VEC, kVec>(c, col, s.N, col_f);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      col_f[e] = col_factor(col_f[e]);
+      col_acc[e] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      RowTile<T, VEC, kVec, 1> gt;
+      gt.load(g, s, warp, j, col);
+      if (gt.ok[0]) {
+        const int64_t base = warp_row(s, warp, j) * s.N + col;
+        float sum = 0.0f;
+        int64_t qblk = -1;  // int8: the block of the elements gathered in qbits so far
+        int32_t qbits = 0;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          if (col + e < s.N) {
+            const int64_t i = base + e;
+            float m_old;
+            if constexpr (MK == kMomBf16) {
+              m_old = bf16_bits_to_float(reinterpret_cast<const uint16_t*>(d.m)[i]);
+            } else {
+              m_old = dequantize(reinterpret_cast<const int8_t*>(d.m)[i], L.absmax[i / kQBlock]);
+            }
+            const float gu = unscaled(gt.at(0, e), inv);
+            const float gx = kMaximize ? -gu : gu;
+            const float u_hat = clipped(factored_u(gx, row_f[j], col_f[e]), divisor);
+            const float mv = ema(m_old, h.beta1, h.one_minus_beta1, u_hat);
+            const float res = residual(u_hat, mv);
+            col_acc[e] += res;
+            sum += res;
+            if constexpr (MK == kMomBf16) {
+              reinterpret_cast<uint16_t*>(d.m)[i] = sr_bf16_bits(mv, random_bits(key, step, i, kStreamMomentum));
+            } else {
+              const int64_t blk = i / kQBlock;
+              if (blk != qblk) {
+                if (qblk >= 0) atomicMax(L.qmax + qblk, qbits);
+                qblk = blk;
+                qbits = 0;
+              }
+              qbits = max(qbits, absmax_key(mv));
+              if (i % kQBlock == 0) L.qold[blk] = L.absmax[blk];
+            }
+          }
+        }
+        if constexpr (MK == kMomInt8) {
+          if (qblk >= 0) atomicMax(L.qmax + qblk, qbits);
+        }
+        row_acc[j] += sum;
+      }
+    }
+    write_column_partials<VEC>(col_acc, tiles[buf], colpart, col0, s.N);
+  }
+
+  float* __restrict__ R = d.res_row;
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int64_t row = warp_row(s, warp, j);
+    const float sum = warp_sum(row_acc[j]);
+    if (lane == 0 && row < s.row_end) {
+      R[row] = ema(R[row], h.beta3, h.one_minus_beta3, mean_plus_eps(sum, static_cast<float>(s.N), h.eps2));
+    }
+  }
+}
+
+// kLow: the group has bf16/int8 momenta (tab.lp is set); without it the kernel is the default one, unchanged.
+template <typename T, bool kMaximize, bool kLow>
+__global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) momentum_res_kernel(DeviceTable tab, float* ws, Hyper h,
+                                                                              const float* amp) {
   constexpr int VEC = 16 / sizeof(T);
   if (amp_found_inf(amp)) return;  // GradScaler: skip the whole step, else unscale g by inv
   const float inv = amp_inv_scale(amp);
@@ -143,10 +253,24 @@ __global__ void __launch_bounds__(kThreads, 2) momentum_res_kernel(DeviceTable t
   if (d.M == 0) {
     if (d.vec_ok) momentum_flat<T, VEC, true, kMaximize>(d, blk.local, h, inv);
     else momentum_flat<T, VEC, false, kMaximize>(d, blk.local, h, inv);
-  } else {
-    if (d.vec_ok) momentum_res_stripe<T, VEC, true, kMaximize>(d, blk.local, ws, h, inv);
-    else momentum_res_stripe<T, VEC, false, kMaximize>(d, blk.local, ws, h, inv);
+    return;
   }
+  if constexpr (kLow) {
+    __shared__ float tiles[2][kWarps][32 * VEC];
+    const LowbitDesc& L = tab.lp[blk.d - tab.t];
+    if (L.mkind == kMomBf16) {
+      if (d.vec_ok) momentum_res_stripe_lp<T, VEC, true, kMaximize, kMomBf16>(d, L, blk.local, ws, h, inv, tiles);
+      else momentum_res_stripe_lp<T, VEC, false, kMaximize, kMomBf16>(d, L, blk.local, ws, h, inv, tiles);
+      return;
+    }
+    if (L.mkind == kMomInt8) {
+      if (d.vec_ok) momentum_res_stripe_lp<T, VEC, true, kMaximize, kMomInt8>(d, L, blk.local, ws, h, inv, tiles);
+      else momentum_res_stripe_lp<T, VEC, false, kMaximize, kMomInt8>(d, L, blk.local, ws, h, inv, tiles);
+      return;
+    }
+  }
+  if (d.vec_ok) momentum_res_stripe<T, VEC, true, kMaximize>(d, blk.local, ws, h, inv);
+  else momentum_res_stripe<T, VEC, false, kMaximize>(d, blk.local, ws, h, inv);
 }
 
 __global__ void __launch_bounds__(kThreads) res_finalize_kernel(DeviceTable tab, const float* ws, Hyper h,
@@ -165,8 +289,11 @@ void momentum_res_launch(const Group& grp, const Hyper& h, float* ws, const floa
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "momentum_res", [&] {
     CAME_BOOL_SWITCH(h.maximize, kMaximize, [&] {
-      momentum_res_kernel<scalar_t, kMaximize><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      CAME_BOOL_SWITCH(grp.lowbit_momentum, kLow, [&] {
+        momentum_res_kernel<scalar_t, kMaximize, kLow><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, ws, h,
+                                                                                                 amp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   if (grp.fin_blocks > 0) {

@@ -20,10 +20,12 @@
 #include <Python.h>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "came_ops.h"
+#include "lowbit.h"
 
 namespace came {
 namespace {
@@ -47,9 +49,39 @@ at::Tensor opt_at(const OptList& xs, size_t i) {
   return x.has_value() ? *x : at::Tensor();
 }
 
+// The opt-in low-precision state of came_step_lowbit (nullptr for the other ops: fp32 momenta only).
+struct LowbitArgs {
+  const OptList* absmaxes;  // exp_avg_absmaxes: fp32 [ceil(numel / 256)] for each int8 exp_avgs[i], else None
+  const OptList* comps;     // param_comps: bf16, the param's shape, for each bf16 param under "kahan", else None
+  int64_t rounding;         // param_rounding of bf16 params: kRoundNearest, kRoundStochastic or kRoundKahan
+  const at::Tensor* rng;    // int64 [n, 2]: (Philox key, step) per param
+};
+
+// A low-precision momentum (bf16, or int8 codes with their absmax) of a factored param; returns its kind.
+int check_lowbit_momentum(const at::Tensor& m, const at::Tensor& absmax, size_t i, const at::Tensor& p) {
+  const std::string mn = name_of("exp_avgs", i);
+  TORCH_CHECK(p.dim() >= 2, "came_kernels: ", mn, " is ", m.scalar_type(), ", but only params with ndim >= 2 take "
+              "a low-precision momentum (", name_of("params", i), " has shape ", p.sizes(), ")");
+  TORCH_CHECK(m.device() == p.device() && m.sizes() == p.sizes() && m.is_contiguous(), "came_kernels: ", mn,
+              " must be a contiguous tensor of shape ", p.sizes(), " on ", p.device(), ", got ", m.sizes(), " on ",
+              m.device());
+  if (m.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(!absmax.defined(), "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be None for a bf16 ",
+                mn);
+    return kMomBf16;
+  }
+  const std::vector<int64_t> want{ceil_div(p.numel(), kQBlock)};
+  TORCH_CHECK(absmax.defined() && absmax.device() == p.device() && absmax.scalar_type() == at::kFloat &&
+              absmax.sizes() == at::IntArrayRef(want) && absmax.is_contiguous(),
+              "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be a contiguous float32 tensor of shape ",
+              at::IntArrayRef(want), " on ", p.device(), " for the int8 ", mn, ", got ",
+              absmax.defined() ? std::string(c10::toString(absmax.scalar_type())) : std::string("None"));
+  return kMomInt8;
+}
+
 Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const OptList& sq_rows,
                  const OptList& sq_cols, const OptList& res_rows, const OptList& res_cols, const OptList& sqs,
-                 const at::Tensor& lr) {
+                 const at::Tensor& lr, const LowbitArgs* lb = nullptr) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "came_kernels: params is empty");
   for (auto [len, what] : {std::pair<size_t, const char*>{grads.size(), "grads"}, {exp_avgs.size(), "exp_avgs"},
@@ -83,10 +115,31 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
                 " on ", p.device(), "), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
     TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "came_kernels: ", pn, " and its grad must be contiguous "
                 "(the Python glue passes contiguous copies of non-contiguous tensors)");
-    check_state(exp_avgs[i], name_of("exp_avgs", i), p, p.sizes());
+    TensorRef t;
+    const at::ScalarType mdt = exp_avgs[i].defined() ? exp_avgs[i].scalar_type() : at::kFloat;
+    if (lb != nullptr && (mdt == at::kBFloat16 || mdt == at::kChar)) {
+      t.absmax = opt_at(*lb->absmaxes, i);
+      t.mkind = check_lowbit_momentum(exp_avgs[i], t.absmax, i, p);
+    } else {
+      check_state(exp_avgs[i], name_of("exp_avgs", i), p, p.sizes());
+      TORCH_CHECK(lb == nullptr || !opt_at(*lb->absmaxes, i).defined(), "came_kernels: ",
+                  name_of("exp_avg_absmaxes", i), " must be None for a float32 ", name_of("exp_avgs", i));
+    }
+    if (lb != nullptr) {
+      const at::Tensor k = opt_at(*lb->comps, i);
+      const bool kahan = lb->rounding == kRoundKahan && grp.dtype == at::kBFloat16;
+      TORCH_CHECK(kahan == k.defined(), "came_kernels: ", name_of("param_comps", i), kahan ? " is missing" :
+                  " must be None", " (param_rounding='kahan' keeps one for every bf16 param, and only then)");
+      if (kahan) {
+        TORCH_CHECK(k.device() == p.device() && k.scalar_type() == at::kBFloat16 && k.sizes() == p.sizes() &&
+                    k.is_contiguous(), "came_kernels: ", name_of("param_comps", i), " must be a contiguous "
+                    "bfloat16 tensor of shape ", p.sizes(), " on ", p.device(), ", got ", k.scalar_type(), " ",
+                    k.sizes(), " on ", k.device());
+        t.comp = k;
+      }
+    }
     if (p.numel() == 0) continue;  // nothing to update
 
-    TensorRef t;
     t.p = p;
     t.g = g;
     t.m = exp_avgs[i];
@@ -111,9 +164,26 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
       check_state(t.v, name_of("exp_avg_sqs", i), p, p.sizes());
     }
     t.index = static_cast<int64_t>(i);
+    if (t.mkind == kMomInt8) {
+      t.qoff = grp.q_blocks;
+      grp.q_blocks += ceil_div(t.numel, kQBlock);
+    }
+    grp.lowbit_momentum = grp.lowbit_momentum || t.mkind != kMomFp32;
     t.stat_off = grp.stats_numel;
     grp.stats_numel += stats_numel_of(t);
     grp.ts.push_back(std::move(t));
+  }
+  if (lb != nullptr) {
+    TORCH_CHECK(lb->rounding >= kRoundNearest && lb->rounding <= kRoundKahan,
+                "came_kernels: param_rounding must be 0 (nearest), 1 (stochastic) or 2 (kahan), got ", lb->rounding);
+    const at::Tensor& rng = *lb->rng;
+    const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
+    TORCH_CHECK(rng.device() == p0.device() && rng.scalar_type() == at::kLong && rng.sizes() == at::IntArrayRef(want)
+                && rng.is_contiguous(), "came_kernels: rng must be a contiguous int64 tensor of shape ",
+                at::IntArrayRef(want), " ((Philox key, step) per param) on ", p0.device(), ", got ",
+                rng.scalar_type(), " ", rng.sizes(), " on ", rng.device());
+    grp.lowbit = true;
+    grp.rounding = grp.dtype == at::kBFloat16 ? static_cast<int>(lb->rounding) : kRoundNearest;
   }
   std::vector<Shape> shapes;
   for (const TensorRef& t : grp.ts) shapes.push_back(t.shape());
@@ -156,10 +226,19 @@ const float* ptr_or_null(const std::optional<at::Tensor>& x) {
 // keeps the pinned block until the copy is done. Rebuilt every call rather than cached: it is ~130 B per
 // tensor (26 KB for TinyLlama's 201 tensors), the host loop is the one make_group runs anyway, and nothing
 // can go stale when params, state or grads move.
-void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::Tensor>& bias_scales) {
+// The low-precision entries (grp.lowbit) follow, pointing into qmax / qold (int8 momenta) and rng.
+struct LowbitBuffers {
+  int32_t* qmax = nullptr;
+  float* qold = nullptr;
+  const int64_t* rng = nullptr;
+};
+
+void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::Tensor>& bias_scales,
+                  const LowbitBuffers& lbuf = LowbitBuffers{}) {
   const int64_t n = static_cast<int64_t>(grp.ts.size());
   const int vec = 16 / static_cast<int>(c10::elementSize(grp.dtype));
-  at::Tensor host = at::empty({table_bytes(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  const int64_t bytes = grp.lowbit ? table_bytes_lowbit(n) : table_bytes(n);
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* descs = reinterpret_cast<TensorDesc*>(host.data_ptr());
   auto* main_start = reinterpret_cast<int32_t*>(descs + n);
   int32_t* fin_start = main_start + n + 1;
@@ -171,7 +250,7 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
     TensorDesc d{};
     d.p = t.p.data_ptr();
     d.g = t.g.data_ptr();
-    d.m = t.m.data_ptr<float>();
+    d.m = static_cast<float*>(t.m.data_ptr());  // bf16 or int8 codes under the low-precision state
     d.row = static_cast<float*>(t.factored() ? addr(t.r) : addr(t.v));
     d.col = static_cast<float*>(addr(t.c));
     d.res_row = static_cast<float*>(addr(t.R));
@@ -191,18 +270,32 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
     d.vec_ok = ok ? 1 : 0;
     d.scales = scales_base != nullptr ? scales_base + 2 * t.index : nullptr;
     descs[k] = d;
+    if (grp.lowbit) {
+      LowbitDesc l{};
+      l.absmax = static_cast<float*>(addr(t.absmax));
+      l.qmax = t.mkind == kMomInt8 ? lbuf.qmax + t.qoff : nullptr;
+      l.qold = t.mkind == kMomInt8 ? lbuf.qold + t.qoff : nullptr;
+      l.comp = addr(t.comp);
+      l.rng = lbuf.rng + 2 * t.index;
+      l.mkind = t.mkind;
+      l.rounding = grp.rounding;
+      reinterpret_cast<LowbitDesc*>(static_cast<uint8_t*>(host.data_ptr()) + lowbit_offset(n))[k] = l;
+    }
   }
   for (int64_t k = 0; k <= n; ++k) {
     main_start[k] = static_cast<int32_t>(grp.layout.main_start[k]);
     fin_start[k] = static_cast<int32_t>(grp.layout.fin_start[k]);
   }
-  grp.table_dev = at::empty({table_bytes(n)}, stats.options().dtype(at::kByte));
+  grp.table_dev = at::empty({bytes}, stats.options().dtype(at::kByte));
   grp.table_dev.copy_(host, /*non_blocking=*/true);
   auto* dev = reinterpret_cast<const TensorDesc*>(grp.table_dev.data_ptr());
   grp.tab.t = dev;
   grp.tab.main_start = reinterpret_cast<const int32_t*>(dev + n);
   grp.tab.fin_start = grp.tab.main_start + n + 1;
   grp.tab.n = static_cast<int32_t>(n);
+  grp.tab.lp = grp.lowbit ? reinterpret_cast<const LowbitDesc*>(
+                                static_cast<const uint8_t*>(grp.table_dev.data_ptr()) + lowbit_offset(n))
+                          : nullptr;
 }
 
 Hyper make_hyper(double beta1, double beta2, double beta3, double eps1, double eps2, double clip_threshold,
@@ -296,6 +389,39 @@ void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
   param_step_launch(grp, h, lr, amp_ptr);
 }
 
+// came_step with the opt-in low-precision state (momentum_dtype bf16/int8, param_rounding of bf16 params):
+// exp_avgs[i] may be bf16 or int8 codes (with exp_avg_absmaxes[i]) for params with ndim >= 2; param_comps[i]
+// is the Kahan compensation of a bf16 param under param_rounding = 2; rng, int64 [n, 2], holds the Philox
+// key and the step of every param (read on the device). The int8 momenta's block maxima and old absmax go
+// through two transient buffers of one slot per 256 elements between phases 3 and 4.
+void came_step_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const OptList& param_comps,
+                      int64_t param_rounding, const at::Tensor& rng, CAME_HYPER_ARGS) {
+  const size_t n = params.size();
+  TORCH_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
+              "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
+              " and ", param_comps.size());
+  const LowbitArgs lb{&exp_avg_absmaxes, &param_comps, param_rounding, &rng};
+  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr, &lb);
+  Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize,
+                       bias_scales.has_value());
+  check_amp(amp, params[0]);
+  check_bias_scales(bias_scales, params[0], n);
+  if (grp.ts.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor stats = new_floats(grp.stats_numel, params[0]);
+  at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
+  const int64_t q = std::max<int64_t>(grp.q_blocks, 1);
+  at::Tensor qmax = at::zeros({q}, params[0].options().dtype(at::kInt));  // |m| bits: +0.0 is 0
+  at::Tensor qold = new_floats(q, params[0]);
+  upload_table(grp, stats, bias_scales, LowbitBuffers{qmax.data_ptr<int32_t>(), qold.data_ptr<float>(),
+                                                      rng.data_ptr<int64_t>()});
+  const float* amp_ptr = ptr_or_null(amp);
+  sq_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
+  clip_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
+  momentum_res_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
+  param_step_launch(grp, h, lr, amp_ptr);
+}
+
 #define CAME_PHASE_OP(FN, PHASE)                                                     \
   void FN(CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_ARGS) {               \
     run_phase(PHASE, params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, \
@@ -332,6 +458,10 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(came_kernels, m) {
   // One full CAME step (all four phases) for one (device, dtype) group; what the cuda backend calls.
   m.def("came_step(" CAME_SCHEMA_LISTS CAME_SCHEMA_HYPER);
+  // The same with the opt-in low-precision state (momentum_dtype, param_rounding); what the cuda backend
+  // calls for groups that use it.
+  m.def("came_step_lowbit(" CAME_SCHEMA_LISTS "Tensor(h!)?[] exp_avg_absmaxes, Tensor(i!)?[] param_comps, "
+        "int param_rounding, Tensor rng, " CAME_SCHEMA_HYPER);
   // Phase 1: EMAs of g^2 (r, c or v) and mean_M(r) into stats.
   m.def("sq_stats(" CAME_SCHEMA_LISTS "Tensor(h!) stats, " CAME_SCHEMA_HYPER);
   // Phase 2: the clip divisor max(1, RMS(u)/d) of every tensor into stats.
@@ -344,6 +474,7 @@ TORCH_LIBRARY(came_kernels, m) {
 
 TORCH_LIBRARY_IMPL(came_kernels, CUDA, m) {
   m.impl("came_step", &came::came_step);
+  m.impl("came_step_lowbit", &came::came_step_lowbit);
   m.impl("sq_stats", &came::sq_stats);
   m.impl("clip_stats", &came::clip_stats);
   m.impl("momentum_res", &came::momentum_res);

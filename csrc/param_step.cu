@@ -11,6 +11,10 @@
 // 1.0f without bias correction (nothing loaded; the multiply is exact). GradScaler: g is not read here; the
 // kernel returns before writing anything when found_inf != 0 (amp = [found_inf, 1/scale]).
 //
+// Opt-in low-precision state (came_step_lowbit, kLow): the update reads a bf16 m as stored, or recomputes an
+// int8 m's new value and stores its codes (int8_momentum); bf16 params are stored to nearest, stochastically
+// or Kahan-compensated (store_param_lp). The default kernels (kLow = false) are compiled as before.
+//
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
 // O(rows + cols). GradScaler: found_inf, 4 B per block; bias correction: s_m, 4 B per block.
 // Launch: one param_step_kernel over the whole group, one block per stripe / flat chunk (the blocks of the
@@ -105,15 +109,170 @@ __device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t l
   }
 }
 
-template <typename T, bool kDecay>
-__global__ void __launch_bounds__(kThreads, 2) param_step_kernel(DeviceTable tab, const float* lr_ptr, Hyper h,
-                                                                 const float* amp) {
+// ---- The opt-in low-precision state (came_step_lowbit): below, RND is the param_rounding of a bf16 param
+// (kRoundNearest for other dtypes) and MK the momentum's storage.
+
+// Store the new fp32 value x of element i of the param: to nearest (the caller's vector store), stochastically
+// (Philox stream 1, counter = element index), or Kahan-compensated (p = bf16(x), comp = bf16(x - p)).
+template <typename T, int RND>
+__device__ __forceinline__ void store_param_lp(T* __restrict__ p, const LowbitDesc& L, int64_t i, float x,
+                                               int64_t key, int64_t step) {
+  if constexpr (RND == kRoundStochastic) {
+    reinterpret_cast<uint16_t*>(p)[i] = sr_bf16_bits(x, random_bits(key, step, i, kStreamParam));
+  } else if constexpr (RND == kRoundKahan) {
+    const uint16_t b = rne_bf16_bits(x);
+    reinterpret_cast<uint16_t*>(p)[i] = b;
+    static_cast<uint16_t*>(L.comp)[i] = rne_bf16_bits(x - bf16_bits_to_float(b));
+  }
+}
+
+// The value the stored param p of element i stands for (Kahan: p + comp).
+template <int RND>
+__device__ __forceinline__ float param_value_lp(float p, const LowbitDesc& L, int64_t i) {
+  if constexpr (RND == kRoundKahan) return kahan_value(p, bf16_bits_to_float(static_cast<const uint16_t*>(L.comp)[i]));
+  return p;
+}
+
+// int8 momentum, phase 4: the new m of phase 3 recomputed with the same functions on the same inputs (u_hat
+// from g, r, c and the stats; the old codes with the old absmax that phase 3 copied to qold), quantized with
+// its block's new absmax (qmax, Philox stream 0) and stored; returns the stored m, which the update uses.
+// The element that starts a block writes the block's new absmax to the state (nothing reads it here).
+template <typename T>
+__device__ __forceinline__ float int8_momentum(const TensorDesc& d, const LowbitDesc& L, const Stripe& s,
+                                               int64_t row, int64_t colx, int64_t i, const Hyper& h, float inv,
+                                               int64_t key, int64_t step) {
+  const float gu = unscaled(static_cast<float>(static_cast<const T*>(d.g)[i]), inv);
+  const float gx = h.maximize ? -gu : gu;
+  const float u = factored_u(gx, row_factor(d.row[row], d.stat[s.b]), col_factor(d.col[s.b * s.N + colx]));
+  const float u_hat = clipped(u, d.stat[2 * d.B]);
+  const int64_t blk = i / kQBlock;
+  int8_t* __restrict__ q = reinterpret_cast<int8_t*>(d.m);
+  const float m = ema(dequantize(q[i], L.qold[blk]), h.beta1, h.one_minus_beta1, u_hat);
+  const float absmax = bits_float(static_cast<uint32_t>(L.qmax[blk]));
+  const int8_t code = quantize(m, absmax, random_bits(key, step, i, kStreamMomentum));
+  q[i] = code;
+  if (i % kQBlock == 0) L.absmax[blk] = absmax;
+  return dequantize(code, absmax);
+}
+
+template <typename T, int VEC, bool kVec, bool kDecay, int MK, int RND>
+__device__ __forceinline__ void param_step_stripe_lp(const TensorDesc& d, const LowbitDesc& L, int64_t local,
+                                                     float lr, const Hyper& h, float s_m, float inv) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Stripe s = stripe_of(d.M, d.N, local);
+  T* __restrict__ p = static_cast<T*>(d.p);
+  const float* __restrict__ R = d.res_row;
+  const float* __restrict__ C = d.res_col + s.b * s.N;
+  const float mean_R = d.stat[d.B + s.b];
+  int64_t key = 0, step = 0;
+  if constexpr (MK != kMomFp32 || RND == kRoundStochastic) {
+    key = L.rng[0];
+    step = L.rng[1];
+  }
+  float row_f[kRowsPerWarp];
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int64_t row = warp_row(s, warp, j);
+    row_f[j] = row < s.row_end ? row_factor(R[row], mean_R) : 0.0f;
+  }
+  for (int64_t col = lane * VEC; col < s.N; col += 32 * VEC) {
+    float col_f[VEC];
+    load_vec<VEC, kVec>(C, col, s.N, col_f);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) col_f[e] = col_factor(col_f[e]);
+#pragma unroll 1
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      RowTile<T, VEC, kVec, 1> pt;
+      pt.load(p, s, warp, j, col);
+      if (pt.ok[0]) {
+        const int64_t row = warp_row(s, warp, j);
+        const int64_t base = row * s.N + col;
+        float pv[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          pv[e] = pt.at(0, e);
+          if (col + e < s.N) {
+            const int64_t i = base + e;
+            float m;
+            if constexpr (MK == kMomInt8) {
+              m = int8_momentum<T>(d, L, s, row, col + e, i, h, inv, key, step);
+            } else if constexpr (MK == kMomBf16) {
+              m = bf16_bits_to_float(reinterpret_cast<const uint16_t*>(d.m)[i]);
+            } else {
+              m = d.m[i];
+            }
+            // same product order as the spec: s_m * ((m * row_f) * col_f)
+            const float update = corrected_update(factored_u(m, row_f[j], col_f[e]), s_m);
+            pv[e] = step_one<T, kDecay>(param_value_lp<RND>(pv[e], L, i), update, lr, h.weight_decay);
+            store_param_lp<T, RND>(p, L, i, pv[e], key, step);
+          }
+        }
+        if constexpr (RND == kRoundNearest) store_vec<VEC, kVec>(p + row * s.N, col, s.N, pv);
+      }
+    }
+  }
+}
+
+// Flat tensors (their momentum is fp32): param_step_flat with a bf16 param's stochastic or Kahan store.
+template <typename T, int VEC, bool kVec, bool kDecay, int RND>
+__device__ __forceinline__ void param_step_flat_lp(const TensorDesc& d, const LowbitDesc& L, int64_t local,
+                                                   float lr, float weight_decay, float s_m) {
+  T* __restrict__ p = static_cast<T*>(d.p);
+  const float* __restrict__ m = d.m;
+  int64_t key = 0, step = 0;
+  if constexpr (RND == kRoundStochastic) {
+    key = L.rng[0];
+    step = L.rng[1];
+  }
+  const int64_t end = std::min(d.numel, (local + 1) * kFlatChunk);
+  for (int64_t i0 = local * kFlatChunk + threadIdx.x * VEC; i0 < end; i0 += kThreads * VEC) {
+    float pv[VEC], mv[VEC];
+    load_vec<VEC, kVec>(p, i0, end, pv);
+    load_vec<VEC, kVec>(m, i0, end, mv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (i0 + e < end) {
+        const float x = step_one<T, kDecay>(param_value_lp<RND>(pv[e], L, i0 + e), corrected_update(mv[e], s_m), lr,
+                                            weight_decay);
+        store_param_lp<T, RND>(p, L, i0 + e, x, key, step);
+      }
+    }
+  }
+}
+
+// kLow: the group has the low-precision state (tab.lp is set); without it the kernel is the default one.
+template <typename T, bool kDecay, bool kLow, int RND>
+__global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) param_step_kernel(DeviceTable tab, const float* lr_ptr,
+                                                                            Hyper h, const float* amp) {
   constexpr int VEC = 16 / sizeof(T);
   if (amp_found_inf(amp)) return;  // the params stay as they are
   const BlockRef blk = find_main(tab);
   const TensorDesc& d = *blk.d;
   const float lr = *lr_ptr;
   const float s_m = h.bias_correction ? d.scales[1] : 1.0f;  // uniform: no load without bias correction
+  if constexpr (kLow) {
+    const LowbitDesc& L = tab.lp[blk.d - tab.t];
+    const float inv = amp_inv_scale(amp);
+    if (d.M == 0) {
+      if constexpr (RND != kRoundNearest) {
+        if (d.vec_ok) param_step_flat_lp<T, VEC, true, kDecay, RND>(d, L, blk.local, lr, h.weight_decay, s_m);
+        else param_step_flat_lp<T, VEC, false, kDecay, RND>(d, L, blk.local, lr, h.weight_decay, s_m);
+        return;
+      }
+    } else if (L.mkind == kMomInt8) {
+      if (d.vec_ok) param_step_stripe_lp<T, VEC, true, kDecay, kMomInt8, RND>(d, L, blk.local, lr, h, s_m, inv);
+      else param_step_stripe_lp<T, VEC, false, kDecay, kMomInt8, RND>(d, L, blk.local, lr, h, s_m, inv);
+      return;
+    } else if (L.mkind == kMomBf16) {
+      if (d.vec_ok) param_step_stripe_lp<T, VEC, true, kDecay, kMomBf16, RND>(d, L, blk.local, lr, h, s_m, inv);
+      else param_step_stripe_lp<T, VEC, false, kDecay, kMomBf16, RND>(d, L, blk.local, lr, h, s_m, inv);
+      return;
+    } else if constexpr (RND != kRoundNearest) {
+      if (d.vec_ok) param_step_stripe_lp<T, VEC, true, kDecay, kMomFp32, RND>(d, L, blk.local, lr, h, s_m, inv);
+      else param_step_stripe_lp<T, VEC, false, kDecay, kMomFp32, RND>(d, L, blk.local, lr, h, s_m, inv);
+      return;
+    }
+  }
   if (d.M == 0) {
     if (d.vec_ok) param_step_flat<T, VEC, true, kDecay>(d, blk.local, lr, h.weight_decay, s_m);
     else param_step_flat<T, VEC, false, kDecay>(d, blk.local, lr, h.weight_decay, s_m);
@@ -130,7 +289,24 @@ void param_step_launch(const Group& grp, const Hyper& h, const at::Tensor& lr, c
   const float* lr_ptr = lr.data_ptr<float>();
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "param_step", [&] {
     CAME_BOOL_SWITCH(h.weight_decay != 0.0f, kDecay, [&] {
-      param_step_kernel<scalar_t, kDecay><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, lr_ptr, h, amp);
+      if (!grp.lowbit) {
+        param_step_kernel<scalar_t, kDecay, false, kRoundNearest><<<grp.main_blocks, kThreads, 0, stream>>>(
+            grp.tab, lr_ptr, h, amp);
+      } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // param_rounding: bf16 params only
+        if (grp.rounding == kRoundStochastic) {
+          param_step_kernel<scalar_t, kDecay, true, kRoundStochastic><<<grp.main_blocks, kThreads, 0, stream>>>(
+              grp.tab, lr_ptr, h, amp);
+        } else if (grp.rounding == kRoundKahan) {
+          param_step_kernel<scalar_t, kDecay, true, kRoundKahan><<<grp.main_blocks, kThreads, 0, stream>>>(
+              grp.tab, lr_ptr, h, amp);
+        } else {
+          param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grp.main_blocks, kThreads, 0, stream>>>(
+              grp.tab, lr_ptr, h, amp);
+        }
+      } else {
+        param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grp.main_blocks, kThreads, 0, stream>>>(
+            grp.tab, lr_ptr, h, amp);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

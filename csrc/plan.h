@@ -168,15 +168,36 @@ struct alignas(16) TensorDesc {
 };
 static_assert(sizeof(TensorDesc) == 128, "TensorDesc is one 128-byte line");
 
+// The opt-in low-precision state of one slot (momentum_dtype, param_rounding): a second array of the table,
+// uploaded only for groups that use it (DeviceTable::lp is nullptr otherwise), so the default path's
+// entries, and kernels, stay as they are.
+struct alignas(16) LowbitDesc {
+  float* absmax;        // int8 momentum: exp_avg_absmax [ceil(numel / 256)] (TensorDesc::m holds the codes)
+  int32_t* qmax;        // int8 momentum: this tensor's slots of the new block absmax (|m| bits, atomic max)
+  float* qold;          // int8 momentum: this tensor's slots of the old block absmax (copied by phase 3)
+  void* comp;           // param_rounding="kahan": param_comp (bf16, the param's shape), else nullptr
+  const int64_t* rng;   // its row (Philox key, step) of the rng table
+  int32_t mkind;        // momentum storage: kMomFp32, kMomBf16 (TensorDesc::m holds bf16) or kMomInt8
+  int32_t rounding;     // bf16 params: kRoundNearest, kRoundStochastic or kRoundKahan
+  int64_t pad_[2];
+};
+static_assert(sizeof(LowbitDesc) == 64, "LowbitDesc is half a 128-byte line");
+
 // What a kernel gets by value: the table in device memory.
 struct DeviceTable {
   const TensorDesc* t;
   const int32_t* main_start;
   const int32_t* fin_start;
   int32_t n;
+  const LowbitDesc* lp;  // [n], in slot order, or nullptr (the default state)
 };
 
 // Bytes of the uploaded table for n slots: the entries, then the two prefix sums.
 inline int64_t table_bytes(int64_t n) { return n * static_cast<int64_t>(sizeof(TensorDesc)) + 2 * (n + 1) * 4; }
+// ... with the low-precision entries after them, 16-byte aligned.
+inline int64_t lowbit_offset(int64_t n) { return ceil_div(table_bytes(n), 16) * 16; }
+inline int64_t table_bytes_lowbit(int64_t n) {
+  return lowbit_offset(n) + n * static_cast<int64_t>(sizeof(LowbitDesc));
+}
 
 }  // namespace came

@@ -119,8 +119,9 @@ def test_memory_table_from_real_allocations(tmp_path):
     rows = {r["optimizer"]: r for r in memory.run(args)["rows"]}
     assert rows["AdamW"]["bytes_per_param"] == pytest.approx(8, abs=0.05)
     assert rows["CAME"]["bytes_per_param"] < 0.75 * rows["AdamW"]["bytes_per_param"]
-    proj = rows[memory.PROJECTION]
-    assert proj["projection"] and proj["bytes_per_param"] < rows["CAME"]["bytes_per_param"]
+    # At 1/32 width most tensors are under LOWBIT_MIN_NUMEL and keep an fp32 momentum: smaller, not halved.
+    assert rows["CAME, int8 momentum"]["bytes_per_param"] < rows["CAME, bf16 momentum"]["bytes_per_param"] \
+        < rows["CAME"]["bytes_per_param"]
     assert (tmp_path / "memory.json").exists()
 
 

@@ -255,7 +255,7 @@ def _schemas():
         body = re.search(rf"#define {name}\s*\\\n((?:.*\\\n)*.*\n)", src).group(1)
         macros[name] = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
     defs = re.findall(r'm\.def\(((?:"[^"]*"|\s|CAME_SCHEMA_\w+)+)\);', src)
-    assert len(defs) == 5, defs
+    assert len(defs) == 6, defs
     out = []
     for d in defs:
         parts = re.findall(r'"([^"]*)"|(CAME_SCHEMA_\w+)', d)
@@ -277,6 +277,158 @@ def test_op_schemas_in_ops_cpp_parse():
             assert str(opt.type) == "Optional[Tensor]" and opt.has_default_value() and opt.default_value is None
         mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert {"params", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sqs"} <= mutated and "grads" not in mutated
-        assert not mutated & {"amp", "bias_scales"}
-    assert sorted(names) == sorted(["came_kernels::" + n for n in
-                                    ("came_step", "sq_stats", "clip_stats", "momentum_res", "param_step")])
+        assert not mutated & {"amp", "bias_scales", "rng"}
+        if schema.name == "came_kernels::came_step_lowbit":  # the low-precision state, between lists and lr
+            assert args[8:12] == ["exp_avg_absmaxes", "param_comps", "param_rounding", "rng"], args
+            assert {"exp_avg_absmaxes", "param_comps"} <= mutated
+    assert sorted(names) == sorted(["came_kernels::" + n for n in ("came_step", "came_step_lowbit", "sq_stats",
+                                                                   "clip_stats", "momentum_res", "param_step")])
+
+
+# ------------------------------------------------------------------ the opt-in low-precision state
+# csrc/came_math.cuh's Philox, stochastic rounding and int8 quantization against the spec (torch_backend's
+# philox, random_bits, sr_bf16, quantize_blockwise, dequantize_blockwise), bit for bit on the same inputs.
+@pytest.fixture(scope="module")
+def lp(lib):
+    u32, i64, f, ptr = ctypes.c_uint32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.came_philox_first.restype = u32
+    lib.came_philox_first.argtypes = [ctypes.c_uint64, u32, u32, u32, u32]
+    lib.came_random_bits.argtypes = [i64, i64, ptr, i64, u32, ptr]
+    lib.came_sr_bf16.argtypes = [ptr, ptr, i64, ptr]
+    lib.came_rne_bf16.argtypes = [ptr, i64, ptr]
+    lib.came_quantize_blockwise.argtypes = [ptr, ptr, i64, ptr, ptr, ptr]
+    lib.came_dequantize_blockwise.argtypes = [ptr, ptr, i64, ptr]
+    lib.came_param_store_bf16.argtypes = [ptr, ptr, ptr, i64, f, f, ctypes.c_int, i64, i64]
+    return lib
+
+
+def _bits(lib, key, step, idx, stream):
+    out = torch.empty(idx.numel(), dtype=torch.int32)
+    lib.came_random_bits(key, step, idx.data_ptr(), idx.numel(), stream, out.data_ptr())
+    return out.to(torch.int64) & 0xFFFFFFFF
+
+
+def _special_floats(gen, n):
+    x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-130, 128, (n,), generator=gen).float())
+    return torch.cat([x, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-40,
+                                       3.3895e38, -3.4e38, 1.0, 1.00390625, 1.0 + 2 ** -9, 255.5])])
+
+
+def test_host_philox_matches_the_published_vectors_and_the_spec(lp):
+    # Random123's known answers (first word), then the spec on random keys and counters
+    kat = [((0, 0), (0, 0, 0, 0), 0x6627e8d5), ((0xffffffff, 0xffffffff), (0xffffffff,) * 4, 0x408f276d),
+           ((0xa4093822, 0x299f31d0), (0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), 0xd16cfe09)]
+    for (k0, k1), ctr, want in kat:
+        assert lp.came_philox_first(k0 | (k1 << 32), *ctr) == want
+    gen = torch.Generator().manual_seed(20)
+    for _ in range(20):
+        key = int(torch.randint(0, 2 ** 62, (), generator=gen)) | (1 << 63 if _ % 2 else 0)
+        c = [int(x) for x in torch.randint(0, 2 ** 32, (4,), generator=gen)]
+        skey = torch.tensor(key - 2 ** 64 if key >= 2 ** 63 else key)
+        want = int(torch_backend.philox(skey, torch.tensor([c[0]]), c[1], c[2], c[3])[0])
+        assert lp.came_philox_first(key, *c) == want
+
+
+@pytest.mark.parametrize("stream", [torch_backend.STREAM_MOMENTUM, torch_backend.STREAM_PARAM])
+def test_host_random_bits_equal_the_specs_per_element(lp, stream):
+    # counters (index lo, index hi, step lo, stream) and key (seed, tensor id), indices past 2^32 included
+    gen = torch.Generator().manual_seed(21)
+    idx = torch.cat([torch.arange(3000), torch.randint(0, 2 ** 40, (3000,), generator=gen),
+                     torch.tensor([2 ** 32 - 1, 2 ** 32, 2 ** 33 + 5])])
+    for seed, tid, step in [(0, 0, 1), (1234, 7, 99), (2 ** 32 - 1, 2 ** 31 - 1, 2 ** 33 + 3)]:
+        key = torch_backend.rng_keys(seed, [tid])[0]
+        rng = torch.tensor([key, step])
+        want = torch_backend.philox(rng[0], idx & 0xFFFFFFFF, idx >> 32, rng[1] & 0xFFFFFFFF, stream)[0]
+        got = _bits(lp, key, step, idx, stream)
+        assert torch.equal(got, want)
+        # and the spec's random_bits over a whole tensor, element i
+        assert torch.equal(_bits(lp, key, step, torch.arange(500), stream), torch_backend.random_bits(rng, 500, stream, "cpu"))
+    # a check that can fail: another stream gives other bits
+    other = _bits(lp, key, step, idx, 1 - stream)
+    assert (other != got).float().mean() > 0.99
+
+
+def test_host_stochastic_and_nearest_bf16_rounding_equal_the_specs(lp):
+    gen = torch.Generator().manual_seed(22)
+    x = _special_floats(gen, 20000)
+    r = torch.randint(0, 2 ** 32, x.shape, generator=gen)
+    r32 = r.to(torch.int32)  # (kept alive: ctypes reads its memory)
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    lp.came_sr_bf16(x.data_ptr(), r32.data_ptr(), x.numel(), out.data_ptr())
+    want = torch_backend.sr_bf16(x, r)
+    nan = x.isnan()
+    assert torch.equal(out[~nan], want.view(torch.int16)[~nan])
+    assert out.view(torch.bfloat16)[nan].isnan().all()
+    lp.came_rne_bf16(x.data_ptr(), x.numel(), out.data_ptr())
+    assert torch.equal(out[~nan], x.to(torch.bfloat16).view(torch.int16)[~nan])
+    assert out.view(torch.bfloat16)[nan].isnan().all()
+    # a check that can fail: stochastic rounding is not rounding to nearest
+    lp.came_sr_bf16(x.data_ptr(), r32.data_ptr(), x.numel(), out.data_ptr())
+    assert (out[~nan] != x.to(torch.bfloat16).view(torch.int16)[~nan]).float().mean() > 0.2
+
+
+@pytest.mark.parametrize("n", [256, 4096, 4096 + 77, 1000])
+def test_host_int8_quantization_equals_the_specs(lp, n):
+    # Block maxima as the kernels gather them (|m| bits, atomic max), codes and dequantized values: bit for
+    # bit the spec's quantize_blockwise / dequantize_blockwise on the same m and bits; an all-zero block, a
+    # block holding a NaN (its absmax is NaN, its codes 0) and a huge value included.
+    gen = torch.Generator().manual_seed(23)
+    m = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-20, 20, (n,), generator=gen).float())
+    m[:256] = 0.0 if n > 512 else m[:256]
+    if n > 1000:
+        m[600] = float("nan")
+        m[900] = 3e38
+    bits = torch.randint(0, 2 ** 32, (n,), generator=gen)
+    nb = -(-n // 256)
+    q = torch.empty(n, dtype=torch.int8)
+    absmax = torch.empty(nb)
+    deq = torch.empty(n)
+    bits32 = bits.to(torch.int32)  # (kept alive: ctypes reads its memory)
+    lp.came_quantize_blockwise(m.data_ptr(), bits32.data_ptr(), n, q.data_ptr(), absmax.data_ptr(),
+                               deq.data_ptr())
+    want_q, want_absmax = torch_backend.quantize_blockwise(m, bits)
+    assert torch.equal(absmax.view(torch.int32), want_absmax.view(torch.int32)) or \
+        torch.equal(absmax.nan_to_num(), want_absmax.nan_to_num())
+    assert torch.equal(q, want_q)
+    want_deq = torch_backend.dequantize_blockwise(want_q, want_absmax)
+    ok = ~want_deq.isnan()
+    assert torch.equal(deq[ok], want_deq[ok]) and deq[~ok].isnan().all()
+    out = torch.empty(n)
+    lp.came_dequantize_blockwise(q.data_ptr(), absmax.data_ptr(), n, out.data_ptr())
+    assert torch.equal(out[ok], want_deq[ok])
+    # a check that can fail: the codes use the random bits (other bits, other codes somewhere)
+    q2 = torch.empty_like(q)
+    flipped = (bits ^ 0x80000000).to(torch.int32)
+    lp.came_quantize_blockwise(m.data_ptr(), flipped.data_ptr(), n, q2.data_ptr(),
+                               absmax.data_ptr(), deq.data_ptr())
+    assert not torch.equal(q2, q)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_host_bf16_param_rounding_equals_the_specs(lp, rounding, weight_decay):
+    # param_step.cu's store of a bf16 param: x = p (+ comp), x - (lr*update + lr*wd*x), then stochastically
+    # (Philox stream 1, counter = element index) or to nearest with the compensation, for 30 steps of tiny
+    # updates (below half a bf16 ulp, where nearest rounding would lose them) against the spec's
+    # _apply_update_. The spec may fuse a multiply-add on the CPU: nearly all elements equal, bit for bit.
+    gen = torch.Generator().manual_seed(24)
+    n = 5000
+    p0 = (torch.randn(n, generator=gen) * 4).to(torch.bfloat16)
+    ours, spec = p0.clone(), p0.clone()
+    comp_ours = torch.zeros(n, dtype=torch.bfloat16)
+    comp_spec = torch.zeros(n, dtype=torch.bfloat16) if rounding == "kahan" else None
+    key = torch_backend.rng_keys(5, [3])[0]
+    lr = 1e-3
+    for step in range(1, 31):
+        update = torch.randn(n, generator=gen)
+        lp.came_param_store_bf16(ours.data_ptr(), comp_ours.data_ptr(), update.data_ptr(), n, lr, weight_decay,
+                                 1 if rounding == "stochastic" else 2, key, step)
+        torch_backend._apply_update_(spec, update.clone(), lr, weight_decay, comp_spec, rounding,
+                                     torch.tensor([key, step]))
+    assert (ours.view(torch.int16) == spec.view(torch.int16)).float().mean() >= 0.99
+    assert ((ours.float() - spec.float()).abs() <= spec.float().abs() * 2 ** -7).all()
+    if rounding == "kahan":
+        assert ((ours.float() + comp_ours.float()) - (spec.float() + comp_spec.float())).abs().max() < 1e-3
+    # a check that can fail: the updates are below half an ulp for most elements, so rounding to nearest
+    # would leave those params where they were; these moved
+    assert (ours != p0).float().mean() > 0.2

@@ -151,3 +151,30 @@ def test_triton_steady_state_holds_for_conv_weights_and_sees_a_data_swap(monkeyp
     assert len(calls) == 3, calls
     for a, b in zip(*runs.values()):
         assert_close_rel(a, b, 1e-5, f"param {tuple(a.shape)}")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    triton_backend.unavailable_reason(torch.device("cuda" if _GPU else "cpu")) is not None,
+    reason="Triton (or its interpreter) is not available"))])
+def test_low_precision_state_of_a_conv_weight_is_that_of_its_matrix(backend):
+    # bf16 conv weights with an int8 momentum and Kahan rounding: the compensation is stepped as the matrix
+    # too (it has the param's shape), and the bits equal default factoring of the weight viewed as a matrix.
+    device = "cuda" if _GPU else "cpu"
+    shapes = [(64, 16, 2, 2), (6, 4, 3, 1)]
+    kw = dict(lr=1e-2, weight_decay=0.1, momentum_dtype="int8", param_rounding="kahan", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
+    ps = [x.clone().requires_grad_() for x in init]
+    qs = [x.reshape(x.shape[0], -1).clone().requires_grad_() for x in init]
+    a = came_kernels.CAME(ps, backend=backend, factor_conv=True, **kw)
+    b = came_kernels.CAME(qs, backend=backend, **kw)
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape, generator=gen).to(device, torch.bfloat16)
+            q.grad = p.grad.reshape(q.shape)
+        a.step()
+        b.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach().reshape(q.shape), q.detach()), f"param {tuple(p.shape)}"
+        assert torch.equal(a.state[p]["param_comp"].reshape(q.shape), b.state[q]["param_comp"])
+    assert "exp_avg_q" in a.state[ps[0]]

@@ -336,10 +336,10 @@ def _int64_case(vec):
     meta = torch.tensor([
         [p.data_ptr() - row0 * N * el, g.data_ptr() - row0 * N * el, m.data_ptr() - row0 * N * el,
          r.data_ptr() - row0 * el, c.data_ptr(), R.data_ptr() - row0 * el, C.data_ptr(),
-         M * N, M, N, -last * N, -last, 0, 2, vec, 1],  # partials land at ws[0:N], block sum at ws[0]
+         M * N, M, N, -last * N, -last, 0, 2, vec, 1] + [0] * (int(mt.NCOL) - 16),  # partials: ws[0:N], sum: ws[0]
         [pf.data_ptr() - lf * mt.FLAT_CHUNK * el, gf.data_ptr() - lf * mt.FLAT_CHUNK * el,
          mf.data_ptr() - lf * mt.FLAT_CHUNK * el, vf.data_ptr() - lf * mt.FLAT_CHUNK * el, 0, 0, 0,
-         nf, 0, 0, 0, 1 - lf, 0, 3, vec, 1]],  # block sum at ws[1]
+         nf, 0, 0, 0, 1 - lf, 0, 3, vec, 1] + [0] * (int(mt.NCOL) - 16)],  # block sum at ws[1]
         dtype=torch.int64, device=DEV)
     assert meta.shape[1] == int(mt.NCOL)
     blocks = torch.tensor([[0, last], [1, lf]], dtype=torch.int64, device=DEV)
@@ -368,8 +368,8 @@ def _int64_case(vec):
     assert ws[1].item() == pytest.approx(float((uf * uf).sum()), rel=1e-5)
 
     ws.fill_(NAN)
-    _momentum_res_kernel[(2,)](meta, blocks, ws, stats, ws, b1, 1 - b1, b3, 1 - b3, e2, MAXIMIZE=False, AMP=False,
-                               **lay)
+    _momentum_res_kernel[(2,)](meta, blocks, ws, stats, ws, ws, ws, ws, b1, 1 - b1, b3, 1 - b3, e2, MAXIMIZE=False,
+                               AMP=False, LOWBIT=False, **lay)
     ref["m"] = b1 * ref["m"] + (1 - b1) * u / div
     ref["mf"] = b1 * ref["mf"] + (1 - b1) * uf / div_f
     res = (u / div - ref["m"]) ** 2
@@ -381,7 +381,8 @@ def _int64_case(vec):
     assert torch.isnan(mf[tail:]).all()
 
     lr_t = torch.tensor([lr], device=DEV)
-    _param_step_kernel[(2,)](meta, blocks, stats, lr_t, lr_t, lr_t, wd, AMP=False, BIAS=False, **untiled)
+    _param_step_kernel[(2,)](meta, blocks, stats, lr_t, lr_t, lr_t, lr_t, lr_t, lr_t, wd, b1, 1 - b1, AMP=False,
+                             BIAS=False, LOWBIT=False, ROUNDING=0, MAXIMIZE=False, **untiled)
     update = ref["m"] * (ref["R"] / mean_R).rsqrt()[:, None] * C.double().cpu().rsqrt()[None, :]
     assert_close_rel(p, ref["p"] - lr * wd * ref["p"] - lr * update, 1e-6, "p of the last stripe")
     assert_close_rel(pf[:tail], ref["pf"] - lr * wd * ref["pf"] - lr * ref["mf"], 1e-6, "p of the last chunk")
@@ -428,7 +429,7 @@ _PTX_SCRIPT = textwrap.dedent('''
     mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
     LAY = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK)
     PTRS = {"meta": "*i64", "blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "lr_ptr": "*fp32", "amp": "*fp32",
-            "bias_scales": "*fp32"}
+            "bias_scales": "*fp32", "rng": "*i64", "qmax": "*i32", "qold": "*fp32"}
     for mod, name in [("sq_stats", "_sq_stats_kernel"), ("clip_stats", "_clip_stats_kernel"),
                       ("momentum_res", "_momentum_res_kernel"), ("param_step", "_param_step_kernel")]:
         fn = getattr(importlib.import_module("came_kernels.triton_kernels." + mod), name)
@@ -442,8 +443,11 @@ _PTX_SCRIPT = textwrap.dedent('''
             if "MAXIMIZE" in fn.arg_names:
                 ce["MAXIMIZE"] = False
             ce["AMP"] = False
-            if "BIAS" in fn.arg_names:
-                ce["BIAS"] = False
+            for flag in ("BIAS", "LOWBIT", "MAXIMIZE"):
+                if flag in fn.arg_names:
+                    ce[flag] = False
+            if "ROUNDING" in fn.arg_names:
+                ce["ROUNDING"] = 0
             sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
             k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": mt.NUM_WARPS})

@@ -31,7 +31,8 @@ LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_B
 # Kernels launched with read_block_n(DTYPE) columns per tile (they only read g), not BLOCK_N.
 READ_ONLY = {"_sq_stats_kernel", "_clip_stats_kernel"}
 POINTERS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32",
-            "lr_ptr": "*fp32", "amp": "*fp32", "bias_scales": "*fp32", "dmeta": "*i64", "sums": "*fp32"}
+            "lr_ptr": "*fp32", "amp": "*fp32", "bias_scales": "*fp32", "rng": "*i64", "qmax": "*i32",
+            "qold": "*fp32", "dmeta": "*i64", "sums": "*fp32"}
 # (module, kernel, num_warps, variants of the constexprs that are not layout constants)
 KERNELS = [
     ("sq_stats", "_sq_stats_kernel", mt.NUM_WARPS, "dtype+tiled"),
@@ -80,6 +81,17 @@ def main() -> int:
         extras = amp if "AMP" in fn.arg_names else variants(kind)
         if "BIAS" in fn.arg_names:  # the bias correction, for one dtype (one more load and multiply)
             extras = [dict(v, BIAS=False) for v in extras] + [dict(extras[0], BIAS=True)]
+        if "MAXIMIZE" in fn.arg_names and not (kind and "maximize" in kind):
+            extras = [dict(v, MAXIMIZE=False) for v in extras]
+        if "LOWBIT" in fn.arg_names:  # the opt-in bf16/int8 momentum bodies, for fp32 and bf16 params
+            base = [dict(v, LOWBIT=False) for v in extras]
+            extras = base + [dict(base[i], LOWBIT=True) for i, v in enumerate(base)
+                             if v.get("DTYPE") in (tl.float32, tl.bfloat16) and not v.get("AMP")
+                             and not v.get("BIAS") and not v.get("TILED") and not v.get("MAXIMIZE")]
+        if "ROUNDING" in fn.arg_names:  # param_rounding of bf16 params: stochastic, kahan
+            extras = [dict(v, ROUNDING=0) for v in extras] + [
+                dict(v, ROUNDING=r) for v in extras if v.get("DTYPE") == tl.bfloat16 and v.get("LOWBIT")
+                for r in (1, 2)]
         if "MODE" in fn.arg_names:  # finalize kernels: whole tensors, and the two halves for sharded ones
             extras = [dict(v, MODE=0) for v in extras] + [dict(extras[0], MODE=m) for m in (1, 2)]
         for extra in extras:

@@ -47,3 +47,53 @@ def _round_to(x, DTYPE: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), rounded)  # keep NaN a NaN whatever its payload
     else:
         return x.to(DTYPE)
+
+
+# ---- Low-precision state (opt-in; the spec is torch_backend's philox, sr_bf16, quantize_blockwise and
+# dequantize_blockwise: every op below is the same exactly rounded fp32 or integer op, in the same order).
+QBLOCK = tl.constexpr(256)             # elements of the flattened tensor per int8 absmax
+INV127 = tl.constexpr(0.007874015718698502)  # fp32(1/127), exactly
+TWO_M24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24
+STREAM_MOMENTUM = tl.constexpr(0)      # Philox counter word 3
+STREAM_PARAM = tl.constexpr(1)
+
+
+@triton.jit
+def _random_bits(key, step, idx, STREAM: tl.constexpr):
+    """32 random bits per element index idx (int64) of a tensor whose rng row is (key, step): Philox4x32-10
+    with key (key lo, key hi) and counters (idx lo, idx hi, step, STREAM), first output word (uint32)."""
+    lo = (idx & 0xFFFFFFFF).to(tl.uint32)
+    hi = (idx >> 32).to(tl.uint32)
+    zero = lo * 0
+    r, _, _, _ = tl.philox(key, lo, hi, zero + step.to(tl.uint32), zero + STREAM)
+    return r
+
+
+@triton.jit
+def _sr_bf16(x, r):
+    """fp32 x rounded to bf16 stochastically with the random bits r: r's top 16 bits are added below the
+    bf16 ulp, then the low 16 bits are dropped (round up with probability (x - down) / ulp). NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (r >> 16)) >> 16
+    out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), out)
+
+
+@triton.jit
+def _dequantize(q, absmax):
+    """fp32 m of int8 codes q with their blocks' absmax (gathered per element)."""
+    return q.to(tl.float32) * (absmax * INV127)
+
+
+@triton.jit
+def _quantize(m, absmax, r):
+    """int8 code of fp32 m in a block of absmax: x = m * (127 / absmax) rounded stochastically (up with
+    probability frac(x), from r's top 24 bits), clamped to [-127, 127]; 0 for NaN (its absmax is NaN)."""
+    nonzero = absmax > 0
+    inv = tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), tl.where(nonzero, absmax, 1.0))
+    inv = tl.where(nonzero, inv, 0.0)  # an all-zero block stays zero
+    x = m * inv
+    down = tl.floor(x)
+    up = (r >> 8).to(tl.float32) * TWO_M24 < x - down
+    q = tl.minimum(tl.maximum(down + up.to(tl.float32), -127.0), 127.0)
+    return tl.where(x != x, 0.0, q).to(tl.int8)

@@ -8,21 +8,44 @@ Math (spec symbols; factored tensors as [B, M, N]; g negated first when maximize
                            ws[s, n] = sum over the rows of stripe s of res  (column partials)
     _res_finalize_kernel   C[b, n] = b3*C + (1-b3)*(sum_s ws[s, n] / M + eps2);  stats: mean_M(R)[b]
 Tensors with ndim < 2 stop after the momentum (no confidence step).
+Opt-in low-precision momentum (factored tensors of at least LOWBIT_MIN_NUMEL elements; C_MKIND per tensor):
+    bf16   m is loaded from bf16 and stored as came_math._sr_bf16(m, Philox bits of stream 0)
+    int8   m = q * (absmax * fp32(1/127)); the new m is not stored here: qmax[block] = max |new m| (atomic
+           max on the bits, exact in any order), qold[block] = the old absmax; phase 4 stores the codes
+The residual uses the new m before it is rounded (as the torch backend).
 Traffic per element: reads g (4 B fp32, 2 B bf16) and m (4 B), writes m (4 B): 12 B fp32, 10 B bf16; flat
-tensors also read v (4 B). Partials as in phase 1. Grid: one program per stripe of TILES row tiles or flat
+tensors also read v (4 B). bf16 m: 8 B fp32 params, 6 B bf16 (plus a Philox4x32-10 per element); int8 m:
+reads g and q only, 5 B fp32, 3 B bf16 (the absmax gathers hit one float per 256 elements; one atomic per
+tile row when N is a multiple of QBLOCK, else one per element). Partials as in phase 1. Grid: one program per stripe of TILES row tiles or flat
 chunk (plan.blocks, largest first); finalize as in phase 1. Deterministic.
 """
 import triton
 import triton.language as tl
 
-from .came_math import _ema, _factored_u
+from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _sr_bf16
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
-from .multi_tensor import (BLOCK_N, C_COL, C_DIV, C_G, C_M, C_NROWS, C_NUMEL, C_RES_COL, C_RES_ROW, C_ROW,
+from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
+                           C_RES_COL, C_RES_ROW, C_ROW, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
                            NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
                            _row_tile_done, _stripe, _this_block, _vec_run, _ws_col, finalize)
 
 
+@triton.jit
+def _load_momentum(meta, t, idx, mask, MKIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """m (fp32) of the elements idx of tensor t from its storage (MKIND: see multi_tensor.C_MKIND)."""
+    if MKIND == MK_INT8:
+        q = tl.load(_ptr(meta, t, C_M, tl.int8, ALIGNED) + idx, mask=mask, other=0)
+        absmax = tl.load(_ptr(meta, t, C_ABSMAX, tl.float32, False) + idx // QBLOCK, mask=mask, other=0.0)
+        return _dequantize(q, absmax)
+    elif MKIND == MK_BF16:
+        return tl.load(_ptr(meta, t, C_M, tl.bfloat16, ALIGNED) + idx, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(_ptr(meta, t, C_M, tl.float32, ALIGNED) + idx, mask=mask, other=0.0)
+
+
+# The default path (fp32 momenta): this body, unchanged, keeps its code (registers) exactly as without
+# the opt-in state; the _lp variant below is built only for groups with a bf16/int8 momentum.
 @triton.jit
 def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
                          inv, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
@@ -64,6 +87,74 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
 
 
 @triton.jit
+def _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
+                         inv, rng, qmax, qold, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         TILED: tl.constexpr, AMP: tl.constexpr, MKIND: tl.constexpr):
+    """_momentum_res_stripe with the momentum stored as MKIND. Low-precision momentum: bf16 is stored rounded stochastically; int8 is not stored here (its blocks'
+    new absmax is not known until every program is done): the new absmax is gathered into qmax (atomic max
+    of the bits of |m|: exact, so in any order the same), the old one copied to qold, and phase 4 recomputes
+    the new m and stores its codes."""
+    g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
+    M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
+    col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
+    mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
+    R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False)
+    part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    if MKIND != MK_FP32:
+        key = tl.load(rng + 2 * t)
+        step = tl.load(rng + 2 * t + 1)
+        qoff = _field(meta, t, C_QOFF)
+    for tile in range(0, n_tiles):
+        rows = row0 + tile * ROWS + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
+        res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            idx = rows[:, None] * N + cols[None, :]
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if AMP:
+                g = g * inv
+            if MAXIMIZE:
+                g = -g
+            u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
+            m = _ema(_load_momentum(meta, t, idx, mask, MKIND, ALIGNED), beta1, one_minus_beta1, u_hat)
+            res = u_hat - m
+            res = tl.where(mask, res * res, 0.0)
+            res_row_sum += tl.sum(res, axis=1)
+            _add_column_partials(part, cols, cmask, tile, tl.sum(res, axis=0))
+            # m is stored after the residual (u_hat is dead by then: fewer live registers around the Philox)
+            if MKIND == MK_FP32:
+                tl.store(_ptr(meta, t, C_M, tl.float32, ALIGNED) + idx, m, mask=mask)
+            elif MKIND == MK_BF16:
+                bits = _random_bits(key, step, idx, STREAM_MOMENTUM)
+                tl.store(_ptr(meta, t, C_M, tl.bfloat16, ALIGNED) + idx, _sr_bf16(m, bits), mask=mask)
+            else:
+                _gather_absmax(meta, t, m, idx, rows, rmask, mask, n0, N, qmax + qoff, qold + qoff)
+        R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
+        tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+        _row_tile_done()
+
+
+@triton.jit
+def _gather_absmax(meta, t, m, idx, rows, rmask, mask, n0, N, qmax, qold):
+    """int8 momentum, phase 3: qmax[block] = max |new m| over the block (as int32 bits: non-negative floats
+    order as their bits, and a NaN, whose bits are the largest, wins as torch's amax lets it); the element
+    that starts a block copies the block's old absmax to qold, for phase 4, which overwrites the state."""
+    bits = tl.where(mask, tl.abs(m), 0.0).to(tl.int32, bitcast=True)
+    if N % QBLOCK == 0:  # BLOCK_N divides QBLOCK: each row of the tile lies in one block, one atomic per row
+        tl.atomic_max(qmax + (rows * N + n0) // QBLOCK, tl.max(bits, axis=1), mask=rmask)
+    else:
+        tl.atomic_max(qmax + idx // QBLOCK, bits, mask=mask)
+    first = mask & (idx % QBLOCK == 0)
+    old = tl.load(_ptr(meta, t, C_ABSMAX, tl.float32, False) + idx // QBLOCK, mask=first, other=0.0)
+    tl.store(qold + idx // QBLOCK, old, mask=first)
+
+
+@triton.jit
 def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE: tl.constexpr,
                     MAXIMIZE: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
                     ALIGNED: tl.constexpr, AMP: tl.constexpr):
@@ -86,23 +177,54 @@ def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE: tl.
 
 
 @triton.jit
-def _momentum_res_kernel(meta, blocks, ws, stats, amp, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
-                         DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         TILED: tl.constexpr, AMP: tl.constexpr):
+def _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
+                           inv, rng, qmax, qold, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, TILED: tl.constexpr,
+                           AMP: tl.constexpr, MKIND: tl.constexpr):
+    # Two copies of the body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+    if _field(meta, t, C_VEC) != 0:
+        _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                             eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED,
+                             AMP, MKIND)
+    else:
+        _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                             eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED,
+                             AMP, MKIND)
+
+
+@triton.jit
+def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, one_minus_beta1, beta3,
+                         one_minus_beta3, eps2, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, LOWBIT: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
         return
     inv = _amp_inv_scale(amp, AMP)
     t, local = _this_block(blocks)
     div = tl.load(stats + _field(meta, t, C_DIV))
-    # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored
-        if _field(meta, t, C_VEC) != 0:
-            _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED, AMP)
-        else:
-            _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                 eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED, AMP)
+        if not LOWBIT:
+            # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+            if _field(meta, t, C_VEC) != 0:
+                _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED, AMP)
+            else:
+                _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED, AMP)
+        else:  # a group with bf16/int8 momenta: a body per storage kind
+            kind = _field(meta, t, C_MKIND)
+            if kind == MK_FP32:
+                _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                       one_minus_beta3, eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N,
+                                       NUM_STAGES, TILED, AMP, MK_FP32)
+            elif kind == MK_BF16:
+                _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                       one_minus_beta3, eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N,
+                                       NUM_STAGES, TILED, AMP, MK_BF16)
+            else:
+                _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                       one_minus_beta3, eps2, inv, rng, qmax, qold, DTYPE, MAXIMIZE, ROWS, BLOCK_N,
+                                       NUM_STAGES, TILED, AMP, MK_INT8)
     else:
         if _field(meta, t, C_VEC) != 0:
             _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE, MAXIMIZE, FLAT_CHUNK,
@@ -124,13 +246,16 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
 
 
 def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None,
-                 shards=None) -> None:
-    """Launch phase 3 and its finalize for every tensor of `plan` (`amp`, `shards`: see sq_stats)."""
+                 shards=None, rng=None, qmax=None, qold=None) -> None:
+    """Launch phase 3 and its finalize for every tensor of `plan` (`amp`, `shards`: see sq_stats). Low-precision
+    momentum (plan.lowbit): rng, the int64 [T, 2] (Philox key, step) per tensor; qmax (int32, zeros) and
+    qold (fp32), plan.q_blocks slots each, for the int8 momenta."""
     _momentum_res_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
+        plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, ws if rng is None else rng,
+        ws if qmax is None else qmax, ws if qold is None else qold, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
         eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
         FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], AMP=amp is not None,
-        num_warps=NUM_WARPS)
+        LOWBIT=plan.lowbit, num_warps=NUM_WARPS)
 
     def launch(mode, dmeta, sums):
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,

@@ -107,7 +107,16 @@ C_STAT = tl.constexpr(12)      # first stats float: mean_M(r)[B], mean_M(R)[B]
 C_DIV = tl.constexpr(13)       # stats index of the clip divisor
 C_VEC = tl.constexpr(14)       # 1: 16-byte loads are safe for this tensor (see the module docstring)
 C_TILES = tl.constexpr(15)     # row tiles of ROWS rows per stripe (factored tensors)
-NCOL = tl.constexpr(16)
+C_MKIND = tl.constexpr(16)     # momentum storage: MK_FP32, MK_BF16 or MK_INT8 (opt-in momentum_dtype)
+C_ABSMAX = tl.constexpr(17)    # int8 momentum: exp_avg_absmax address (fp32 [cdiv(numel, QBLOCK)])
+C_QOFF = tl.constexpr(18)      # int8 momentum: first slot of this tensor's blocks in the q workspaces
+C_COMP = tl.constexpr(19)      # param_rounding="kahan": param_comp address (bf16, param shape)
+NCOL = tl.constexpr(20)
+
+MK_FP32 = tl.constexpr(0)
+MK_BF16 = tl.constexpr(1)
+MK_INT8 = tl.constexpr(2)
+QBLOCK = 256                   # = came_math.QBLOCK = torch_backend.QBLOCK
 
 WS_ALIGN = 4                   # each tensor's column partials start on a 16-byte boundary of the workspace
 
@@ -154,6 +163,8 @@ class Plan:
     vec: tuple = ()            # per tensor: the C_VEC now in `meta` (vec_base and an aligned grad)
     uploads: list = dataclasses.field(default_factory=list)  # pinned sources of the last uploads, kept alive
     numels: tuple = ()         # per tensor: its element count (a moved grad must have it too)
+    lowbit: bool = False       # some tensor stores its momentum in bf16 or int8 (kernels take MKIND branches)
+    q_blocks: int = 0          # int8 absmax blocks of the group: size of the q workspaces (qmax, qold)
 
     def update_grads(self, grads) -> None:
         """Point the table at this step's grads: a host-side compare, and uploads only when grads moved."""
@@ -199,10 +210,17 @@ class Plan:
         return host
 
 
-def plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> tuple:
+def plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes=None, comps=None) -> tuple:
     ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
-    return tuple((p.data_ptr(), tuple(p.shape), p.dtype, ptr(m), ptr(r), ptr(c), ptr(R), ptr(C), ptr(v))
-                 for p, m, r, c, R, C, v in zip(params, exp_avgs, rows, cols, res_rows, res_cols, sqs))
+    absmaxes = absmaxes or [None] * len(params)
+    comps = comps or [None] * len(params)
+    return tuple((p.data_ptr(), tuple(p.shape), p.dtype, ptr(m), m.dtype, ptr(r), ptr(c), ptr(R), ptr(C), ptr(v),
+                  ptr(a), ptr(k))
+                 for p, m, r, c, R, C, v, a, k in zip(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes,
+                                                      comps))
+
+
+_MKINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # MK_FP32, MK_BF16, MK_INT8
 
 
 def _check_grads(grads, dtype) -> None:
@@ -218,23 +236,40 @@ def _check_grads(grads, dtype) -> None:
                              f"({dtype}), got {g.dtype}{'' if g.is_contiguous() else ', non-contiguous'}")
 
 
-def _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> None:
+def _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps) -> None:
     dtype, device = params[0].dtype, params[0].device
     if dtype not in _TORCH_TO_TL:
         raise ValueError(f"backend='triton' takes float32, bfloat16 or float16 params, got {dtype}")
-    for i, (p, m, r, c, R, C, v) in enumerate(zip(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
-        stats = (m, r, c, R, C) if p.ndim >= 2 else (m, v)
+    for i, (p, m, r, c, R, C, v, a, k) in enumerate(zip(params, exp_avgs, rows, cols, res_rows, res_cols, sqs,
+                                                        absmaxes, comps)):
+        stats = (r, c, R, C) if p.ndim >= 2 else (v,)
         if p.dtype != dtype or p.device != device or any(
                 x is None or x.dtype != torch.float32 or x.device != device or not x.is_contiguous() for x in stats):
             raise ValueError(f"backend='triton': params[{i}] ({p.dtype}, {p.device}) must share the group's dtype "
                              f"{dtype} and device {device}, and its state must be contiguous float32 tensors there")
+        # The momentum: fp32, or (factored tensors) bf16, or int8 codes with an fp32 absmax per QBLOCK elements.
+        kind = _MKINDS.get(m.dtype) if m is not None else None
+        if kind is None or m.device != device or not m.is_contiguous() or (kind != 0 and p.ndim < 2) \
+                or (kind == 2) != (a is not None):
+            raise ValueError(f"backend='triton': exp_avgs[{i}] must be a contiguous float32 tensor on {device} (or, "
+                             f"for ndim >= 2, bfloat16, or int8 with its exp_avg_absmax), got "
+                             f"{None if m is None else (m.dtype, m.device)}")
+        if a is not None and (a.dtype != torch.float32 or a.device != device or not a.is_contiguous()
+                              or a.numel() != _cdiv(p.numel(), QBLOCK)):
+            raise ValueError(f"backend='triton': exp_avg_absmaxes[{i}] must be a contiguous float32 tensor of "
+                             f"{_cdiv(p.numel(), QBLOCK)} elements on {device}")
+        if k is not None and (k.dtype != torch.bfloat16 or p.dtype != torch.bfloat16 or k.device != device
+                              or not k.is_contiguous() or k.shape != p.shape):
+            raise ValueError(f"backend='triton': param_comps[{i}] must be a contiguous bfloat16 tensor of the bf16 "
+                             f"param's shape {tuple(p.shape)} on {device}")
 
 
-def _vec_ok(p, g, m, c, C, v) -> int:
-    """C_VEC of one tensor (see the module docstring)."""
+def _vec_ok(p, g, m, c, C, v, k=None) -> int:
+    """C_VEC of one tensor (see the module docstring). A bf16 or int8 momentum needs no more: with rows of a
+    multiple of VEC elements its row starts fall on multiples of VEC elements too (narrower loads)."""
     vec = 16 // p.element_size()
     run = p.shape[-1] if p.ndim >= 2 else p.numel()  # elements between 16-byte boundaries that must align
-    return int(run % vec == 0 and all(x is None or x.data_ptr() % 16 == 0 for x in (p, g, m, c, C, v)))
+    return int(run % vec == 0 and all(x is None or x.data_ptr() % 16 == 0 for x in (p, g, m, c, C, v, k)))
 
 
 def _matrices(p) -> tuple:
@@ -283,10 +318,13 @@ def _largest_first(tensor_ids: list, locals_: list, works: list) -> torch.Tensor
     return torch.stack([t[order], loc[order]], dim=1).to(torch.int64)
 
 
-def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> Plan:
+def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes=None, comps=None) -> Plan:
     """Build the tables for one (device, dtype) group of contiguous tensors (host work, once per param set;
-    no data is read, so meta tensors work: tests build plans for 7B-parameter shape lists that way)."""
-    _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+    no data is read, so meta tensors work: tests build plans for 7B-parameter shape lists that way).
+    absmaxes, comps: the opt-in int8 momentum's absmax and the Kahan compensation per tensor (or None)."""
+    absmaxes = absmaxes or [None] * len(params)
+    comps = comps or [None] * len(params)
+    _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
     _check_grads(grads, _TORCH_TO_TL[params[0].dtype])
     device = params[0].device
     tiles = choose_tiles([mat for mat in map(_matrices, params) if mat is not None])
@@ -294,7 +332,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
     blk = ([], [], [])   # tensor ids, local indices, work (elements) of the blocks of phases 1 and 3
     tblk = ([], [], [])  # the same for phases 2 and 4 (single row tiles)
     fin = ([], [], [])   # the same for the finalize programs (work: floats read)
-    ws_col = ws_blk = stat = 0
+    ws_col = ws_blk = stat = q_blocks = 0
     for t, (p, g, m, r, c, R, C, v) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         numel = p.numel()
         mat = _matrices(p)
@@ -329,10 +367,14 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
         tblk[0].append(torch.full((n_tile,), t))
         tblk[1].append(tlocal)
         tblk[2].append(twork)
-        vec_base.append(_vec_ok(p, None, m, c, C, v))
-        vec.append(_vec_ok(p, g, m, c, C, v))
+        vec_base.append(_vec_ok(p, None, m, c, C, v, comps[t]))
+        vec.append(_vec_ok(p, g, m, c, C, v, comps[t]))
+        kind = _MKINDS[m.dtype]
         meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B,
-                     vec[-1], t_tiles])
+                     vec[-1], t_tiles, kind, 0 if absmaxes[t] is None else absmaxes[t].data_ptr(), q_blocks,
+                     0 if comps[t] is None else comps[t].data_ptr()])
+        if kind == 2:  # MK_INT8
+            q_blocks += _cdiv(numel, QBLOCK)
         ws_col += colpart
         ws_blk += n_tile  # phase 2 writes one sum per row-tile block
         stat += 2 * B + 1
@@ -341,14 +383,15 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> 
     blocks_dev = blocks.to(device)
     fin_blocks = _largest_first(*fin)
     return Plan(
-        key=plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs),
+        key=plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps),
         grad_ptrs=tuple(g.data_ptr() for g in grads),
         meta=torch.tensor(meta, dtype=torch.int64).to(device),
         blocks=blocks_dev, fin_blocks=fin_blocks.to(device),
         tile_blocks=blocks_dev if tiles == 1 else tile_blocks.to(device),
         n_tensors=len(params), n_blocks=blocks.shape[0], n_tile_blocks=tile_blocks.shape[0], n_fin=fin_blocks.shape[0],
         ws_floats=max(ws_col, ws_blk, 1), stats_floats=max(stat, 1), dtype=_TORCH_TO_TL[params[0].dtype],
-        tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec), numels=tuple(p.numel() for p in params))
+        tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec), numels=tuple(p.numel() for p in params),
+        lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks)
 
 
 def finalize(plan, ws, launch, shards, phase: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .torch_backend import state_shapes
+from .torch_backend import QBLOCK, state_shapes
 
 _NAMES = ("grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols", "exp_avg_res_rows", "exp_avg_res_cols",
           "exp_avg_sqs")
@@ -49,10 +49,35 @@ def check_bias_scales(backend: str, bias_scales: Tensor, params) -> None:
                          f"on {device}, got {got}; nothing was changed")
 
 
-def check_sizes(backend: str, params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs) -> None:
+def check_rng(backend: str, rng, params) -> None:
+    """Raise ValueError unless `rng` is what stochastic rounding reads: a contiguous int64 [T, 2] tensor
+    (Philox key, step) on the params' device. Shape and dtype only (no host sync)."""
+    want = (len(params), 2)
+    device = params[0].device
+    if (not isinstance(rng, Tensor) or tuple(rng.shape) != want or rng.dtype != torch.int64
+            or rng.device != device or not rng.is_contiguous()):
+        got = f"{tuple(rng.shape)} {rng.dtype} on {rng.device}" if isinstance(rng, Tensor) else type(rng).__name__
+        raise ValueError(f"backend={backend!r}: stochastic rounding needs rng, a contiguous int64 tensor of shape "
+                         f"{want} on {device}, got {got}; nothing was changed")
+
+
+def check_sizes(backend: str, params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes=None,
+                comps=None) -> None:
     """Raise ValueError unless every tensor has the shape the kernels will address it with (the contract:
     grads and m like the param; r, R shape[:-1] and c, C shape[:-2]+shape[-1:] for ndim >= 2, else v like the
-    param and no row/column statistics)."""
+    param and no row/column statistics; an int8 m's absmax [cdiv(numel, QBLOCK)] fp32, a Kahan
+    compensation like the param, in bf16)."""
+    for i, (p, m, a, k) in enumerate(zip(params, exp_avgs, absmaxes or [None] * len(params),
+                                         comps or [None] * len(params))):
+        nb = -(-p.numel() // QBLOCK)
+        if m.dtype == torch.int8 and (a is None or tuple(a.shape) != (nb,) or a.dtype != torch.float32):
+            got = None if a is None else f"{tuple(a.shape)} {a.dtype}"
+            raise ValueError(f"backend={backend!r}: exp_avg_absmaxes[{i}] is {got}, expected float32 of shape "
+                             f"({nb},) for the int8 momentum of a param of shape {tuple(p.shape)}; nothing was "
+                             "changed")
+        if k is not None and (k.shape != p.shape or k.dtype != torch.bfloat16):
+            raise ValueError(f"backend={backend!r}: param_comps[{i}] is {tuple(k.shape)} {k.dtype}, expected "
+                             f"bfloat16 of shape {tuple(p.shape)}; nothing was changed")
     for i, (p, *xs) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         shape = tuple(p.shape)
         stats = state_shapes(shape)

@@ -11,6 +11,9 @@ GradScaler (grad_scale/found_inf): the kernels read [found_inf, 1/scale] from on
 (`_contiguous.amp_flags`, as the Triton backend), multiply g by 1/scale wherever they read it and return
 before writing anything when found_inf is set. Bias correction (bias_scales, [T, 2] fp32 on the device):
 s_u goes into the clip divisor, s_m into the update (csrc/clip_stats.cu, csrc/param_step.cu).
+Low-precision state (bf16/int8 momenta, param_rounding of bf16 params): `came_step_lowbit`, the same step
+with the int8 absmaxes, the Kahan compensations and the rng table (Philox key, step per tensor) passed on;
+the default state keeps calling `came_step`, whose kernels are compiled as before.
 
 Import is lazy: a missing or broken extension only matters when backend="cuda" is asked for, and then
 `unavailable_reason` keeps the original import error and says how to build the extension.
@@ -22,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import amp_flags, check_bias_scales, contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_bias_scales, check_rng, contiguous_lists, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -49,7 +52,7 @@ def _load():
 def _register_fakes() -> None:
     """Fake (meta) kernels for the extension's ops, so torch.compile can trace a call to them without running
     it: they return nothing and change no shape (their schemas declare what they mutate)."""
-    for op in ("came_step", "sq_stats", "clip_stats", "momentum_res", "param_step"):
+    for op in ("came_step", "came_step_lowbit", "sq_stats", "clip_stats", "momentum_res", "param_step"):
         torch.library.register_fake(f"came_kernels::{op}")(lambda *args, **kwargs: None)
 
 
@@ -109,10 +112,16 @@ def came_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_scales: Optional[Tensor] = None,
+    exp_avg_absmaxes: Optional[list[Optional[Tensor]]] = None,
+    param_comps: Optional[list[Optional[Tensor]]] = None,
+    param_rounding: str = "nearest",
+    rng: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
     grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf.
-    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None."""
+    bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None.
+    Low-precision state (opt-in): bf16 or int8 exp_avgs (with exp_avg_absmaxes), param_rounding (with
+    param_comps for "kahan"), rng: int64 [T, 2] (Philox key, step) per tensor (see the torch backend)."""
     if not params:
         return
     if _load() is None:
@@ -123,13 +132,29 @@ def came_step(
     _check_amp_tensors(grad_scale, found_inf)
     if bias_scales is not None:
         check_bias_scales("cuda", bias_scales, params)
+    if param_rounding not in _ROUNDINGS:
+        raise ValueError(f"backend='cuda': unknown param_rounding {param_rounding!r}")
+    bf16 = params[0].dtype == torch.bfloat16
+    rounding = _ROUNDINGS[param_rounding] if bf16 else 0
+    low = rounding != 0 or any(m.dtype != torch.float32 for m in exp_avgs)
     lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs]
+    if low:
+        check_rng("cuda", rng, params)
+        n = len(params)
+        lists += [list(exp_avg_absmaxes or [None] * n),
+                  list(param_comps if rounding == 2 and param_comps is not None else [None] * n)]
     lists, write_back = contiguous_lists(lists)  # see _contiguous.py
 
-    torch.ops.came_kernels.came_step(
-        *lists, _lr_tensor(lr, device), float(beta1), float(beta2), float(beta3), float(eps1),
-        float(eps2), float(clip_threshold), float(weight_decay), bool(maximize),
-        amp_flags(grad_scale, found_inf, device), bias_scales)
+    hyper = (_lr_tensor(lr, device), float(beta1), float(beta2), float(beta3), float(eps1), float(eps2),
+             float(clip_threshold), float(weight_decay), bool(maximize), amp_flags(grad_scale, found_inf, device),
+             bias_scales)
+    if low:
+        torch.ops.came_kernels.came_step_lowbit(*lists[:8], lists[8], lists[9], rounding, rng, *hyper)
+    else:
+        torch.ops.came_kernels.came_step(*lists, *hyper)
 
     write_back_(write_back)
+
+
+_ROUNDINGS = {"nearest": 0, "stochastic": 1, "kahan": 2}  # csrc/came_math.cuh's kRound*

@@ -28,6 +28,23 @@ Every term is a per-tensor scalar, so the whole correction is two numbers per te
 Opt-in conv factoring (`factor_conv`): a param with ndim >= 3 is stepped as its [shape[0], numel/shape[0]]
 matrix (functional.came hands every backend that view, see `state_shapes`); the rule above is unchanged.
 
+Opt-in low-precision state (`momentum_dtype`, `param_rounding`, `seed`). The math above is unchanged and
+fp32; only what is stored between steps changes:
+    momentum "bf16":  m is stored as bf16, rounded stochastically (`sr_bf16`)
+    momentum "int8":  m is stored as int8 codes q (param shape) with one fp32 absmax per block of QBLOCK
+                      elements of the flattened tensor: m = q * (absmax * fp32(1/127)); the new m is
+                      quantized with its block's new absmax, rounding stochastically (`quantize_blockwise`)
+    (tensors with ndim < 2 or fewer than LOWBIT_MIN_NUMEL elements keep an fp32 m, as bitsandbytes does)
+    The residual (u_hat - m)^2 uses the new m before it is stored; the update uses the stored m (what the
+    next step starts from), so a parameter moves by exactly the momentum the state holds.
+    param "stochastic" (bf16 params): p is stored rounded stochastically instead of to nearest;
+    param "kahan" (bf16 params): a bf16 compensation k (state `param_comp`) carries what the last store
+        rounded away: x = p + k; x = x - lr*wd*x - lr*update; p = bf16(x); k = bf16(x - p).
+Random bits come from Philox4x32-10 (`philox`, the generator of Triton's tl.philox), keyed by
+(seed, tensor id) with counters (element index lo, element index hi, step, stream): every backend draws the
+same bits for the same element, the step is the device-side step counter (no sync, no recompile), and a run
+is reproducible. Stream 0 rounds the momentum, stream 1 the parameter.
+
 Arithmetic is fp32 (fp64 for fp64 params) whatever the storage dtype, and a low-precision parameter is
 rounded once, at its final store. Memory: one scratch buffer the size of the largest factored tensor is
 allocated per call and reused by every phase of every tensor (came-pytorch allocates about four
@@ -44,10 +61,20 @@ import torch
 from torch import Tensor
 
 __all__ = ["came_step", "unavailable_reason", "math_dtype", "state_shapes", "matrix_shape", "bias_scales",
-           "BIAS_TERMS"]
+           "BIAS_TERMS", "MOMENTUM_DTYPES", "PARAM_ROUNDINGS", "QBLOCK", "LOWBIT_MIN_NUMEL", "momentum_storage",
+           "momentum_state", "philox", "random_bits", "sr_bf16", "quantize_blockwise", "dequantize_blockwise",
+           "rng_keys"]
 
 # The statistics bias correction can divide by 1 - beta^t (see the module docstring).
 BIAS_TERMS = ("exp_avg", "exp_avg_sq", "exp_avg_res")
+# Opt-in low-precision state (see the module docstring).
+MOMENTUM_DTYPES = ("fp32", "bf16", "int8")
+PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
+QBLOCK = 256               # elements of the flattened tensor per int8 absmax
+LOWBIT_MIN_NUMEL = 4096    # smaller tensors (and ndim < 2) keep an fp32 momentum: their state is negligible
+INV127 = 0.007874015718698502  # fp32(1/127), exactly representable: m = q * (absmax * INV127)
+STREAM_MOMENTUM, STREAM_PARAM = 0, 1  # Philox counter word 3: which rounding the bits are for
+_M32 = 0xFFFFFFFF
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -111,6 +138,133 @@ def bias_scales(steps: list[Tensor], factored: list[bool], terms, *, beta1: floa
     return torch.stack([s_u, s_m], dim=1)
 
 
+def momentum_storage(shape, momentum_dtype: str, param_dtype: torch.dtype = torch.float32) -> str:
+    """The storage ("fp32", "bf16" or "int8") of the momentum of a param of `shape` and `param_dtype` under
+    the option `momentum_dtype`: low precision only for tensors with ndim >= 2 and at least LOWBIT_MIN_NUMEL
+    elements (fp64 params keep the fp64 momentum of their math dtype, reported as "fp32")."""
+    if momentum_dtype == "fp32" or param_dtype == torch.float64 or len(shape) < 2 \
+            or math.prod(shape) < LOWBIT_MIN_NUMEL:
+        return "fp32"
+    return momentum_dtype
+
+
+def momentum_state(shape, momentum_dtype: str, param_dtype: torch.dtype) -> dict:
+    """{state key: (shape, dtype)} of the momentum of a param: `exp_avg` (fp32, or bf16), or int8 codes
+    `exp_avg_q` of the param's shape and fp32 `exp_avg_absmax` [ceil(numel / QBLOCK)]."""
+    shape = tuple(shape)
+    kind = momentum_storage(shape, momentum_dtype, param_dtype)
+    if kind == "int8":
+        return {"exp_avg_q": (shape, torch.int8),
+                "exp_avg_absmax": (((math.prod(shape) + QBLOCK - 1) // QBLOCK,), torch.float32)}
+    return {"exp_avg": (shape, torch.bfloat16 if kind == "bf16" else math_dtype(param_dtype))}
+
+
+def rng_keys(seed: int, ids) -> list:
+    """Philox keys (int64: seed in the low 32 bits, the tensor's id in the high ones) of tensors `ids`."""
+    return [(seed & _M32) | ((int(i) & 0x7FFFFFFF) << 32) for i in ids]
+
+
+def _umul32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """(high, low) 32 bits of a * b for uint32 values held in int64 (a * b itself would overflow int64):
+    a is split into 16-bit halves, each product fits in 48 bits."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    hi_part, lo_part = a_hi * b, a_lo * b
+    high = (hi_part + (lo_part >> 16)) >> 16
+    low = (lo_part + ((hi_part & 0xFFFF) << 16)) & _M32
+    return high, low
+
+
+def philox(key: Tensor, c0: Tensor, c1, c2, c3, rounds: int = 10) -> tuple:
+    """Philox4x32 (Salmon et al., SC 2011) with `rounds` rounds, as Triton's tl.philox(seed=key, c0, ..., c3):
+    key is int64 (low 32 bits k0, high 32 bits k1), counters are uint32 values held in int64 tensors (or
+    ints); returns the four output words, uint32 values in int64. Integer tensor ops only: bitwise equal to
+    the Triton kernels' bits on any device (tests/test_low_precision.py checks it against tl.philox)."""
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=c0.device) & _M32 for c in (c0, c1, c2, c3))
+    for _ in range(rounds):
+        hi_b, lo_b = _umul32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _umul32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def random_bits(rng: Tensor, numel: int, stream: int, device) -> Tensor:
+    """32 random bits (int64 in [0, 2^32)) for elements 0..numel-1 of a tensor whose rng row is (key, step):
+    Philox counters (index lo, index hi, step, stream), first output word."""
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    return philox(rng[0], idx & _M32, idx >> 32, rng[1] & _M32, stream)[0]
+
+
+def sr_bf16(x: Tensor, bits: Tensor) -> Tensor:
+    """fp32 x rounded to bf16 stochastically: 16 random bits are added below the bf16 ulp and the result is
+    truncated, so x rounds up with probability (x - down) / ulp and E[bf16] = x (unbiased). NaN stays NaN."""
+    u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    u = (u + (bits >> 16)) >> 16
+    out = u.to(torch.int32).to(torch.int16).view(torch.bfloat16)  # 16-bit pattern (wraps to int16)
+    return torch.where(x.isnan(), x.to(torch.bfloat16), out.view(x.shape))
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """Flattened x, zero-padded to whole QBLOCKs, as [nblocks, QBLOCK]."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % QBLOCK
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, QBLOCK)
+
+
+def dequantize_blockwise(q: Tensor, absmax: Tensor) -> Tensor:
+    """fp32 m from int8 codes q and per-block absmax: m = q * (absmax * fp32(1/127))."""
+    scale = absmax * torch.tensor(INV127, dtype=torch.float32, device=absmax.device)
+    return (_blocks(q.float()) * scale[:, None]).reshape(-1)[: q.numel()].view(q.shape)
+
+
+def quantize_blockwise(m: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
+    """(int8 codes of m's shape, fp32 absmax per block) of fp32 m: x = m * (127 / absmax) rounded
+    stochastically (up with probability frac(x), from 24 random bits), clamped to [-127, 127]. Every op is
+    one exactly specified fp32 operation, so the fused kernels can reproduce it bit for bit."""
+    mb = _blocks(m)
+    absmax = mb.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    x = mb * inv[:, None]
+    down = x.floor()
+    up = (_blocks(bits.view(m.shape)) >> 8).float() * 2.0 ** -24 < x - down
+    q = (down + up.float()).clamp_(-127, 127)
+    q = torch.where(x.isnan(), torch.zeros_like(q), q)  # NaN: its block's absmax is NaN, which shows
+    return q.reshape(-1)[: m.numel()].to(torch.int8).view(m.shape), absmax
+
+
+def _load_momentum(m: Tensor, absmax: Optional[Tensor]) -> Tensor:
+    """The momentum as the math dtype: m itself when it is stored so (updated in place), else an fp32 copy."""
+    if absmax is not None:
+        return dequantize_blockwise(m, absmax)
+    return m if m.dtype in (torch.float32, torch.float64) else m.float()
+
+
+def _store_momentum_(m: Tensor, absmax: Optional[Tensor], m32: Tensor, rng: Optional[Tensor]) -> Tensor:
+    """Store the new momentum m32 into its storage and return the value stored, as the math dtype (what the
+    update uses)."""
+    if m32 is m:
+        return m  # fp32 storage: already in place
+    bits = random_bits(rng, m.numel(), STREAM_MOMENTUM, m.device).view(m.shape)
+    if absmax is not None:
+        q, new_absmax = quantize_blockwise(m32, bits)
+        m.copy_(q)
+        absmax.copy_(new_absmax)
+        return dequantize_blockwise(m, absmax)
+    m.copy_(sr_bf16(m32, bits))
+    return m.float()
+
+
+def _store_param_(p: Tensor, x: Tensor, comp: Optional[Tensor], rounding: str, rng: Optional[Tensor]) -> None:
+    """Store the new fp32 value x of a bf16 param p under `rounding` (see the module docstring)."""
+    if rounding == "stochastic":
+        p.copy_(sr_bf16(x, random_bits(rng, p.numel(), STREAM_PARAM, p.device).view(p.shape)))
+    else:
+        p.copy_(x)  # to nearest
+        if comp is not None:  # kahan: keep what the rounding lost (x - p is exact in fp32)
+            comp.copy_(x - p.float())
+
+
 def came_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -134,11 +288,19 @@ def came_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_scales: Optional[Tensor] = None,
+    exp_avg_absmaxes: Optional[list[Optional[Tensor]]] = None,
+    param_comps: Optional[list[Optional[Tensor]]] = None,
+    param_rounding: str = "nearest",
+    rng: Optional[Tensor] = None,
 ) -> None:
     """One CAME step for every tensor in the lists (see the module docstring and backends/README.md).
 
     bias_scales: None (no bias correction, came-pytorch 0.1.3), or the [T, 2] tensor of `bias_scales()`
     for these lists: row i holds (s_u, s_m) of tensor i.
+
+    Low-precision state (opt-in): exp_avgs[i] is fp32, bf16 or int8 (codes, with exp_avg_absmaxes[i]);
+    param_rounding "stochastic" or "kahan" (with param_comps[i], bf16) for bf16 params; rng: int64 [T, 2]
+    (Philox key, step) per tensor, needed by stochastic rounding.
 
     grad_scale, found_inf (GradScaler's, 1-element fp32 tensors): the grads are used divided by
     grad_scale, and nothing at all changes when found_inf is nonzero. Here found_inf is read on the host
@@ -153,6 +315,9 @@ def came_step(
     else:
         inv_scale = None
     scales = [None] * len(params) if bias_scales is None else list(bias_scales.unbind(0))  # views, no copy
+    absmaxes = exp_avg_absmaxes or [None] * len(params)
+    comps = param_comps or [None] * len(params)
+    rngs = [None] * len(params) if rng is None else list(rng.unbind(0))
     hyper = dict(inv_scale=inv_scale, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
                  clip_threshold=clip_threshold, weight_decay=weight_decay, maximize=maximize)
     # Empty tensors have nothing to update; skipping them keeps their statistics finite (a mean over zero
@@ -163,15 +328,16 @@ def came_step(
     # One scratch buffer per (device, math dtype), sized for the largest factored tensor.
     scratch: dict = {}
     for i in factored:
-        key = (exp_avgs[i].device, exp_avgs[i].dtype)
+        key = (exp_avgs[i].device, math_dtype(params[i].dtype))
         scratch[key] = max(scratch.get(key, 0), params[i].numel())
     scratch = {k: torch.empty(n, dtype=k[1], device=k[0]) for k, n in scratch.items()}
 
     for i in factored:
         m = exp_avgs[i]
-        buf = scratch[(m.device, m.dtype)][: m.numel()].view(m.shape)
+        buf = scratch[(m.device, math_dtype(params[i].dtype))][: m.numel()].view(m.shape)
         _factored_step(params[i], grads[i], m, exp_avg_sq_rows[i], exp_avg_sq_cols[i],
-                       exp_avg_res_rows[i], exp_avg_res_cols[i], buf, scales[i], **hyper)
+                       exp_avg_res_rows[i], exp_avg_res_cols[i], buf, scales[i], absmax=absmaxes[i],
+                       comp=comps[i], rounding=param_rounding, rng=rngs[i], **hyper)
 
     # _foreach_* ops want one device and dtype per list.
     buckets: dict = {}
@@ -180,7 +346,7 @@ def came_step(
     for idx in buckets.values():
         _vector_step([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                      [exp_avg_sqs[i] for i in idx], None if bias_scales is None else [scales[i] for i in idx],
-                     **hyper)
+                     [comps[i] for i in idx], param_rounding, [rngs[i] for i in idx], **hyper)
 
 
 def _row_col_factors(row: Tensor, col: Tensor, row_mean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -196,9 +362,20 @@ def _ema_(avg: Tensor, beta: float, new: Tensor) -> None:
     avg.mul_(beta).add_(new, alpha=1.0 - beta)
 
 
-def _apply_update_(p: Tensor, update: Tensor, lr: Union[float, Tensor], weight_decay: float) -> None:
-    """p = p - lr*weight_decay*p - lr*update, in the math dtype, rounding p once. Overwrites `update`."""
+def _apply_update_(p: Tensor, update: Tensor, lr: Union[float, Tensor], weight_decay: float,
+                   comp: Optional[Tensor] = None, rounding: str = "nearest", rng: Optional[Tensor] = None) -> None:
+    """p = p - lr*weight_decay*p - lr*update, in the math dtype, rounding p once. Overwrites `update`.
+    bf16 p with rounding "stochastic" or "kahan": see the module docstring."""
     update.mul_(lr)
+    if p.dtype == torch.bfloat16 and rounding != "nearest":
+        x = p.float() if comp is None else p.float().add_(comp)  # kahan: the value p stands for
+        if weight_decay != 0:  # the order of the bf16 branch below
+            if isinstance(lr, Tensor):
+                update.addcmul_(x, lr, value=weight_decay)
+            else:
+                update.add_(x, alpha=lr * weight_decay)
+        _store_param_(p, x.sub_(update), comp, rounding, rng)
+        return
     if weight_decay != 0:
         if p.dtype == update.dtype:
             # came-pytorch's order (p -= lr*wd*p, then p -= lr*update) for bit-level parity with it. Not
@@ -293,16 +470,18 @@ def _momentum_res_(buf: Tensor, m: Tensor, R: Tensor, C: Tensor, *, beta1: float
 
 
 def _param_step_(p: Tensor, buf: Tensor, m: Tensor, row_f: Tensor, col_f: Tensor, scale, lr,
-                 weight_decay: float) -> None:
-    """Phase 4 (param_step): update = m * rsqrt(R / mean_M(R)) * rsqrt(C); decoupled weight decay."""
+                 weight_decay: float, comp: Optional[Tensor] = None, rounding: str = "nearest",
+                 rng: Optional[Tensor] = None) -> None:
+    """Phase 4 (param_step): update = m * rsqrt(R / mean_M(R)) * rsqrt(C); decoupled weight decay (a bf16 p
+    stored as `rounding` says, see _apply_update_)."""
     torch.mul(m, row_f, out=buf).mul_(col_f)
     if scale is not None:
         buf.mul_(scale[1])  # bias correction: m / (1-b1^t) and rsqrt(C / (1-b3^t)), as s_m
-    _apply_update_(p, buf, lr, weight_decay)
+    _apply_update_(p, buf, lr, weight_decay, comp, rounding, rng)
 
 
-def _factored_step(p, g, m, r, c, R, C, buf, scale, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
-                   clip_threshold, weight_decay, maximize) -> None:
+def _factored_step(p, g, m, r, c, R, C, buf, scale, *, absmax=None, comp=None, rounding="nearest", rng=None,
+                   inv_scale, lr, beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize) -> None:
     """Every phase for one whole tensor, in one scratch buffer."""
     # ---- phase 1 (sq_stats): EMAs of the row and column means of g^2 + eps1; buf = u
     _sq_stats_(buf, g, r, c, inv_scale=inv_scale, beta2=beta2, eps1=eps1)
@@ -310,19 +489,24 @@ def _factored_step(p, g, m, r, c, R, C, buf, scale, *, inv_scale, lr, beta1, bet
     _u_(buf, g, row_f, col_f, inv_scale, scale)
     # ---- phase 2 (clip_stats): buf = u_hat
     _clip_(buf, torch.linalg.vector_norm(buf), buf.numel(), clip_threshold)
-    # ---- phase 3 (momentum_res): momentum, then EMAs of the confidence residual
-    _momentum_res_(buf, m, R, C, beta1=beta1, beta3=beta3, eps2=eps2)
+    # ---- phase 3 (momentum_res): momentum, then EMAs of the confidence residual; the residual uses the
+    # new m before it is stored, the update the stored m (low-precision momentum: see the module docstring)
+    m32 = _load_momentum(m, absmax)  # m itself for an fp32 momentum, else a dequantized copy
+    _momentum_res_(buf, m32, R, C, beta1=beta1, beta3=beta3, eps2=eps2)
+    m32 = _store_momentum_(m, absmax, m32, rng)
     row_f, col_f = _stats_factors(R, C, beta3, eps2)
     # ---- phase 4 (param_step)
-    _param_step_(p, buf, m, row_f, col_f, scale, lr, weight_decay)
+    _param_step_(p, buf, m32, row_f, col_f, scale, lr, weight_decay, comp, rounding, rng)
 
 
-def _vector_step(ps, gs, ms, vs, scales, *, inv_scale, lr, beta1, beta2, beta3, eps1, eps2,
-                 clip_threshold, weight_decay, maximize) -> None:
-    """Tensors with ndim < 2: the unfactored rule, all tensors of one (device, dtype) at once."""
+def _vector_step(ps, gs, ms, vs, scales, comps=None, rounding="nearest", rngs=None, *, inv_scale, lr, beta1,
+                 beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize) -> None:
+    """Tensors with ndim < 2: the unfactored rule, all tensors of one (device, dtype) at once. Their momentum
+    is always in the math dtype (momentum_storage)."""
     u = _vector_u(gs, ms, vs, scales, inv_scale=inv_scale, beta2=beta2, eps1=eps1, maximize=maximize)
     _vector_clip_(u, torch._foreach_norm(u), [x.numel() for x in u], clip_threshold)
-    _vector_update_(ps, ms, u, scales, lr=lr, beta1=beta1, weight_decay=weight_decay)
+    _vector_update_(ps, ms, u, scales, lr=lr, beta1=beta1, weight_decay=weight_decay, comps=comps,
+                    rounding=rounding, rngs=rngs)
 
 
 def _vector_u(gs, ms, vs, scales, *, inv_scale, beta2, eps1, maximize) -> list:
@@ -352,11 +536,18 @@ def _vector_clip_(u, norms, numels, clip_threshold) -> None:
     torch._foreach_div_(u, norms)
 
 
-def _vector_update_(ps, ms, u, scales, *, lr, beta1, weight_decay) -> None:
+def _vector_update_(ps, ms, u, scales, *, lr, beta1, weight_decay, comps=None, rounding="nearest",
+                    rngs=None) -> None:
     """Phases 3 and 4: momentum only (no confidence step for unfactored tensors); update = m; decoupled
     weight decay."""
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, u, alpha=1.0 - beta1)
+    if ps[0].dtype == torch.bfloat16 and rounding != "nearest":  # per tensor, as the factored ones
+        for p, m, s, comp, rng in zip(ps, ms, scales or [None] * len(ps), comps or [None] * len(ps),
+                                      rngs or [None] * len(ps)):
+            update = m.clone() if s is None else m * s[1]
+            _apply_update_(p, update, lr, weight_decay, comp, rounding, rng)
+        return
     update = torch._foreach_mul(ms, lr)
     if scales is not None:
         torch._foreach_mul_(update, [s[1] for s in scales])  # bias correction: m / (1-b1^t), as s_m

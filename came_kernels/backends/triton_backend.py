@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import amp_flags, check_bias_scales, check_sizes, contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_bias_scales, check_rng, check_sizes, contiguous_lists, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -108,7 +108,7 @@ def _steady(cache: dict, given: tuple, grads: list) -> Optional[dict]:
     return st
 
 
-def _prepare(cache: dict, given: tuple, grads: list):
+def _prepare(cache: dict, given: tuple, grads: list, extra=None):
     """(plan, keep, grads, device, write_back) with every check: empty tensors dropped (keep: the indices
     kept, None when all are), contiguous copies where needed, the sizes checked and the tables (re)built
     when any address changed; the CUDA graph capture rules applied. plan is None when nothing is left."""
@@ -116,7 +116,7 @@ def _prepare(cache: dict, given: tuple, grads: list):
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return None, None, grads, None, []
-    lists = [params, grads] + list(given[1:])
+    lists = [params, grads] + list(given[1:]) + list(extra or ([None] * len(params), [None] * len(params)))
     if len(keep) != len(params):
         lists = [[lst[i] for i in keep] for lst in lists]
     else:
@@ -124,10 +124,11 @@ def _prepare(cache: dict, given: tuple, grads: list):
     device = lists[0][0].device
 
     lists, write_back = contiguous_lists(lists)  # see _contiguous.py
-    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs = lists
+    params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps = lists
 
     plan = cache.get("plan")
-    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+    key = None if write_back else _tk.multi_tensor.plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs,
+                                                            absmaxes, comps)
     if _capturing(device):
         plan = _plan_for_capture(plan, key, write_back)
         plan.write_grads_in_graph(grads)
@@ -136,17 +137,17 @@ def _prepare(cache: dict, given: tuple, grads: list):
         cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
         return plan, keep, grads, device, write_back
     if write_back or plan is None or plan.key != key:
-        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
         if plan is not None and cache.get("captured"):
             warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
                           "optimizer's step; replaying that graph would update the old tensors, not these: "
                           "capture the step again", RuntimeWarning, stacklevel=5)
-        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)
+        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
         if not write_back:  # copies are new every step: caching their addresses would be wrong
             cache["plan"] = plan
     else:
         plan.update_grads(grads)
-    if not write_back and all(isinstance(lst, tuple) for lst in given):
+    if not write_back and extra is None and all(isinstance(lst, tuple) for lst in given):
         tensors = [x for lst in (params, exp_avgs, rows, cols, res_rows, res_cols, sqs) for x in lst if x is not None]
         cache["steady"] = dict(given=given, keep=keep, plan=plan, device=device, params=params, tensors=tensors,
                                ptrs=tuple(map(Tensor.data_ptr, tensors)),
@@ -192,11 +193,17 @@ def came_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     bias_scales: Optional[Tensor] = None,
+    exp_avg_absmaxes: Optional[list[Optional[Tensor]]] = None,
+    param_comps: Optional[list[Optional[Tensor]]] = None,
+    param_rounding: str = "nearest",
+    rng: Optional[Tensor] = None,
     shards=None,
 ) -> None:
     """One CAME step for one (device, dtype) group of fp32/bf16/fp16 tensors (see backends/README.md).
     grad_scale/found_inf (GradScaler): the kernels unscale g and skip every write on found_inf.
     bias_scales: the bias correction's [T, 2] (s_u, s_m) per tensor (torch_backend.bias_scales), or None.
+    Low-precision state (opt-in): bf16 or int8 exp_avgs (with exp_avg_absmaxes), param_rounding (with
+    param_comps for "kahan"), rng: int64 [T, 2] (Philox key, step) per tensor (see the torch backend).
     shards: None, or (came_kernels.distributed) the local shards of DTensor params are given, and
     `shards.bind(keep, device, amp)` returns what the finalize kernels need to sum their statistics across
     processes (see triton_kernels.multi_tensor.finalize); it is called even when this process holds nothing
@@ -204,8 +211,18 @@ def came_step(
     if _tk is None:
         raise RuntimeError(unavailable_reason(params[0].device if params else "cpu"))
     cache = {} if cache is None else cache
+    if param_rounding not in ("nearest", "stochastic", "kahan"):
+        raise ValueError(f"backend='triton': unknown param_rounding {param_rounding!r}")
+    stochastic = param_rounding == "stochastic" and bool(params) and params[0].dtype == torch.bfloat16
+    low = stochastic or any(m.dtype != torch.float32 for m in exp_avgs)
+    if low:
+        check_rng("triton", rng, params)
+    kahan = param_rounding == "kahan" and bool(params) and params[0].dtype == torch.bfloat16
+    extra = None  # the low-precision state's lists (int8 absmaxes, Kahan compensations), when there is any
+    if exp_avg_absmaxes is not None and any(a is not None for a in exp_avg_absmaxes) or kahan:
+        extra = (exp_avg_absmaxes or [None] * len(params), (param_comps if kahan else None) or [None] * len(params))
     given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
-    steady = _steady(cache, given, grads)
+    steady = None if extra is not None else _steady(cache, given, grads)
     if steady is not None:  # the common case: see _steady
         keep, plan = steady["keep"], steady["plan"]
         grads = grads if keep is None else [grads[i] for i in keep]
@@ -213,7 +230,7 @@ def came_step(
         write_back = []
         plan.update_grads(grads)
     else:
-        plan, keep, grads, device, write_back = _prepare(cache, given, grads)
+        plan, keep, grads, device, write_back = _prepare(cache, given, grads, extra)
         if plan is None:
             if shards is not None and params:
                 shards.bind([], params[0].device, amp_flags(grad_scale, found_inf, params[0].device)).no_tensors()
@@ -222,6 +239,8 @@ def came_step(
         check_bias_scales("triton", bias_scales, params)
         if keep is not None:  # rows follow the tensors the kernels see (device ops, no index upload)
             bias_scales = torch.stack([bias_scales[i] for i in keep])
+    if low and keep is not None:
+        rng = torch.stack([rng[i] for i in keep])
 
     with _device_guard(device):
         ws = torch.empty(plan.ws_floats, dtype=torch.float32, device=device)
@@ -230,6 +249,12 @@ def came_step(
             ws.fill_(float("nan"))
             stats.fill_(float("nan"))
         amp = amp_flags(grad_scale, found_inf, device)
+        qmax = qold = None
+        if plan.lowbit:  # int8 momenta's new absmax (int32 bits, gathered by atomic max) and old absmax
+            qmax = torch.zeros(max(plan.q_blocks, 1), dtype=torch.int32, device=device)
+            qold = torch.empty(max(plan.q_blocks, 1), dtype=torch.float32, device=device)
+            if POISON_SCRATCH:
+                qold.fill_(float("nan"))
         if shards is not None:
             shards = shards.bind(range(len(params)) if keep is None else keep, device, amp)
 
@@ -237,8 +262,9 @@ def came_step(
         _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp, bias_scales=bias_scales,
                        shards=shards)
         _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp,
-                         shards=shards)
+                         shards=shards, rng=rng, qmax=qmax, qold=qold)
         _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp,
-                       bias_scales=bias_scales)
+                       bias_scales=bias_scales, beta1=beta1, maximize=maximize, rounding=param_rounding, rng=rng,
+                       qmax=qmax, qold=qold)
 
     write_back_(write_back)

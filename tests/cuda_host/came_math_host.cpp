@@ -7,6 +7,7 @@
 // Plain C ABI for ctypes; fp32 storage only (the kernels' bf16/fp16 loads and stores are conversions).
 // GradScaler: g is multiplied by inv_scale wherever a phase reads it (1.0f without a GradScaler, as in the
 // kernels). Bias correction (bias != 0): s_u in the clip divisor, s_m on the update, as the kernels do.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -143,6 +144,62 @@ void came_step_factored(float* p, const float* g, float* m, float* r, float* c, 
         const float update = factored_u(m[k], row_factor(R[b * M + i], mean_R[b]), col_factor(C[b * N + j]));
         p[k] = step_p(p[k], update, h);
       }
+}
+
+}  // extern "C"
+
+// ---- The opt-in low-precision state's per-element functions, over arrays (one ctypes call per array).
+extern "C" {
+
+uint32_t came_philox_first(uint64_t key, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  return philox_first(key, c0, c1, c2, c3);
+}
+
+// bits[k] = random_bits(key, step, idx[k], stream): what the kernels draw for element idx[k].
+void came_random_bits(int64_t key, int64_t step, const int64_t* idx, int64_t n, uint32_t stream, uint32_t* bits) {
+  for (int64_t k = 0; k < n; ++k) bits[k] = random_bits(key, step, idx[k], stream);
+}
+
+void came_sr_bf16(const float* x, const uint32_t* r, int64_t n, uint16_t* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = sr_bf16_bits(x[k], r[k]);
+}
+
+void came_rne_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = rne_bf16_bits(x[k]);
+}
+
+// int8 momentum as the kernels do it: the block maxima gathered from absmax_key (phase 3), the codes from
+// quantize with those maxima and the bits r (phase 4), and their dequantized values.
+void came_quantize_blockwise(const float* m, const uint32_t* r, int64_t n, int8_t* q, float* absmax, float* deq) {
+  const int64_t blocks = (n + kQBlock - 1) / kQBlock;
+  std::vector<int32_t> key(blocks, 0);
+  for (int64_t k = 0; k < n; ++k) key[k / kQBlock] = std::max(key[k / kQBlock], absmax_key(m[k]));
+  for (int64_t b = 0; b < blocks; ++b) absmax[b] = bits_float(static_cast<uint32_t>(key[b]));
+  for (int64_t k = 0; k < n; ++k) {
+    q[k] = quantize(m[k], absmax[k / kQBlock], r[k]);
+    deq[k] = dequantize(q[k], absmax[k / kQBlock]);
+  }
+}
+
+void came_dequantize_blockwise(const int8_t* q, const float* absmax, int64_t n, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = dequantize(q[k], absmax[k / kQBlock]);
+}
+
+// param_step.cu's store of a bf16 param under param_rounding (1 stochastic, 2 Kahan), for a param p (bf16
+// bits), its compensation comp (bf16 bits, Kahan only) and the update (fp32, before lr): p and comp in place.
+void came_param_store_bf16(uint16_t* p, uint16_t* comp, const float* update, int64_t n, float lr, float wd,
+                           int rounding, int64_t key, int64_t step) {
+  for (int64_t i = 0; i < n; ++i) {
+    float x = bf16_bits_to_float(p[i]);
+    if (rounding == kRoundKahan) x = kahan_value(x, bf16_bits_to_float(comp[i]));
+    x = wd != 0.0f ? param_step_folded(x, update[i], lr, wd) : x - lr * update[i];
+    if (rounding == kRoundStochastic) {
+      p[i] = sr_bf16_bits(x, random_bits(key, step, i, kStreamParam));
+    } else {
+      p[i] = rne_bf16_bits(x);
+      if (rounding == kRoundKahan) comp[i] = rne_bf16_bits(x - bf16_bits_to_float(p[i]));
+    }
+  }
 }
 
 }  // extern "C"
