@@ -107,11 +107,12 @@ def sweep_one(shapes, dtype, reps, copy_gbs):
     import importlib
     cs, mr, pst, sq = (importlib.import_module(f"came_kernels.triton_kernels.{m}")
                        for m in ("clip_stats", "momentum_res", "param_step", "sq_stats"))
-    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, AMP=False, num_warps=mt.NUM_WARPS)
+    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, AMP=False, PACKED=plan.packed,
+              num_warps=mt.NUM_WARPS)
     rb = mt.read_block_n(plan.dtype)
     rows = {
         "sq_stats": (lambda: sq._sq_stats_kernel[(plan.n_blocks,)](
-            plan.meta, plan.blocks, ws, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
+            plan.meta, plan.blocks, ws, stats, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
             NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles > 1, **kw), n * ge),
         "sq fin.": (lambda: _sq_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
         "clip_stats": (lambda: cs._clip_stats_kernel[(plan.n_tile_blocks,)](

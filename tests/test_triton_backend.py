@@ -283,18 +283,41 @@ def test_stripes_of_several_row_tiles_match_float64(monkeypatch):
         assert rel_err(a, ref) < 1e-5, tuple(a.shape)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a stripe never spans matrices, so a [Cout, Cin, 3, 3] conv weight "
-                   "becomes Cout*Cin stripes of 9 elements (ResNet-50: 13.4M programs per phase, 430 MB of block "
-                   "tables, a workspace of numel/3 floats). Needs a small-matrix path: several whole matrices per "
-                   "block, their row and column statistics complete in-block")
-def test_conv_weights_get_few_blocks_and_a_small_workspace():
-    # ResNet-50's 3x3 convolutions (one per bottleneck width), host-side only.
-    shapes = [(c, c, 3, 3) for c in (64, 128, 256, 512)] + [(64, 3, 7, 7)]
-    ps = [torch.empty(s, device="meta") for s in shapes]
-    numel = sum(p.numel() for p in ps)
+def test_conv_weights_get_few_blocks_and_small_tables():
+    # ResNet-50 (host-side only): its 1x1, 3x3 and 7x7 conv weights are packed, several whole matrices per block.
+    # Cut into stripes (pack=False, as before packing) they made 13.4M programs per phase and 620 MiB of tables.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import shapes as bench_shapes
+    ps = [torch.empty(s, device="meta") for s in bench_shapes.resnet50()]
     plan = tk.build_plan(ps, ps, *_lists([_state(p) for p in ps]))
-    assert plan.n_blocks <= numel / 1024 and plan.n_fin <= numel / 1024
-    assert plan.ws_floats <= numel / 16
+    tables = sum(x.numel() * x.element_size() for x in (plan.meta, plan.blocks, plan.tile_blocks, plan.fin_blocks))
+    assert plan.packed and plan.n_blocks <= 10_000 and plan.n_tile_blocks <= 10_000, plan.n_blocks
+    assert plan.n_fin <= 100 and tables < 2 ** 20, (plan.n_fin, tables)
+    assert plan.ws_floats <= 64 * 1024
+    stripes = tk.build_plan(ps, ps, *_lists([_state(p) for p in ps]), pack=False)
+    assert not stripes.packed and stripes.n_blocks > 1000 * plan.n_blocks  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_small_matrices_match_the_torch_backend(dtype, monkeypatch):
+    # Packed blocks (multi_tensor.PACK_ELEMS): several per tensor (B above the matrices per block of its tile
+    # size: 4096 for 1x1, 256 for 3x3, 64 for 5x5 and 7x7), 2x2 in the 4x4 tile, Nx1 and 1xN matrices, next to a
+    # 3-D tensor too tall to pack (M = 9) and a 1-D one; a spike (the clip acts), poisoned scratch.
+    shapes = [(4100, 1, 1), (300, 3, 3), (65, 7, 5), (3, 2, 2), (20, 1, 6), (5, 6, 1), (5, 9, 3), (7,)]
+    assert [mt.pack_size(torch.empty(s, device="meta")) for s in shapes] == [1, 4, 8, 4, 8, 8, 0, 0]
+    monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
+    gen = torch.Generator().manual_seed(5)
+    ps = [torch.randn(s, generator=gen).to(DEV, dtype) for s in shapes]
+    spec = [p.clone() for p in ps]
+    sts, st2 = [_state(p) for p in ps], [_state(p) for p in ps]
+    for k in range(3):
+        gs = [(torch.randn(s, generator=gen) * (1e3 if k == 1 else 1.0)).to(DEV, dtype) for s in shapes]
+        _step(triton_backend, ps, gs, sts)
+        _step(torch_backend, spec, gs, st2)
+    for a, b, st, st_ref in zip(ps, spec, sts, st2):
+        assert_close_rel(a.float(), b.float(), 1e-6 if dtype == torch.float32 else 1e-2, f"param {tuple(a.shape)}")
+        for key in st:
+            assert_close_rel(st[key], st_ref[key], 1e-5, f"{key} of {tuple(a.shape)}")
 
 
 # ------------------------------------------------------------------ 64-bit offsets

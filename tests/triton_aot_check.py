@@ -92,6 +92,10 @@ def main() -> int:
             extras = [dict(v, ROUNDING=0) for v in extras] + [
                 dict(v, ROUNDING=r) for v in extras if v.get("DTYPE") == tl.bfloat16 and v.get("LOWBIT")
                 for r in (1, 2)]
+        if "PACKED" in fn.arg_names:  # plans with packed small matrices (conv weights), per dtype
+            extras = [dict(v, PACKED=False) for v in extras] + [
+                dict(v, PACKED=True) for v in extras if not any(v.get(f) for f in ("AMP", "BIAS", "TILED", "MAXIMIZE",
+                                                                                   "LOWBIT", "ROUNDING"))]
         if "MODE" in fn.arg_names:  # finalize kernels: whole tensors, and the two halves for sharded ones
             extras = [dict(v, MODE=0) for v in extras] + [dict(extras[0], MODE=m) for m in (1, 2)]
         for extra in extras:

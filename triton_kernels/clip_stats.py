@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .came_math import _factored_u
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
-from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_ROW, C_STAT, C_VEC, C_WS_BLK, D_CLIP,
-                           D_NUMEL, DNCOL, FIN_APPLY, FIN_DIRECT, FIN_EXPORT,
+from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_VEC, C_WS_BLK,
+                           D_CLIP, D_NUMEL, DNCOL, FIN_APPLY, FIN_DIRECT, FIN_EXPORT, PACK_K1, PACK_K4, PACK_K8, _packed,
                            FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block,
                            _vec_run, read_block_n)
 
@@ -67,9 +67,29 @@ def _clip_chunk(meta, t, local, inv, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constex
 
 
 @triton.jit
+def _clip_packed(meta, t, local, stats, inv, DTYPE: tl.constexpr, PM: tl.constexpr, PK: tl.constexpr,
+                 AMP: tl.constexpr):
+    """Sum of u^2 over one packed block of tensor t (multi_tensor.PACK_ELEMS), in two half tiles (the whole
+    tile spilled on sm_90 for bf16)."""
+    total = 0.0
+    for half in tl.static_range(2):
+        M, N, eb, rb, cb, k0, k, kmask, idx, mask, rows, rmask, cols, cmask = _packed(meta, t, 2 * local + half, PM,
+                                                                                     PK // 2)
+        g = tl.load(_ptr(meta, t, C_G, DTYPE, False) + eb + idx, mask=mask, other=0.0).to(tl.float32)
+        if AMP:
+            g = g * inv
+        r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rb + rows, mask=rmask, other=1.0)
+        mean_r = tl.load(stats + _field(meta, t, C_STAT) + k0 + k, mask=kmask, other=1.0)
+        c = tl.load(_ptr(meta, t, C_COL, tl.float32, False) + cb + cols, mask=cmask, other=1.0)
+        u = g * tl.rsqrt(r / mean_r[:, None])[:, :, None] * tl.rsqrt(c)[:, None, :]
+        total += tl.sum(tl.sum(tl.sum(u * u, axis=2), axis=1), axis=0)
+    return total
+
+
+@triton.jit
 def _clip_stats_kernel(meta, blocks, ws, stats, amp, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                       NUM_STAGES: tl.constexpr, AMP: tl.constexpr):
+                       NUM_STAGES: tl.constexpr, AMP: tl.constexpr, PACKED: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
         return
     inv = _amp_inv_scale(amp, AMP)
@@ -78,7 +98,16 @@ def _clip_stats_kernel(meta, blocks, ws, stats, amp, DTYPE: tl.constexpr, ROWS: 
     # (Compiled Triton wants a name bound in every branch of a runtime `if` to have one type: `total` is an
     # fp32 scalar in all four.)
     if _field(meta, t, C_NROWS) > 0:  # factored
-        if _field(meta, t, C_VEC) != 0:
+        pack = 0  # a constant 0 compiles the packed bodies out (PACKED: the plan has packed tensors)
+        if PACKED:
+            pack = _field(meta, t, C_PACK)
+        if pack == 1:  # packed small matrices, one body per compiled tile size (multi_tensor.PACK_SIZES)
+            total = _clip_packed(meta, t, local, stats, inv, DTYPE, 1, PACK_K1, AMP)
+        elif pack == 4:
+            total = _clip_packed(meta, t, local, stats, inv, DTYPE, 4, PACK_K4, AMP)
+        elif pack == 8:
+            total = _clip_packed(meta, t, local, stats, inv, DTYPE, 8, PACK_K8, AMP)
+        elif _field(meta, t, C_VEC) != 0:
             total = _clip_stripe(meta, t, local, stats, inv, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES, AMP)
         else:
             total = _clip_stripe(meta, t, local, stats, inv, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES, AMP)
@@ -103,7 +132,12 @@ def _clip_finalize_kernel(meta, ws, stats, bias_scales, clip_threshold, dmeta, s
         numel_all = tl.load(dmeta + t * DNCOL + D_NUMEL).to(tl.float32)
     else:
         M = _field(meta, t, C_NROWS)
-        if M > 0:
+        pack = _field(meta, t, C_PACK)
+        if pack > 0:  # packed: PACK_ELEMS // pack^2 matrices per block
+            N = _field(meta, t, C_NCOLS)
+            per_block = PACK_K1 // (pack * pack)
+            n_blocks = (numel // (M * N) + per_block - 1) // per_block
+        elif M > 0:
             N = _field(meta, t, C_NCOLS)
             n_blocks = (numel // (M * N)) * ((M + ROWS - 1) // ROWS)
         else:
@@ -138,7 +172,8 @@ def clip_stats(plan, ws, stats, *, clip_threshold: float, amp=None, bias_scales=
         _clip_stats_kernel[(plan.n_tile_blocks,)](
             plan.meta, plan.tile_blocks, ws, stats, ws if amp is None else amp, DTYPE=plan.dtype, ROWS=ROWS,
             BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
-            NUM_STAGES=STAGES["clip_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
+            NUM_STAGES=STAGES["clip_stats"], AMP=amp is not None, PACKED=plan.packed,
+            num_warps=NUM_WARPS)
 
     def launch(mode, dmeta, sums):
         _clip_finalize_kernel[(plan.n_tensors,)](

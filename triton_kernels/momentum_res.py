@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _sr_bf16
-from .multi_tensor import _amp_found_inf, _amp_inv_scale
+from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
@@ -193,10 +193,44 @@ def _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta
 
 
 @triton.jit
+def _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2, inv,
+                         DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, PM: tl.constexpr, PK: tl.constexpr,
+                         AMP: tl.constexpr):
+    """One packed block of tensor t (multi_tensor.PACK_ELEMS): m, then R, C and mean_M(R) of its matrices."""
+    M, N, eb, rb, cb, k0, k, kmask, idx, mask, rows, rmask, cols, cmask = _packed(meta, t, local, PM, PK)
+    g = tl.load(_ptr(meta, t, C_G, DTYPE, False) + eb + idx, mask=mask, other=0.0).to(tl.float32)
+    if AMP:
+        g = g * inv
+    if MAXIMIZE:
+        g = -g
+    r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rb + rows, mask=rmask, other=1.0)
+    mean_r = tl.load(stats + _field(meta, t, C_STAT) + k0 + k, mask=kmask, other=1.0)
+    c = tl.load(_ptr(meta, t, C_COL, tl.float32, False) + cb + cols, mask=cmask, other=1.0)
+    u_hat = g * tl.rsqrt(r / mean_r[:, None])[:, :, None] * tl.rsqrt(c)[:, None, :] / div
+    m_ptr = _ptr(meta, t, C_M, tl.float32, False) + eb
+    m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+    tl.store(m_ptr + idx, m, mask=mask)
+    res = u_hat - m
+    res = tl.where(mask, res * res, 0.0)
+    R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False) + rb
+    R = _ema(tl.load(R_ptr + rows, mask=rmask, other=0.0), beta3, one_minus_beta3,
+             tl.sum(res, axis=2) / N.to(tl.float32) + eps2)
+    tl.store(R_ptr + rows, R, mask=rmask)
+    C_ptr = _ptr(meta, t, C_RES_COL, tl.float32, False) + cb
+    C = _ema(tl.load(C_ptr + cols, mask=cmask, other=0.0), beta3, one_minus_beta3,
+             tl.sum(res, axis=1) / M.to(tl.float32) + eps2)
+    tl.store(C_ptr + cols, C, mask=cmask)
+    B = _field(meta, t, C_NUMEL) // (M * N)
+    mean_R = tl.sum(tl.where(rmask, R, 0.0), axis=1) / M.to(tl.float32)
+    tl.store(stats + _field(meta, t, C_STAT) + B + k0 + k, mean_R, mask=kmask)
+
+
+@triton.jit
 def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, one_minus_beta1, beta3,
                          one_minus_beta3, eps2, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, LOWBIT: tl.constexpr):
+                         NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, LOWBIT: tl.constexpr,
+                         PACKED: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
         return
     inv = _amp_inv_scale(amp, AMP)
@@ -204,8 +238,21 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, o
     div = tl.load(stats + _field(meta, t, C_DIV))
     if _field(meta, t, C_NROWS) > 0:  # factored
         if not LOWBIT:
-            # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
-            if _field(meta, t, C_VEC) != 0:
+            pack = 0  # a constant 0 compiles the packed bodies out (PACKED: the plan has packed tensors)
+            if PACKED:
+                pack = _field(meta, t, C_PACK)
+            # Packed small matrices, one body per compiled tile size (multi_tensor.PACK_SIZES); else two copies
+            # of the stripe body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+            if pack == 1:
+                _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                     eps2, inv, DTYPE, MAXIMIZE, 1, PACK_K1, AMP)
+            elif pack == 4:
+                _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                     eps2, inv, DTYPE, MAXIMIZE, 4, PACK_K4, AMP)
+            elif pack == 8:
+                _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
+                                     eps2, inv, DTYPE, MAXIMIZE, 8, PACK_K8, AMP)
+            elif _field(meta, t, C_VEC) != 0:
                 _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
                                      eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED, AMP)
             else:
@@ -255,7 +302,7 @@ def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, ma
         ws if qmax is None else qmax, ws if qold is None else qold, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
         eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
         FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], AMP=amp is not None,
-        LOWBIT=plan.lowbit, num_warps=NUM_WARPS)
+        LOWBIT=plan.lowbit, PACKED=plan.packed, num_warps=NUM_WARPS)
 
     def launch(mode, dmeta, sums):
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,

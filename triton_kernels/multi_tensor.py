@@ -11,7 +11,7 @@ device tables that every phase reads (`build_plan`):
                                   same table as `blocks` unless TILES > 1)
     fin_blocks  int64 [nfin, 2]   (tensor, local block) of every finalize program of phases 1 and 3, largest first
 
-Work units, the same in every phase kernel:
+Work units, the same in every phase kernel (packed tensors: see PACK_ELEMS below):
     factored tensor [B, M, N]: block s = a stripe of TILES*ROWS whole rows of matrix b = s // cdiv(M,
         TILES*ROWS). The stripe runs its row tiles of ROWS rows one after another, each looping over N in
         tiles of BLOCK_N columns, so row sums are complete inside the program; column sums are per-stripe
@@ -37,7 +37,8 @@ program writes its own slots.
 Buffers per step (allocated by the backend, freed after it): the workspace, max(sum of column partials,
 number of tile_blocks) floats (each tensor's partials padded to 4 floats), i.e. about numel/(TILES*ROWS) floats
 and at most WS_CAP_FLOATS (64 MiB) at any model size, unless the column statistics c themselves (sum of
-B*N floats) or the number of flat chunks pass that (conv weights: the known gap); shared by phases 1-3 in
+B*N floats) or the number of blocks pass that (conv weights cut into stripes; packed ones write no partials
+and one float per block); shared by phases 1-3 in
 turn. And `stats`, 2B+1 floats per tensor: mean_M(r)[B], mean_M(R)[B], clip divisor.
 
 The grad column of `meta` is the only one that changes between steps (zero_grad(set_to_none=True) may
@@ -111,7 +112,22 @@ C_MKIND = tl.constexpr(16)     # momentum storage: MK_FP32, MK_BF16 or MK_INT8 (
 C_ABSMAX = tl.constexpr(17)    # int8 momentum: exp_avg_absmax address (fp32 [cdiv(numel, QBLOCK)])
 C_QOFF = tl.constexpr(18)      # int8 momentum: first slot of this tensor's blocks in the q workspaces
 C_COMP = tl.constexpr(19)      # param_rounding="kahan": param_comp address (bf16, param shape)
-NCOL = tl.constexpr(20)
+C_PACK = tl.constexpr(20)      # > 0: a packed tensor (see PACK_ELEMS), its matrices padded to C_PACK x C_PACK
+NCOL = tl.constexpr(21)
+
+# ---- Packed tensors: many small matrices (conv weights [Cout, Cin, kh, kw], as came-pytorch factors them: B =
+# Cout*Cin matrices of kh x kw). A stripe never spans matrices, so one block per 3x3 matrix would make millions
+# of 9-element programs (ResNet-50: 13.4M per phase). A packed block instead holds PACK_ELEMS // PM^2 whole
+# matrices as one [K, PM, PM] tile (PM: M and N padded to a power of two, at most PACK_MAX), whose row and
+# column sums are complete in the program: no column partials, no finalize, r, c, R, C and the means are
+# written in-block. Tensors with ndim >= 3 and M, N <= PACK_MAX are packed; a group with low-precision state,
+# or sharded (DTensor) tensors, is not.
+PACK_ELEMS = 4096
+PACK_MAX = 8
+PACK_SIZES = (1, 4, 8)  # the compiled PM variants (2x2 matrices take the 4x4 tile) ...
+PACK_K1 = tl.constexpr(PACK_ELEMS)        # ... and their matrices per block, as kernel constants
+PACK_K4 = tl.constexpr(PACK_ELEMS // 16)
+PACK_K8 = tl.constexpr(PACK_ELEMS // 64)
 
 MK_FP32 = tl.constexpr(0)
 MK_BF16 = tl.constexpr(1)
@@ -165,6 +181,8 @@ class Plan:
     numels: tuple = ()         # per tensor: its element count (a moved grad must have it too)
     lowbit: bool = False       # some tensor stores its momentum in bf16 or int8 (kernels take MKIND branches)
     q_blocks: int = 0          # int8 absmax blocks of the group: size of the q workspaces (qmax, qold)
+    pack: bool = True          # whether small matrices could be packed (build_plan's `pack`)
+    packed: bool = False       # some tensor is packed: the kernels are launched with their packed bodies
 
     def update_grads(self, grads) -> None:
         """Point the table at this step's grads: a host-side compare, and uploads only when grads moved."""
@@ -318,16 +336,32 @@ def _largest_first(tensor_ids: list, locals_: list, works: list) -> torch.Tensor
     return torch.stack([t[order], loc[order]], dim=1).to(torch.int64)
 
 
-def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes=None, comps=None) -> Plan:
+def pack_size(p) -> int:
+    """C_PACK of tensor p: the PM of its packed tile, or 0 when it is cut into stripes (see PACK_ELEMS)."""
+    if p.ndim < 3 or p.numel() == 0 or max(p.shape[-2:]) > PACK_MAX:
+        return 0
+    return next(pm for pm in PACK_SIZES if pm >= max(p.shape[-2:]))
+
+
+def pack_matrices(pm: int) -> int:
+    """Matrices per packed block of tile size pm."""
+    return PACK_ELEMS // (pm * pm)
+
+
+def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes=None, comps=None,
+               pack: bool = True) -> Plan:
     """Build the tables for one (device, dtype) group of contiguous tensors (host work, once per param set;
     no data is read, so meta tensors work: tests build plans for 7B-parameter shape lists that way).
-    absmaxes, comps: the opt-in int8 momentum's absmax and the Kahan compensation per tensor (or None)."""
+    absmaxes, comps: the opt-in int8 momentum's absmax and the Kahan compensation per tensor (or None).
+    pack: whether small-matrix tensors may be packed (see PACK_ELEMS); the backend says no for groups whose
+    kernels take the low-precision bodies, and for sharded tensors."""
     absmaxes = absmaxes or [None] * len(params)
     comps = comps or [None] * len(params)
     _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
     _check_grads(grads, _TORCH_TO_TL[params[0].dtype])
     device = params[0].device
-    tiles = choose_tiles([mat for mat in map(_matrices, params) if mat is not None])
+    packs = [pack_size(p) if pack else 0 for p in params]
+    tiles = choose_tiles([mat for mat, pm in zip(map(_matrices, params), packs) if mat is not None and not pm])
     meta, vec_base, vec = [], [], []
     blk = ([], [], [])   # tensor ids, local indices, work (elements) of the blocks of phases 1 and 3
     tblk = ([], [], [])  # the same for phases 2 and 4 (single row tiles)
@@ -336,7 +370,16 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
     for t, (p, g, m, r, c, R, C, v) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         numel = p.numel()
         mat = _matrices(p)
-        if mat is not None:
+        pm = packs[t]
+        if pm:  # whole matrices per block, the same blocks in every phase, statistics complete in-block
+            B, M, N = mat
+            t_tiles, colpart = 1, 0
+            k = pack_matrices(pm)
+            n_main = n_tile = _cdiv(B, k)
+            local = tlocal = torch.arange(n_main)
+            work = twork = torch.clamp(B - local * k, max=k) * M * N
+            addr = (r.data_ptr(), c.data_ptr(), R.data_ptr(), C.data_ptr())
+        elif mat is not None:
             B, M, N = mat
             t_tiles = _tensor_tiles(M, tiles)
             stripe_rows = ROWS * t_tiles
@@ -372,7 +415,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         kind = _MKINDS[m.dtype]
         meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B,
                      vec[-1], t_tiles, kind, 0 if absmaxes[t] is None else absmaxes[t].data_ptr(), q_blocks,
-                     0 if comps[t] is None else comps[t].data_ptr()])
+                     0 if comps[t] is None else comps[t].data_ptr(), pm])
         if kind == 2:  # MK_INT8
             q_blocks += _cdiv(numel, QBLOCK)
         ws_col += colpart
@@ -391,7 +434,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         n_tensors=len(params), n_blocks=blocks.shape[0], n_tile_blocks=tile_blocks.shape[0], n_fin=fin_blocks.shape[0],
         ws_floats=max(ws_col, ws_blk, 1), stats_floats=max(stat, 1), dtype=_TORCH_TO_TL[params[0].dtype],
         tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec), numels=tuple(p.numel() for p in params),
-        lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks)
+        lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks, pack=pack, packed=any(packs))
 
 
 def finalize(plan, ws, launch, shards, phase: str) -> None:
@@ -531,6 +574,40 @@ def _stripe(meta, t, local, ROWS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl
     else:
         n_tiles = 1
     return M, N, b, row0, row_end, n_tiles
+
+
+@triton.jit
+def _packed(meta, t, local, PM: tl.constexpr, PK: tl.constexpr):
+    """Geometry of packed block `local` of tensor t (see PACK_ELEMS): matrices local*PK + [0, PK) of its B
+    [M, N] matrices as a [PK, PM, PM] tile. Returns (M, N, base, k, kmask, idx, mask, rows, rmask, cols, cmask):
+    base, the int64 offsets of the block's first element, row and column statistic ([3]: element, row, col);
+    then int32 offsets from those: the block's matrices k [PK] (of the stats slots), elements idx [PK, PM, PM],
+    the row statistic's rows [PK, PM] (kk*M + i), the column statistic's cols [PK, PM] (kk*N + j), and masks
+    for what exists. (int32 tiles: int64 ones cost registers, sq_stats sm_90 80 and a spill -> 64, none.)"""
+    M = _field(meta, t, C_NROWS)
+    N = _field(meta, t, C_NCOLS)
+    B = _field(meta, t, C_NUMEL) // (M * N)
+    k0 = local * PK
+    M32 = M.to(tl.int32)
+    N32 = N.to(tl.int32)
+    kk = tl.arange(0, PK)
+    i = tl.arange(0, PM)
+    kmask = kk < B - k0
+    if PM == 1:  # M = N = 1 (1x1 convs): one index for all
+        rows = kk[:, None] + i[None, :]
+        rmask = kmask[:, None]
+        cols = rows
+        cmask = rmask
+        idx = rows[:, :, None]
+        mask = rmask[:, :, None]
+    else:
+        rows = kk[:, None] * M32 + i[None, :]
+        rmask = kmask[:, None] & (i < M32)[None, :]
+        cols = kk[:, None] * N32 + i[None, :]
+        cmask = kmask[:, None] & (i < N32)[None, :]
+        idx = rows[:, :, None] * N32 + i[None, None, :]
+        mask = rmask[:, :, None] & (i < N32)[None, None, :]
+    return M, N, k0 * M * N, k0 * M, k0 * N, k0, kk, kmask, idx, mask, rows, rmask, cols, cmask
 
 
 @triton.jit

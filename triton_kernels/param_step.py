@@ -24,7 +24,7 @@ import triton.language as tl
 from .came_math import (QBLOCK, STREAM_MOMENTUM, STREAM_PARAM, _dequantize, _ema, _factored_u, _param_update,
                         _quantize, _random_bits, _round_to, _sr_bf16)
 from .momentum_res import _load_momentum
-from .multi_tensor import _amp_found_inf, _amp_inv_scale
+from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_COMP, C_DIV, C_G, C_M, C_MKIND, C_NROWS, C_NUMEL, C_P, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_STAT, C_VEC, FLAT_BLOCK, FLAT_CHUNK, MK_BF16, MK_FP32,
                            MK_INT8, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block, _vec_run)
@@ -214,11 +214,30 @@ def _param_factored(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, on
 
 
 @triton.jit
+def _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE: tl.constexpr, PM: tl.constexpr,
+                  PK: tl.constexpr, BIAS: tl.constexpr):
+    """One packed block of tensor t (multi_tensor.PACK_ELEMS): update = m * rsqrt(R / mean_M(R)) * rsqrt(C)."""
+    SAME: tl.constexpr = DTYPE == tl.float32
+    M, N, eb, rb, cb, k0, k, kmask, idx, mask, rows, rmask, cols, cmask = _packed(meta, t, local, PM, PK)
+    B = _field(meta, t, C_NUMEL) // (M * N)
+    m = tl.load(_ptr(meta, t, C_M, tl.float32, False) + eb + idx, mask=mask, other=0.0)
+    R = tl.load(_ptr(meta, t, C_RES_ROW, tl.float32, False) + rb + rows, mask=rmask, other=1.0)
+    mean_R = tl.load(stats + _field(meta, t, C_STAT) + B + k0 + k, mask=kmask, other=1.0)
+    C = tl.load(_ptr(meta, t, C_RES_COL, tl.float32, False) + cb + cols, mask=cmask, other=1.0)
+    update = m * tl.rsqrt(R / mean_R[:, None])[:, :, None] * tl.rsqrt(C)[:, None, :]
+    if BIAS:
+        update = update * s_m
+    p_ptr = _ptr(meta, t, C_P, DTYPE, False) + eb
+    p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p_ptr + idx, _round_to(_param_update(p, update, lr, weight_decay, SAME), DTYPE), mask=mask)
+
+
+@triton.jit
 def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, rng, qmax, qold, weight_decay, beta1,
                        one_minus_beta1, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                        FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
                        AMP: tl.constexpr, BIAS: tl.constexpr, LOWBIT: tl.constexpr, ROUNDING: tl.constexpr,
-                       MAXIMIZE: tl.constexpr):
+                       MAXIMIZE: tl.constexpr, PACKED: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # the params stay as they are
         return
     t, local = _this_block(blocks)
@@ -227,9 +246,19 @@ def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, rng, qmax,
     if BIAS:
         s_m = tl.load(bias_scales + 2 * t + 1)
     if not LOWBIT and ROUNDING == NEAREST:
-        # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+        # Packed small matrices, one body per compiled tile size (multi_tensor.PACK_SIZES); else two copies of
+        # each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
         if _field(meta, t, C_NROWS) > 0:  # factored
-            if _field(meta, t, C_VEC) != 0:
+            pack = 0  # a constant 0 compiles the packed bodies out (PACKED: the plan has packed tensors)
+            if PACKED:
+                pack = _field(meta, t, C_PACK)
+            if pack == 1:
+                _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, 1, PACK_K1, BIAS)
+            elif pack == 4:
+                _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, 4, PACK_K4, BIAS)
+            elif pack == 8:
+                _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, 8, PACK_K8, BIAS)
+            elif _field(meta, t, C_VEC) != 0:
                 _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES,
                               BIAS)
             else:
@@ -289,4 +318,4 @@ def param_step(plan, stats, lr, *, weight_decay: float, amp=None, bias_scales=No
         lr if qold is None else qold, weight_decay, beta1, 1.0 - beta1, DTYPE=plan.dtype, ROWS=ROWS,
         BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["param_step"],
         AMP=amp is not None, BIAS=bias_scales is not None, LOWBIT=plan.lowbit, ROUNDING=mode,
-        MAXIMIZE=bool(maximize), num_warps=NUM_WARPS)
+        MAXIMIZE=bool(maximize), PACKED=plan.packed, num_warps=NUM_WARPS)

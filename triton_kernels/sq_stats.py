@@ -17,10 +17,10 @@ import triton.language as tl
 
 from .came_math import _ema
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
-from .multi_tensor import (C_COL, C_G, C_NROWS, C_NUMEL, C_ROW, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS,
-                           FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, ROWS, STAGES, _add_column_partials, _field,
-                           _finalize_columns_and_means, _ptr, _row_tile_done, finalize, _stripe, _this_block, _vec_run,
-                           _ws_col, read_block_n)
+from .multi_tensor import (C_COL, C_G, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_VEC, FIN_COLS, FIN_MEAN,
+                           FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, PACK_K1, PACK_K4, PACK_K8, ROWS,
+                           STAGES, _add_column_partials, _field, _finalize_columns_and_means, _packed, _ptr,
+                           _row_tile_done, _stripe, _this_block, _vec_run, _ws_col, finalize, read_block_n)
 
 
 @triton.jit
@@ -69,16 +69,46 @@ def _sq_chunk(meta, t, local, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.const
 
 
 @triton.jit
-def _sq_stats_kernel(meta, blocks, ws, amp, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr,
+def _sq_packed(meta, t, local, stats, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, PM: tl.constexpr,
+               PK: tl.constexpr, AMP: tl.constexpr):
+    """One packed block of tensor t (multi_tensor.PACK_ELEMS): r, c and mean_M(r) of its whole matrices."""
+    M, N, eb, rb, cb, k0, k, kmask, idx, mask, rows, rmask, cols, cmask = _packed(meta, t, local, PM, PK)
+    g = tl.load(_ptr(meta, t, C_G, DTYPE, False) + eb + idx, mask=mask, other=0.0).to(tl.float32)
+    if AMP:
+        g = g * inv
+    sq = g * g
+    row_ptr = _ptr(meta, t, C_ROW, tl.float32, False) + rb
+    r = _ema(tl.load(row_ptr + rows, mask=rmask, other=0.0), beta2, one_minus_beta2,
+             tl.sum(sq, axis=2) / N.to(tl.float32) + eps1)
+    tl.store(row_ptr + rows, r, mask=rmask)
+    col_ptr = _ptr(meta, t, C_COL, tl.float32, False) + cb
+    c = _ema(tl.load(col_ptr + cols, mask=cmask, other=0.0), beta2, one_minus_beta2,
+             tl.sum(sq, axis=1) / M.to(tl.float32) + eps1)
+    tl.store(col_ptr + cols, c, mask=cmask)
+    mean_r = tl.sum(tl.where(rmask, r, 0.0), axis=1) / M.to(tl.float32)
+    tl.store(stats + _field(meta, t, C_STAT) + k0 + k, mean_r, mask=kmask)
+
+
+@triton.jit
+def _sq_stats_kernel(meta, blocks, ws, stats, amp, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                     NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr):
+                     NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, PACKED: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
         return
     inv = _amp_inv_scale(amp, AMP)
     t, local = _this_block(blocks)
     # Two copies of each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
     if _field(meta, t, C_NROWS) > 0:  # factored (M > 0)
-        if _field(meta, t, C_VEC) != 0:
+        pack = 0  # a constant 0 compiles the packed bodies out (PACKED: the plan has packed tensors)
+        if PACKED:
+            pack = _field(meta, t, C_PACK)
+        if pack == 1:  # packed small matrices, one body per compiled tile size (multi_tensor.PACK_SIZES)
+            _sq_packed(meta, t, local, stats, beta2, one_minus_beta2, eps1, inv, DTYPE, 1, PACK_K1, AMP)
+        elif pack == 4:
+            _sq_packed(meta, t, local, stats, beta2, one_minus_beta2, eps1, inv, DTYPE, 4, PACK_K4, AMP)
+        elif pack == 8:
+            _sq_packed(meta, t, local, stats, beta2, one_minus_beta2, eps1, inv, DTYPE, 8, PACK_K8, AMP)
+        elif _field(meta, t, C_VEC) != 0:
             _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES,
                        TILED, AMP)
         else:
@@ -107,9 +137,10 @@ def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=Non
     [found_inf, 1/grad_scale] of a GradScaler step. `shards`: None, or the Shards of sharded tensors (see
     multi_tensor.finalize): the finalize then runs in two halves around shards.reduce("stats")."""
     _sq_stats_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
+        plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
         ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
-        TILED=plan.tiles > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, num_warps=NUM_WARPS)
+        TILED=plan.tiles > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, PACKED=plan.packed,
+        num_warps=NUM_WARPS)
 
     def launch(mode, dmeta, sums):
         _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,

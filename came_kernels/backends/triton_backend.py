@@ -108,7 +108,7 @@ def _steady(cache: dict, given: tuple, grads: list) -> Optional[dict]:
     return st
 
 
-def _prepare(cache: dict, given: tuple, grads: list, extra=None):
+def _prepare(cache: dict, given: tuple, grads: list, extra=None, pack: bool = True):
     """(plan, keep, grads, device, write_back) with every check: empty tensors dropped (keep: the indices
     kept, None when all are), contiguous copies where needed, the sizes checked and the tables (re)built
     when any address changed; the CUDA graph capture rules applied. plan is None when nothing is left."""
@@ -136,13 +136,14 @@ def _prepare(cache: dict, given: tuple, grads: list, extra=None):
         # cache, so that replaying it never writes freed memory (see CAME's capturable).
         cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
         return plan, keep, grads, device, write_back
-    if write_back or plan is None or plan.key != key:
+    if write_back or plan is None or plan.key != key or plan.pack != pack:
         check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
         if plan is not None and cache.get("captured"):
             warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
                           "optimizer's step; replaying that graph would update the old tensors, not these: "
                           "capture the step again", RuntimeWarning, stacklevel=5)
-        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
+        plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps,
+                              pack=pack)
         if not write_back:  # copies are new every step: caching their addresses would be wrong
             cache["plan"] = plan
     else:
@@ -222,7 +223,12 @@ def came_step(
     if exp_avg_absmaxes is not None and any(a is not None for a in exp_avg_absmaxes) or kahan:
         extra = (exp_avg_absmaxes or [None] * len(params), (param_comps if kahan else None) or [None] * len(params))
     given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
+    # Small matrices packed several per block (multi_tensor.PACK_ELEMS): not for the low-precision bodies, nor for
+    # shards (their finalize kernels export column sums, which packed blocks do not write).
+    pack = not (low or kahan) and shards is None
     steady = None if extra is not None else _steady(cache, given, grads)
+    if steady is not None and steady["plan"].pack != pack:
+        steady = None
     if steady is not None:  # the common case: see _steady
         keep, plan = steady["keep"], steady["plan"]
         grads = grads if keep is None else [grads[i] for i in keep]
@@ -230,7 +236,7 @@ def came_step(
         write_back = []
         plan.update_grads(grads)
     else:
-        plan, keep, grads, device, write_back = _prepare(cache, given, grads, extra)
+        plan, keep, grads, device, write_back = _prepare(cache, given, grads, extra, pack)
         if plan is None:
             if shards is not None and params:
                 shards.bind([], params[0].device, amp_flags(grad_scale, found_inf, params[0].device)).no_tensors()
