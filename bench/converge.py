@@ -182,9 +182,13 @@ def evaluate(model, val: torch.Tensor, cfg: dict, device, seed: int, amp) -> flo
 
 
 def train_one(label: str, make_opt, train: torch.Tensor, val: torch.Tensor, cfg: dict, device, seed: int,
-              model: str = "gpt") -> dict:
+              model: str = "gpt", param_dtype=None) -> dict:
+    """One training run. `param_dtype` (e.g. torch.bfloat16): the whole model in that dtype, its params and
+    grads included (no fp32 master weights); default: fp32."""
     torch.manual_seed(seed)
     model = MODELS[model](cfg["d"], cfg["layers"], cfg["heads"], cfg["ctx"]).to(device)
+    if param_dtype is not None:  # initialized in fp32 as every other run, then rounded once
+        model = model.to(param_dtype)
     opt = make_opt(list(model.parameters()))
     steps, warm = cfg["steps"], max(1, cfg["steps"] // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -39,20 +39,29 @@ OPTIMIZERS = {
     "CAME+bc[stats]": (dict(bias_correction=("exp_avg_sq", "exp_avg_res")), (2.5e-4, 5e-4, 1e-3)),
     # For conv nets (--model cnn): conv weights factored as [out, in*width] matrices.
     "CAME[factor_conv]": (dict(factor_conv=True), (2.5e-4, 5e-4, 1e-3)),
-    # Opt-in low-precision momentum (the byte model's tensors of >= 4096 elements get it).
-    "CAME[bf16 m]": (dict(momentum_dtype="bf16"), (2.5e-4, 5e-4, 1e-3)),
-    "CAME[int8 m]": (dict(momentum_dtype="int8"), (2.5e-4, 5e-4, 1e-3)),
+    # Opt-in low-precision state, each run at the lr that won CAME's sweep (a label instead of a grid): equal lr
+    # and steps, so that the loss shows what the storage costs. bf16 momentum and int8 momentum (the byte
+    # model's tensors of >= 4096 elements get it); bf16 params (the whole model in bf16, no fp32 master
+    # weights) stored with round-to-nearest as came-pytorch does, stochastic rounding or Kahan compensation.
+    "CAME[bf16 m]": (dict(momentum_dtype="bf16"), "CAME"),
+    "CAME[int8 m]": (dict(momentum_dtype="int8"), "CAME"),
+    "CAME[bf16 p nearest]": (dict(param_dtype=torch.bfloat16, param_rounding="nearest"), "CAME"),
+    "CAME[bf16 p SR]": (dict(param_dtype=torch.bfloat16, param_rounding="stochastic"), "CAME"),
+    "CAME[bf16 p kahan]": (dict(param_dtype=torch.bfloat16, param_rounding="kahan"), "CAME"),
 }
 # Labels a default study leaves out (ask for them with --optims).
-_OPT_IN_LABELS = ("CAME[factor_conv]", "CAME[bf16 m]", "CAME[int8 m]")
+_OPT_IN_LABELS = ("CAME[factor_conv]", "CAME[bf16 m]", "CAME[int8 m]", "CAME[bf16 p nearest]",
+                  "CAME[bf16 p SR]", "CAME[bf16 p kahan]")
 COLORS = {"AdamW": "tab:blue", "Adafactor": "tab:green", "CAME": "tab:red", "CAME+bc": "tab:purple",
           "CAME+bc[exp_avg]": "tab:orange", "CAME+bc[stats]": "tab:brown", "CAME[factor_conv]": "tab:olive",
-          "CAME[bf16 m]": "salmon", "CAME[int8 m]": "lightcoral"}
+          "CAME[bf16 m]": "salmon", "CAME[int8 m]": "lightcoral", "CAME[bf16 p nearest]": "black",
+          "CAME[bf16 p SR]": "tab:cyan", "CAME[bf16 p kahan]": "tab:pink"}
 
 
 def make_optimizer(label: str, lr: float, wd: float, backend: str):
     import came_kernels
     kw, _ = OPTIMIZERS[label]
+    kw = {k: v for k, v in kw.items() if k != "param_dtype"}  # the model's dtype (see run), not the optimizer's
     if label == "AdamW":
         return lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
     if label == "Adafactor":
@@ -165,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         if got is None:
             cfg = dict(base, steps=steps, eval_every=max(1, min(base["eval_every"], steps // 12)))
             got = converge.train_one(f"{label} {lr:g}", make_optimizer(label, lr, args.weight_decay, args.came_backend),
-                                     train, val, cfg, device, seed, model=args.model)
+                                     train, val, cfg, device, seed, model=args.model,
+                                     param_dtype=OPTIMIZERS[label][0].get("param_dtype"))
             got = {k: got[k] for k in ("val_step", "val_loss", "final_val_loss", "best_val_loss", "wall_s",
                                        "optimizer_s", "state_bytes", "params")}
             cache.put(label, lr, steps, seed, got)
@@ -174,9 +184,17 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     print(f"# study: {args.size} GPT, sweep {sweep_steps} steps seed 0; final runs {horizons} x seeds {seeds}; "
           f"on {env['device']}")
+    # Labels whose "grid" names another label run at that label's best lr (no sweep of their own).
+    follow = {label: OPTIMIZERS[label][1] for label in optims if isinstance(OPTIMIZERS[label][1], str)}
+    missing = sorted({lead for lead in follow.values() if lead not in optims})
+    if missing:
+        raise ValueError(f"--optims: {', '.join(follow)} run at the best lr of {', '.join(missing)}; add it")
     sweep = {label: sweep_lr(lambda lr: one(label, lr, sweep_steps, 0)["best_val_loss"], OPTIMIZERS[label][1])
-             for label in optims}
+             for label in optims if label not in follow}
     best_lr = {label: min(losses, key=losses.get) for label, losses in sweep.items()}
+    for label, lead in follow.items():
+        best_lr[label] = best_lr[lead]
+        sweep[label] = {best_lr[lead]: one(label, best_lr[lead], sweep_steps, 0)["best_val_loss"]}
     final = {}
     for steps in horizons:
         for label in (optims if steps == sweep_steps else final_optims):

@@ -113,6 +113,32 @@ def test_converge_starts_every_optimizer_from_the_same_weights_and_batches(tmp_p
     assert first[0] == first[1] == first[2]
 
 
+def test_study_runs_low_precision_labels_at_the_lr_of_their_sweep_and_bf16_models_in_bf16(tmp_path, monkeypatch):
+    # The study's bookkeeping with training stubbed: CAME's sweep picks 2.5e-4; the labels that follow it run
+    # there (no sweep of their own), with the model dtype of the label; a follower without its lead is refused.
+    from bench import study
+    calls = []
+
+    def fake(label, make_opt, train, val, cfg, device, seed, model="gpt", param_dtype=None):
+        lr = float(label.split()[-1])
+        calls.append((label.rsplit(" ", 1)[0], lr, param_dtype))
+        loss = 1.0 + abs(math.log(lr / 2.5e-4))
+        return dict(val_step=[cfg["steps"]], val_loss=[loss], final_val_loss=loss, best_val_loss=loss, wall_s=0.0,
+                    optimizer_s=0.0, state_bytes=4, params=1)
+    monkeypatch.setattr(converge, "train_one", fake)
+    monkeypatch.setattr(converge, "stdlib_corpus", lambda mb: (None, None, {}))
+    args = _args(study, ["--horizons", "5", "--seeds", "0", "--device", "cpu", "--out", str(tmp_path), "--no-plot",
+                         "--optims", "CAME,CAME[int8 m],CAME[bf16 p SR]"])
+    payload = study.run(args)
+    assert payload["best_lr"] == {"CAME": 2.5e-4, "CAME[int8 m]": 2.5e-4, "CAME[bf16 p SR]": 2.5e-4}
+    assert {lr for name, lr, _ in calls if name != "CAME"} == {2.5e-4}
+    assert {name: dt for name, _, dt in calls} == {"CAME": None, "CAME[int8 m]": None,
+                                                   "CAME[bf16 p SR]": torch.bfloat16}
+    with pytest.raises(ValueError, match="add it"):
+        study.run(_args(study, ["--horizons", "5", "--device", "cpu", "--out", str(tmp_path), "--no-plot",
+                                "--optims", "CAME[int8 m]"]))
+
+
 def test_memory_table_from_real_allocations(tmp_path):
     args = _args(memory, ["--sets", "gpt2", "--scale", "32", "--device", "cpu", "--out", str(tmp_path),
                           "--no-plot"])
