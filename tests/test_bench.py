@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench import converge, memory, shapes, step, utils  # noqa: E402
+from bench import converge, memory, shapes, step, study, utils  # noqa: E402
 
 
 def _args(module, argv):
@@ -111,6 +111,30 @@ def test_converge_starts_every_optimizer_from_the_same_weights_and_batches(tmp_p
                             "--out", str(tmp_path), "--no-plot"])
     first = [r["train_loss"][0] for r in converge.run(args)["runs"].values()]
     assert first[0] == first[1] == first[2]
+
+
+def test_study_refine_extends_the_fine_grid_while_its_best_is_at_an_end():
+    calls = []
+    loss = lambda lr: calls.append(lr) or (lr - 5e-3) ** 2  # noqa: E731  best at 5e-3
+    got = study.refine_lr(loss, 2e-3, [0.7, 1.4], max_extensions=2)
+    assert sorted(got) == [0.0014, 0.002, 0.0028, 0.00392, 0.00549]  # two extensions up, then the cap
+    assert len(calls) == len(got)
+    got = study.refine_lr(lambda lr: (lr - 2e-3) ** 2, 2e-3, [0.7, 1.4])
+    assert sorted(got) == [0.0014, 0.002, 0.0028]  # best in the middle: no extension
+
+
+def test_study_refine_picks_the_lr_by_the_mean_over_seeds(tmp_path):
+    args = _args(study, ["--size", "tiny", "--corpus-mb", "0.3", "--device", "cpu", "--out", str(tmp_path),
+                         "--no-plot", "--optims", "AdamW,CAME+bc[b3=0.999]", "--horizons", "3", "--seeds", "0,1",
+                         "--refine", "0.5"])
+    payload = study.run(args)
+    for label, fine in payload["refine"].items():
+        assert len(fine) >= 2
+        best = min(fine, key=fine.get)
+        assert payload["best_lr"][label] == float(best)
+        runs = payload["final"]["3"][label]
+        assert len(runs) == 2 and fine[best] == pytest.approx(sum(r["best_val_loss"] for r in runs) / 2)
+    assert "fine grid" in study.table(payload)
 
 
 def test_memory_table_from_real_allocations(tmp_path):
