@@ -247,8 +247,8 @@ def run(args: argparse.Namespace) -> dict:
 def table(payload: dict) -> str:
     lines = [f"lr sweep ({payload['config']['sweep_steps']} steps, seed 0), best validation loss per peak lr:", ""]
     for label, losses in payload["sweep"].items():
-        cells = ", ".join(f"{lr}: {v:.4f}" + (" *" if float(lr) == payload["best_lr"][label] else "")
-                          for lr, v in losses.items())
+        won = min(losses, key=losses.get)  # the sweep's winner (the final lr too, unless --refine moved it)
+        cells = ", ".join(f"{lr}: {v:.4f}" + (" *" if lr == won else "") for lr, v in losses.items())
         lines.append(f"- {label}: {cells}")
     lines.append("")
     if payload.get("refine"):
