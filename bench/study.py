@@ -10,12 +10,13 @@ A grid whose best lr is at one of its ends is extended by factors of 2 (up to th
 `--refine 0.7,1.4` then picks the lr on every seed: each optimizer's sweep winner and its multiples by the
 factors are run at the sweep horizon with every seed of `--seeds`, and the lr with the lowest mean best
 validation loss is the one of the final runs (the fine grid is extended by the factors, up to twice, while
-its best is at an end). One seed's winner can sit next to an lr that diverges on another seed.
+its best is at an end). One seed's winner can sit next to an lr that trains badly on another seed.
 
 Optimizers: AdamW, Adafactor (torch.optim's), CAME exact (came-pytorch 0.1.3, no bias correction), CAME with
 `bias_correction=True`, and two ablations: the momentum term only ([exp_avg]) and the two statistics only
-([stats]: exp_avg_sq and exp_avg_res), and the same corrections with beta3 = 0.999 ([b3=0.999]), whose
-confidence statistic averages over about a thousand steps instead of ten thousand. `--optims` picks.
+([stats]: exp_avg_sq and exp_avg_res); not run by default, `bias_correction=True` and [stats] with
+beta3 = 0.999 ([b3=0.999], [stats,b3=0.999]), whose confidence statistic averages over about a thousand steps
+instead of ten thousand. `--optims` picks.
 
 Every run is cached in <out>/study_runs.json under (optimizer, lr, steps, seed): an interrupted study
 resumes, and a finished one is re-tabulated without training. Output: <out>/study.json, the tables (sweep,
