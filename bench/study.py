@@ -7,9 +7,16 @@ the comparison about the optimizers, not about one lr guess.
 
 A grid whose best lr is at one of its ends is extended by factors of 2 (up to three times).
 
+`--refine 0.7,1.4` then picks the lr on every seed: each optimizer's sweep winner and its multiples by the
+factors are run at the sweep horizon with every seed of `--seeds`, and the lr with the lowest mean best
+validation loss is the one of the final runs (the fine grid is extended by the factors, up to twice, while
+its best is at an end). One seed's winner can sit next to an lr that trains badly on another seed.
+
 Optimizers: AdamW, Adafactor (torch.optim's), CAME exact (came-pytorch 0.1.3, no bias correction), CAME with
 `bias_correction=True`, and two ablations: the momentum term only ([exp_avg]) and the two statistics only
-([stats]: exp_avg_sq and exp_avg_res). `--optims` picks.
+([stats]: exp_avg_sq and exp_avg_res); not run by default, `bias_correction=True` and [stats] with
+beta3 = 0.999 ([b3=0.999], [stats,b3=0.999]), whose confidence statistic averages over about a thousand steps
+instead of ten thousand. `--optims` picks.
 
 Every run is cached in <out>/study_runs.json under (optimizer, lr, steps, seed): an interrupted study
 resumes, and a finished one is re-tabulated without training. Output: <out>/study.json, the tables (sweep,
@@ -37,6 +44,9 @@ OPTIMIZERS = {
     "CAME+bc": (dict(bias_correction=True), (5e-4, 1e-3, 2e-3)),
     "CAME+bc[exp_avg]": (dict(bias_correction=("exp_avg",)), (5e-4, 1e-3, 2e-3)),
     "CAME+bc[stats]": (dict(bias_correction=("exp_avg_sq", "exp_avg_res")), (2.5e-4, 5e-4, 1e-3)),
+    "CAME+bc[b3=0.999]": (dict(bias_correction=True, betas=(0.9, 0.999, 0.999)), (1e-3, 2e-3, 4e-3)),
+    "CAME+bc[stats,b3=0.999]": (dict(bias_correction=("exp_avg_sq", "exp_avg_res"), betas=(0.9, 0.999, 0.999)),
+                                (1e-3, 2e-3, 4e-3)),
     # For conv nets (--model cnn): conv weights factored as [out, in*width] matrices.
     "CAME[factor_conv]": (dict(factor_conv=True), (2.5e-4, 5e-4, 1e-3)),
     # Opt-in low-precision state, each run at the lr that won CAME's sweep (a label instead of a grid): equal lr
@@ -49,13 +59,13 @@ OPTIMIZERS = {
     "CAME[bf16 p SR]": (dict(param_dtype=torch.bfloat16, param_rounding="stochastic"), "CAME"),
     "CAME[bf16 p kahan]": (dict(param_dtype=torch.bfloat16, param_rounding="kahan"), "CAME"),
 }
-# Labels a default study leaves out (ask for them with --optims).
-_OPT_IN_LABELS = ("CAME[factor_conv]", "CAME[bf16 m]", "CAME[int8 m]", "CAME[bf16 p nearest]",
-                  "CAME[bf16 p SR]", "CAME[bf16 p kahan]")
 COLORS = {"AdamW": "tab:blue", "Adafactor": "tab:green", "CAME": "tab:red", "CAME+bc": "tab:purple",
           "CAME+bc[exp_avg]": "tab:orange", "CAME+bc[stats]": "tab:brown", "CAME[factor_conv]": "tab:olive",
           "CAME[bf16 m]": "salmon", "CAME[int8 m]": "lightcoral", "CAME[bf16 p nearest]": "black",
-          "CAME[bf16 p SR]": "tab:cyan", "CAME[bf16 p kahan]": "tab:pink"}
+          "CAME[bf16 p SR]": "tab:cyan", "CAME[bf16 p kahan]": "magenta", "CAME+bc[b3=0.999]": "tab:pink",
+          "CAME+bc[stats,b3=0.999]": "tab:gray"}
+# The labels run by default (the others: --optims).
+DEFAULT_OPTIMS = ("AdamW", "Adafactor", "CAME", "CAME+bc", "CAME+bc[exp_avg]", "CAME+bc[stats]")
 
 
 def make_optimizer(label: str, lr: float, wd: float, backend: str):
@@ -66,8 +76,9 @@ def make_optimizer(label: str, lr: float, wd: float, backend: str):
         return lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
     if label == "Adafactor":
         return lambda ps: torch.optim.Adafactor(ps, lr=lr, weight_decay=wd)
-    return lambda ps: came_kernels.CAME(ps, lr=lr, betas=(0.9, 0.999, 0.9999), weight_decay=wd, backend=backend,
-                                        **kw)
+    kw = dict(kw)
+    betas = kw.pop("betas", (0.9, 0.999, 0.9999))
+    return lambda ps: came_kernels.CAME(ps, lr=lr, betas=betas, weight_decay=wd, backend=backend, **kw)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -76,12 +87,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=sorted(converge.MODELS), default="gpt",
                    help="gpt: the byte-level GPT of `bench converge`; cnn: a causal conv net of the same width "
                         "and depth, for conv weights (default: %(default)s)")
-    p.add_argument("--optims", default=",".join(k for k in OPTIMIZERS if k not in _OPT_IN_LABELS),
-                   help=f"optimizers, among {', '.join(OPTIMIZERS)} (default: all but {', '.join(_OPT_IN_LABELS)})")
+    p.add_argument("--optims", default=",".join(DEFAULT_OPTIMS),
+                   help=f"optimizers, among {', '.join(OPTIMIZERS)} (default: %(default)s)")
     p.add_argument("--horizons", default="300,1500", help="training steps of the final runs (default: %(default)s)")
     p.add_argument("--sweep-steps", type=int, default=None,
                    help="steps of the lr sweep (default: the shortest horizon)")
     p.add_argument("--seeds", default="0,1", help="seeds of the final runs (default: %(default)s)")
+    p.add_argument("--refine", default=None,
+                   help="lr factors of a fine grid around each sweep winner, run with every seed; the best mean "
+                        "over seeds is the final lr (e.g. 0.7,1.4; default: none, the seed-0 sweep decides)")
     p.add_argument("--final-optims", default=None,
                    help="optimizers of the final runs at the longer horizons (default: all of --optims)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="for every optimizer (default: %(default)s)")
@@ -134,6 +148,34 @@ class RunCache:
         os.replace(tmp, self.path)
 
 
+def _floats(text: str, what: str) -> list:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} takes comma-separated numbers, got {text!r}") from None
+
+
+def refine_lr(loss_at, center: float, factors, max_extensions: int = 2) -> dict:
+    """{lr: loss} over center and center * each factor (lrs rounded to 3 significant digits), extended by
+    the largest (smallest) factor while the best lr is the largest (smallest), at most `max_extensions` times."""
+    rnd = lambda x: float(f"{x:.3g}")  # noqa: E731
+    up, down = max(factors + [1.0]), min(factors + [1.0])
+    losses = {}
+    for lr in sorted({rnd(center * f) for f in [1.0] + list(factors)}):
+        losses[lr] = loss_at(lr)
+    for _ in range(max_extensions):
+        best = min(losses, key=losses.get)
+        lrs = sorted(losses)
+        if best == lrs[-1] and up > 1:
+            new = rnd(best * up)
+        elif best == lrs[0] and down < 1:
+            new = rnd(best * down)
+        else:
+            break
+        losses[new] = loss_at(new)
+    return dict(sorted(losses.items()))
+
+
 def sweep_lr(loss_at, grid, max_extensions: int = 3) -> dict:
     """{lr: loss} over `grid`, extended by factors of 2 while the best lr is at an end of it (at most
     `max_extensions` times): a winner at the edge of a grid says only that the grid was too narrow."""
@@ -155,6 +197,9 @@ def run(args: argparse.Namespace) -> dict:
     device = utils.resolve_device(args.device)
     horizons = _ints(args.horizons, "horizons")
     seeds = _ints(args.seeds, "seeds")
+    factors = _floats(args.refine, "refine") if args.refine else []
+    if any(f <= 0 for f in factors):
+        raise ValueError(f"--refine takes positive factors, got {args.refine!r}")
     optims = _names(args.optims, "optims")
     final_optims = _names(args.final_optims, "final-optims") if args.final_optims else optims
     sweep_steps = args.sweep_steps or min(horizons)
@@ -192,6 +237,14 @@ def run(args: argparse.Namespace) -> dict:
     sweep = {label: sweep_lr(lambda lr: one(label, lr, sweep_steps, 0)["best_val_loss"], OPTIMIZERS[label][1])
              for label in optims if label not in follow}
     best_lr = {label: min(losses, key=losses.get) for label, losses in sweep.items()}
+    refine = {}
+    if factors:  # the final lr from every seed's runs on a fine grid around the sweep winner
+        for label in optims:
+            if label in follow:
+                continue
+            refine[label] = refine_lr(lambda lr: statistics.fmean(one(label, lr, sweep_steps, s)["best_val_loss"]
+                                                                  for s in seeds), best_lr[label], factors)
+            best_lr[label] = min(refine[label], key=refine[label].get)
     for label, lead in follow.items():
         best_lr[label] = best_lr[lead]
         sweep[label] = {best_lr[lead]: one(label, best_lr[lead], sweep_steps, 0)["best_val_loss"]}
@@ -200,8 +253,9 @@ def run(args: argparse.Namespace) -> dict:
         for label in (optims if steps == sweep_steps else final_optims):
             final.setdefault(steps, {})[label] = [one(label, best_lr[label], steps, s) for s in seeds]
     payload = {"benchmark": "study", "env": env, "config": dict(config, model_config=base, sweep_steps=sweep_steps,
-                                                                 horizons=horizons, seeds=seeds),
+                                                                 horizons=horizons, seeds=seeds, refine=factors),
                "sweep": {k: {f"{lr:g}": v for lr, v in d.items()} for k, d in sweep.items()},
+               "refine": {k: {f"{lr:g}": v for lr, v in d.items()} for k, d in refine.items()},
                "best_lr": best_lr, "final": {str(k): v for k, v in final.items()},
                "wall_s": time.perf_counter() - t0}
     path = utils.write_json(os.path.join(args.out, "study.json"), payload)
@@ -217,10 +271,19 @@ def run(args: argparse.Namespace) -> dict:
 def table(payload: dict) -> str:
     lines = [f"lr sweep ({payload['config']['sweep_steps']} steps, seed 0), best validation loss per peak lr:", ""]
     for label, losses in payload["sweep"].items():
-        cells = ", ".join(f"{lr}: {v:.4f}" + (" *" if float(lr) == payload["best_lr"][label] else "")
-                          for lr, v in losses.items())
+        won = min(losses, key=losses.get)  # the sweep's winner (the final lr too, unless --refine moved it)
+        cells = ", ".join(f"{lr}: {v:.4f}" + (" *" if lr == won else "") for lr, v in losses.items())
         lines.append(f"- {label}: {cells}")
     lines.append("")
+    if payload.get("refine"):
+        seeds = payload["config"]["seeds"]
+        lines += [f"fine grid ({payload['config']['sweep_steps']} steps), best validation loss per peak lr, mean "
+                  f"over seeds {seeds}:", ""]
+        for label, losses in payload["refine"].items():
+            cells = ", ".join(f"{lr}: {v:.4f}" + (" *" if float(lr) == payload["best_lr"][label] else "")
+                              for lr, v in losses.items())
+            lines.append(f"- {label}: {cells}")
+        lines.append("")
     rows = []
     for steps, per in payload["final"].items():
         adamw = per.get("AdamW")
@@ -237,7 +300,7 @@ def table(payload: dict) -> str:
         ("vs", "vs AdamW", "+.4f"), ("state", "state B/param", ".2f")]))
     seeds = payload["config"]["seeds"]
     lines.append(f"- mean, min and max over seeds {seeds}; val loss in nats/byte; each optimizer at the lr that won "
-                 f"its sweep; device: {payload['env']['device']}")
+                 f"its {'fine grid' if payload.get('refine') else 'sweep'}; device: {payload['env']['device']}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench import converge, memory, shapes, step, utils  # noqa: E402
+from bench import converge, memory, shapes, step, study, utils  # noqa: E402
 
 
 def _args(module, argv):
@@ -116,7 +116,6 @@ def test_converge_starts_every_optimizer_from_the_same_weights_and_batches(tmp_p
 def test_study_runs_low_precision_labels_at_the_lr_of_their_sweep_and_bf16_models_in_bf16(tmp_path, monkeypatch):
     # The study's bookkeeping with training stubbed: CAME's sweep picks 2.5e-4; the labels that follow it run
     # there (no sweep of their own), with the model dtype of the label; a follower without its lead is refused.
-    from bench import study
     calls = []
 
     def fake(label, make_opt, train, val, cfg, device, seed, model="gpt", param_dtype=None):
@@ -137,6 +136,30 @@ def test_study_runs_low_precision_labels_at_the_lr_of_their_sweep_and_bf16_model
     with pytest.raises(ValueError, match="add it"):
         study.run(_args(study, ["--horizons", "5", "--device", "cpu", "--out", str(tmp_path), "--no-plot",
                                 "--optims", "CAME[int8 m]"]))
+
+
+def test_study_refine_extends_the_fine_grid_while_its_best_is_at_an_end():
+    calls = []
+    loss = lambda lr: calls.append(lr) or (lr - 5e-3) ** 2  # noqa: E731  best at 5e-3
+    got = study.refine_lr(loss, 2e-3, [0.7, 1.4], max_extensions=2)
+    assert sorted(got) == [0.0014, 0.002, 0.0028, 0.00392, 0.00549]  # two extensions up, then the cap
+    assert len(calls) == len(got)
+    got = study.refine_lr(lambda lr: (lr - 2e-3) ** 2, 2e-3, [0.7, 1.4])
+    assert sorted(got) == [0.0014, 0.002, 0.0028]  # best in the middle: no extension
+
+
+def test_study_refine_picks_the_lr_by_the_mean_over_seeds(tmp_path):
+    args = _args(study, ["--size", "tiny", "--corpus-mb", "0.3", "--device", "cpu", "--out", str(tmp_path),
+                         "--no-plot", "--optims", "AdamW,CAME+bc[b3=0.999]", "--horizons", "3", "--seeds", "0,1",
+                         "--refine", "0.5"])
+    payload = study.run(args)
+    for label, fine in payload["refine"].items():
+        assert len(fine) >= 2
+        best = min(fine, key=fine.get)
+        assert payload["best_lr"][label] == float(best)
+        runs = payload["final"]["3"][label]
+        assert len(runs) == 2 and fine[best] == pytest.approx(sum(r["best_val_loss"] for r in runs) / 2)
+    assert "fine grid" in study.table(payload)
 
 
 def test_memory_table_from_real_allocations(tmp_path):
