@@ -149,8 +149,12 @@ def _covered(plan, shapes):
     meta, blocks = plan.meta.cpu(), plan.blocks.cpu()
     hits = [torch.zeros(math.prod(s), dtype=torch.int32) for s in shapes]
     for t, local in blocks.tolist():
-        M, N, numel, tiles = (int(meta[t, int(c)]) for c in (mt.C_NROWS, mt.C_NCOLS, mt.C_NUMEL, mt.C_TILES))
-        if M > 0:
+        M, N, numel, tiles, pack = (int(meta[t, int(c)]) for c in (mt.C_NROWS, mt.C_NCOLS, mt.C_NUMEL, mt.C_TILES,
+                                                                     mt.C_PACK))
+        if pack:  # whole matrices: pack_matrices(pack) of them per block
+            k = mt.pack_matrices(pack)
+            hits[t][local * k * M * N:min((local + 1) * k, numel // (M * N)) * M * N] += 1
+        elif M > 0:
             rows = tiles * mt.ROWS  # a stripe: `tiles` row tiles of ROWS rows
             per = -(-M // rows)
             b = local // per
@@ -162,17 +166,22 @@ def _covered(plan, shapes):
     return hits
 
 
-def test_block_table_covers_every_element_once_and_workspace_is_numel_over_rows():
-    shapes = PHASE_SHAPES + [(200, 3), (5, 64, 2), (40000,), (1, 1, 1)]
+@pytest.mark.parametrize("pack", [True, False])
+def test_block_table_covers_every_element_once_and_workspace_is_numel_over_rows(pack):
+    # pack: 3-D tensors of small matrices in packed blocks (several whole matrices each), else stripes.
+    shapes = PHASE_SHAPES + [(200, 3), (5, 64, 2), (40000,), (1, 1, 1), (5000, 1, 1), (300, 3, 3)]
     ps = [torch.zeros(s) for s in shapes]
     sts = [_state(p) for p in ps]
-    plan = tk.build_plan(ps, ps, *_lists(sts))
+    plan = tk.build_plan(ps, ps, *_lists(sts), pack=pack)
+    packed = [bool(pack and mt.pack_size(p)) for p in ps]
+    assert plan.packed == pack and sum(mt.pack_size(p) > 0 for p in ps) >= 3
     for s, h in zip(shapes, _covered(plan, shapes)):
         assert torch.equal(h, torch.ones_like(h)), f"{s}: elements covered {h.unique().tolist()} times"
     def cdiv(a, b):
         return -(-a // b)
 
-    factored = [(math.prod(s[:-2]), s[-2], s[-1]) for s in shapes if len(s) >= 2]  # (B, M, N)
+    # (B, M, N) of the striped factored tensors (packed ones write no column partials and have no finalize)
+    factored = [(math.prod(s[:-2]), s[-2], s[-1]) for s, pk in zip(shapes, packed) if len(s) >= 2 and not pk]
     # Column partials: one float per stripe and column, each tensor's padded to 4 floats (16 bytes).
     colpart = sum(cdiv(B * cdiv(M, mt.ROWS) * N, 4) * 4 for B, M, N in factored)
     assert plan.ws_floats == max(colpart, plan.n_blocks)
@@ -373,7 +382,7 @@ def _int64_case(vec):
                FLAT_BLOCK=mt.FLAT_BLOCK, NUM_STAGES=1, TILED=False)
     b1, b2, b3, e1, e2, lr, wd = 0.9, 0.999, 0.9999, 1e-30, 1e-16, 1e-2, 0.1
 
-    _sq_stats_kernel[(2,)](meta, blocks, ws, ws, b2, 1 - b2, e1, AMP=False, **lay)
+    _sq_stats_kernel[(2,)](meta, blocks, ws, stats, ws, b2, 1 - b2, e1, AMP=False, PACKED=False, **lay)
     gd, gfd = g.double().cpu(), gf[:tail].double().cpu()
     ref["r"] = b2 * ref["r"] + (1 - b2) * ((gd * gd).mean(1) + e1)
     ref["vf"] = b2 * ref["vf"] + (1 - b2) * (gfd * gfd + e1)
@@ -384,7 +393,7 @@ def _int64_case(vec):
 
     ws.fill_(NAN)
     untiled = {k: v for k, v in lay.items() if k != "TILED"}  # phases 2 and 4 take single row tiles
-    _clip_stats_kernel[(2,)](meta, blocks, ws, stats, ws, AMP=False, **untiled)
+    _clip_stats_kernel[(2,)](meta, blocks, ws, stats, ws, AMP=False, PACKED=False, **untiled)
     u = gd * (ref["r"] / mean_r).rsqrt()[:, None] * c.double().cpu().rsqrt()[None, :]
     uf = gfd * ref["vf"].rsqrt()
     assert ws[0].item() == pytest.approx(float((u * u).sum()), rel=1e-5)
@@ -392,7 +401,7 @@ def _int64_case(vec):
 
     ws.fill_(NAN)
     _momentum_res_kernel[(2,)](meta, blocks, ws, stats, ws, ws, ws, ws, b1, 1 - b1, b3, 1 - b3, e2, MAXIMIZE=False,
-                               AMP=False, LOWBIT=False, **lay)
+                               AMP=False, LOWBIT=False, PACKED=False, **lay)
     ref["m"] = b1 * ref["m"] + (1 - b1) * u / div
     ref["mf"] = b1 * ref["mf"] + (1 - b1) * uf / div_f
     res = (u / div - ref["m"]) ** 2
@@ -405,7 +414,7 @@ def _int64_case(vec):
 
     lr_t = torch.tensor([lr], device=DEV)
     _param_step_kernel[(2,)](meta, blocks, stats, lr_t, lr_t, lr_t, lr_t, lr_t, lr_t, wd, b1, 1 - b1, AMP=False,
-                             BIAS=False, LOWBIT=False, ROUNDING=0, MAXIMIZE=False, **untiled)
+                             BIAS=False, LOWBIT=False, ROUNDING=0, MAXIMIZE=False, PACKED=False, **untiled)
     update = ref["m"] * (ref["R"] / mean_R).rsqrt()[:, None] * C.double().cpu().rsqrt()[None, :]
     assert_close_rel(p, ref["p"] - lr * wd * ref["p"] - lr * update, 1e-6, "p of the last stripe")
     assert_close_rel(pf[:tail], ref["pf"] - lr * wd * ref["pf"] - lr * ref["mf"], 1e-6, "p of the last chunk")
@@ -466,7 +475,7 @@ _PTX_SCRIPT = textwrap.dedent('''
             if "MAXIMIZE" in fn.arg_names:
                 ce["MAXIMIZE"] = False
             ce["AMP"] = False
-            for flag in ("BIAS", "LOWBIT", "MAXIMIZE"):
+            for flag in ("BIAS", "LOWBIT", "MAXIMIZE", "PACKED"):
                 if flag in fn.arg_names:
                     ce[flag] = False
             if "ROUNDING" in fn.arg_names:
