@@ -64,6 +64,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py tests/test_amp.py tests/test_distributed.py \
     -k "cuda or triton or gpu or amp" >"$LOG/t_other.log" 2>&1 & p3=$!
   "${PT[@]}" tests/test_compile.py tests/test_host_fast_path.py tests/test_capturable.py tests/test_bias_correction.py \
+    tests/test_low_precision.py tests/test_factor_conv.py \
     >"$LOG/t_compile.log" 2>&1 & p4=$!
   pids=("$p1" "$p2" "$p3" "$p4"); names=(triton cuda other compile)
   if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
