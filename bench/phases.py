@@ -9,7 +9,9 @@ Optimizers that are not CAME (adamw[fused]) are shown as one "all kernels" row, 
 Bytes per element counted (n elements; ge, pe, me: grad, param, momentum element sizes; flat tensors
 (ndim < 2) also move their full-size v, 4 B):
     sq_stats      g read                          + flat: v read + write
-    clip_stats    g read                          + flat: v read
+    clip_stats    g read                          + flat: v read   (only for matrices with rows wider than
+                                                    NPAD_MAX = 8192: phase 1 sums the clip's statistic of
+                                                    every other tensor, see triton_kernels.multi_tensor)
     momentum_res  g read, m read + write          + flat: v read
     param_step    m read, p read + write
     adamw[fused]  g read, p, m, v read + write
@@ -27,6 +29,8 @@ import torch
 
 from . import shapes as shapes_mod
 from . import utils
+
+NPAD_MAX = 8192  # = triton_kernels.multi_tensor.NPAD_MAX (importing it would need Triton)
 
 # (kernel-name substring, phase); the first match wins. Both backends' kernel names contain these.
 PHASES = [("sq_finalize", "sq_stats (finalize)"), ("sq_stats", "sq_stats"),
@@ -61,7 +65,8 @@ def phase_bytes(params: List[torch.Tensor], opt: torch.optim.Optimizer) -> Dict[
         me = st["exp_avg"].element_size() if "exp_avg" in st else 4
         flat = 0 if p.dim() >= 2 else 4
         out["sq_stats"] += n * (ge + 2 * flat)
-        out["clip_stats"] += n * (ge + flat)
+        if p.dim() >= 2 and p.shape[-1] > NPAD_MAX:
+            out["clip_stats"] += n * (ge + flat)
         out["momentum_res"] += n * (ge + 2 * me + flat)
         out["param_step"] += n * (me + 2 * pe)
     return dict(out)

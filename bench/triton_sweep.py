@@ -1,10 +1,13 @@
 """Tune and check the Triton kernels on a GPU in one short run (`python -m bench.triton_sweep`, CUDA only).
 
-1. Checks: one step on GPT-2 124M shapes (fp32, bf16) against the torch backend, twice (bitwise equal), and
-   once with the workspace cap forced low so that stripes span several row tiles (TILED kernels).
+1. Checks: one step on GPT-2 124M shapes (fp32, bf16) against the torch backend, twice (bitwise equal), once
+   with the workspace cap forced low so that stripes span several row tiles (TILED kernels), and once with
+   the clip's statistic from phase 2 (multi_tensor.CLIP_IN_PHASE1 off).
 2. Sweep: per-kernel time (CUDA events, median of --reps launches after one warm-up) of every phase on the
-   full-size shape sets, for each setting of the pipeline depth (multi_tensor.STAGES) and of the 2-byte
-   read tile (multi_tensor.BLOCK_N_2B), with the achieved bandwidth as % of the device copy bandwidth.
+   full-size shape sets, for each setting of the pipeline depth (multi_tensor.STAGES), of the 2-byte read
+   tile (multi_tensor.BLOCK_N_2B) and of CLIP_IN_PHASE1 (column "clip": 1 = phase 1 sums the clip's
+   statistic, phase 2 runs only for rows wider than NPAD_MAX), with the achieved bandwidth as % of the
+   device copy bandwidth.
 Launches repeat on the same state, which drifts a little: timing only, the checks above prove the results.
 """
 from __future__ import annotations
@@ -61,15 +64,16 @@ def _steps(mod, shapes, dtype, n=2):
 def check(shapes, dtype) -> str:
     ref, ref_st = _steps(torch_backend, shapes, dtype)
     out = []
-    for label, cap in (("", mt.WS_CAP_FLOATS), (" tiled", 1 << 16)):
-        old = mt.WS_CAP_FLOATS
-        mt.WS_CAP_FLOATS = cap
+    for label, cap, fused in (("", mt.WS_CAP_FLOATS, True), (" tiled", 1 << 16, True),
+                              (" clip-in-phase2", mt.WS_CAP_FLOATS, False)):
+        old = mt.WS_CAP_FLOATS, mt.CLIP_IN_PHASE1
+        mt.WS_CAP_FLOATS, mt.CLIP_IN_PHASE1 = cap, fused
         try:
             a, a_st = _steps(triton_backend, shapes, dtype)
             b, _ = _steps(triton_backend, shapes, dtype)
-            tiles = mt.choose_tiles([(1, s[0], s[1]) for s in shapes if len(s) == 2])
+            tiles = mt.choose_tiles([(1, s[0], s[1]) for s in shapes if len(s) == 2], 2 if fused else 1)
         finally:
-            mt.WS_CAP_FLOATS = old
+            mt.WS_CAP_FLOATS, mt.CLIP_IN_PHASE1 = old
         same = all(torch.equal(x, y) for x, y in zip(a, b))
         err = max(float((x.float() - y.float()).abs().max() / y.float().abs().max()) for x, y in zip(a, ref))
         err_c = max(float((x["c"] - y["c"]).abs().max() / y["c"].abs().max()) for x, y in zip(a_st, ref_st) if "c" in x)
@@ -90,42 +94,50 @@ def _time(fn, reps):
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3  # us
 
 
-def sweep_one(shapes, dtype, reps, copy_gbs):
+def sweep_one(shapes, dtype, reps, copy_gbs, fused=True):
     ps, gs, sts = _make(shapes, dtype)
-    plan = tk.build_plan(ps, gs, *_lists(sts))
+    plan = tk.build_plan(ps, gs, *_lists(sts), fused=fused)
     ws = torch.zeros(plan.ws_floats, device="cuda")
+    wsd = torch.zeros(plan.w_doubles, dtype=torch.float64, device="cuda")
     stats = torch.ones(plan.stats_floats, device="cuda")
     lr = torch.tensor([1e-3], device="cuda")
-    tk.sq_stats(plan, ws, stats, beta2=0.999, eps1=1e-30)
-    tk.clip_stats(plan, ws, stats, clip_threshold=1.0)
+    tk.sq_stats(plan, ws, stats, beta2=0.999, eps1=1e-30, wsd=wsd)
+    tk.clip_stats(plan, ws, stats, clip_threshold=1.0, wsd=wsd)
     ge = ps[0].element_size()
     n = sum(p.numel() for p in ps)
+    n_clip = sum(p.numel() for p in ps if p.ndim < 2 or not plan.fused or mt.npad_size(p.shape[-1]) == 0)
     fin_args = (plan.meta, plan.fin_blocks, ws, stats, ws, 0.9, 0.1, 1e-16, ws, ws)
     fin_kw = dict(ROWS=mt.ROWS, FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN,
                   NUM_STAGES=mt.STAGES["finalize"], AMP=False, MODE=int(mt.FIN_DIRECT), num_warps=mt.FIN_WARPS)
+    clip = plan.fused and plan.npads != 0
     # The modules, not the launchers of the same names that came_kernels.triton_kernels exports.
     import importlib
     cs, mr, pst, sq = (importlib.import_module(f"came_kernels.triton_kernels.{m}")
                        for m in ("clip_stats", "momentum_res", "param_step", "sq_stats"))
-    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, AMP=False, PACKED=plan.packed,
-              num_warps=mt.NUM_WARPS)
+    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, AMP=False, num_warps=mt.NUM_WARPS)
+    pk = dict(kw, PACKED=plan.packed)
     rb = mt.read_block_n(plan.dtype)
     rows = {
         "sq_stats": (lambda: sq._sq_stats_kernel[(plan.n_blocks,)](
             plan.meta, plan.blocks, ws, stats, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
-            NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles > 1, **kw), n * ge),
-        "sq fin.": (lambda: _sq_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
-        "clip_stats": (lambda: cs._clip_stats_kernel[(plan.n_tile_blocks,)](
-            plan.meta, plan.tile_blocks, ws, stats, ws, DTYPE=plan.dtype, BLOCK_N=rb, NUM_STAGES=mt.STAGES["clip_stats"],
-            **kw), n * ge),
+            NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles > 1, FUSED=plan.fused, NPADS=plan.npads,
+            WIDE=plan.wide, **pk), n * ge),
+        "sq fin.": (lambda: _sq_finalize_kernel[(plan.n_fin,)](*fin_args, wsd, CLIP=clip, **fin_kw), 0),
+        "clip_stats": (lambda: cs._clip_stats_kernel[(plan.n_clip_blocks,)](
+            plan.meta, plan.clip_blocks, ws, stats, ws, DTYPE=plan.dtype, BLOCK_N=rb, NUM_STAGES=mt.STAGES["clip_stats"], **kw), n_clip * ge),
+        "clip fin.": (lambda: cs._clip_finalize_kernel[(plan.n_tensors,)](
+            plan.meta, ws, wsd, stats, stats, 1.0, ws, ws, ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, BLOCK=256,
+            BIAS=False, MODE=int(mt.FIN_DIRECT), FUSED=clip, num_warps=4), 0),
         "momentum_res": (lambda: mr._momentum_res_kernel[(plan.n_blocks,)](
             plan.meta, plan.blocks, ws, stats, ws, 0.9, 0.1, 0.9999, 1e-4, 1e-16, DTYPE=plan.dtype, MAXIMIZE=False,
-            BLOCK_N=mt.BLOCK_N, NUM_STAGES=mt.STAGES["momentum_res"], TILED=plan.tiles > 1, **kw), n * (ge + 8)),
+            BLOCK_N=mt.BLOCK_N, NUM_STAGES=mt.STAGES["momentum_res"], TILED=plan.tiles > 1, **pk), n * (ge + 8)),
         "res fin.": (lambda: _res_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
         "param_step": (lambda: pst._param_step_kernel[(plan.n_tile_blocks,)](
             plan.meta, plan.tile_blocks, stats, lr, lr, lr, 0.0, DTYPE=plan.dtype, BLOCK_N=mt.BLOCK_N, BIAS=False,
-            NUM_STAGES=mt.STAGES["param_step"], **kw), n * (2 * ge + 4)),
+            NUM_STAGES=mt.STAGES["param_step"], **pk), n * (2 * ge + 4)),
     }
+    if not plan.n_clip_blocks:
+        del rows["clip_stats"]  # nothing left for phase 2
     out = {}
     for name, (fn, nbytes) in rows.items():
         us = _time(fn, reps)
@@ -161,20 +173,22 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bw:.0f} GB/s")
     stages = [int(x) for x in args.stages.split(",")]
     bn2 = [int(x) for x in args.block_n_2b.split(",")]
-    configs = [(s, bn2[0]) for s in stages] + [(stages[0], b) for b in bn2[1:]]
+    configs = [(s, bn2[0], 1) for s in stages] + [(stages[0], b, 1) for b in bn2[1:]] + [(stages[0], bn2[0], 0)]
     header = None
     for name in args.sets.split(","):
         for dt in args.dtype.split(","):
-            for s, b in configs:
+            for s, b, fused in configs:
                 if dt == "fp32" and b != bn2[0]:
                     continue  # BLOCK_N_2B is for 2-byte dtypes only
                 mt.STAGES.update(dict.fromkeys(mt.STAGES, s))
                 mt.BLOCK_N_2B = b
-                res, plan = sweep_one(shapes_mod.SETS[name](1.0), dtypes[dt], args.reps, bw)
+                res, plan = sweep_one(shapes_mod.SETS[name](1.0), dtypes[dt], args.reps, bw, bool(fused))
+                names = ["sq_stats", "sq fin.", "clip_stats", "clip fin.", "momentum_res", "res fin.", "param_step"]
                 if header is None:
-                    header = f"| shapes | dtype | stages | BN2B | " + " | ".join(res) + " | programs | fin | ws MiB |"
+                    header = f"| shapes | dtype | stages | BN2B | clip | " + " | ".join(names) + \
+                        " | programs | fin | ws MiB |"
                     print(header, flush=True)
-                print(f"| {name} | {dt} | {s} | {b} | " + " | ".join(res.values()) +
+                print(f"| {name} | {dt} | {s} | {b} | {fused} | " + " | ".join(res.get(k, "-") for k in names) +
                       f" | {plan.n_blocks} | {plan.n_fin} | {4 * plan.ws_floats / 2 ** 20:.1f} |", flush=True)
                 del plan
                 torch.cuda.empty_cache()

@@ -89,24 +89,34 @@ PHASE_SHAPES = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 5), (130, 8)
                 (20000,)]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["clip-in-phase1", "clip-in-phase2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype):
+def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype, fused, monkeypatch):
     gen = torch.Generator().manual_seed(10)
-    ps = [torch.randn(s, generator=gen).to(DEV, dtype) for s in PHASE_SHAPES]
+    # + rows for the in-register widths 256 and 1024, and rows wider than the widest (cut to 1024 here, so
+    # that the interpreter stays quick): in a fused plan their clip sum still comes from phase 2
+    monkeypatch.setattr(mt, "NPAD_SIZES", mt.NPAD_SIZES[:3])
+    shapes = PHASE_SHAPES + [(5, 200), (9, 300), (2, 1100)]
+    ps = [torch.randn(s, generator=gen).to(DEV, dtype) for s in shapes]
     # Gradient scales apart by 100x: some tensors get clipped (divisor > 1), others not.
-    gs = [(torch.randn(s, generator=gen) * (30.0 if i % 2 else 0.3)).to(DEV, dtype) for i, s in enumerate(PHASE_SHAPES)]
+    gs = [(torch.randn(s, generator=gen) * (30.0 if i % 2 else 0.3)).to(DEV, dtype) for i, s in enumerate(shapes)]
     sts = [_state(p, gen) for p in ps]
     refs = [_ref_phases(p, g, st, **H) for p, g, st in zip(ps, gs, sts)]
-    plan = tk.build_plan(ps, gs, *_lists(sts))
+    plan = tk.build_plan(ps, gs, *_lists(sts), fused=fused)
     assert set(plan.vec) == {0, 1}, "both the 16-byte and the scalar kernel bodies must run here"
+    if fused:  # every in-register width class of these shapes, and phase 2 for the wide one only
+        assert plan.fused and plan.wide and plan.npads == 0b111 and plan.n_clip_blocks == 1
+    else:
+        assert not plan.fused and plan.npads == 0 and plan.n_clip_blocks == plan.n_tile_blocks
     ws = torch.full((plan.ws_floats,), NAN, device=DEV)
     stats = torch.full((plan.stats_floats,), NAN, device=DEV)
+    wsd = torch.full((plan.w_doubles,), NAN, dtype=torch.float64, device=DEV)
     meta = plan.meta.cpu()
 
     def stat(t, col, k=0):
         return stats[int(meta[t, col]) + k].item()
 
-    tk.sq_stats(plan, ws, stats, beta2=H["beta2"], eps1=H["eps1"])
+    tk.sq_stats(plan, ws, stats, beta2=H["beta2"], eps1=H["eps1"], wsd=wsd)
     for t, (p, st, ref) in enumerate(zip(ps, sts, refs)):
         for k in ("r", "c", "v"):
             if k in st:
@@ -115,8 +125,9 @@ def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype):
             got = torch.tensor([stat(t, int(mt.C_STAT), b) for b in range(ref["mean_r"].numel())])
             assert_close_rel(got, ref["mean_r"].flatten(), 2e-6, f"phase 1 mean_M(r) of {tuple(p.shape)}")
 
-    ws.fill_(NAN)  # each phase must write every workspace slot it reads back
-    tk.clip_stats(plan, ws, stats, clip_threshold=H["clip_threshold"])
+    if not fused:  # each phase must write every workspace slot it reads back (fused: phase 1 writes the
+        ws.fill_(NAN)  # block sums that clip_stats' finalize reads; ws and wsd were poisoned before it ran)
+    tk.clip_stats(plan, ws, stats, clip_threshold=H["clip_threshold"], wsd=wsd)
     divs = [stat(t, int(mt.C_DIV)) for t in range(len(ps))]
     assert any(x > 1 for x in divs) and any(x == 1 for x in divs)
     for p, got, ref in zip(ps, divs, refs):
@@ -184,7 +195,14 @@ def test_block_table_covers_every_element_once_and_workspace_is_numel_over_rows(
     factored = [(math.prod(s[:-2]), s[-2], s[-1]) for s, pk in zip(shapes, packed) if len(s) >= 2 and not pk]
     # Column partials: one float per stripe and column, each tensor's padded to 4 floats (16 bytes).
     colpart = sum(cdiv(B * cdiv(M, mt.ROWS) * N, 4) * 4 for B, M, N in factored)
-    assert plan.ws_floats == max(colpart, plan.n_blocks)
+    # Then the clip partials P at the same offsets, and the block sums (phase 1's for flat and packed tensors)
+    # after them; phase 1's W = P / c of the stripe tensors in fp64, one per column.
+    assert plan.fused and plan.ws_floats == 2 * colpart + plan.n_tile_blocks
+    assert plan.w_doubles == sum(B * N for B, M, N in factored)
+    unfused = tk.build_plan(ps, ps, *_lists(sts), pack=pack, fused=False)
+    every = [(math.prod(s[:-2]), s[-2], s[-1]) for s in shapes if len(s) >= 2]  # unfused: nothing packed
+    assert not unfused.packed and unfused.w_doubles == 1
+    assert unfused.ws_floats == max(sum(cdiv(B * cdiv(M, mt.ROWS) * N, 4) * 4 for B, M, N in every), unfused.n_blocks)
     # Finalize programs: cdiv(B*N, FIN_COLS) column programs + one per matrix, per factored tensor.
     fin = sum(cdiv(B * N, mt.FIN_COLS) + B for B, M, N in factored)
     assert plan.n_fin == fin
@@ -207,19 +225,24 @@ def _stripes(plan, ps):
                if p.ndim >= 2 else -(-p.numel() // mt.FLAT_CHUNK) for p in ps)
 
 
-@pytest.mark.parametrize("model, numel, tiles", [("tinyllama", 1_100_048_384, 2), ("llama7b", 6_738_415_616, 7)])
+@pytest.mark.parametrize("model, numel, tiles", [("tinyllama", 1_100_048_384, 3), ("llama7b", 6_738_415_616, 16)])
 def test_workspace_stays_under_64_mib_at_any_model_size(model, numel, tiles):
     # TinyLlama-1.1B (bench/shapes.py) and LLaMA-7B shapes, host-side only. One stripe of ROWS rows per block
-    # would need numel/64 floats of column partials (66 MiB, 421 MB); stripes of several row tiles keep it
-    # under WS_CAP_FLOATS, and the count chosen is the smallest that does.
+    # would need 2 * numel/64 floats of column partials Q and P (131 MiB, 842 MB); stripes of several row
+    # tiles keep them, the block sums and the fp64 W under WS_CAP_FLOATS, and the count chosen is the
+    # smallest that does.
     shapes = (_llama_shapes(2048, 5632, 32000, 256, 22) if model == "tinyllama"
               else _llama_shapes(4096, 11008, 32000, 4096, 32))
     ps, plan = _meta_plan(shapes)
     assert sum(p.numel() for p in ps) == numel
     assert plan.tiles == tiles
-    assert 4 * plan.ws_floats <= 64 * 2 ** 20 == 4 * mt.WS_CAP_FLOATS
+    assert 4 * plan.ws_floats + 8 * plan.w_doubles <= 64 * 2 ** 20 == 4 * mt.WS_CAP_FLOATS
     mats = [(1, s[0], s[1]) for s in shapes if len(s) == 2]
-    assert sum(mt._colpart_floats(B, M, N, tiles - 1) for B, M, N in mats) > mt.WS_CAP_FLOATS  # smallest
+
+    def colpart(t):
+        return sum(mt._colpart_floats(B, M, N, t) for B, M, N in mats)
+    other = plan.ws_floats - 2 * colpart(tiles) + 2 * plan.w_doubles
+    assert 2 * colpart(tiles - 1) + other > mt.WS_CAP_FLOATS  # the smallest count
     assert plan.n_blocks == _stripes(plan, ps)
     # Phases 2 and 4 keep blocks of one row tile: their table and workspace share follow numel/ROWS.
     assert plan.n_tile_blocks == sum(-(-p.shape[0] // mt.ROWS) if p.ndim == 2 else -(-p.numel() // mt.FLAT_CHUNK)
@@ -231,7 +254,7 @@ def test_gpt2_shapes_keep_one_row_tile_per_stripe_and_fill_the_finalize_grid():
     from bench.shapes import gpt2_124m
     ps, plan = _meta_plan(gpt2_124m())
     assert plan.tiles == 1 and plan.n_blocks == _stripes(plan, ps)
-    assert 4 * plan.ws_floats < 8 * 2 ** 20  # numel/64 floats: 7.4 MiB
+    assert 4 * plan.ws_floats < 16 * 2 ** 20  # 2 * numel/64 floats (Q and P): 14.8 MiB
     # Column finalize: cdiv(N, FIN_COLS) programs per matrix, + 1 mean program: wte (768 columns) gets 24 + 1
     # (FIN_COLS = 256 gave 3 + 1); 2690 programs in all, up from 380, for 132 SMs.
     assert mt.FIN_COLS == 32
@@ -262,16 +285,20 @@ def test_blocks_and_finalize_programs_are_launched_largest_first():
         (t, k) for t, p in enumerate(ps) if p.ndim == 2 for k in range(-(-p.shape[1] // mt.FIN_COLS) + 1))
 
 
-def test_stripes_of_several_row_tiles_match_float64(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["clip-in-phase1", "clip-in-phase2"])
+def test_stripes_of_several_row_tiles_match_float64(monkeypatch, fused):
     """The TILED kernels (groups whose partials would pass WS_CAP_FLOATS; here the cap is made tiny):
-    stripes of several row tiles, ragged last tiles, column partials accumulated across row tiles."""
-    monkeypatch.setattr(mt, "WS_CAP_FLOATS", 64)
+    stripes of several row tiles, ragged last tiles, column partials accumulated across row tiles (fused:
+    phase 1's in-register body over the taller stripes, its Q and P and block sums within the cap)."""
+    monkeypatch.setattr(mt, "WS_CAP_FLOATS", 240 if fused else 64)
+    monkeypatch.setattr(mt, "CLIP_IN_PHASE1", fused)
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
     shapes = [(300, 12), (129, 5), (2, 150, 8), (70, 9), (7,)]
     gen = torch.Generator().manual_seed(21)
     ps = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
     sts = [_state(p) for p in ps]
     plan = tk.build_plan(ps, ps, *_lists(sts))
+    assert plan.fused == fused and 4 * plan.ws_floats + 8 * plan.w_doubles <= 4 * mt.WS_CAP_FLOATS
     # 3 row tiles per stripe (2 for the 70-row matrix; 1 for the flat tensor): ragged last tiles everywhere.
     assert plan.tiles == 3 and plan.meta[:, int(mt.C_TILES)].tolist() == [3, 3, 3, 2, 1]
     assert plan.n_blocks == 2 + 1 + 2 + 1 + 1 and plan.n_tile_blocks == 5 + 3 + 6 + 2 + 1
@@ -302,7 +329,7 @@ def test_conv_weights_get_few_blocks_and_small_tables():
     tables = sum(x.numel() * x.element_size() for x in (plan.meta, plan.blocks, plan.tile_blocks, plan.fin_blocks))
     assert plan.packed and plan.n_blocks <= 10_000 and plan.n_tile_blocks <= 10_000, plan.n_blocks
     assert plan.n_fin <= 100 and tables < 2 ** 20, (plan.n_fin, tables)
-    assert plan.ws_floats <= 64 * 1024
+    assert plan.ws_floats <= 128 * 1024  # the fc layer's column partials Q and P, one float per block
     stripes = tk.build_plan(ps, ps, *_lists([_state(p) for p in ps]), pack=False)
     assert not stripes.packed and stripes.n_blocks > 1000 * plan.n_blocks  # the test can tell the two apart
 
@@ -480,6 +507,8 @@ _PTX_SCRIPT = textwrap.dedent('''
                     ce[flag] = False
             if "ROUNDING" in fn.arg_names:
                 ce["ROUNDING"] = 0
+            if "NPADS" in fn.arg_names:  # phase 1 of a fused plan with every row width: all of its bodies
+                ce.update(FUSED=True, NPADS=2 ** len(mt.NPAD_SIZES) - 1, WIDE=True)
             sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
             k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": mt.NUM_WARPS})

@@ -32,7 +32,7 @@ LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_B
 READ_ONLY = {"_sq_stats_kernel", "_clip_stats_kernel"}
 POINTERS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32",
             "lr_ptr": "*fp32", "amp": "*fp32", "bias_scales": "*fp32", "rng": "*i64", "qmax": "*i32",
-            "qold": "*fp32", "dmeta": "*i64", "sums": "*fp32"}
+            "qold": "*fp32", "dmeta": "*i64", "sums": "*fp32", "wsd": "*fp64"}
 # (module, kernel, num_warps, variants of the constexprs that are not layout constants)
 KERNELS = [
     ("sq_stats", "_sq_stats_kernel", mt.NUM_WARPS, "dtype+tiled"),
@@ -96,6 +96,17 @@ def main() -> int:
             extras = [dict(v, PACKED=False) for v in extras] + [
                 dict(v, PACKED=True) for v in extras if not any(v.get(f) for f in ("AMP", "BIAS", "TILED", "MAXIMIZE",
                                                                                    "LOWBIT", "ROUNDING"))]
+        if "NPADS" in fn.arg_names:  # phase 1 of fused plans: each in-register width alone (fp32, bf16, tiled
+            # or not), then a plan with every body (all widths, wide rows, packed matrices)
+            base = [dict(v, FUSED=False, NPADS=0, WIDE=True) for v in extras]
+            one = [v for v in base if v["DTYPE"] in (tl.float32, tl.bfloat16) and not v.get("AMP")
+                   and not v.get("PACKED")]
+            extras = base + [dict(v, FUSED=True, NPADS=1 << i, WIDE=False) for i in range(len(mt.NPAD_SIZES))
+                             for v in one] + [dict(base[0], FUSED=True, NPADS=2 ** len(mt.NPAD_SIZES) - 1, WIDE=True,
+                                                   PACKED=True)]
+        for flag in ("CLIP", "FUSED"):  # the finalize kernels of fused plans (W = P / c; the clip from W)
+            if flag in fn.arg_names and "NPADS" not in fn.arg_names:
+                extras = [dict(v, **{flag: False}) for v in extras] + [dict(extras[0], **{flag: True})]
         if "MODE" in fn.arg_names:  # finalize kernels: whole tensors, and the two halves for sharded ones
             extras = [dict(v, MODE=0) for v in extras] + [dict(extras[0], MODE=m) for m in (1, 2)]
         for extra in extras:

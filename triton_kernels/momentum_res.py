@@ -287,9 +287,9 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
                          FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr, AMP: tl.constexpr, MODE: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # a skipped step: C must not change
         return
-    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2, dmeta, sums,
+    _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2, dmeta, sums, ws,
                                 COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
-                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE)
+                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE, CLIP=False)
 
 
 def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None,

@@ -113,7 +113,11 @@ C_ABSMAX = tl.constexpr(17)    # int8 momentum: exp_avg_absmax address (fp32 [cd
 C_QOFF = tl.constexpr(18)      # int8 momentum: first slot of this tensor's blocks in the q workspaces
 C_COMP = tl.constexpr(19)      # param_rounding="kahan": param_comp address (bf16, param shape)
 C_PACK = tl.constexpr(20)      # > 0: a packed tensor (see PACK_ELEMS), its matrices padded to C_PACK x C_PACK
-NCOL = tl.constexpr(21)
+C_NPAD = tl.constexpr(21)      # > 0: phase 1 holds this stripe tensor's rows in registers, N padded to C_NPAD (see
+                               # NPAD_SIZES) and also sums the clip's statistic; 0: phase 2 does (see CLIP_IN_PHASE1)
+C_WS_P = tl.constexpr(22)      # first workspace float of this tensor's clip partials sum_rows (g*rsqrt(r))^2 (phase 1)
+C_WS_W = tl.constexpr(23)      # first `wsd` double of this tensor's sum_s P[s, n] / c[n] (the phase-1 finalize)
+NCOL = tl.constexpr(24)
 
 # ---- Packed tensors: many small matrices (conv weights [Cout, Cin, kh, kw], as came-pytorch factors them: B =
 # Cout*Cin matrices of kh x kw). A stripe never spans matrices, so one block per 3x3 matrix would make millions
@@ -128,6 +132,33 @@ PACK_SIZES = (1, 4, 8)  # the compiled PM variants (2x2 matrices take the 4x4 ti
 PACK_K1 = tl.constexpr(PACK_ELEMS)        # ... and their matrices per block, as kernel constants
 PACK_K4 = tl.constexpr(PACK_ELEMS // 16)
 PACK_K8 = tl.constexpr(PACK_ELEMS // 64)
+
+# ---- The clip's statistic out of phase 1 (CLIP_IN_PHASE1). Phase 2 used to read g a second time only to sum
+# u^2 = (g * rsqrt(r/mean_M(r)) * rsqrt(c))^2 for the RMS clip. With r, c the new EMAs the same sum is
+#     sum u^2 = sum_b mean_M(r)[b] * sum_n P[b, n] / c[b, n],   P[b, n] = sum_m (g[b, m, n] * rsqrt(r[b, m]))^2,
+# every term positive (nothing cancels; t = g*rsqrt(r) has t^2 <= N/(1-beta2), so nothing under- or
+# overflows where u does not). Phase 1 knows r[m] once a row is summed, so a stripe whose rows fit in
+# registers (N <= NPAD_MAX) is read once: a [SUB, NPAD] tile of rows, their r, then the column sums of g^2
+# and t^2 added into register accumulators, stored once per stripe (column partials Q and P). The finalize
+# turns P into W = P / c (fp64: P/c itself can pass fp32's range for tiny, sparse grads), the clip finalize
+# adds mean_M(r) * W. Flat and packed tensors compute u right away in phase 1 and store a sum per block.
+# Phase 2 then runs only for stripe tensors with N > NPAD_MAX, and for sharded groups (their clip sums are
+# reduced with their own all_reduce). Traffic per fp32 param: 32 -> 28 B (bf16 params: 22 -> 20 B).
+NPAD_SIZES = (64, 256, 1024, 2048, 4096, 8192)  # the compiled row widths of the in-register body
+NPAD_MAX = NPAD_SIZES[-1]
+REG_ELEMS = tl.constexpr(4096)  # elements of its [SUB, NPAD] tile: SUB = cdiv(REG_ELEMS, NPAD) rows (64 ... 1)
+CLIP_IN_PHASE1 = True  # False: every tensor's clip sum comes from phase 2 (the layout before; for comparisons)
+
+
+def npad_size(N: int) -> int:
+    """C_NPAD of a stripe tensor with rows of N elements: the smallest NPAD_SIZES entry >= N, or 0."""
+    return next((n for n in NPAD_SIZES if n >= N), 0)
+
+
+def npad_rows(npad: int) -> int:
+    """SUB: rows per tile of the in-register body (cdiv(REG_ELEMS, npad) <= ROWS)."""
+    return _cdiv(REG_ELEMS.value, npad)
+
 
 MK_FP32 = tl.constexpr(0)
 MK_BF16 = tl.constexpr(1)
@@ -183,6 +214,12 @@ class Plan:
     q_blocks: int = 0          # int8 absmax blocks of the group: size of the q workspaces (qmax, qold)
     pack: bool = True          # whether small matrices could be packed (build_plan's `pack`)
     packed: bool = False       # some tensor is packed: the kernels are launched with their packed bodies
+    fused: bool = False        # build_plan's `fused`: phase 1 sums the clip statistic where it can (CLIP_IN_PHASE1)
+    npads: int = 0             # bit i: some tensor takes the in-register phase-1 body of NPAD_SIZES[i] (compiled in)
+    wide: bool = True          # some stripe tensor takes the phase-1 body that loops over N (C_NPAD = 0)
+    clip_blocks: torch.Tensor = None  # phase-2 blocks: those of tile_blocks whose tensors have C_NPAD = 0 ...
+    n_clip_blocks: int = 0            # ... (all of them when not fused)
+    w_doubles: int = 0         # size of the fp64 scratch `wsd` (W = P / c of the in-register tensors)
 
     def update_grads(self, grads) -> None:
         """Point the table at this step's grads: a host-side compare, and uploads only when grads moved."""
@@ -308,12 +345,13 @@ def _colpart_floats(B: int, M: int, N: int, tiles: int) -> int:
     return _cdiv(B * _cdiv(M, ROWS * _tensor_tiles(M, tiles)) * N, WS_ALIGN) * WS_ALIGN
 
 
-def choose_tiles(mats) -> int:
-    """Row tiles per stripe for a group, given the (B, M, N) of its factored tensors: 1 while the column
-    partials fit WS_CAP_FLOATS, else the smallest count that makes them fit (the largest useful count when
-    none does). The partials shrink as the count grows, so a bisection finds it."""
+def choose_tiles(mats, copies: int = 1, reserve: int = 0) -> int:
+    """Row tiles per stripe for a group, given the (B, M, N) of its factored tensors: 1 while `copies` sets
+    of column partials (2 when phase 1 also writes the clip's P) and `reserve` floats of other scratch fit
+    WS_CAP_FLOATS, else the smallest count that makes them fit (the largest useful count when none does).
+    The partials shrink as the count grows, so a bisection finds it."""
     def floats(tiles):
-        return sum(_colpart_floats(B, M, N, tiles) for B, M, N in mats)
+        return copies * sum(_colpart_floats(B, M, N, tiles) for B, M, N in mats) + reserve
     lo, hi = 1, max([_cdiv(M, ROWS) for _, M, _ in mats] + [1])
     if floats(lo) <= WS_CAP_FLOATS:
         return 1
@@ -349,24 +387,39 @@ def pack_matrices(pm: int) -> int:
 
 
 def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes=None, comps=None,
-               pack: bool = True) -> Plan:
+               pack: bool = True, fused: bool = True) -> Plan:
     """Build the tables for one (device, dtype) group of contiguous tensors (host work, once per param set;
     no data is read, so meta tensors work: tests build plans for 7B-parameter shape lists that way).
     absmaxes, comps: the opt-in int8 momentum's absmax and the Kahan compensation per tensor (or None).
     pack: whether small-matrix tensors may be packed (see PACK_ELEMS); the backend says no for groups whose
-    kernels take the low-precision bodies, and for sharded tensors."""
+    kernels take the low-precision bodies, and for sharded tensors. fused: whether phase 1 may sum the clip's
+    statistic (see CLIP_IN_PHASE1; the backend says no for sharded tensors).
+
+    Workspace layout: [column partials Q | fused: clip partials P, the same offsets + n_q | block sums]; the
+    block sums (phase 2's, and phase 1's for flat and packed tensors) follow the partials when phase 1 writes
+    both at once, else they reuse the partials' floats (phase 2 runs after the finalize has read them)."""
     absmaxes = absmaxes or [None] * len(params)
     comps = comps or [None] * len(params)
     _check_group(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
     _check_grads(grads, _TORCH_TO_TL[params[0].dtype])
     device = params[0].device
-    packs = [pack_size(p) if pack else 0 for p in params]
-    tiles = choose_tiles([mat for mat, pm in zip(map(_matrices, params), packs) if mat is not None and not pm])
+    fused = fused and CLIP_IN_PHASE1
+    packs = [pack_size(p) if pack and fused else 0 for p in params]  # phase 2 has no packed body
+    mats = [mat for mat, pm in zip(map(_matrices, params), packs) if mat is not None and not pm]
+    # Fused: the block sums follow the partials, and the fp64 W (2 floats per column) is scratch too.
+    reserve = sum(B * _cdiv(M, ROWS) + (2 * B * N if npad_size(N) else 0) for B, M, N in mats) + sum(
+        _cdiv(mat[0], pack_matrices(pm)) if pm else _cdiv(p.numel(), FLAT_CHUNK)
+        for p, mat, pm in zip(params, map(_matrices, params), packs) if mat is None or pm) if fused else 0
+    tiles = choose_tiles(mats, 2 if fused else 1, reserve)
+    n_q = sum(_colpart_floats(B, M, N, tiles) for B, M, N in mats)  # floats of all Q partials
     meta, vec_base, vec = [], [], []
+    clip = ([], [], [])  # phase 2's blocks: tile blocks of the tensors whose clip sum phase 1 does not make
+    npads, wide, ws_w = 0, False, 0
     blk = ([], [], [])   # tensor ids, local indices, work (elements) of the blocks of phases 1 and 3
     tblk = ([], [], [])  # the same for phases 2 and 4 (single row tiles)
     fin = ([], [], [])   # the same for the finalize programs (work: floats read)
-    ws_col = ws_blk = stat = q_blocks = 0
+    ws_col = stat = q_blocks = 0
+    ws_blk = 2 * n_q if fused else 0
     for t, (p, g, m, r, c, R, C, v) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         numel = p.numel()
         mat = _matrices(p)
@@ -379,6 +432,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
             local = tlocal = torch.arange(n_main)
             work = twork = torch.clamp(B - local * k, max=k) * M * N
             addr = (r.data_ptr(), c.data_ptr(), R.data_ptr(), C.data_ptr())
+            npad = 0
         elif mat is not None:
             B, M, N = mat
             t_tiles = _tensor_tiles(M, tiles)
@@ -396,6 +450,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
             fin[1].append(torch.arange(n_col + B))
             fin[2].append(torch.cat([torch.full((n_col,), per_matrix * min(FIN_COLS, B * N)), torch.full((B,), M)]))
             addr = (r.data_ptr(), c.data_ptr(), R.data_ptr(), C.data_ptr())
+            npad = npad_size(N) if fused else 0
         else:
             B = M = N = colpart = 0
             t_tiles = 1
@@ -404,6 +459,16 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
             work = torch.clamp(numel - local * FLAT_CHUNK, max=FLAT_CHUNK)
             n_tile, tlocal, twork = n_main, local, work
             addr = (v.data_ptr(), 0, 0, 0)
+            npad = 0
+        if mat is not None and not pm:
+            if npad:
+                npads |= 1 << NPAD_SIZES.index(npad)
+            else:
+                wide = True
+        if not fused or (mat is not None and not pm and not npad):
+            clip[0].append(torch.full((n_tile,), t))
+            clip[1].append(tlocal)
+            clip[2].append(twork)
         blk[0].append(torch.full((n_main,), t))
         blk[1].append(local)
         blk[2].append(work)
@@ -415,16 +480,19 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         kind = _MKINDS[m.dtype]
         meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B,
                      vec[-1], t_tiles, kind, 0 if absmaxes[t] is None else absmaxes[t].data_ptr(), q_blocks,
-                     0 if comps[t] is None else comps[t].data_ptr(), pm])
+                     0 if comps[t] is None else comps[t].data_ptr(), pm, npad, ws_col + n_q, ws_w])
         if kind == 2:  # MK_INT8
             q_blocks += _cdiv(numel, QBLOCK)
         ws_col += colpart
-        ws_blk += n_tile  # phase 2 writes one sum per row-tile block
+        ws_blk += n_tile  # phase 2 (or phase 1: flat, packed) writes one sum per row-tile block
+        if npad:
+            ws_w += B * N
         stat += 2 * B + 1
     blocks = _largest_first(*blk)
     tile_blocks = blocks if tiles == 1 else _largest_first(*tblk)
     blocks_dev = blocks.to(device)
     fin_blocks = _largest_first(*fin)
+    clip_blocks = _largest_first(*clip)
     return Plan(
         key=plan_key(params, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps),
         grad_ptrs=tuple(g.data_ptr() for g in grads),
@@ -432,9 +500,12 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         blocks=blocks_dev, fin_blocks=fin_blocks.to(device),
         tile_blocks=blocks_dev if tiles == 1 else tile_blocks.to(device),
         n_tensors=len(params), n_blocks=blocks.shape[0], n_tile_blocks=tile_blocks.shape[0], n_fin=fin_blocks.shape[0],
-        ws_floats=max(ws_col, ws_blk, 1), stats_floats=max(stat, 1), dtype=_TORCH_TO_TL[params[0].dtype],
+        ws_floats=max(ws_col * (2 if fused else 1), ws_blk, 1), stats_floats=max(stat, 1),
+        dtype=_TORCH_TO_TL[params[0].dtype],
         tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec), numels=tuple(p.numel() for p in params),
-        lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks, pack=pack, packed=any(packs))
+        lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks, pack=pack, packed=any(packs),
+        fused=fused, npads=npads, wide=wide, clip_blocks=clip_blocks.to(device), n_clip_blocks=clip_blocks.shape[0],
+        w_doubles=max(ws_w, 1))
 
 
 def finalize(plan, ws, launch, shards, phase: str) -> None:
@@ -633,10 +704,11 @@ def _row_tile_done():
 
 
 @triton.jit
-def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_beta, eps, dmeta, sums,
+def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_beta, eps, dmeta, sums, wsd,
                                 COL: tl.constexpr, ROW: tl.constexpr, MEAN_SLOT: tl.constexpr,
                                 ROWS: tl.constexpr, FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr,
-                                FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr, MODE: tl.constexpr):
+                                FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr, MODE: tl.constexpr,
+                                CLIP: tl.constexpr):
     """Finalize of phases 1 and 3 for one program (shared by _sq_finalize_kernel and _res_finalize_kernel).
 
     column programs: col[b, n] = beta*col + (1-beta)*(sum_s partial[s, n] / M + eps) for FIN_COLS columns
@@ -648,6 +720,8 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
     MODE (sharded tensors, see D_SUM): FIN_EXPORT stores the two sums (column sum, sum_M(row)) into `sums`
     and changes nothing else; FIN_APPLY takes them from `sums` (summed over processes by then) and divides by
     the whole tensor's M (dmeta). FIN_DIRECT does both at once, with this tensor's own M.
+    CLIP (phase 1 of a fused plan, FIN_DIRECT only): column programs of tensors with C_NPAD > 0 also add the
+    clip partials P the same way and store wsd[C_WS_W + k] = sum_s P[s, k] / col[k] in fp64 (CLIP_IN_PHASE1).
     """
     t, local = _this_block(fin_blocks)
     M = _field(meta, t, C_NROWS)
@@ -668,19 +742,32 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
         else:
             per_matrix = _stripes_per_matrix(meta, t, ROWS)
             kb = k // N
-            part = ws + _field(meta, t, C_WS_COL) + kb * per_matrix * N + (k - kb * N)  # stripe 0 of each column
+            poff = kb * per_matrix * N + (k - kb * N)  # stripe 0 of each column
+            part = ws + _field(meta, t, C_WS_COL) + poff
             acc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
+            if CLIP:
+                clip = _field(meta, t, C_NPAD) > 0
+                pmask = kmask & clip
+                ppart = ws + _field(meta, t, C_WS_P) + poff
+                pacc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
             for s0 in tl.range(0, per_matrix, FIN_STRIPES, num_stages=NUM_STAGES):
                 s = s0 + tl.arange(0, FIN_STRIPES)
                 acc += tl.load(part[None, :] + s[:, None] * N, mask=(s < per_matrix)[:, None] & kmask[None, :],
                                other=0.0)
+                if CLIP:
+                    pacc += tl.load(ppart[None, :] + s[:, None] * N,
+                                    mask=(s < per_matrix)[:, None] & pmask[None, :], other=0.0)
             col_sum = tl.sum(acc, axis=0)
         if MODE == FIN_EXPORT:
             tl.store(out + k, col_sum, mask=kmask)
         else:
             col = _ptr(meta, t, COL, tl.float32, False)
             c = tl.load(col + k, mask=kmask, other=0.0)
-            tl.store(col + k, beta * c + one_minus_beta * (col_sum / M_all + eps), mask=kmask)
+            c = beta * c + one_minus_beta * (col_sum / M_all + eps)
+            tl.store(col + k, c, mask=kmask)
+            if CLIP:
+                w = tl.sum(pacc, axis=0).to(tl.float64) / c.to(tl.float64)
+                tl.store(wsd + _field(meta, t, C_WS_W) + k, w, mask=pmask)
     else:
         mb = local - col_blocks
         if MODE == FIN_APPLY:

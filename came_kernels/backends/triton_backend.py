@@ -2,13 +2,14 @@
 
 Same contract as the torch backend (backends/README.md). One call runs, for one (device, dtype) group:
 
-    sq_stats      _sq_stats_kernel + _sq_finalize_kernel          g^2 statistics
-    clip_stats    _clip_stats_kernel + _clip_finalize_kernel      RMS clip divisor per tensor
+    sq_stats      _sq_stats_kernel + _sq_finalize_kernel          g^2 statistics and the clip's sums
+    clip_stats    [_clip_stats_kernel +] _clip_finalize_kernel    RMS clip divisor per tensor
     momentum_res  _momentum_res_kernel + _res_finalize_kernel     momentum, confidence statistics
     param_step    _param_step_kernel                              the parameter update
 
-7 launches for the whole group, on the params' GPU whatever the current device is, about 32 B of traffic
-per fp32 parameter, no host sync (lr is read on the device), deterministic (fixed-order sums). The device
+6 launches for the whole group (7 when some matrix has rows wider than NPAD_MAX, or for sharded tensors: then
+_clip_stats_kernel reads their g again), on the params' GPU whatever the current device is, about 28 B of
+traffic per fp32 parameter, no host sync (lr is read on the device), deterministic (fixed-order sums). The device
 tables are built once per parameter set and kept in the `cache` dict the optimizer passes; only the grad
 addresses are re-uploaded when grads move.
 
@@ -89,6 +90,11 @@ def _plan_for_capture(plan, key, write_back):
     return plan
 
 
+def _fused(requested: bool) -> bool:
+    """Plan.fused for a step that asks for `requested` (see triton_kernels.multi_tensor.CLIP_IN_PHASE1)."""
+    return requested and _tk.multi_tensor.CLIP_IN_PHASE1
+
+
 def _steady(cache: dict, given: tuple, grads: list) -> Optional[dict]:
     """The cached plan, when it certainly still applies: host time is the budget of a fused step, and for a
     few hundred tensors the full checks of `_prepare` cost about as much as the GPU work of a small model.
@@ -108,7 +114,7 @@ def _steady(cache: dict, given: tuple, grads: list) -> Optional[dict]:
     return st
 
 
-def _prepare(cache: dict, given: tuple, grads: list, extra=None, pack: bool = True):
+def _prepare(cache: dict, given: tuple, grads: list, extra=None, pack: bool = True, fused: bool = True):
     """(plan, keep, grads, device, write_back) with every check: empty tensors dropped (keep: the indices
     kept, None when all are), contiguous copies where needed, the sizes checked and the tables (re)built
     when any address changed; the CUDA graph capture rules applied. plan is None when nothing is left."""
@@ -136,14 +142,14 @@ def _prepare(cache: dict, given: tuple, grads: list, extra=None, pack: bool = Tr
         # cache, so that replaying it never writes freed memory (see CAME's capturable).
         cache.setdefault("captured", []).append((plan, [x for lst in lists for x in lst if x is not None]))
         return plan, keep, grads, device, write_back
-    if write_back or plan is None or plan.key != key or plan.pack != pack:
+    if write_back or plan is None or plan.key != key or plan.pack != pack or plan.fused != _fused(fused):
         check_sizes("triton", params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps)
         if plan is not None and cache.get("captured"):
             warnings.warn("CAME: params or optimizer states were replaced after a CUDA graph captured this "
                           "optimizer's step; replaying that graph would update the old tensors, not these: "
                           "capture the step again", RuntimeWarning, stacklevel=5)
         plan = _tk.build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, absmaxes, comps,
-                              pack=pack)
+                              pack=pack, fused=fused)
         if not write_back:  # copies are new every step: caching their addresses would be wrong
             cache["plan"] = plan
     else:
@@ -226,8 +232,9 @@ def came_step(
     # Small matrices packed several per block (multi_tensor.PACK_ELEMS): not for the low-precision bodies, nor for
     # shards (their finalize kernels export column sums, which packed blocks do not write).
     pack = not (low or kahan) and shards is None
+    fused = shards is None  # phase 1 sums the clip statistic; shards reduce it with phase 2's all_reduce
     steady = None if extra is not None else _steady(cache, given, grads)
-    if steady is not None and steady["plan"].pack != pack:
+    if steady is not None and (steady["plan"].pack != pack or steady["plan"].fused != _fused(fused)):
         steady = None
     if steady is not None:  # the common case: see _steady
         keep, plan = steady["keep"], steady["plan"]
@@ -236,7 +243,7 @@ def came_step(
         write_back = []
         plan.update_grads(grads)
     else:
-        plan, keep, grads, device, write_back = _prepare(cache, given, grads, extra, pack)
+        plan, keep, grads, device, write_back = _prepare(cache, given, grads, extra, pack, fused)
         if plan is None:
             if shards is not None and params:
                 shards.bind([], params[0].device, amp_flags(grad_scale, found_inf, params[0].device)).no_tensors()
@@ -251,9 +258,12 @@ def came_step(
     with _device_guard(device):
         ws = torch.empty(plan.ws_floats, dtype=torch.float32, device=device)
         stats = torch.empty(plan.stats_floats, dtype=torch.float32, device=device)
+        wsd = torch.empty(plan.w_doubles, dtype=torch.float64, device=device) if plan.fused else None
         if POISON_SCRATCH:
             ws.fill_(float("nan"))
             stats.fill_(float("nan"))
+            if wsd is not None:
+                wsd.fill_(float("nan"))
         amp = amp_flags(grad_scale, found_inf, device)
         qmax = qold = None
         if plan.lowbit:  # int8 momenta's new absmax (int32 bits, gathered by atomic max) and old absmax
@@ -264,9 +274,9 @@ def came_step(
         if shards is not None:
             shards = shards.bind(range(len(params)) if keep is None else keep, device, amp)
 
-        _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1, amp=amp, shards=shards)
+        _tk.sq_stats(plan, ws, stats, beta2=beta2, eps1=eps1, amp=amp, shards=shards, wsd=wsd)
         _tk.clip_stats(plan, ws, stats, clip_threshold=clip_threshold, amp=amp, bias_scales=bias_scales,
-                       shards=shards)
+                       shards=shards, wsd=wsd)
         _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp,
                          shards=shards, rng=rng, qmax=qmax, qold=qold)
         _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp,
