@@ -155,13 +155,14 @@ def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype, fus
 
 
 # ------------------------------------------------------------------ tables and workspace
-def _covered(plan, shapes):
-    """Element counts per tensor as the block table claims them: every element must appear exactly once."""
-    meta, blocks = plan.meta.cpu(), plan.blocks.cpu()
+def _covered(plan, shapes, phase1=False):
+    """Element counts per tensor as the block table (phase1: phase 1's) claims them: every element must appear
+    exactly once."""
+    meta, blocks = plan.meta.cpu(), (plan.blocks1 if phase1 else plan.blocks).cpu()
     hits = [torch.zeros(math.prod(s), dtype=torch.int32) for s in shapes]
     for t, local in blocks.tolist():
-        M, N, numel, tiles, pack = (int(meta[t, int(c)]) for c in (mt.C_NROWS, mt.C_NCOLS, mt.C_NUMEL, mt.C_TILES,
-                                                                     mt.C_PACK))
+        M, N, numel, tiles, pack = (int(meta[t, int(c)]) for c in (mt.C_NROWS, mt.C_NCOLS, mt.C_NUMEL,
+                                                                     mt.C_TILES1 if phase1 else mt.C_TILES, mt.C_PACK))
         if pack:  # whole matrices: pack_matrices(pack) of them per block
             k = mt.pack_matrices(pack)
             hits[t][local * k * M * N:min((local + 1) * k, numel // (M * N)) * M * N] += 1
@@ -219,31 +220,34 @@ def _meta_plan(shapes):
     return ps, tk.build_plan(ps, ps, *_lists([_state(p) for p in ps]))
 
 
-def _stripes(plan, ps):
-    """Blocks of a plan: stripes of _tensor_tiles(M, plan.tiles) row tiles, flat chunks."""
-    return sum(math.prod(p.shape[:-2]) * -(-p.shape[-2] // (mt.ROWS * mt._tensor_tiles(p.shape[-2], plan.tiles)))
+def _stripes(plan, ps, tiles=None):
+    """Blocks of a plan: stripes of _tensor_tiles(M, tiles or plan.tiles) row tiles, flat chunks."""
+    tiles = plan.tiles if tiles is None else tiles
+    return sum(math.prod(p.shape[:-2]) * -(-p.shape[-2] // (mt.ROWS * mt._tensor_tiles(p.shape[-2], tiles)))
                if p.ndim >= 2 else -(-p.numel() // mt.FLAT_CHUNK) for p in ps)
 
 
-@pytest.mark.parametrize("model, numel, tiles", [("tinyllama", 1_100_048_384, 3), ("llama7b", 6_738_415_616, 16)])
-def test_workspace_stays_under_64_mib_at_any_model_size(model, numel, tiles):
+@pytest.mark.parametrize("model, numel, tiles, tiles1", [("tinyllama", 1_100_048_384, 2, 3),
+                                                          ("llama7b", 6_738_415_616, 8, 16)])
+def test_workspace_stays_under_64_mib_at_any_model_size(model, numel, tiles, tiles1):
     # TinyLlama-1.1B (bench/shapes.py) and LLaMA-7B shapes, host-side only. One stripe of ROWS rows per block
-    # would need 2 * numel/64 floats of column partials Q and P (131 MiB, 842 MB); stripes of several row
-    # tiles keep them, the block sums and the fp64 W under WS_CAP_FLOATS, and the count chosen is the
-    # smallest that does.
+    # would need numel/64 floats of column partials in phase 3 (66 MiB, 421 MB), twice that in phase 1 (Q
+    # and P); stripes of several row tiles keep each phase's partials (phase 1: with the block sums and the
+    # fp64 W) under WS_CAP_FLOATS, and each count chosen is the smallest that does.
     shapes = (_llama_shapes(2048, 5632, 32000, 256, 22) if model == "tinyllama"
               else _llama_shapes(4096, 11008, 32000, 4096, 32))
     ps, plan = _meta_plan(shapes)
     assert sum(p.numel() for p in ps) == numel
-    assert plan.tiles == tiles
+    assert (plan.tiles, plan.tiles1) == (tiles, tiles1)
     assert 4 * plan.ws_floats + 8 * plan.w_doubles <= 64 * 2 ** 20 == 4 * mt.WS_CAP_FLOATS
     mats = [(1, s[0], s[1]) for s in shapes if len(s) == 2]
 
     def colpart(t):
         return sum(mt._colpart_floats(B, M, N, t) for B, M, N in mats)
-    other = plan.ws_floats - 2 * colpart(tiles) + 2 * plan.w_doubles
-    assert 2 * colpart(tiles - 1) + other > mt.WS_CAP_FLOATS  # the smallest count
+    assert colpart(tiles - 1) + 2 * plan.w_doubles > mt.WS_CAP_FLOATS  # the smallest counts
+    assert 2 * colpart(tiles1 - 1) + plan.n_tile_blocks + 2 * plan.w_doubles > mt.WS_CAP_FLOATS
     assert plan.n_blocks == _stripes(plan, ps)
+    assert plan.n_blocks1 == _stripes(plan, ps, plan.tiles1)
     # Phases 2 and 4 keep blocks of one row tile: their table and workspace share follow numel/ROWS.
     assert plan.n_tile_blocks == sum(-(-p.shape[0] // mt.ROWS) if p.ndim == 2 else -(-p.numel() // mt.FLAT_CHUNK)
                                      for p in ps) <= plan.ws_floats
@@ -290,7 +294,9 @@ def test_stripes_of_several_row_tiles_match_float64(monkeypatch, fused):
     """The TILED kernels (groups whose partials would pass WS_CAP_FLOATS; here the cap is made tiny):
     stripes of several row tiles, ragged last tiles, column partials accumulated across row tiles (fused:
     phase 1's in-register body over the taller stripes, its Q and P and block sums within the cap)."""
-    monkeypatch.setattr(mt, "WS_CAP_FLOATS", 240 if fused else 64)
+    # fused: phase 1 (Q, P, block sums and W) takes as many row tiles as its rows allow (5, 3, 3, 2), phase 3
+    # (R/C partials only) 2; otherwise both take 3 (2 for the 70-row matrix). Ragged last tiles everywhere.
+    monkeypatch.setattr(mt, "WS_CAP_FLOATS", 180 if fused else 64)
     monkeypatch.setattr(mt, "CLIP_IN_PHASE1", fused)
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
     shapes = [(300, 12), (129, 5), (2, 150, 8), (70, 9), (7,)]
@@ -298,12 +304,19 @@ def test_stripes_of_several_row_tiles_match_float64(monkeypatch, fused):
     ps = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
     sts = [_state(p) for p in ps]
     plan = tk.build_plan(ps, ps, *_lists(sts))
-    assert plan.fused == fused and 4 * plan.ws_floats + 8 * plan.w_doubles <= 4 * mt.WS_CAP_FLOATS
-    # 3 row tiles per stripe (2 for the 70-row matrix; 1 for the flat tensor): ragged last tiles everywhere.
-    assert plan.tiles == 3 and plan.meta[:, int(mt.C_TILES)].tolist() == [3, 3, 3, 2, 1]
-    assert plan.n_blocks == 2 + 1 + 2 + 1 + 1 and plan.n_tile_blocks == 5 + 3 + 6 + 2 + 1
-    for s, h in zip(shapes, _covered(plan, shapes)):
-        assert torch.equal(h, torch.ones_like(h)), f"{s}: elements covered {h.unique().tolist()} times"
+    assert plan.fused == fused
+    if fused:
+        assert plan.tiles == 2 and plan.meta[:, int(mt.C_TILES)].tolist() == [2, 2, 2, 2, 1]
+        assert plan.tiles1 == 5 and plan.meta[:, int(mt.C_TILES1)].tolist() == [5, 3, 3, 2, 1]
+        assert plan.n_blocks == 3 + 2 + 4 + 1 + 1 and plan.n_blocks1 == 1 + 1 + 2 + 1 + 1
+    else:
+        assert 4 * plan.ws_floats <= 4 * mt.WS_CAP_FLOATS
+        assert plan.tiles == plan.tiles1 == 3 and plan.meta[:, int(mt.C_TILES)].tolist() == [3, 3, 3, 2, 1]
+        assert plan.n_blocks == plan.n_blocks1 == 2 + 1 + 2 + 1 + 1
+    assert plan.n_tile_blocks == 5 + 3 + 6 + 2 + 1
+    for phase1 in (False, True):
+        for s, h in zip(shapes, _covered(plan, shapes, phase1)):
+            assert torch.equal(h, torch.ones_like(h)), f"{s}: elements covered {h.unique().tolist()} times"
     oracle = OracleCAME([p.cpu() for p in ps], lr=H["lr"], weight_decay=H["weight_decay"])
     spec, st2 = [p.clone() for p in ps], [_state(p) for p in ps]
     for _ in range(2):
@@ -401,8 +414,11 @@ def _int64_case(vec):
          nf, 0, 0, 0, 1 - lf, 0, 3, vec, 1] + [0] * (int(mt.NCOL) - 16)],  # block sum at ws[1]
         dtype=torch.int64, device=DEV)
     assert meta.shape[1] == int(mt.NCOL)
+    meta[:, int(mt.C_TILES1)] = 1
+    meta[0, int(mt.C_WS_Q1)] = -last * N  # phase 1's partials at ws[0:N] too
     blocks = torch.tensor([[0, last], [1, lf]], dtype=torch.int64, device=DEV)
     ws = torch.full((N,), NAN, device=DEV)
+    r0, vf0 = r.clone(), vf.clone()
     mean_r, mean_R, div, div_f = 0.9, 1.1, 1.7, 1.3  # what the finalize kernels would have left in stats
     stats = torch.tensor([mean_r, mean_R, div, div_f], device=DEV)
     lay = dict(DTYPE=tl.float32, ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK,
@@ -418,11 +434,30 @@ def _int64_case(vec):
     assert_close_rel(vf[:tail], ref["vf"], 1e-6, "v of the last chunk")
     assert torch.isnan(vf[tail:]).all(), "v written past the end of the tensor"
 
+    # Again with the clip's statistic in phase 1 (the in-register body, NPAD 64): Q at ws[0:N], P at ws[N:2N],
+    # the chunk's sum of u^2 at ws[2N].
+    r.copy_(r0)
+    vf.copy_(vf0)
+    meta[0, int(mt.C_NPAD)] = 64
+    meta[0, int(mt.C_WS_P)] = N - last * N
+    meta[1, int(mt.C_WS_BLK)] = 2 * N - lf
+    ws2 = torch.full((2 * N + 1,), NAN, device=DEV)
+    _sq_stats_kernel[(2,)](meta, blocks, ws2, stats, ws2, b2, 1 - b2, e1, AMP=False, PACKED=False, FUSED=True, NPADS=1,
+                           WIDE=False, **lay)
+    t_sq = gd * gd / ref["r"][:, None]
+    uf = gfd * ref["vf"].rsqrt()
+    assert_close_rel(r, ref["r"], 1e-6, "r of the last stripe (in-register body)")
+    assert_close_rel(ws2[:N], (gd * gd).sum(0), 1e-6, "column partials of the last stripe (in-register body)")
+    assert_close_rel(ws2[N:2 * N], t_sq.sum(0), 1e-5, "clip partials of the last stripe")
+    assert ws2[2 * N].item() == pytest.approx(float((uf * uf).sum()), rel=1e-5)
+    assert_close_rel(vf[:tail], ref["vf"], 1e-6, "v of the last chunk (fused)")
+    assert torch.isnan(vf[tail:]).all(), "v written past the end of the tensor"
+    meta[1, int(mt.C_WS_BLK)] = 1 - lf
+
     ws.fill_(NAN)
     untiled = {k: v for k, v in lay.items() if k != "TILED"}  # phases 2 and 4 take single row tiles
-    _clip_stats_kernel[(2,)](meta, blocks, ws, stats, ws, AMP=False, PACKED=False, **untiled)
+    _clip_stats_kernel[(2,)](meta, blocks, ws, stats, ws, AMP=False, **untiled)
     u = gd * (ref["r"] / mean_r).rsqrt()[:, None] * c.double().cpu().rsqrt()[None, :]
-    uf = gfd * ref["vf"].rsqrt()
     assert ws[0].item() == pytest.approx(float((u * u).sum()), rel=1e-5)
     assert ws[1].item() == pytest.approx(float((uf * uf).sum()), rel=1e-5)
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _sr_bf16
 from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
-                           C_RES_COL, C_RES_ROW, C_ROW, MK_BF16, MK_FP32, MK_INT8,
+                           C_RES_COL, C_RES_ROW, C_ROW, C_TILES, C_WS_COL, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
                            NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
                            _row_tile_done, _stripe, _this_block, _vec_run, _ws_col, finalize)
@@ -289,7 +289,8 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
         return
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta3, one_minus_beta3, eps2, dmeta, sums, ws,
                                 COL=C_RES_COL, ROW=C_RES_ROW, MEAN_SLOT=1, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
-                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE, CLIP=False)
+                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE, CLIP=False,
+                                TILES_COL=C_TILES, WS_COL=C_WS_COL)
 
 
 def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None,

@@ -117,7 +117,9 @@ C_NPAD = tl.constexpr(21)      # > 0: phase 1 holds this stripe tensor's rows in
                                # NPAD_SIZES) and also sums the clip's statistic; 0: phase 2 does (see CLIP_IN_PHASE1)
 C_WS_P = tl.constexpr(22)      # first workspace float of this tensor's clip partials sum_rows (g*rsqrt(r))^2 (phase 1)
 C_WS_W = tl.constexpr(23)      # first `wsd` double of this tensor's sum_s P[s, n] / c[n] (the phase-1 finalize)
-NCOL = tl.constexpr(24)
+C_TILES1 = tl.constexpr(24)    # phase 1's row tiles per stripe (fused plans: its own count, see TILES1)
+C_WS_Q1 = tl.constexpr(25)     # first workspace float of phase 1's column partials Q (phase 3's: C_WS_COL)
+NCOL = tl.constexpr(26)
 
 # ---- Packed tensors: many small matrices (conv weights [Cout, Cin, kh, kw], as came-pytorch factors them: B =
 # Cout*Cin matrices of kh x kw). A stripe never spans matrices, so one block per 3x3 matrix would make millions
@@ -206,6 +208,9 @@ class Plan:
     stats_floats: int
     dtype: object              # the tl dtype of params and grads
     tiles: int = 1             # row tiles per stripe (choose_tiles), as large tensors have it in meta[:, C_TILES]
+    tiles1: int = 1            # the same for phase 1 (meta[:, C_TILES1]; = tiles unless fused)
+    blocks1: torch.Tensor = None  # phase 1's blocks (stripes of tiles1 row tiles; `blocks` when tiles1 == tiles)
+    n_blocks1: int = 0
     vec_base: tuple = ()       # per tensor: C_VEC as far as everything but the grad allows
     vec: tuple = ()            # per tensor: the C_VEC now in `meta` (vec_base and an aligned grad)
     uploads: list = dataclasses.field(default_factory=list)  # pinned sources of the last uploads, kept alive
@@ -406,19 +411,24 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
     fused = fused and CLIP_IN_PHASE1
     packs = [pack_size(p) if pack and fused else 0 for p in params]  # phase 2 has no packed body
     mats = [mat for mat, pm in zip(map(_matrices, params), packs) if mat is not None and not pm]
-    # Fused: the block sums follow the partials, and the fp64 W (2 floats per column) is scratch too.
-    reserve = sum(B * _cdiv(M, ROWS) + (2 * B * N if npad_size(N) else 0) for B, M, N in mats) + sum(
-        _cdiv(mat[0], pack_matrices(pm)) if pm else _cdiv(p.numel(), FLAT_CHUNK)
-        for p, mat, pm in zip(params, map(_matrices, params), packs) if mat is None or pm) if fused else 0
-    tiles = choose_tiles(mats, 2 if fused else 1, reserve)
-    n_q = sum(_colpart_floats(B, M, N, tiles) for B, M, N in mats)  # floats of all Q partials
+    # Fused plans also hold the fp64 W (2 floats per column of the in-register tensors) from phase 1 to 2.
+    w_floats = sum(2 * B * N for B, M, N in mats if npad_size(N)) if fused else 0
+    tiles = choose_tiles(mats, 1, w_floats)  # phase 3's stripes: its column partials
+    tiles1 = tiles
+    if fused:  # phase 1's stripes: Q and P, and the block sums after them
+        reserve = w_floats + sum(B * _cdiv(M, ROWS) for B, M, N in mats) + sum(
+            _cdiv(mat[0], pack_matrices(pm)) if pm else _cdiv(p.numel(), FLAT_CHUNK)
+            for p, mat, pm in zip(params, map(_matrices, params), packs) if mat is None or pm)
+        tiles1 = choose_tiles(mats, 2, reserve)
+    n_q = sum(_colpart_floats(B, M, N, tiles1) for B, M, N in mats)  # floats of all of phase 1's Q partials
     meta, vec_base, vec = [], [], []
     clip = ([], [], [])  # phase 2's blocks: tile blocks of the tensors whose clip sum phase 1 does not make
     npads, wide, ws_w = 0, False, 0
-    blk = ([], [], [])   # tensor ids, local indices, work (elements) of the blocks of phases 1 and 3
+    blk = ([], [], [])   # tensor ids, local indices, work (elements) of the blocks of phase 3 (and 1: blk1)
+    blk1 = ([], [], [])
     tblk = ([], [], [])  # the same for phases 2 and 4 (single row tiles)
     fin = ([], [], [])   # the same for the finalize programs (work: floats read)
-    ws_col = stat = q_blocks = 0
+    ws_col = ws_q1 = stat = q_blocks = 0
     ws_blk = 2 * n_q if fused else 0
     for t, (p, g, m, r, c, R, C, v) in enumerate(zip(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs)):
         numel = p.numel()
@@ -426,7 +436,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         pm = packs[t]
         if pm:  # whole matrices per block, the same blocks in every phase, statistics complete in-block
             B, M, N = mat
-            t_tiles, colpart = 1, 0
+            t_tiles, t_tiles1, colpart, colpart1 = 1, 1, 0, 0
             k = pack_matrices(pm)
             n_main = n_tile = _cdiv(B, k)
             local = tlocal = torch.arange(n_main)
@@ -445,6 +455,13 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
             tlocal = torch.arange(n_tile)
             twork = torch.clamp(M - (tlocal % _cdiv(M, ROWS)) * ROWS, max=ROWS) * N
             colpart = _colpart_floats(B, M, N, tiles)
+            t_tiles1 = _tensor_tiles(M, tiles1)
+            colpart1 = _colpart_floats(B, M, N, tiles1)
+            per_matrix1 = _cdiv(M, ROWS * t_tiles1)
+            local1 = torch.arange(B * per_matrix1)
+            blk1[0].append(torch.full((B * per_matrix1,), t))
+            blk1[1].append(local1)
+            blk1[2].append(torch.clamp(M - (local1 % per_matrix1) * ROWS * t_tiles1, max=ROWS * t_tiles1) * N)
             n_col = _cdiv(B * N, FIN_COLS)
             fin[0].append(torch.full((n_col + B,), t))
             fin[1].append(torch.arange(n_col + B))
@@ -452,8 +469,8 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
             addr = (r.data_ptr(), c.data_ptr(), R.data_ptr(), C.data_ptr())
             npad = npad_size(N) if fused else 0
         else:
-            B = M = N = colpart = 0
-            t_tiles = 1
+            B = M = N = colpart = colpart1 = 0
+            t_tiles = t_tiles1 = 1
             n_main = _cdiv(numel, FLAT_CHUNK)
             local = torch.arange(n_main)
             work = torch.clamp(numel - local * FLAT_CHUNK, max=FLAT_CHUNK)
@@ -472,6 +489,9 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         blk[0].append(torch.full((n_main,), t))
         blk[1].append(local)
         blk[2].append(work)
+        if mat is None or pm:  # phase 1 cuts only stripes differently
+            for i, x in enumerate((torch.full((n_main,), t), local, work)):
+                blk1[i].append(x)
         tblk[0].append(torch.full((n_tile,), t))
         tblk[1].append(tlocal)
         tblk[2].append(twork)
@@ -480,10 +500,11 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         kind = _MKINDS[m.dtype]
         meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B,
                      vec[-1], t_tiles, kind, 0 if absmaxes[t] is None else absmaxes[t].data_ptr(), q_blocks,
-                     0 if comps[t] is None else comps[t].data_ptr(), pm, npad, ws_col + n_q, ws_w])
+                     0 if comps[t] is None else comps[t].data_ptr(), pm, npad, ws_q1 + n_q, ws_w, t_tiles1, ws_q1])
         if kind == 2:  # MK_INT8
             q_blocks += _cdiv(numel, QBLOCK)
         ws_col += colpart
+        ws_q1 += colpart1
         ws_blk += n_tile  # phase 2 (or phase 1: flat, packed) writes one sum per row-tile block
         if npad:
             ws_w += B * N
@@ -491,6 +512,8 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
     blocks = _largest_first(*blk)
     tile_blocks = blocks if tiles == 1 else _largest_first(*tblk)
     blocks_dev = blocks.to(device)
+    blocks1 = blocks if tiles1 == tiles else _largest_first(*blk1)
+    blocks1_dev = blocks_dev if tiles1 == tiles else blocks1.to(device)
     fin_blocks = _largest_first(*fin)
     clip_blocks = _largest_first(*clip)
     return Plan(
@@ -500,9 +523,10 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         blocks=blocks_dev, fin_blocks=fin_blocks.to(device),
         tile_blocks=blocks_dev if tiles == 1 else tile_blocks.to(device),
         n_tensors=len(params), n_blocks=blocks.shape[0], n_tile_blocks=tile_blocks.shape[0], n_fin=fin_blocks.shape[0],
-        ws_floats=max(ws_col * (2 if fused else 1), ws_blk, 1), stats_floats=max(stat, 1),
+        ws_floats=max(ws_col, 2 * ws_q1 if fused else ws_q1, ws_blk, 1), stats_floats=max(stat, 1),
         dtype=_TORCH_TO_TL[params[0].dtype],
-        tiles=tiles, vec_base=tuple(vec_base), vec=tuple(vec), numels=tuple(p.numel() for p in params),
+        tiles=tiles, tiles1=tiles1, blocks1=blocks1_dev, n_blocks1=blocks1.shape[0], vec_base=tuple(vec_base),
+        vec=tuple(vec), numels=tuple(p.numel() for p in params),
         lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks, pack=pack, packed=any(packs),
         fused=fused, npads=npads, wide=wide, clip_blocks=clip_blocks.to(device), n_clip_blocks=clip_blocks.shape[0],
         w_doubles=max(ws_w, 1))
@@ -590,9 +614,10 @@ def _vec_run(meta, t, COLUMN: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.con
 
 
 @triton.jit
-def _ws_col(meta, t, ALIGNED: tl.constexpr):
-    """First workspace float of tensor t's column partials (a multiple of WS_ALIGN, see build_plan)."""
-    off = _field(meta, t, C_WS_COL)
+def _ws_col(meta, t, ALIGNED: tl.constexpr, COLUMN: tl.constexpr = C_WS_COL):
+    """First workspace float of tensor t's column partials (meta column COLUMN: C_WS_COL for phase 3,
+    C_WS_Q1 for phase 1; a multiple of WS_ALIGN, see build_plan)."""
+    off = _field(meta, t, COLUMN)
     if ALIGNED:
         off = tl.multiple_of(off, 4)
     return off
@@ -626,14 +651,22 @@ def _this_block(blocks):
 
 @triton.jit
 def _stripe(meta, t, local, ROWS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, TILED: tl.constexpr):
+    """_stripe_of with phases 2-4's row tiles per stripe (C_TILES)."""
+    return _stripe_of(meta, t, local, ROWS, DTYPE, ALIGNED, TILED, C_TILES)
+
+
+@triton.jit
+def _stripe_of(meta, t, local, ROWS: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, TILED: tl.constexpr,
+               TILES_COL: tl.constexpr):
     """Geometry of stripe `local` of factored tensor t: (M, N, b, row0, row_end, n_tiles), rows of the [B*M, N]
-    view; the stripe's row tiles start at row0 + j*ROWS for j < n_tiles. TILED (a launch constant: the
-    plan's TILES > 1) False makes n_tiles the constant 1: the compiler then drops the row-tile loop, which
-    otherwise costs registers (sm_90 param_step fp32: 80 -> 127) in the groups that never need it."""
+    view; the stripe's row tiles start at row0 + j*ROWS for j < n_tiles, meta[t, TILES_COL] of them at most.
+    TILED (a launch constant: the plan's TILES > 1) False makes n_tiles the constant 1: the compiler then
+    drops the row-tile loop, which otherwise costs registers (sm_90 param_step fp32: 80 -> 127) in the
+    groups that never need it."""
     M = _field(meta, t, C_NROWS)
     N = _vec_run(meta, t, C_NCOLS, DTYPE, ALIGNED)
     if TILED:
-        stripe_rows = _field(meta, t, C_TILES) * ROWS
+        stripe_rows = _field(meta, t, TILES_COL) * ROWS
     else:
         stripe_rows = ROWS
     per_matrix = (M + stripe_rows - 1) // stripe_rows
@@ -682,8 +715,8 @@ def _packed(meta, t, local, PM: tl.constexpr, PK: tl.constexpr):
 
 
 @triton.jit
-def _stripes_per_matrix(meta, t, ROWS: tl.constexpr):
-    stripe_rows = _field(meta, t, C_TILES) * ROWS
+def _stripes_per_matrix(meta, t, ROWS: tl.constexpr, TILES_COL: tl.constexpr):
+    stripe_rows = _field(meta, t, TILES_COL) * ROWS
     return (_field(meta, t, C_NROWS) + stripe_rows - 1) // stripe_rows
 
 
@@ -708,7 +741,7 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
                                 COL: tl.constexpr, ROW: tl.constexpr, MEAN_SLOT: tl.constexpr,
                                 ROWS: tl.constexpr, FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr,
                                 FIN_MEAN: tl.constexpr, NUM_STAGES: tl.constexpr, MODE: tl.constexpr,
-                                CLIP: tl.constexpr):
+                                CLIP: tl.constexpr, TILES_COL: tl.constexpr, WS_COL: tl.constexpr):
     """Finalize of phases 1 and 3 for one program (shared by _sq_finalize_kernel and _res_finalize_kernel).
 
     column programs: col[b, n] = beta*col + (1-beta)*(sum_s partial[s, n] / M + eps) for FIN_COLS columns
@@ -720,6 +753,7 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
     MODE (sharded tensors, see D_SUM): FIN_EXPORT stores the two sums (column sum, sum_M(row)) into `sums`
     and changes nothing else; FIN_APPLY takes them from `sums` (summed over processes by then) and divides by
     the whole tensor's M (dmeta). FIN_DIRECT does both at once, with this tensor's own M.
+    TILES_COL, WS_COL: the meta columns of the phase's stripes (C_TILES1, C_WS_Q1 or C_TILES, C_WS_COL).
     CLIP (phase 1 of a fused plan, FIN_DIRECT only): column programs of tensors with C_NPAD > 0 also add the
     clip partials P the same way and store wsd[C_WS_W + k] = sum_s P[s, k] / col[k] in fp64 (CLIP_IN_PHASE1).
     """
@@ -740,10 +774,10 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
         if MODE == FIN_APPLY:
             col_sum = tl.load(out + k, mask=kmask, other=0.0)
         else:
-            per_matrix = _stripes_per_matrix(meta, t, ROWS)
+            per_matrix = _stripes_per_matrix(meta, t, ROWS, TILES_COL)
             kb = k // N
             poff = kb * per_matrix * N + (k - kb * N)  # stripe 0 of each column
-            part = ws + _field(meta, t, C_WS_COL) + poff
+            part = ws + _field(meta, t, WS_COL) + poff
             acc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
             if CLIP:
                 clip = _field(meta, t, C_NPAD) > 0

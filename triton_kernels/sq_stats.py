@@ -14,7 +14,7 @@ N <= NPAD_MAX: [SUB, NPAD] tiles of whole rows held in registers, column sums of
 registers over the stripe and stored once (2 floats per stripe column); wider rows: [ROWS, read_block_n]
 tiles of 8 KB looping over N, partials 4 B per row-tile column (1/ROWS of the elements), read back when a
 stripe has several row tiles. Grid: one program per stripe of TILES row tiles, packed block or flat chunk
-(plan.blocks, largest first); finalize: cdiv(B*N, FIN_COLS) + B programs per factored tensor, reading the
+(plan.blocks1, largest first); finalize: cdiv(B*N, FIN_COLS) + B programs per factored tensor, reading the
 partials once. Deterministic: no atomics, every sum in a fixed order.
 """
 import triton
@@ -22,11 +22,11 @@ import triton.language as tl
 
 from .came_math import _ema
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
-from .multi_tensor import (C_COL, C_G, C_NPAD, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_VEC, C_WS_BLK, C_WS_P,
-                           FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK, NUM_WARPS, REG_ELEMS,
-                           PACK_K1, PACK_K4, PACK_K8, ROWS, STAGES, _add_column_partials, _field,
-                           _finalize_columns_and_means, _packed, _ptr, _row_tile_done, _stripe, _this_block, _vec_run,
-                           _ws_col, finalize, read_block_n)
+from .multi_tensor import (C_COL, C_G, C_NPAD, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_TILES1, C_VEC, C_WS_BLK,
+                           C_WS_P, C_WS_Q1, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
+                           NUM_WARPS, PACK_K1, PACK_K4, PACK_K8, REG_ELEMS, ROWS, STAGES, _add_column_partials, _field,
+                           _finalize_columns_and_means, _packed, _ptr, _row_tile_done, _stripe_of, _this_block,
+                           _vec_run, _ws_col, finalize, read_block_n)
 
 
 @triton.jit
@@ -36,8 +36,8 @@ def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.
     """One stripe of factored tensor t: r for its rows, column partials of g^2 into ws."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     row_ptr = _ptr(meta, t, C_ROW, tl.float32, False)  # indexed by row: no alignment to promise
-    M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
-    part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    M, N, b, row0, row_end, n_tiles = _stripe_of(meta, t, local, ROWS, DTYPE, ALIGNED, TILED, C_TILES1)
+    part = ws + _ws_col(meta, t, ALIGNED, C_WS_Q1) + local * N
     for tile in range(0, n_tiles):
         rows = row0 + tile * ROWS + tl.arange(0, ROWS)
         rmask = rows < row_end
@@ -66,7 +66,7 @@ def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE:
     stored once into its partial slots."""
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     row_ptr = _ptr(meta, t, C_ROW, tl.float32, False)
-    M, N, b, row0, row_end, _ = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
+    M, N, b, row0, row_end, _ = _stripe_of(meta, t, local, ROWS, DTYPE, ALIGNED, TILED, C_TILES1)
     cols = tl.arange(0, NPAD)
     cmask = cols < N
     q = tl.zeros([NPAD], dtype=tl.float32)
@@ -85,7 +85,7 @@ def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE:
         u = g * tl.rsqrt(tl.where(rmask, r, 1.0))[:, None]  # (a masked row's r may be 0: eps1 = 0 is allowed)
         q += tl.sum(sq, axis=0)
         p += tl.sum(u * u, axis=0)
-    tl.store(ws + _ws_col(meta, t, ALIGNED) + local * N + cols, q, mask=cmask)
+    tl.store(ws + _ws_col(meta, t, ALIGNED, C_WS_Q1) + local * N + cols, q, mask=cmask)
     tl.store(ws + _field(meta, t, C_WS_P) + local * N + cols, p, mask=cmask)
 
 
@@ -220,7 +220,8 @@ def _sq_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta2, one_minus_beta2
         return
     _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta2, one_minus_beta2, eps1, dmeta, sums, wsd,
                                 COL=C_COL, ROW=C_ROW, MEAN_SLOT=0, ROWS=ROWS, FIN_STRIPES=FIN_STRIPES,
-                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE, CLIP=CLIP)
+                                FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN, NUM_STAGES=NUM_STAGES, MODE=MODE, CLIP=CLIP,
+                                TILES_COL=C_TILES1, WS_COL=C_WS_Q1)
 
 
 def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=None, wsd=None) -> None:
@@ -231,10 +232,10 @@ def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=Non
     fused = plan.fused
     if fused and wsd is None:
         raise ValueError("sq_stats: a fused plan needs its fp64 scratch `wsd` (plan.w_doubles doubles)")
-    _sq_stats_kernel[(plan.n_blocks,)](
-        plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
+    _sq_stats_kernel[(plan.n_blocks1,)](
+        plan.meta, plan.blocks1, ws, stats, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
         ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
-        TILED=plan.tiles > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, PACKED=plan.packed,
+        TILED=plan.tiles1 > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, PACKED=plan.packed,
         FUSED=fused, NPADS=plan.npads, WIDE=plan.wide, num_warps=NUM_WARPS)
 
     def launch(mode, dmeta, sums):
