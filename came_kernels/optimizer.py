@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import distributed as _distributed
 from .backends import BACKENDS, BackendUnavailableError
+from .backends._contiguous import CheckedGrads
 from .backends.torch_backend import (BIAS_TERMS, MOMENTUM_DTYPES, PARAM_ROUNDINGS, QBLOCK, dequantize_blockwise,
                                      math_dtype, momentum_state, quantize_blockwise, sr_bf16, state_shapes)
 from .functional import came, resolve_backend
@@ -338,13 +339,14 @@ class CAME(Optimizer):
     # grads compared as a whole with what the last fully validated step saw:
     # - every step: which params have grads and their types (a DTensor, a subclass), their dtypes (a tensor
     #   may be given grads of another dtype, see torch's Tensor.grad_dtype), and their addresses;
-    # - when an address moved (new grads, as after zero_grad(set_to_none=True)): their shapes, devices and
-    #   layouts. Torch checks the shape and device of every tensor assigned to .grad; what it does not see,
-    #   a grad changed in place (`.data = ...`, set_, resize_), moves the address (a device change, or a
-    #   larger size, always does) or leaves a view of the same memory, whose kind the backends check (a
+    # - when an address moved (new grads, as after zero_grad(set_to_none=True)): their shapes and devices.
+    #   Torch checks the shape and device of every tensor assigned to .grad; what it does not see, a grad
+    #   changed in place (`.data = ...`, set_, resize_), moves the address (a device change, or a larger
+    #   size, always does) or leaves a view of the same memory, whose kind the backends check (a
     #   non-contiguous grad) or which cannot reach past the storage the last check saw;
     # - the optimizer's state as a whole (_state_unchanged: no entry added, removed or replaced).
-    # A grad without storage (sparse, mkldnn) fails `data_ptr()` and takes the full path, which names it.
+    # A grad that is not strided (sparse, mkldnn) has no storage: `data_ptr()` fails and the full path names
+    # it. DTensor grads (no address of their own) have their shapes, devices and layouts compared every step.
     # Grads are not remembered (that would keep last step's grads alive), only their kind and addresses;
     # state tensors are held by the lists, so their ids and addresses cannot be reused while remembered.
     def _unchanged(self, gi: int, group: dict) -> Optional[list]:
@@ -366,11 +368,14 @@ class CAME(Optimizer):
             ptrs = tuple(map(Tensor.data_ptr, grads)) if fast["plain"] else None
             if ptrs is None or ptrs != fast["grad_ptrs"]:
                 if list(map(Tensor.size, grads)) != fast["shapes"] or list(map(_device, grads)) != fast["devices"] \
-                        or list(map(_layout, grads)) != fast["layouts"]:
+                        or (ptrs is None and list(map(_layout, grads)) != fast["layouts"]):
                     return None
                 fast["grad_ptrs"] = ptrs
         except RuntimeError:  # no storage (sparse, mkldnn) or no sizes (nested): the full path says what is wrong
             return None
+        if ptrs is not None:  # the addresses go along: a fused backend need not read them again
+            grads = CheckedGrads(grads)
+            grads.ptrs = ptrs
         lists = list(fast["lists"])
         lists[1] = grads
         return lists
