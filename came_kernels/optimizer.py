@@ -333,20 +333,18 @@ class CAME(Optimizer):
     # ------------------------------------------------------------------ the steady-state fast path
     # Host time is a fused step's budget: for 200 tensors, validating every grad and rebuilding the lists
     # costs about 1 ms of Python, as much as the GPU work of a small model. In steady state nothing changes
-    # between steps but the grads: the same params have grads, of the same type and dtype, and the state is
-    # the very same objects. Then each group reuses the lists it handed to `came` (the same tuples, which
-    # lets `came` and the fused backends reuse their own work too). Every check is a C-level map over the
-    # grads compared as a whole with what the last fully validated step saw:
-    # - every step: which params have grads and their types (a DTensor, a subclass), their dtypes (a tensor
-    #   may be given grads of another dtype, see torch's Tensor.grad_dtype), and their addresses;
-    # - when an address moved (new grads, as after zero_grad(set_to_none=True)): their shapes and devices.
-    #   Torch checks the shape and device of every tensor assigned to .grad; what it does not see, a grad
-    #   changed in place (`.data = ...`, set_, resize_), moves the address (a device change, or a larger
-    #   size, always does) or leaves a view of the same memory, whose kind the backends check (a
-    #   non-contiguous grad) or which cannot reach past the storage the last check saw;
+    # between steps but the grads: the same params have grads, of the same type, dtype, shape, device and
+    # layout as those of the last fully validated step (zero_grad(set_to_none=True) makes new grad tensors
+    # every step; that is fine), and the state is the very same objects. Then each group reuses the lists
+    # it handed to `came` (the same tuples, which lets `came` and the fused backends reuse their own work
+    # too). Every check is a C-level map over the grads, compared as a whole with what that step saw:
+    # - every step: which params have grads and their types (a DTensor, a subclass), dtypes (a param may
+    #   take grads of another dtype, see Tensor.grad_dtype), shapes (resize_ keeps the address), addresses;
+    # - when an address moved (new grads, as after zero_grad(set_to_none=True)): their devices. A grad
+    #   cannot change device and keep its address;
     # - the optimizer's state as a whole (_state_unchanged: no entry added, removed or replaced).
     # A grad that is not strided (sparse, mkldnn) has no storage: `data_ptr()` fails and the full path names
-    # it. DTensor grads (no address of their own) have their shapes, devices and layouts compared every step.
+    # it. DTensor grads (no address of their own) have their devices and layouts compared every step.
     # Grads are not remembered (that would keep last step's grads alive), only their kind and addresses;
     # state tensors are held by the lists, so their ids and addresses cannot be reused while remembered.
     def _unchanged(self, gi: int, group: dict) -> Optional[list]:
@@ -362,12 +360,12 @@ class CAME(Optimizer):
             return None
         if fast["mask"] is not None:  # the params with a grad, in order
             grads = list(itertools.compress(grads, fast["mask"]))
-        if list(map(_dtype, grads)) != fast["dtypes"]:
-            return None
         try:
+            if list(map(_dtype, grads)) != fast["dtypes"] or list(map(Tensor.size, grads)) != fast["shapes"]:
+                return None
             ptrs = tuple(map(Tensor.data_ptr, grads)) if fast["plain"] else None
             if ptrs is None or ptrs != fast["grad_ptrs"]:
-                if list(map(Tensor.size, grads)) != fast["shapes"] or list(map(_device, grads)) != fast["devices"] \
+                if list(map(_device, grads)) != fast["devices"] \
                         or (ptrs is None and list(map(_layout, grads)) != fast["layouts"]):
                     return None
                 fast["grad_ptrs"] = ptrs
