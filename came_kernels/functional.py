@@ -154,7 +154,7 @@ def came(
     rebuilt = not (memo is not None and memo[0] is params and isinstance(params, tuple)
                    and memo[1] == (backend, fused))
     if not rebuilt:
-        groups, sliced = memo[2], memo[3]
+        groups, sliced, whole = memo[2], memo[3], memo[4]
     else:
         by_dtype: dict = {}
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -171,8 +171,9 @@ def came(
         # checks (see triton_backend._steady).
         sliced = {key: [None if j == 1 else tuple(lst[i] for i in idx) for j, lst in enumerate(lists)]
                   for key, idx in groups.items()}
+        whole = [key for key, idx in groups.items() if idx == list(range(len(params)))]  # takes `grads` as it is
         if isinstance(params, tuple):
-            cache["grouping"] = (params, (backend, fused), groups, sliced)
+            cache["grouping"] = (params, (backend, fused), groups, sliced, whole)
 
     # Anything that can refuse this step does so before the first change (the step counters included).
     runs = []
@@ -231,7 +232,8 @@ def came(
             # inside the graph (a host read would break it).
             group_lr = lr.item() if lr.device.type == "cpu" and not compiling else lr.to(device=device)
         sub = list(sliced[key])
-        sub[1] = [grads[i] for i in idx]  # this step's grads (they may have moved)
+        # this step's grads (they may have moved): all of them, in order, when one group holds every tensor
+        sub[1] = grads if key in whole else [grads[i] for i in idx]
         write_back = []
         if factor_conv:  # params, grads, exp_avgs as matrices; the statistics already have their shapes
             views = cache.setdefault(("matrix_views",) + cache_key, {})

@@ -4,7 +4,6 @@ It knows no kernels: which backend runs is decided in `functional.resolve_backen
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import numbers
@@ -15,9 +14,11 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.overrides import TorchFunctionMode
 
 from . import distributed as _distributed
 from .backends import BACKENDS, BackendUnavailableError
+from .backends._contiguous import CheckedGrads
 from .backends.torch_backend import (BIAS_TERMS, MOMENTUM_DTYPES, PARAM_ROUNDINGS, QBLOCK, dequantize_blockwise,
                                      math_dtype, momentum_state, quantize_blockwise, sr_bf16, state_shapes)
 from .functional import came, resolve_backend
@@ -26,8 +27,7 @@ __all__ = ["CAME"]
 
 _DEFAULT_BETA3 = 0.9999
 # Read by map() over a few hundred grads per step in the fast path: C-level getters, no Python frames.
-_dtype, _layout, _device = (operator.attrgetter(a) for a in ("dtype", "layout", "device"))
-_is_none = functools.partial(operator.is_, None)
+_grad, _dtype, _layout, _device = (operator.attrgetter(a) for a in ("grad", "dtype", "layout", "device"))
 # State that came-pytorch 0.1.3 keeps but never reads (the RMS of the parameter, recomputed every step).
 _UNUSED_CAME_PYTORCH_KEYS = ("RMS",)
 _STATS_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
@@ -42,6 +42,22 @@ _RUNTIME_KEYS = ("backend", "fused", "foreach", "capturable", "differentiable")
 _STORAGE_KEYS = ("momentum_dtype", "param_rounding")
 # Group entries a checkpoint must have (came-pytorch's; the keyword-only ones get defaults).
 _REQUIRED_GROUP_KEYS = ("params", "lr", "eps", "clip_threshold", "betas", "weight_decay")
+
+
+
+class _IdentityOnly(TorchFunctionMode):
+    """Within it, `tensor == other` is False instead of an elementwise comparison, so that lists and dicts
+    holding tensors compare by identity: list and dict equality test `is` first (in C), and only call
+    __eq__ for objects that differ, which then costs no device work and no host sync (a 1-element tensor
+    would otherwise be read and compared by value)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is Tensor.__eq__:
+            return False
+        return func(*args, **(kwargs or {}))
+
+
+_IDENTITY_ONLY = _IdentityOnly()
 
 
 class CAME(Optimizer):
@@ -279,6 +295,7 @@ class CAME(Optimizer):
                           "that graph would update the old state, not this one: capture the step again",
                           RuntimeWarning, stacklevel=3)
         self._caches = [{} for _ in self.param_groups]
+        self._state_snapshot = None
 
     def _resolve(self, group: dict, p: Tensor, grad_dtype: torch.dtype) -> str:
         return resolve_backend(group["backend"], p.device, p.dtype, grad_dtype, group["fused"],
@@ -316,51 +333,80 @@ class CAME(Optimizer):
     # ------------------------------------------------------------------ the steady-state fast path
     # Host time is a fused step's budget: for 200 tensors, validating every grad and rebuilding the lists
     # costs about 1 ms of Python, as much as the GPU work of a small model. In steady state nothing changes
-    # between steps but the grads: the same params have grads, of the same shape, dtype, device and layout
-    # as those of the last fully validated step (zero_grad(set_to_none=True) makes new grad tensors every
-    # step; that is fine), and the state entries are the very same objects. Then each group reuses the
-    # lists it handed to `came` (the same tuples, which lets `came` and the fused backends reuse their own
-    # work too). Grads are not remembered (that would keep last step's grads alive), only their kind; state
-    # tensors are held by the lists, so their ids cannot be reused while remembered.
-    def _unchanged(self, gi: int, group: dict) -> Optional[tuple]:
-        """The remembered lists of group gi, with this step's grads, if nothing but the grads' values changed
-        since they were built (see above); else None."""
+    # between steps but the grads: the same params have grads, of the same type, dtype, shape, device and
+    # layout as those of the last fully validated step (zero_grad(set_to_none=True) makes new grad tensors
+    # every step; that is fine), and the state is the very same objects. Then each group reuses the lists
+    # it handed to `came` (the same tuples, which lets `came` and the fused backends reuse their own work
+    # too). Every check is a C-level map over the grads, compared as a whole with what that step saw:
+    # - every step: which params have grads and their types (a DTensor, a subclass), dtypes (a param may
+    #   take grads of another dtype, see Tensor.grad_dtype), shapes (resize_ keeps the address), addresses;
+    # - when an address moved (new grads, as after zero_grad(set_to_none=True)): their devices. A grad
+    #   cannot change device and keep its address;
+    # - the optimizer's state as a whole (_state_unchanged: no entry added, removed or replaced).
+    # A grad that is not strided (sparse, mkldnn) has no storage: `data_ptr()` fails and the full path names
+    # it. DTensor grads (no address of their own) have their devices and layouts compared every step.
+    # Grads are not remembered (that would keep last step's grads alive), only their kind and addresses;
+    # state tensors are held by the lists, so their ids and addresses cannot be reused while remembered.
+    def _unchanged(self, gi: int, group: dict) -> Optional[list]:
+        """The remembered lists of group gi, with this step's grads, if nothing but the grads' values (or
+        addresses) changed since they were built (see above); else None."""
         fast = self._caches[gi].get("fast")
         params = group["params"]
         if fast is None or fast["params"] is not params or len(params) != fast["n"] \
                 or fast["how"] != (group["backend"], group["fused"]):
             return None
-        grads = [p.grad for p in params]
-        if list(map(_is_none, grads)) != fast["no_grad"]:
+        grads = list(map(_grad, params))
+        if list(map(type, grads)) != fast["types"]:  # a param gained or lost its grad, or a DTensor grad
             return None
-        grads = [g for g in grads if g is not None]  # the params with a grad, in order
-        if list(map(Tensor.size, grads)) != fast["shapes"] or list(map(_dtype, grads)) != fast["dtypes"] \
-                or list(map(_layout, grads)) != fast["layouts"] or list(map(_device, grads)) != fast["devices"] \
-                or list(map(type, grads)) != fast["types"]:  # type: a plain grad for a DTensor param
+        if fast["mask"] is not None:  # the params with a grad, in order
+            grads = list(itertools.compress(grads, fast["mask"]))
+        try:
+            if list(map(_dtype, grads)) != fast["dtypes"] or list(map(Tensor.size, grads)) != fast["shapes"]:
+                return None
+            ptrs = tuple(map(Tensor.data_ptr, grads)) if fast["plain"] else None
+            if ptrs is None or ptrs != fast["grad_ptrs"]:
+                if list(map(_device, grads)) != fast["devices"] \
+                        or (ptrs is None and list(map(_layout, grads)) != fast["layouts"]):
+                    return None
+                fast["grad_ptrs"] = ptrs
+        except RuntimeError:  # no storage (sparse, mkldnn) or no sizes (nested): the full path says what is wrong
             return None
-        states = [self.state.get(p) for p in fast["with_grad"]]
-        if not all(map(operator.is_, states, fast["states"])):
-            return None
-        if fast["entries"] != tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))):
-            return None
+        if ptrs is not None:  # the addresses go along: a fused backend need not read them again
+            grads = CheckedGrads(grads)
+            grads.ptrs = ptrs
         lists = list(fast["lists"])
         lists[1] = grads
         return lists
 
     def _remember(self, gi: int, group: dict, lists: tuple) -> None:
         params = group["params"]
-        with_grad = lists[0]
         grads = lists[1]
-        states = tuple(self.state[p] for p in with_grad)
+        types = list(map(type, map(_grad, params)))
+        plain = all(t is Tensor for t in map(type, grads))  # DTensor grads: no address of their own
         self._caches[gi]["fast"] = {
-            "params": params, "n": len(params), "how": (group["backend"], group["fused"]),
-            "no_grad": [p.grad is None for p in params], "with_grad": with_grad, "states": states,
-            "shapes": list(map(Tensor.size, grads)), "dtypes": list(map(_dtype, grads)),
-            "layouts": list(map(_layout, grads)), "devices": list(map(_device, grads)),
-            "types": list(map(type, grads)),
-            "entries": tuple(map(id, itertools.chain.from_iterable(s.values() for s in states))),
+            "params": params, "n": len(params), "how": (group["backend"], group["fused"]), "types": types,
+            "mask": None if len(grads) == len(params) else [t is not type(None) for t in types],
+            "dtypes": list(map(_dtype, grads)), "plain": plain,
+            "grad_ptrs": tuple(map(Tensor.data_ptr, grads)) if plain else None,
+            "shapes": list(map(Tensor.size, grads)), "layouts": list(map(_layout, grads)),
+            "devices": list(map(_device, grads)),
             "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),  # grads: not kept
         }
+
+    def _snapshot_state(self) -> None:
+        """Remember the state as it is after a fully validated step (see _state_unchanged)."""
+        self._state_snapshot = (self.state, list(self.state), [dict(s) for s in self.state.values()])
+
+    def _state_unchanged(self) -> bool:
+        """Whether the optimizer's state holds the very dicts' contents of the last snapshot: the same params,
+        and in each param's state the same keys and the very same objects. One C-level comparison of lists
+        (list and dict equality test identity first); a tensor that is not the remembered one compares
+        False (_IdentityOnly), so a replaced entry costs no device work and no host sync."""
+        snap = getattr(self, "_state_snapshot", None)
+        if snap is None or snap[0] is not self.state:
+            return False
+        with _IDENTITY_ONLY:
+            return list(self.state) == snap[1] and list(self.state.values()) == snap[2]
 
     # ------------------------------------------------------------------ state
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows,
@@ -424,7 +470,7 @@ class CAME(Optimizer):
                     raise RuntimeError(f"CAME (param group {gi}): step() is being captured in a CUDA graph, but "
                                        "the optimizer was built with capturable=False; pass capturable=True")
         fast = [None] * len(self.param_groups)
-        if not compiling:
+        if not compiling and self._state_unchanged():
             fast = [self._unchanged(gi, g) for gi, g in enumerate(self.param_groups)]
         self._check_step_inputs(skip=() if compiling else {gi for gi, f in enumerate(fast) if f is not None})
         for gi, group in enumerate(self.param_groups):  # indexed: dynamo maps `group` back to param_groups[gi]
@@ -454,6 +500,8 @@ class CAME(Optimizer):
                  backend=group["backend"], fused=group["fused"], capturable=group["capturable"],
                  cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
+        if not compiling and any(f is None for f in fast):  # a group was rebuilt (its state may be new)
+            self._snapshot_state()
         return loss
 
     # ------------------------------------------------------------------ checkpoints

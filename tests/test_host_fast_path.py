@@ -140,3 +140,89 @@ def test_triton_steady_state_sees_storage_swaps_restrides_and_odd_grads(change, 
             assert len(calls) == {"none": 2, "data": 3, "grad_layout": 3, "restride": 4}[change], calls
     for a, b in zip(*runs.values()):
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), a.shape
+
+
+# ------------------------------------------------------------------ the fast path against the full path
+# What the fast path assumes (CAME._unchanged): torch checks the shape, device and dtype of every tensor
+# assigned to .grad (the dtype unless the param's grad_dtype allows others); a grad changed in place moves
+# its address; state entries are compared by identity. Each case below changes one thing after two steps
+# of steady state, and the step must do what a step with no remembered lists does (CAME._reset_caches
+# before it): the same error, changing nothing, or the same result.
+def _mutate(case, ps, opt, gen):
+    p = ps[0]
+    if case == "new_grads":  # zero_grad(set_to_none=True) and a new backward
+        for q in ps:
+            q.grad = torch.randn(q.shape, generator=gen)
+    elif case == "grad_dtype":  # allowed by the param's grad_dtype; the same address is likely
+        p.grad_dtype = None
+        p.grad = p.grad.to(torch.bfloat16)
+    elif case == "grad_data_shape":  # same numel, another shape, in place: torch does not see it
+        p.grad.data = torch.randn(5, 6, generator=gen)
+    elif case == "grad_data_flat":
+        p.grad.data = torch.randn(30, generator=gen)
+    elif case == "grad_data_size":
+        p.grad.data = torch.randn(7, 5, generator=gen)
+    elif case == "grad_resized":  # in place, within the storage, same address
+        p.grad.resize_(3, 5)
+    elif case == "grad_sparse":
+        p.grad = p.grad.to_sparse()
+    elif case == "grad_noncontiguous":
+        p.grad = torch.randn(5, 6, generator=gen).t()
+    elif case == "grad_removed":
+        ps[1].grad = None
+    elif case == "state_step_same_value":  # a new 1-element tensor of the same value: identity, not value
+        opt.state[p]["step"] = opt.state[p]["step"].clone()
+    elif case == "state_dict_replaced":
+        opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+    elif case == "state_entry_data":  # a state tensor's storage swapped in place
+        opt.state[p]["exp_avg"].data = opt.state[p]["exp_avg"].clone()
+    elif case == "param_data":
+        p.data = p.data.clone()
+    elif case == "lr_tensor":  # a float lr becomes a tensor
+        opt.param_groups[0]["lr"] = torch.tensor(2e-2)
+
+
+_CASES = ["new_grads", "grad_dtype", "grad_data_shape", "grad_data_flat", "grad_data_size", "grad_resized",
+          "grad_sparse", "grad_noncontiguous", "grad_removed", "state_step_same_value", "state_dict_replaced",
+          "state_entry_data", "param_data", "lr_tensor"]
+
+
+def _run_case(case, backend, full):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (5,), (2, 3, 4)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = CAME(ps, lr=1e-2, weight_decay=0.1, backend=backend)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    opt.step()
+    _mutate(case, ps, opt, gen)
+    if full:
+        opt._reset_caches()
+    before = ([p.detach().clone() for p in ps],
+              {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ps})
+    try:
+        opt.step()
+        err = None
+    except Exception as e:  # noqa: BLE001 (compared with the full path's)
+        err = (type(e), str(e))
+        assert all(torch.equal(p, q) for p, q in zip(ps, before[0])), "a failed step changed a param"
+        for p in ps:
+            assert all(torch.equal(v, before[1][id(p)][k]) for k, v in opt.state[p].items()), \
+                "a failed step changed the state"
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    return err, [p.detach().clone() for p in ps], state
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", _CASES)
+def test_fast_path_does_what_the_full_path_does(case, backend, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setattr(_triton_or_skip(), "POISON_SCRATCH", True)
+    fast = _run_case(case, backend, full=False)
+    full = _run_case(case, backend, full=True)
+    assert fast[0] == full[0], (fast[0], full[0])
+    for a, b in zip(fast[1], full[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(fast[2], full[2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

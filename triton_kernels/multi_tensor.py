@@ -226,17 +226,23 @@ class Plan:
     n_clip_blocks: int = 0            # ... (all of them when not fused)
     w_doubles: int = 0         # size of the fp64 scratch `wsd` (W = P / c of the in-register tensors)
 
-    def update_grads(self, grads) -> None:
-        """Point the table at this step's grads: a host-side compare, and uploads only when grads moved."""
-        ptrs = tuple(g.data_ptr() for g in grads)
+    def update_grads(self, grads, ptrs=None) -> None:
+        """Point the table at this step's grads: a host-side compare, and uploads only when grads moved.
+        `ptrs`: their data_ptr()s, from a caller that has checked their dtype, contiguity and sizes."""
+        checked = ptrs is not None
+        if not checked:
+            ptrs = tuple(map(torch.Tensor.data_ptr, grads))
         if ptrs == self.grad_ptrs:
             return
-        _check_grads(grads, self.dtype)
-        if tuple(map(torch.Tensor.numel, grads)) != self.numels:  # never read past a grad's end
-            raise ValueError("backend='triton': a grad's size differs from its param's: "
-                             f"{[tuple(g.shape) for g in grads]} for params of {self.numels} elements")
+        if not checked:
+            _check_grads(grads, self.dtype)
+            if tuple(map(torch.Tensor.numel, grads)) != self.numels:  # never read past a grad's end
+                raise ValueError("backend='triton': a grad's size differs from its param's: "
+                                 f"{[tuple(g.shape) for g in grads]} for params of {self.numels} elements")
         self.uploads = [self._upload(C_G, ptrs)]
-        vec = tuple(int(ok and ptr % 16 == 0) for ok, ptr in zip(self.vec_base, ptrs))
+        # Allocators return 16-byte aligned addresses: then C_VEC is what the rest allows (C-level test first).
+        vec = self.vec_base if not any(map((15).__and__, ptrs)) else \
+            tuple(int(ok and ptr % 16 == 0) for ok, ptr in zip(self.vec_base, ptrs))
         if vec != self.vec:  # a new grad lost (or regained) 16-byte alignment: rare
             self.uploads.append(self._upload(C_VEC, vec))
             self.vec = vec

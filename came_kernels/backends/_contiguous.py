@@ -89,6 +89,14 @@ def check_sizes(backend: str, params, grads, exp_avgs, rows, cols, res_rows, res
                 raise ValueError(f"backend={backend!r}: {name}[{i}] has shape {got}, expected {w} for a param of "
                                  f"shape {shape}; nothing was changed")
 
+class CheckedGrads(list):
+    """A step's grads as CAME's steady-state fast path hands them over (CAME._unchanged): their shapes and
+    dtypes (and devices, where an address moved) were compared with those of the last fully validated
+    step, and `ptrs` holds their data_ptr()s. A fused backend that gets them whole (not a subset) may take
+    `ptrs` instead of reading a few hundred grads again; it checks contiguity itself."""
+    __slots__ = ("ptrs",)
+
+
 # Position of the grads in the contract's list order (params, grads, exp_avgs, ...): only read, never written.
 _GRADS = 1
 

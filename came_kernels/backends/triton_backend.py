@@ -19,6 +19,7 @@ TRITON_INTERPRET=1 before triton is imported: that is how CI tests them without 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 import os
 import warnings
@@ -27,7 +28,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._contiguous import amp_flags, check_bias_scales, check_rng, check_sizes, contiguous_lists, write_back_
+from ._contiguous import (CheckedGrads, amp_flags, check_bias_scales, check_rng, check_sizes, contiguous_lists,
+                          write_back_)
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -221,19 +223,21 @@ def came_step(
     if param_rounding not in ("nearest", "stochastic", "kahan"):
         raise ValueError(f"backend='triton': unknown param_rounding {param_rounding!r}")
     stochastic = param_rounding == "stochastic" and bool(params) and params[0].dtype == torch.bfloat16
-    low = stochastic or any(m.dtype != torch.float32 for m in exp_avgs)
-    if low:
-        check_rng("triton", rng, params)
     kahan = param_rounding == "kahan" and bool(params) and params[0].dtype == torch.bfloat16
     extra = None  # the low-precision state's lists (int8 absmaxes, Kahan compensations), when there is any
-    if exp_avg_absmaxes is not None and any(a is not None for a in exp_avg_absmaxes) or kahan:
+    if exp_avg_absmaxes is not None and any(map(operator.is_not, exp_avg_absmaxes, itertools.repeat(None))) or kahan:
         extra = (exp_avg_absmaxes or [None] * len(params), (param_comps if kahan else None) or [None] * len(params))
     given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
+    steady = None if extra is not None else _steady(cache, given, grads)
+    # A bf16 or int8 momentum: the plan of these very tensors knows (Plan.lowbit), else a look at each.
+    low = stochastic or (steady["plan"].lowbit if steady is not None
+                         else any(m.dtype != torch.float32 for m in exp_avgs))
+    if low:
+        check_rng("triton", rng, params)
     # Small matrices packed several per block (multi_tensor.PACK_ELEMS): not for the low-precision bodies, nor for
     # shards (their finalize kernels export column sums, which packed blocks do not write).
     pack = not (low or kahan) and shards is None
     fused = shards is None  # phase 1 sums the clip statistic; shards reduce it with phase 2's all_reduce
-    steady = None if extra is not None else _steady(cache, given, grads)
     if steady is not None and (steady["plan"].pack != pack or steady["plan"].fused != _fused(fused)):
         steady = None
     if steady is not None:  # the common case: see _steady
@@ -241,7 +245,9 @@ def came_step(
         grads = grads if keep is None else [grads[i] for i in keep]
         device = steady["device"]
         write_back = []
-        plan.update_grads(grads)
+        # Grads from CAME's fast path come with their addresses, and dtypes and sizes checked against a
+        # validated step; _steady has seen them contiguous.
+        plan.update_grads(grads, grads.ptrs if keep is None and type(grads) is CheckedGrads else None)
     else:
         plan, keep, grads, device, write_back = _prepare(cache, given, grads, extra, pack, fused)
         if plan is None:
