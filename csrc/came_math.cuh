@@ -53,17 +53,35 @@ CAME_HD float col_factor(float c) { return rsqrt_(c); }
 // where triton_kernels/ does; `inv_scale` comes from the device (amp = [found_inf, 1/scale]).
 CAME_HD float unscaled(float g, float inv_scale) { return g * inv_scale; }
 
-// Phase 1 -> 2: u = g * rsqrt(r/mean_M(r)) * rsqrt(c)   (factored), in the spec's order (g*row)*col.
+// u = g * rsqrt(r/mean_M(r)) * rsqrt(c)   (factored), in the spec's order (g*row)*col.
 CAME_HD float factored_u(float g, float row_f, float col_f) { return (g * row_f) * col_f; }
 // u = g * rsqrt(v)   (ndim < 2)
 CAME_HD float vector_u(float g, float v) { return g * rsqrt_(v); }
 
-// Phase 2: the clip divisor max(1, RMS(u)/d) from sum(u^2). NaN propagates (a NaN gradient must show,
-// never be clipped away): `q < 1 ? 1 : q` keeps a NaN q, fmaxf(q, 1) would drop it.
-CAME_HD float rms_of(float sum_u2, int64_t numel) {
-  return std::sqrt(sum_u2) / static_cast<float>(std::sqrt(static_cast<double>(numel)));
+// The clip's sum(u^2) without a second read of g (phases 1 and 2). With r, c the new EMAs (as stored) and
+// u = g * rsqrt(r_i / mean_M(r)) * rsqrt(c_j), exactly (every term is positive: nothing cancels):
+//   sum_ij u_ij^2 = mean_M(r) * sum_j W_j,   W_j = P_j / c_j,   P_j = sum_i t_ij^2,   t_ij = g_ij * rsqrt(r_i)
+// per matrix; a tensor's total adds its matrices. t is formed before squaring (g^2 / r would underflow for tiny
+// g; t^2 <= N / (1 - beta2) is bounded). P_j is a fp32 sum; W_j and the total are fp64: P_j / c_j passes
+// fp32's range when c_j ~ (1 - beta2) * eps1 (tiny grads), and the products with mean_M(r) may underflow it.
+CAME_HD float clip_t(float g, float r_inv) { return g * r_inv; }                      // t = g * rsqrt(r)
+CAME_HD double clip_col_term(float p_sum, float c) {                                 // W_j = P_j / c_j
+  return static_cast<double>(p_sum) / static_cast<double>(c);
 }
-CAME_HD float clip_divisor(float sum_u2, int64_t numel, float clip_threshold) {
+// mean_M(r) * W_j. A mean that is not finite (r overflowed, or NaN) gives NaN, as the spec's r_i / mean_M(r)
+// does (inf / inf) in u; the identity alone would give inf * W (m - m is 0 exactly when m is finite).
+CAME_HD double clip_row_term(float mean_r, double w) {
+  const double m = static_cast<double>(mean_r);
+  return m - m == 0.0 ? m * w : m - m;
+}
+
+// Phase 2: the clip divisor max(1, RMS(u)/d) from sum(u^2) (fp64: the total of the terms above, or of the
+// fp32 block sums of u^2). NaN propagates (a NaN gradient must show, never be clipped away): `q < 1 ? 1 : q`
+// keeps a NaN q, fmaxf(q, 1) would drop it.
+CAME_HD float rms_of(double sum_u2, int64_t numel) {
+  return static_cast<float>(std::sqrt(sum_u2 / static_cast<double>(numel)));
+}
+CAME_HD float clip_divisor(double sum_u2, int64_t numel, float clip_threshold) {
   const float q = rms_of(sum_u2, numel) / clip_threshold;
   return q < 1.0f ? 1.0f : q;
 }
@@ -71,7 +89,7 @@ CAME_HD float clip_divisor(float sum_u2, int64_t numel, float clip_threshold) {
 // Phase 2 with bias correction (opt-in bias_scales, column s_u): u is scaled by s_u before the clip,
 // u_hat = s_u*u / max(1, RMS(s_u*u)/d). Phase 3 divides u by the stored divisor, so the slot holds
 // max(1, s_u*RMS(u)/d) / s_u and phase 3 stays as it is. A NaN q (or s_u) still gives a NaN divisor.
-CAME_HD float clip_divisor_scaled(float sum_u2, int64_t numel, float clip_threshold, float s_u) {
+CAME_HD float clip_divisor_scaled(double sum_u2, int64_t numel, float clip_threshold, float s_u) {
   const float q = (s_u * rms_of(sum_u2, numel)) / clip_threshold;
   return (q < 1.0f ? 1.0f : q) / s_u;
 }

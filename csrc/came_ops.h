@@ -49,6 +49,7 @@ struct Group {
   Layout layout;            // slot order, workspace offsets, block counts (plan.h)
   int64_t main_blocks = 0;  // grid of the phase kernels
   int64_t fin_blocks = 0;   // grid of the column finalize kernels (0: no factored tensor)
+  int64_t clip_blocks = 0;  // grid of clip_stats_kernel (0: phase 1 gathers every tensor's clip statistics)
   at::Tensor table_dev;     // the uploaded table; keeps `tab` valid until the op returns
   DeviceTable tab{};
   // Opt-in low-precision state (came_step_lowbit): `lowbit` uploads the LowbitDesc entries (tab.lp);
@@ -64,7 +65,8 @@ inline int64_t stats_numel_of(const TensorRef& t) { return 2 * t.B + 1; }
 
 // The phase launchers, one per .cu; `g.tab` must be uploaded. `lr` is a 1-element fp32 CUDA tensor (read on
 // the device: no sync); the per-tensor slices of `stats` (in the table) carry the per-matrix means and the
-// clip divisors between phases; `ws` (g.layout.ws_floats floats) is scratch. `amp`: GradScaler's
+// clip divisors between phases; `ws` (g.layout.ws_floats floats) is scratch, and carries the clip inputs
+// from sq_stats to clip_stats (plan.h: W and the block sums). `amp`: GradScaler's
 // [found_inf, 1/scale] as 2 fp32 device floats, or nullptr without a GradScaler (multi_tensor.cuh).
 void sq_stats_launch(const Group& g, const Hyper& h, float* ws, const float* amp);
 void clip_stats_launch(const Group& g, const Hyper& h, float* ws, const float* amp);

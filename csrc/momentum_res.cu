@@ -1,7 +1,7 @@
 // Phase 3, momentum_res: the clipped update, the momentum and the confidence residual (mirror of
 // triton_kernels/momentum_res.py and of "phase 3" in came_kernels/backends/torch_backend.py).
 //
-// Math (per tensor; divisor from clip_stats, u recomputed from g as in clip_stats; with bias correction the
+// Math (per tensor; divisor from clip_stats, u recomputed from g (no phase stores it); with bias correction the
 // divisor already holds s_u, so u / divisor = s_u*u_clipped and m, the residual and R, C use it as it is):
 //   u_hat = u / divisor;  m = b1*m + (1-b1)*u_hat                         momentum_res_kernel
 //   factored:  res = (u_hat - m)^2 (new m)
@@ -17,8 +17,10 @@
 // momentum_res_stripe_lp. The default kernels (kLow = false) are compiled as before.
 //
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B), reads and writes m (8 B): fp32 12 B, bf16 10 B;
-// flat tensors also read v (4 B). Column partials: 4/64 B per element. GradScaler: amp, 8 B per block.
-// Launch: one momentum_res_kernel over the whole group, one block per stripe / flat chunk, 256 threads; one
+// flat tensors also read v (4 B). Column partials: 4/(64*tiles) B per element (a stripe's row tiles add
+// into its partials). GradScaler: amp, 8 B per block.
+// Launch: one momentum_res_kernel over the whole group, one block per stripe (tiles row tiles, run one after
+// another) / flat chunk, 256 threads; one
 // res_finalize_kernel, column tiles summed over their stripes by 8 warps, and the means of R
 // (multi_tensor.cuh). Both grids are independent of the tensor count (plan.h).
 // Determinism: fixed-order sums throughout: bitwise reproducible.
@@ -56,22 +58,22 @@ __device__ __forceinline__ void momentum_flat(const TensorDesc& d, int64_t local
   }
 }
 
+// One row tile s of a stripe; colpart: the stripe's partials of sum_i res[i, :] (add: after its first tile).
 template <typename T, int VEC, bool kVec, bool kMaximize>
-__device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t local, float* __restrict__ ws,
-                                                    const Hyper& h, float inv) {
+__device__ __forceinline__ void momentum_res_row_tile(const TensorDesc& d, const Stripe& s,
+                                                      float* __restrict__ colpart, bool add, int& buf,
+                                                      float (&tiles)[2][kWarps][32 * VEC], const Hyper& h,
+                                                      float inv) {
   // Two batches of 4 rows: g and m of 4 rows are 128-192 B in flight per thread, 64-96 KB per SM at two
   // blocks per SM; 8 rows at once would need more than the 128 registers that two blocks allow.
   constexpr int kB = kVec ? kRowsPerWarp / 2 : 1;
-  __shared__ float tiles[2][kWarps][32 * VEC];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Stripe s = stripe_of(d.M, d.N, local);
   const T* __restrict__ g = static_cast<const T*>(d.g);
   float* __restrict__ m = d.m;
   const float* __restrict__ r = d.row;
   const float* __restrict__ c = d.col + s.b * s.N;
   const float mean_r = d.stat[s.b];
   const float divisor = d.stat[2 * d.B];
-  float* __restrict__ colpart = ws + d.ws_col + local * s.N;  // this stripe's partials of sum_i res[i, :]
 
   float row_f[kRowsPerWarp], row_acc[kRowsPerWarp];
 #pragma unroll
@@ -81,7 +83,6 @@ __device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t
     row_acc[j] = 0.0f;
   }
 
-  int buf = 0;
   for (int64_t col0 = 0; col0 < s.N; col0 += 32 * VEC, buf ^= 1) {
     const int64_t col = col0 + lane * VEC;
     float col_f[VEC], col_acc[VEC];
@@ -120,7 +121,7 @@ __device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t
         }
       }
     }
-    write_column_partials<VEC>(col_acc, tiles[buf], colpart, col0, s.N);
+    write_column_partials<VEC>(col_acc, tiles[buf], colpart, col0, s.N, add);
   }
 
   // Row sums of the residual are complete: update R in place.
@@ -135,6 +136,19 @@ __device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t
   }
 }
 
+template <typename T, int VEC, bool kVec, bool kMaximize>
+__device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t local, float* __restrict__ ws,
+                                                    const Hyper& h, float inv) {
+  __shared__ float tiles[2][kWarps][32 * VEC];
+  const Stripe s = stripe_of(d.M, d.N, local, d.tiles);
+  float* __restrict__ colpart = ws + d.ws_col + local * s.N;
+  int buf = 0;
+  const int64_t nt = row_tiles_of(s);
+  for (int64_t t = 0; t < nt; ++t) {
+    momentum_res_row_tile<T, VEC, kVec, kMaximize>(d, row_tile(s, t), colpart, t > 0, buf, tiles, h, inv);
+  }
+}
+
 // The opt-in low-precision momentum of a factored tensor (MK: kMomBf16 or kMomInt8; L: its LowbitDesc):
 // momentum_res_stripe's math and sums in the same order, one row at a time, with m loaded from its storage:
 //   bf16: the new m is stored rounded stochastically (sr_bf16_bits, Philox stream 0, counter = element index)
@@ -146,17 +160,16 @@ __device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t
 // `tiles`: one shared buffer for all four instantiations (each its own would pass the 48 KB of static
 // shared memory a block may have).
 template <typename T, int VEC, bool kVec, bool kMaximize, int MK>
-__device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, const LowbitDesc& L, int64_t local,
-                                                       float* __restrict__ ws, const Hyper& h, float inv,
-                                                       float (&tiles)[2][kWarps][32 * VEC]) {
+__device__ __forceinline__ void momentum_res_row_tile_lp(const TensorDesc& d, const LowbitDesc& L, const Stripe& s,
+                                                         float* __restrict__ colpart, bool add, int& buf,
+                                                         const Hyper& h, float inv,
+                                                         float (&tiles)[2][kWarps][32 * VEC]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Stripe s = stripe_of(d.M, d.N, local);
   const T* __restrict__ g = static_cast<const T*>(d.g);
   const float* __restrict__ r = d.row;
   const float* __restrict__ c = d.col + s.b * s.N;
   const float mean_r = d.stat[s.b];
   const float divisor = d.stat[2 * d.B];
-  float* __restrict__ colpart = ws + d.ws_col + local * s.N;
   int64_t key = 0, step = 0;
   if constexpr (MK == kMomBf16) {
     key = L.rng[0];
@@ -171,7 +184,6 @@ __device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, cons
     row_acc[j] = 0.0f;
   }
 
-  int buf = 0;
   for (int64_t col0 = 0; col0 < s.N; col0 += 32 * VEC, buf ^= 1) {
     const int64_t col = col0 + lane * VEC;
     float col_f[VEC], col_acc[VEC];
@@ -227,7 +239,7 @@ __device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, cons
         row_acc[j] += sum;
       }
     }
-    write_column_partials<VEC>(col_acc, tiles[buf], colpart, col0, s.N);
+    write_column_partials<VEC>(col_acc, tiles[buf], colpart, col0, s.N, add);
   }
 
   float* __restrict__ R = d.res_row;
@@ -238,6 +250,19 @@ __device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, cons
     if (lane == 0 && row < s.row_end) {
       R[row] = ema(R[row], h.beta3, h.one_minus_beta3, mean_plus_eps(sum, static_cast<float>(s.N), h.eps2));
     }
+  }
+}
+
+template <typename T, int VEC, bool kVec, bool kMaximize, int MK>
+__device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, const LowbitDesc& L, int64_t local,
+                                                       float* __restrict__ ws, const Hyper& h, float inv,
+                                                       float (&tiles)[2][kWarps][32 * VEC]) {
+  const Stripe s = stripe_of(d.M, d.N, local, d.tiles);
+  float* __restrict__ colpart = ws + d.ws_col + local * s.N;
+  int buf = 0;
+  const int64_t nt = row_tiles_of(s);
+  for (int64_t t = 0; t < nt; ++t) {
+    momentum_res_row_tile_lp<T, VEC, kVec, kMaximize, MK>(d, L, row_tile(s, t), colpart, t > 0, buf, h, inv, tiles);
   }
 }
 
@@ -273,14 +298,14 @@ __global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) momentum_res_kernel(De
   else momentum_res_stripe<T, VEC, false, kMaximize>(d, blk.local, ws, h, inv);
 }
 
-__global__ void __launch_bounds__(kThreads) res_finalize_kernel(DeviceTable tab, const float* ws, Hyper h,
+__global__ void __launch_bounds__(kThreads) res_finalize_kernel(DeviceTable tab, float* ws, Hyper h,
                                                                 const float* amp) {
   if (amp_found_inf(amp)) return;  // a skipped step: C must not change
   const BlockRef blk = find_fin(tab);
   const TensorDesc& d = *blk.d;
   // mean_M(R) goes after mean_M(r) in this tensor's stats slice.
   finalize_columns_and_means(d, blk.local, ws, d.res_col, d.res_row, d.stat + d.B, h.beta3, h.one_minus_beta3,
-                             h.eps2);
+                             h.eps2, /*with_w=*/false);
 }
 
 }  // namespace

@@ -2,16 +2,19 @@
 //
 // One launch covers a whole (device, dtype) group: the per-tensor table (plan.h's TensorDesc, uploaded by
 // ops.cpp) is in device memory, and a block finds its tensor with a 32-wide search over the table's block
-// prefix sums (find_main / find_fin: two dependent loads up to 1024 tensors). Blocks are ordered largest
-// first (plan.h).
+// prefix sums (find_main / find_fin / find_clip: two dependent loads up to 1024 tensors). Blocks are ordered
+// largest first (plan.h).
 //
-// Phase-kernel blocks: factored tensor [B, M, N]: block s = stripe of kRows whole rows of matrix
-// b = s / ceil(M/kRows); 8 warps, warp w owns rows w, w+8, ... of the stripe; the stripe loops over N in
-// tiles of 32*VEC columns (VEC = 16 bytes of the param dtype). Per tile a thread first loads a batch of its
-// rows (RowTile: 4-8 back-to-back 16-byte loads per array, 32-48 KB per block in flight), then computes.
-// Row sums are complete in the block; column sums are per-stripe partials written to fixed workspace slots
-// and added by the column finalize (finalize_columns_and_means). Flat tensor (ndim < 2, 0-d included):
-// block k = elements [k*kFlatChunk, (k+1)*kFlatChunk).
+// Phase-kernel blocks: factored tensor [B, M, N]: block s = stripe of tiles*kRows whole rows of matrix
+// b = s / ceil(M/(tiles*kRows)) (tiles = 1 unless the workspace cap asks for taller stripes, plan.h), run
+// as row tiles of kRows rows (row_tile); in a row tile, 8 warps, warp w owns rows w, w+8, ... and the tile
+// loops over N in tiles of 32*VEC columns (VEC = 16 bytes of the param dtype). Per column tile a thread
+// first loads a batch of its rows (RowTile: 4-8 back-to-back 16-byte loads per array, 32-48 KB per block in
+// flight), then computes. Row sums are complete in the block; column sums are per-stripe partials written
+// to fixed workspace slots (row tile 0 stores them, later row tiles add to them: the same thread, in order)
+// and added by the column finalize (finalize_columns_and_means). Phase 1's register path (sq_stats.cu) runs
+// a stripe in waves of whole rows instead. Flat tensor (ndim < 2, 0-d included): block k = elements
+// [k*kFlatChunk, (k+1)*kFlatChunk).
 #pragma once
 
 #include <algorithm>
@@ -88,27 +91,16 @@ __device__ __forceinline__ BlockRef find_in(const DeviceTable& tab, const int32_
   const int k = owner_of_32(start, tab.n, b, [&](auto pred) { return __ballot_sync(0xffffffffu, pred(lane)); });
   return {tab.t + k, static_cast<int64_t>(b) - start[k]};
 }
-// Phase-kernel blocks (stripes / flat chunks) and column-finalize blocks.
+// Phase-kernel blocks (stripes / flat chunks), column-finalize blocks and phase-2 blocks.
 __device__ __forceinline__ BlockRef find_main(const DeviceTable& tab) { return find_in(tab, tab.main_start); }
 __device__ __forceinline__ BlockRef find_fin(const DeviceTable& tab) { return find_in(tab, tab.fin_start); }
+__device__ __forceinline__ BlockRef find_clip(const DeviceTable& tab) { return find_in(tab, tab.clip_start); }
 
-// Geometry of stripe `local` of a factored tensor. Rows are global over the batch: row i of matrix b is
-// b*M + i, which is also its index in r and R.
-struct Stripe {
-  int64_t M, N, b;
-  int64_t row0, row_end;  // rows [row0, row_end) of the flattened [B*M, N] view
-};
-__device__ __forceinline__ Stripe stripe_of(int64_t M, int64_t N, int64_t local) {
-  Stripe s;
-  s.M = M;
-  s.N = N;
-  const int64_t per_matrix = stripes_per_matrix(M);
-  s.b = local / per_matrix;
-  s.row0 = s.b * M + (local - s.b * per_matrix) * kRows;
-  const int64_t matrix_end = (s.b + 1) * M;
-  s.row_end = s.row0 + kRows < matrix_end ? s.row0 + kRows : matrix_end;
-  return s;
+// Whether phase 1 gathers this tensor's clip statistics (plan.h's clip_in_phase1 with the group's bound).
+__device__ __forceinline__ bool clip_in_phase1(const TensorDesc& d, const DeviceTable& tab) {
+  return d.M == 0 || d.N <= tab.clip_cols;
 }
+
 // Row j (0 <= j < kRowsPerWarp) of this warp in the stripe (may be >= row_end in a matrix's last stripe).
 __device__ __forceinline__ int64_t warp_row(const Stripe& s, int warp, int j) { return s.row0 + warp + j * kWarps; }
 
@@ -182,20 +174,22 @@ template <bool kVec>
 constexpr int kReadBatch = kVec ? kRowsPerWarp : 1;
 
 // ---- Fixed-order reductions (deterministic: no atomics; the tree shape depends only on the launch).
-// Sum over the warp, valid in lane 0.
-__device__ __forceinline__ float warp_sum(float x) {
+// Sum over the warp, valid in lane 0 (float, or double for the clip total).
+template <typename F>
+__device__ __forceinline__ F warp_sum(F x) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffffu, x, off);
   return x;
 }
 
 // Sum over the block, valid in thread 0. Ends with a barrier so `scratch` may be reused right after.
-__device__ __forceinline__ float block_sum(float x, float* scratch /* [kWarps] shared */) {
+template <typename F>
+__device__ __forceinline__ F block_sum(F x, F* scratch /* [kWarps] shared */) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   x = warp_sum(x);
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  float s = 0.0f;
+  F s = 0;
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += scratch[w];
@@ -205,12 +199,16 @@ __device__ __forceinline__ float block_sum(float x, float* scratch /* [kWarps] s
 }
 
 // Cross-warp column sums of a tile: each warp holds its rows' sums of columns [col0 + lane*VEC, +VEC) in
-// `acc`; the 8 warps' values are added in warp order and written to out[col0 + k] (k < 32*VEC, < N).
+// `acc`; the 8 warps' values are added in warp order and written to out[col0 + k] (k < 32*VEC, < N), or,
+// with `add` (row tiles after a stripe's first), added to it: the same thread owns out[col0 + k] in every
+// row tile, so it reads its own earlier store.
 // One barrier per tile: the caller alternates between two `tile` buffers, so a warp that runs ahead into
-// the next tile writes the other buffer (the one read two tiles ago, which every warp has passed since).
+// the next tile writes the other buffer (the one read two tiles ago, which every warp has passed since);
+// the alternation goes on across a stripe's row tiles.
 template <int VEC>
 __device__ __forceinline__ void write_column_partials(const float (&acc)[VEC], float (&tile)[kWarps][32 * VEC],
-                                                      float* __restrict__ out, int64_t col0, int64_t N) {
+                                                      float* __restrict__ out, int64_t col0, int64_t N,
+                                                      bool add) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) tile[warp][lane * VEC + e] = acc[e];
@@ -220,13 +218,15 @@ __device__ __forceinline__ void write_column_partials(const float (&acc)[VEC], f
       float s = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) s += tile[w][k];
-      out[col0 + k] = s;
+      out[col0 + k] = add ? out[col0 + k] + s : s;
     }
   }
 }
 
 // ---- Column finalize of phases 1 and 3 (plan.h: column blocks, then mean blocks) for one block:
 //   column blocks: col[b, n] = beta*col + (1-beta)*(sum over the S stripes of matrix b of partial[s, n] / M + eps)
+//     kW (phase 1, clip in phase 1): also W[b, n] = (double)(sum over the stripes of P[s, n]) / (double)col[b, n]
+//     (the new col, as stored), in fp64: P/c passes fp32's range for tiny grads (c ~ (1-b2)*eps1), fp64 not
 //   mean blocks:   means[b] = mean_M(row[b, :]) (row already updated in-block by the phase kernel).
 // No serial chain: warp w of a column block adds stripes w, w+8, w+16, ... of the block's 32*FV columns
 // (kFinBatch loads in flight per thread, added in stripe order), then the 8 warps' sums are added in warp
@@ -248,66 +248,69 @@ __device__ __forceinline__ void load_partials(const float* __restrict__ p, float
   }
 }
 
+// This warp's share (stripes warp, warp + 8, ...) of the sums over the S stripes of part[s * N + e], e < FV.
 template <int FV>
-__device__ __forceinline__ void finalize_columns(const TensorDesc& d, int64_t local, const float* __restrict__ ws,
-                                                 float* __restrict__ col, float beta, float one_minus_beta,
-                                                 float eps, float (&red)[kWarps][128]) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t M = d.M, N = d.N, total = d.B * N;
-  const int64_t S = stripes_per_matrix(M);
-  const int64_t k0 = local * (32 * FV) + lane * FV;  // this lane's first entry of the [B, N] column statistic
-  float acc[FV];
+__device__ __forceinline__ void sum_stripes(const float* __restrict__ part, int64_t S, int64_t N, int warp,
+                                            float (&acc)[FV]) {
+  int64_t s = warp;
+  for (; s + (kFinBatch - 1) * kWarps < S; s += kFinBatch * kWarps) {
+    float x[kFinBatch][FV];
 #pragma unroll
-  for (int e = 0; e < FV; ++e) acc[e] = 0.0f;
+    for (int u = 0; u < kFinBatch; ++u) load_partials<FV>(part + (s + u * kWarps) * N, x[u]);
+#pragma unroll
+    for (int u = 0; u < kFinBatch; ++u) {
+#pragma unroll
+      for (int e = 0; e < FV; ++e) acc[e] += x[u][e];
+    }
+  }
+  for (; s < S; s += kWarps) {
+    float x[FV];
+    load_partials<FV>(part + s * N, x);
+#pragma unroll
+    for (int e = 0; e < FV; ++e) acc[e] += x[e];
+  }
+}
+
+template <int FV, bool kW>
+__device__ __forceinline__ void finalize_columns(const TensorDesc& d, int64_t local, float* __restrict__ ws,
+                                                 float* __restrict__ col, float beta, float one_minus_beta,
+                                                 float eps, float (&red)[2][kWarps][128]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Shape shape{d.numel, d.B, d.M, d.N};
+  const int64_t M = d.M, N = d.N, total = d.B * N;
+  const int64_t S = stripes_per_matrix(M, d.tiles);
+  const int64_t k0 = local * (32 * FV) + lane * FV;  // this lane's first entry of the [B, N] column statistic
+  float acc[FV], pacc[FV];
+#pragma unroll
+  for (int e = 0; e < FV; ++e) acc[e] = pacc[e] = 0.0f;
   if (k0 < total) {  // FV = 4: N % 4 == 0, so the lane's 4 entries are all < total and in one matrix
     const int64_t b = k0 / N, n = k0 - b * N;
     const float* __restrict__ part = ws + d.ws_col + b * S * N + n;  // partial[s, n] = part[s * N]
-    int64_t s = warp;
-    for (; s + (kFinBatch - 1) * kWarps < S; s += kFinBatch * kWarps) {
-      float x[kFinBatch][FV];
-#pragma unroll
-      for (int u = 0; u < kFinBatch; ++u) load_partials<FV>(part + (s + u * kWarps) * N, x[u]);
-#pragma unroll
-      for (int u = 0; u < kFinBatch; ++u) {
-#pragma unroll
-        for (int e = 0; e < FV; ++e) acc[e] += x[u][e];
-      }
-    }
-    for (; s < S; s += kWarps) {
-      float x[FV];
-      load_partials<FV>(part + s * N, x);
-#pragma unroll
-      for (int e = 0; e < FV; ++e) acc[e] += x[e];
-    }
+    sum_stripes<FV>(part, S, N, warp, acc);
+    if constexpr (kW) sum_stripes<FV>(part + colpart_floats_of(shape, d.tiles), S, N, warp, pacc);
   }
 #pragma unroll
-  for (int e = 0; e < FV; ++e) red[warp][lane * FV + e] = acc[e];
+  for (int e = 0; e < FV; ++e) {
+    red[0][warp][lane * FV + e] = acc[e];
+    if constexpr (kW) red[1][warp][lane * FV + e] = pacc[e];
+  }
   __syncthreads();
   for (int c = threadIdx.x; c < 32 * FV; c += kThreads) {
     const int64_t k = local * (32 * FV) + c;
     if (k < total) {
       float sum = 0.0f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += red[w][c];
-      col[k] = ema(col[k], beta, one_minus_beta, mean_plus_eps(sum, static_cast<float>(M), eps));
+      for (int w = 0; w < kWarps; ++w) sum += red[0][w][c];
+      const float c_new = ema(col[k], beta, one_minus_beta, mean_plus_eps(sum, static_cast<float>(M), eps));
+      col[k] = c_new;
+      if constexpr (kW) {
+        float psum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) psum += red[1][w][c];
+        reinterpret_cast<double*>(ws + d.ws_clip)[k] = clip_col_term(psum, c_new);
+      }
     }
   }
-}
-
-// Sum of row[i] for i = first, first + stride, ... < n: kFinBatch loads in flight, added in index order.
-__device__ __forceinline__ float strided_sum(const float* __restrict__ row, int64_t first, int64_t stride,
-                                             int64_t n) {
-  float acc = 0.0f;
-  int64_t i = first;
-  for (; i + (kFinBatch - 1) * stride < n; i += kFinBatch * stride) {
-    float x[kFinBatch];
-#pragma unroll
-    for (int u = 0; u < kFinBatch; ++u) x[u] = row[i + u * stride];
-#pragma unroll
-    for (int u = 0; u < kFinBatch; ++u) acc += x[u];
-  }
-  for (; i < n; i += stride) acc += row[i];
-  return acc;
 }
 
 // Sum of x[0, n) over groups of 4 consecutive elements: this thread takes groups first, first + stride, ...,
@@ -346,19 +349,27 @@ __device__ __forceinline__ float grouped_sum(const float* __restrict__ x, int64_
   return acc;
 }
 
+// with_w: phase 1 of a tensor whose clip phase 1 covers (W from the P partials, see finalize_columns).
+// ws is written only there, at W (disjoint from every partial).
 __device__ __forceinline__ void finalize_columns_and_means(const TensorDesc& d, int64_t local,
-                                                           const float* __restrict__ ws, float* __restrict__ col,
+                                                           float* __restrict__ ws, float* __restrict__ col,
                                                            const float* __restrict__ row, float* __restrict__ means,
-                                                           float beta, float one_minus_beta, float eps) {
-  __shared__ float red[kWarps][128];
+                                                           float beta, float one_minus_beta, float eps,
+                                                           bool with_w) {
+  __shared__ float red[2][kWarps][128];
   const Shape shape{d.numel, d.B, d.M, d.N};
   const int64_t col_blocks = fin_col_blocks_of(shape);
   if (local < col_blocks) {
-    if (fin_vec(shape.N) == 4) finalize_columns<4>(d, local, ws, col, beta, one_minus_beta, eps, red);
-    else finalize_columns<1>(d, local, ws, col, beta, one_minus_beta, eps, red);
+    if (fin_vec(shape.N) == 4) {
+      if (with_w) finalize_columns<4, true>(d, local, ws, col, beta, one_minus_beta, eps, red);
+      else finalize_columns<4, false>(d, local, ws, col, beta, one_minus_beta, eps, red);
+    } else {
+      if (with_w) finalize_columns<1, true>(d, local, ws, col, beta, one_minus_beta, eps, red);
+      else finalize_columns<1, false>(d, local, ws, col, beta, one_minus_beta, eps, red);
+    }
   } else if (block_per_mean(shape.M)) {  // a tall matrix: the whole block, then a fixed block tree
     const int64_t b = local - col_blocks;
-    const float s = block_sum(grouped_sum(row + b * shape.M, threadIdx.x, kThreads, shape.M), &red[0][0]);
+    const float s = block_sum(grouped_sum(row + b * shape.M, threadIdx.x, kThreads, shape.M), &red[0][0][0]);
     if (threadIdx.x == 0) means[b] = s / static_cast<float>(shape.M);
   } else {  // one warp per matrix
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -4,7 +4,8 @@
 // glue (came_kernels/backends/cuda_backend.py) calls `came_step`, which checks the lists once and runs the
 // four phases; the per-phase ops exist so that each phase can be run and tested on its own and take a
 // `stats` buffer (layout: per tensor in list order, mean_M(r)[B], mean_M(R)[B], clip divisor[1]; B = 0 for
-// ndim < 2) that carries the small per-tensor results from one phase to the next.
+// ndim < 2) that carries the small per-tensor results from one phase to the next (and sq_stats hands its
+// clip inputs to the clip_stats op that follows it: Handoff below).
 //
 // Two optional tensors, after the scalars: `amp`, GradScaler's [found_inf, 1/scale] as 2 fp32 floats on the
 // params' device (every kernel returns before writing when found_inf != 0, and g is multiplied by 1/scale
@@ -14,6 +15,8 @@
 // Every check names the list and index of the offending tensor. Nothing is launched before all checks pass,
 // so a bad call leaves params and state untouched.
 #include <cmath>
+#include <cstdlib>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -77,6 +80,19 @@ int check_lowbit_momentum(const at::Tensor& m, const at::Tensor& absmax, size_t 
               at::IntArrayRef(want), " on ", p.device(), " for the int8 ", mn, ", got ",
               absmax.defined() ? std::string(c10::toString(absmax.scalar_type())) : std::string("None"));
   return kMomInt8;
+}
+
+// Test hooks of the layout (plan.h's make_layout), read on every call: CAME_KERNELS_CUDA_CLIP_COLS lowers the
+// widest N whose clip phase 1 gathers (so that phase 2 runs on small shapes), CAME_KERNELS_CUDA_WS_CAP_FLOATS
+// lowers the workspace cap (so that small groups take stripes of several row tiles). Unset: the defaults.
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != nullptr && *end == '\0' && x >= 0, "came_kernels: ", name,
+              " must be a non-negative integer, got '", v, "'");
+  return static_cast<int64_t>(x);
 }
 
 Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const OptList& sq_rows,
@@ -187,10 +203,12 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   }
   std::vector<Shape> shapes;
   for (const TensorRef& t : grp.ts) shapes.push_back(t.shape());
-  grp.layout = make_layout(shapes);
+  grp.layout = make_layout(shapes, env_int("CAME_KERNELS_CUDA_CLIP_COLS", kClipCols),
+                           env_int("CAME_KERNELS_CUDA_WS_CAP_FLOATS", kWsCapFloats));
   grp.main_blocks = grp.layout.main_start.back();
   grp.fin_blocks = grp.layout.fin_start.back();
-  TORCH_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX,
+  grp.clip_blocks = grp.layout.clip_start.back();
+  TORCH_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX && grp.layout.tiles <= INT32_MAX,
               "came_kernels: more than 2^31-1 blocks in one launch (", grp.main_blocks, " blocks)");
   return grp;
 }
@@ -242,6 +260,7 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
   auto* descs = reinterpret_cast<TensorDesc*>(host.data_ptr());
   auto* main_start = reinterpret_cast<int32_t*>(descs + n);
   int32_t* fin_start = main_start + n + 1;
+  int32_t* clip_start = fin_start + n + 1;
   float* stats_base = stats.data_ptr<float>();
   const float* scales_base = ptr_or_null(bias_scales);
   auto addr = [](const at::Tensor& x) -> void* { return x.defined() ? x.data_ptr() : nullptr; };
@@ -261,7 +280,8 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
     d.M = t.M;
     d.N = t.N;
     d.ws_col = grp.layout.ws_col[k];
-    d.ws_blk = grp.layout.ws_blk[k];
+    d.ws_clip = grp.layout.ws_clip[k];
+    d.tiles = static_cast<int32_t>(grp.layout.tiles_t[k]);
     // 16-byte loads need every full-size row (or chunk) to start on a 16-byte boundary.
     bool ok = t.factored() ? (t.N % vec == 0) : true;
     for (const void* ptr : {addr(t.p), addr(t.g), addr(t.m), addr(t.c), addr(t.C), addr(t.v)}) {
@@ -285,6 +305,7 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
   for (int64_t k = 0; k <= n; ++k) {
     main_start[k] = static_cast<int32_t>(grp.layout.main_start[k]);
     fin_start[k] = static_cast<int32_t>(grp.layout.fin_start[k]);
+    clip_start[k] = static_cast<int32_t>(grp.layout.clip_start[k]);
   }
   grp.table_dev = at::empty({bytes}, stats.options().dtype(at::kByte));
   grp.table_dev.copy_(host, /*non_blocking=*/true);
@@ -292,7 +313,9 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
   grp.tab.t = dev;
   grp.tab.main_start = reinterpret_cast<const int32_t*>(dev + n);
   grp.tab.fin_start = grp.tab.main_start + n + 1;
+  grp.tab.clip_start = grp.tab.fin_start + n + 1;
   grp.tab.n = static_cast<int32_t>(n);
+  grp.tab.clip_cols = static_cast<int32_t>(grp.layout.clip_cols);
   grp.tab.lp = grp.lowbit ? reinterpret_cast<const LowbitDesc*>(
                                 static_cast<const uint8_t*>(grp.table_dev.data_ptr()) + lowbit_offset(n))
                           : nullptr;
@@ -353,6 +376,26 @@ Group checked_group(CAME_LIST_ARGS, CAME_HYPER_ARGS, Hyper& h) {
   return grp;
 }
 
+// The per-phase ops hand phase 1's clip inputs (W, the flat tensors' block sums: plan.h) to the clip_stats op
+// in the workspace of the last sq_stats op, kept here with what identifies its group: the stats buffer and the
+// layout. clip_stats takes it (and frees it) only when both match, else it fails before any launch. came_step
+// keeps its workspace for the whole step and needs none of this.
+struct Handoff {
+  std::mutex mu;
+  const void* stats = nullptr;
+  std::vector<int64_t> key;
+  at::Tensor ws;
+};
+Handoff& handoff() {
+  static Handoff h;
+  return h;
+}
+std::vector<int64_t> layout_key(const Group& grp) {
+  std::vector<int64_t> k{grp.layout.tiles, grp.layout.clip_cols, grp.layout.ws_floats};
+  for (const TensorRef& t : grp.ts) k.insert(k.end(), {t.numel, t.B, t.M, t.N, t.stat_off});
+  return k;
+}
+
 void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_ARGS) {
   Hyper h;
   Group grp = checked_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr, beta1, beta2,
@@ -360,8 +403,29 @@ void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_
   check_stats(stats, grp, params[0]);
   if (grp.ts.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor ws;
+  if (phase == Phase::kClipStats) {
+    Handoff& ho = handoff();
+    const std::lock_guard<std::mutex> lock(ho.mu);
+    TORCH_CHECK(ho.ws.defined() && ho.stats == stats.data_ptr() && ho.key == layout_key(grp) &&
+                ho.ws.device() == params[0].device(),
+                "came_kernels: clip_stats takes the clip inputs that sq_stats left (plan.h): call sq_stats with the "
+                "same tensors and stats buffer first");
+    ws = ho.ws;
+    ho.ws = at::Tensor();
+    ho.stats = nullptr;
+    ho.key.clear();
+  } else {
+    ws = new_floats(grp.layout.ws_floats, params[0]);
+  }
   upload_table(grp, stats, bias_scales);
-  at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
+  if (phase == Phase::kSqStats) {
+    Handoff& ho = handoff();
+    const std::lock_guard<std::mutex> lock(ho.mu);
+    ho.stats = stats.data_ptr();
+    ho.key = layout_key(grp);
+    ho.ws = ws;
+  }
   const float* amp_ptr = ptr_or_null(amp);
   switch (phase) {
     case Phase::kSqStats: sq_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr); break;
@@ -378,7 +442,8 @@ void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
   if (grp.ts.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   // Transient scratch from the caching allocator, freed (stream-ordered) when the step returns: the stats
-  // are O(matrices) floats, the workspace about numel/64 floats (the column partials of every tensor).
+  // are O(matrices) floats, the workspace the column partials (about numel/32 floats at one row tile per
+  // stripe), W and the block sums, at most 64 MiB (plan.h's tiles) for any model of up to ~4M columns.
   at::Tensor stats = new_floats(grp.stats_numel, params[0]);
   at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
   upload_table(grp, stats, bias_scales);

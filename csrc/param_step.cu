@@ -17,8 +17,8 @@
 //
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
 // O(rows + cols). GradScaler: found_inf, 4 B per block; bias correction: s_m, 4 B per block.
-// Launch: one param_step_kernel over the whole group, one block per stripe / flat chunk (the blocks of the
-// other phases), 256 threads; no finalize.
+// Launch: one param_step_kernel over the whole group, one block per stripe / flat chunk (the blocks of phases
+// 1 and 3; a stripe's row tiles one after another), 256 threads; no finalize.
 // Determinism: purely elementwise.
 #include <type_traits>
 
@@ -61,13 +61,13 @@ __device__ __forceinline__ void param_step_flat(const TensorDesc& d, int64_t loc
   }
 }
 
+// One row tile s of a stripe.
 template <typename T, int VEC, bool kVec, bool kDecay>
-__device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t local, float lr, float weight_decay,
-                                                  float s_m) {
+__device__ __forceinline__ void param_step_row_tile(const TensorDesc& d, const Stripe& s, float lr,
+                                                    float weight_decay, float s_m) {
   // Two batches of 4 rows of p and m in flight (as momentum_res: two blocks per SM fit in 128 registers).
   constexpr int kB = kVec ? kRowsPerWarp / 2 : 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Stripe s = stripe_of(d.M, d.N, local);
   T* __restrict__ p = static_cast<T*>(d.p);
   const float* __restrict__ m = d.m;
   const float* __restrict__ R = d.res_row;
@@ -106,6 +106,16 @@ __device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t l
         }
       }
     }
+  }
+}
+
+template <typename T, int VEC, bool kVec, bool kDecay>
+__device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t local, float lr, float weight_decay,
+                                                  float s_m) {
+  const Stripe s = stripe_of(d.M, d.N, local, d.tiles);
+  const int64_t nt = row_tiles_of(s);
+  for (int64_t t = 0; t < nt; ++t) {
+    param_step_row_tile<T, VEC, kVec, kDecay>(d, row_tile(s, t), lr, weight_decay, s_m);
   }
 }
 
@@ -156,10 +166,9 @@ __device__ __forceinline__ float int8_momentum(const TensorDesc& d, const Lowbit
 }
 
 template <typename T, int VEC, bool kVec, bool kDecay, int MK, int RND>
-__device__ __forceinline__ void param_step_stripe_lp(const TensorDesc& d, const LowbitDesc& L, int64_t local,
-                                                     float lr, const Hyper& h, float s_m, float inv) {
+__device__ __forceinline__ void param_step_row_tile_lp(const TensorDesc& d, const LowbitDesc& L, const Stripe& s,
+                                                       float lr, const Hyper& h, float s_m, float inv) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Stripe s = stripe_of(d.M, d.N, local);
   T* __restrict__ p = static_cast<T*>(d.p);
   const float* __restrict__ R = d.res_row;
   const float* __restrict__ C = d.res_col + s.b * s.N;
@@ -210,6 +219,16 @@ __device__ __forceinline__ void param_step_stripe_lp(const TensorDesc& d, const 
         if constexpr (RND == kRoundNearest) store_vec<VEC, kVec>(p + row * s.N, col, s.N, pv);
       }
     }
+  }
+}
+
+template <typename T, int VEC, bool kVec, bool kDecay, int MK, int RND>
+__device__ __forceinline__ void param_step_stripe_lp(const TensorDesc& d, const LowbitDesc& L, int64_t local,
+                                                     float lr, const Hyper& h, float s_m, float inv) {
+  const Stripe s = stripe_of(d.M, d.N, local, d.tiles);
+  const int64_t nt = row_tiles_of(s);
+  for (int64_t t = 0; t < nt; ++t) {
+    param_step_row_tile_lp<T, VEC, kVec, kDecay, MK, RND>(d, L, row_tile(s, t), lr, h, s_m, inv);
   }
 }
 

@@ -7,12 +7,29 @@
 // smallest blocks instead of, say, GPT-2's wte stripes.
 //
 // Work units ("blocks"):
-//   phase kernels (all four): factored tensor [B, M, N]: block s = stripe of kRows whole rows of matrix
-//     b = s / ceil(M/kRows); flat tensor (ndim < 2): block k = elements [k*kFlatChunk, (k+1)*kFlatChunk).
+//   phase kernels (phases 1, 3, 4): factored tensor [B, M, N]: block s = stripe of tiles*kRows whole rows of
+//     matrix b = s / ceil(M/(tiles*kRows)), run as `tiles` row tiles of kRows rows (phase 1's register path
+//     runs the whole stripe in waves of rows); flat tensor (ndim < 2): block k = elements
+//     [k*kFlatChunk, (k+1)*kFlatChunk).
+//   phase 2 (clip_stats): the phase-kernel blocks of the factored tensors with N > clip_cols only (phase 1
+//     gathers the clip statistics of every other tensor, see below); no blocks, no launch, without them.
 //   column finalize (phases 1 and 3), factored tensors only: first the column blocks, each one tile of
 //     fin_cols(N) consecutive entries of the [B, N] column statistic, summed over all stripes of their
 //     matrix; then the mean blocks, mean_M of the row statistic: one block per matrix when M >= kBlockMeanRows,
 //     else one warp per matrix (kWarps matrices per block).
+//
+// tiles (row tiles per stripe) is 1 unless the group's workspace would pass kWsCapFloats (64 MiB); then it is
+// the smallest count that fits, the same for the whole group (tensor t: min(tiles, ceil(M/kRows))), as
+// triton_kernels/multi_tensor.py's choose_tiles. Only the column partials shrink with it: the fp64 W and
+// the c, C statistics are B*N per tensor whatever the stripes, so the cap holds for any model whose sum of
+// B*N over matrices is below about 4M (16 B each at one stripe per matrix; LLaMA-7B: 0.8M).
+//
+// Workspace (floats; phases 1-3 in turn, disjoint regions where two phases' data live at once):
+//   column partials, per factored tensor from ws_col: phase 1's Q[s, n] = sum g^2 over stripe s, then (clip in
+//     phase 1) P[s, n] = sum (g*rsqrt(r_i))^2, each colpart_floats_of floats; phase 3 reuses the first array.
+//   clip inputs, per tensor from ws_clip (after all partials): W[b, n] = P[b, n] / c[b, n] as fp64 (tensors
+//     whose clip phase 1 covers), or one float of sum(u^2) per phase-kernel block (flat tensors, written by
+//     phase 1; factored tensors with N > clip_cols, written by phase 2).
 //
 // Pure C++ (no torch, no CUDA headers): tests/test_cuda_plan_host.py compiles it with g++ and checks the
 // layout and the search without a GPU.
@@ -36,12 +53,14 @@ namespace came {
 // ---- Work decomposition (mirrors triton_kernels/): constants shared by host and device code.
 constexpr int kThreads = 256;                  // threads per block: 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 64;                      // rows per stripe of a factored matrix; column partials
-                                               // take numel/kRows floats (<= 4 B/param / 64 at peak)
-constexpr int kRowsPerWarp = kRows / kWarps;   // each warp walks 8 rows of its stripe
+constexpr int kRows = 64;                      // rows per row tile; a stripe is `tiles` row tiles
+constexpr int kRowsPerWarp = kRows / kWarps;   // each warp walks 8 rows of a row tile
 constexpr int64_t kFlatChunk = 16384;          // elements per block for tensors with ndim < 2
 constexpr int kWsAlign = 4;                    // each tensor's column partials start on a 16-byte boundary
 constexpr int64_t kBlockMeanRows = 2048;       // mean_M of a matrix with at least this many rows: one block
+constexpr int64_t kClipCols = 8192;            // widest N whose clip statistics phase 1 keeps in registers
+                                               // (256 threads x 32 columns x 2 accumulators)
+constexpr int64_t kWsCapFloats = 16 * 1024 * 1024;  // 64 MiB of workspace at most (see tiles above)
 
 CAME_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -50,13 +69,37 @@ struct Shape {
   int64_t numel = 0, B = 0, M = 0, N = 0;
 };
 
-CAME_HD int64_t stripes_per_matrix(int64_t M) { return ceil_div(M, kRows); }
-CAME_HD int64_t main_blocks_of(const Shape& s) {
-  return s.M > 0 ? s.B * stripes_per_matrix(s.M) : ceil_div(s.numel, kFlatChunk);
+// Row tiles per stripe of one tensor: the group's count, but never more than its matrices have.
+CAME_HD int64_t tiles_of(const Shape& s, int64_t tiles) {
+  if (s.M == 0) return 1;
+  const int64_t most = ceil_div(s.M, kRows);
+  return tiles < most ? tiles : most;
 }
-// Column partials of phases 1 and 3: one float per (stripe, column), padded to kWsAlign.
-CAME_HD int64_t colpart_floats_of(const Shape& s) {
-  return s.M > 0 ? ceil_div(main_blocks_of(s) * s.N, kWsAlign) * kWsAlign : 0;
+CAME_HD int64_t stripes_per_matrix(int64_t M, int64_t tiles) { return ceil_div(M, kRows * tiles); }
+// `tiles` below is the tensor's own count (tiles_of).
+CAME_HD int64_t main_blocks_of(const Shape& s, int64_t tiles) {
+  return s.M > 0 ? s.B * stripes_per_matrix(s.M, tiles) : ceil_div(s.numel, kFlatChunk);
+}
+// Whether phase 1 gathers this tensor's clip statistics (flat tensors always; factored ones with N <= clip_cols:
+// their stripe's columns fit the registers of one block). The others take phase 2.
+CAME_HD bool clip_in_phase1(const Shape& s, int64_t clip_cols) { return s.M == 0 || s.N <= clip_cols; }
+// One array of column partials (Q, P, or phase 3's): one float per (stripe, column), padded to kWsAlign.
+CAME_HD int64_t colpart_floats_of(const Shape& s, int64_t tiles) {
+  return s.M > 0 ? ceil_div(main_blocks_of(s, tiles) * s.N, kWsAlign) * kWsAlign : 0;
+}
+// Arrays of column partials a tensor needs: Q and P (clip in phase 1), Q (clip in phase 2), none (flat).
+CAME_HD int64_t colpart_arrays_of(const Shape& s, int64_t clip_cols) {
+  return s.M == 0 ? 0 : (clip_in_phase1(s, clip_cols) ? 2 : 1);
+}
+// Clip inputs (floats): fp64 W[B*N] (factored, clip in phase 1) or one float per block (flat, or phase 2),
+// padded to an even count so that every W starts 8-byte aligned.
+CAME_HD int64_t clip_floats_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
+  if (s.M > 0 && clip_in_phase1(s, clip_cols)) return 2 * s.B * s.N;
+  return ceil_div(main_blocks_of(s, tiles), 2) * 2;
+}
+// Phase-2 blocks: the phase-kernel blocks of the factored tensors phase 1 does not cover.
+CAME_HD int64_t clip_blocks_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
+  return clip_in_phase1(s, clip_cols) ? 0 : main_blocks_of(s, tiles);
 }
 // Column finalize: a tile is 32 lanes x fin_vec(N) columns; 16-byte loads of the partials need N % 4 == 0
 // (then a lane's 4 columns lie in one matrix and every partial row starts 16-byte aligned).
@@ -69,9 +112,44 @@ CAME_HD int64_t fin_mean_blocks_of(const Shape& s) {
 }
 CAME_HD int64_t fin_blocks_of(const Shape& s) { return fin_col_blocks_of(s) + fin_mean_blocks_of(s); }
 // Elements one phase-kernel block of this tensor moves (its first block): the largest-first sort key.
-CAME_HD int64_t block_elems_of(const Shape& s) {
-  if (s.M > 0) return (s.M < kRows ? s.M : kRows) * s.N;
+CAME_HD int64_t block_elems_of(const Shape& s, int64_t tiles) {
+  if (s.M > 0) return (s.M < kRows * tiles ? s.M : kRows * tiles) * s.N;
   return s.numel < kFlatChunk ? s.numel : kFlatChunk;
+}
+
+// Geometry of stripe `local` of a factored tensor with `tiles` row tiles per stripe. Rows are global over the
+// batch: row i of matrix b is b*M + i, which is also its index in r and R.
+struct Stripe {
+  int64_t M, N, b;
+  int64_t row0, row_end;  // rows [row0, row_end) of the flattened [B*M, N] view
+};
+CAME_HD Stripe stripe_of(int64_t M, int64_t N, int64_t local, int64_t tiles) {
+  Stripe s;
+  s.M = M;
+  s.N = N;
+  const int64_t rows = kRows * tiles;
+  const int64_t per_matrix = stripes_per_matrix(M, tiles);
+  s.b = local / per_matrix;
+  s.row0 = s.b * M + (local - s.b * per_matrix) * rows;
+  const int64_t matrix_end = (s.b + 1) * M;
+  s.row_end = s.row0 + rows < matrix_end ? s.row0 + rows : matrix_end;
+  return s;
+}
+// Row tile t of a stripe: its rows [row0 + t*kRows, +kRows) that lie in the stripe (none past its end).
+CAME_HD Stripe row_tile(const Stripe& s, int64_t t) {
+  Stripe x = s;
+  x.row0 = s.row0 + t * kRows;
+  x.row_end = x.row0 + kRows < s.row_end ? x.row0 + kRows : s.row_end;
+  return x;
+}
+// Row tiles of a stripe (its last one may be short).
+CAME_HD int64_t row_tiles_of(const Stripe& s) { return ceil_div(s.row_end - s.row0, kRows); }
+// Phase 1's register path (N <= kClipCols): thread x of a block owns the column groups x + q*kThreads, q < kG,
+// of vec consecutive columns each; kG is the smallest power of two that covers N (<= 32 columns per thread).
+CAME_HD int reg_groups(int64_t N, int vec) {
+  int g = 1;
+  while (static_cast<int64_t>(g) * kThreads * vec < N) g *= 2;
+  return g;
 }
 
 CAME_HD int count_leading_zeros(uint32_t x) {
@@ -115,42 +193,86 @@ CAME_HD int owner_of_32(const int32_t* start, int n, int32_t b, Ballot ballot) {
   return lo;
 }
 
-// The host-side layout of a group: slot order, workspace offsets, block prefix sums. Built from the shapes
-// alone; ops.cpp fills the device table from it.
+// Workspace floats of a group at `tiles` row tiles per stripe (the regions of the header comment).
+inline int64_t ws_floats_of(const std::vector<Shape>& shapes, int64_t tiles, int64_t clip_cols) {
+  int64_t col = 0, clip = 0;
+  for (const Shape& s : shapes) {
+    const int64_t t = tiles_of(s, tiles);
+    col += colpart_arrays_of(s, clip_cols) * colpart_floats_of(s, t);
+    clip += clip_floats_of(s, t, clip_cols);
+  }
+  return col + clip;
+}
+
+// Row tiles per stripe for a group: 1 while the workspace fits cap_floats, else the smallest count that makes
+// it fit (the largest useful count when none does: W and the block slots do not shrink below one stripe per
+// matrix). The workspace shrinks as the count grows, so a bisection finds it.
+inline int64_t choose_tiles(const std::vector<Shape>& shapes, int64_t clip_cols, int64_t cap_floats) {
+  int64_t lo = 1, hi = 1;
+  for (const Shape& s : shapes) hi = std::max(hi, s.M > 0 ? ceil_div(s.M, kRows) : 1);
+  if (ws_floats_of(shapes, lo, clip_cols) <= cap_floats) return 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (ws_floats_of(shapes, mid, clip_cols) <= cap_floats) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// The host-side layout of a group: row tiles, slot order, workspace offsets, block prefix sums. Built from
+// the shapes alone; ops.cpp fills the device table from it.
 struct Layout {
+  int64_t tiles = 1;                // row tiles per stripe of the group (choose_tiles)
+  int64_t clip_cols = kClipCols;    // factored tensors with N above this take phase 2
   std::vector<int32_t> order;       // slot -> index of the tensor in the group (largest blocks first)
+  std::vector<int64_t> tiles_t;     // per slot: its row tiles per stripe (tiles_of)
   std::vector<int64_t> ws_col;      // per slot: first workspace float of its column partials (phases 1, 3)
-  std::vector<int64_t> ws_blk;      // per slot: first workspace float of its block partials (phase 2)
+  std::vector<int64_t> ws_clip;     // per slot: first workspace float of its clip inputs (W or block sums)
   std::vector<int64_t> main_start;  // per slot + 1: prefix sum of phase-kernel blocks
   std::vector<int64_t> fin_start;   // per slot + 1: prefix sum of column-finalize blocks
-  int64_t ws_floats = 0;            // max(column partials, block partials): phases 1-3 share the buffer
+  std::vector<int64_t> clip_start;  // per slot + 1: prefix sum of phase-2 blocks
+  int64_t ws_floats = 0;            // all regions (>= 1)
 };
 
-inline Layout make_layout(const std::vector<Shape>& shapes) {
+// clip_cols <= kClipCols (the kernels' register bound); lower values are for tests, which then run phase 2 on
+// small shapes. cap_floats: the workspace cap (kWsCapFloats; lower for tests of tall stripes).
+inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = kClipCols,
+                          int64_t cap_floats = kWsCapFloats) {
   Layout L;
   const size_t n = shapes.size();
+  L.clip_cols = std::min(clip_cols, kClipCols);
+  L.tiles = choose_tiles(shapes, L.clip_cols, cap_floats);
   L.order.resize(n);
   std::iota(L.order.begin(), L.order.end(), 0);
   std::stable_sort(L.order.begin(), L.order.end(), [&](int32_t a, int32_t b) {
-    return block_elems_of(shapes[a]) > block_elems_of(shapes[b]);
+    return block_elems_of(shapes[a], tiles_of(shapes[a], L.tiles)) >
+           block_elems_of(shapes[b], tiles_of(shapes[b], L.tiles));
   });
   L.main_start.assign(n + 1, 0);
   L.fin_start.assign(n + 1, 0);
-  int64_t col = 0, blk = 0;
+  L.clip_start.assign(n + 1, 0);
+  int64_t col = 0;
   for (size_t k = 0; k < n; ++k) {
     const Shape& s = shapes[L.order[k]];
+    const int64_t t = tiles_of(s, L.tiles);
+    L.tiles_t.push_back(t);
     L.ws_col.push_back(col);
-    L.ws_blk.push_back(blk);
-    col += colpart_floats_of(s);
-    blk += main_blocks_of(s);
-    L.main_start[k + 1] = L.main_start[k] + main_blocks_of(s);
+    col += colpart_arrays_of(s, L.clip_cols) * colpart_floats_of(s, t);
+    L.main_start[k + 1] = L.main_start[k] + main_blocks_of(s, t);
     L.fin_start[k + 1] = L.fin_start[k] + fin_blocks_of(s);
+    L.clip_start[k + 1] = L.clip_start[k] + clip_blocks_of(s, t, L.clip_cols);
   }
-  L.ws_floats = std::max<int64_t>(std::max(col, blk), 1);
+  int64_t clip = col;  // a multiple of kWsAlign, and every clip region is of even length: W is 8-byte aligned
+  for (size_t k = 0; k < n; ++k) {
+    const Shape& s = shapes[L.order[k]];
+    L.ws_clip.push_back(clip);
+    clip += clip_floats_of(s, L.tiles_t[k], L.clip_cols);
+  }
+  L.ws_floats = std::max<int64_t>(clip, 1);
   return L;
 }
 
-// ---- The device table: one 128-byte entry per slot, then main_start and fin_start as int32 [n + 1] each.
+// ---- The device table: one 128-byte entry per slot, then main_start, fin_start and clip_start as int32
+// [n + 1] each.
 struct alignas(16) TensorDesc {
   void* p;            // param (storage dtype)
   const void* g;      // grad (storage dtype)
@@ -161,9 +283,9 @@ struct alignas(16) TensorDesc {
   float* res_col;     // exp_avg_res_col C [B*N]
   float* stat;        // its slice of stats: mean_M(r)[B], mean_M(R)[B], clip divisor
   int64_t numel, B, M, N;  // M = N = B = 0 for flat tensors
-  int64_t ws_col, ws_blk;  // workspace offsets (Layout)
+  int64_t ws_col, ws_clip;  // workspace offsets (Layout)
   int32_t vec_ok;          // 16-byte loads allowed: every pointer aligned, N % VEC == 0
-  int32_t pad_;
+  int32_t tiles;           // row tiles per stripe (Layout::tiles_t; 1 for flat tensors)
   const float* scales;     // bias correction: its row [s_u, s_m] of bias_scales (nullptr without; then unread)
 };
 static_assert(sizeof(TensorDesc) == 128, "TensorDesc is one 128-byte line");
@@ -188,12 +310,14 @@ struct DeviceTable {
   const TensorDesc* t;
   const int32_t* main_start;
   const int32_t* fin_start;
+  const int32_t* clip_start;  // phase-2 blocks
   int32_t n;
+  int32_t clip_cols;     // Layout::clip_cols: factored tensors with N <= clip_cols have their clip in phase 1
   const LowbitDesc* lp;  // [n], in slot order, or nullptr (the default state)
 };
 
-// Bytes of the uploaded table for n slots: the entries, then the two prefix sums.
-inline int64_t table_bytes(int64_t n) { return n * static_cast<int64_t>(sizeof(TensorDesc)) + 2 * (n + 1) * 4; }
+// Bytes of the uploaded table for n slots: the entries, then the three prefix sums.
+inline int64_t table_bytes(int64_t n) { return n * static_cast<int64_t>(sizeof(TensorDesc)) + 3 * (n + 1) * 4; }
 // ... with the low-precision entries after them, 16-byte aligned.
 inline int64_t lowbit_offset(int64_t n) { return ceil_div(table_bytes(n), 16) * 16; }
 inline int64_t table_bytes_lowbit(int64_t n) {

@@ -6,7 +6,7 @@ import torch
 # 3-D, 4-D, several stripes per matrix (M > 64), a flat tensor of several chunks, vector-friendly widths,
 # tall matrices (more than 64 stripes; a batch whose rows do not start aligned).
 SHAPES_GPU = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 257), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
-              (200, 64), (40000,), (3, 70, 1024), (4100, 8), (2, 2053, 6)]
+              (200, 64), (40000,), (3, 70, 1024), (4100, 8), (2, 2053, 6), (3, 8193)]
 # Small enough for Triton's interpreter (about 5 ms per program).
 SHAPES_CPU = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 70), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
               (20000,)]

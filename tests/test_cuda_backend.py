@@ -190,6 +190,80 @@ def test_bias_scales_of_one_are_the_uncorrected_step_bit_for_bit():
         assert torch.equal(x, y), tuple(x.shape)
 
 
+# ---- the clip's statistics in phase 1 (N <= 8192), phase 2 (N > 8192), and taller stripes under the workspace cap
+# Small N, 1xN, Nx1, ragged, 3-D, 4-D, N just past the register path (8193), N > 8192 in 3-D and with many
+# stripes, flat tensors, and widths at each register-path step (1024, 2048, 4096, 8192 fp32 columns).
+CLIP_SHAPES = [(1, 1), (1, 33), (33, 1), (5, 3), (37, 53), (129, 257), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
+               (200, 64), (3, 70, 1024), (4100, 8), (2, 2053, 6), (65, 2048), (7, 4096), (130, 8192), (3, 8193),
+               (2, 67, 11008), (1, 20000), (7,), (40000,), ()]
+
+
+def _run_vs_torch(shapes, dtype, steps, monkeypatch=None, env=None, seed=40, **hyper):
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, str(v))
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    for t in range(steps):
+        scale = [1.0, 1e4, 1e-20, 0.0][t % 4]  # plain, clipping spike, tiny (g^2 underflows), zero grads
+        gs = [(torch.randn(s, generator=gen) * scale).to("cuda", dtype) for s in shapes]
+        cuda_backend.came_step(ours, gs, *state_lists(ours_st), cache={}, **HYPER | hyper)
+        torch_backend.came_step(spec, gs, *state_lists(spec_st), cache={}, **HYPER | hyper)
+    tol = 2e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        assert_close_rel(a, b, tol, f"{dtype} param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 2e-4, f"{dtype} state {k} of {tuple(a.shape)}")
+    return ours
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_from_phase_one_and_phase_two_matches_torch_backend(dtype):
+    _run_vs_torch(CLIP_SHAPES, dtype, 8, weight_decay=0.1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("env", [dict(CAME_KERNELS_CUDA_CLIP_COLS=0), dict(CAME_KERNELS_CUDA_CLIP_COLS=40),
+                                 dict(CAME_KERNELS_CUDA_WS_CAP_FLOATS=20000),
+                                 dict(CAME_KERNELS_CUDA_WS_CAP_FLOATS=1, CAME_KERNELS_CUDA_CLIP_COLS=40)],
+                         ids=["all-phase2", "phase2-past-40-cols", "tall-stripes", "tallest-stripes-and-phase2"])
+def test_clip_paths_and_tall_stripes_under_test_hooks_match_torch_backend(monkeypatch, env):
+    # The layout's test hooks (ops.cpp): every factored tensor through phase 2 on small shapes (phase 1 then
+    # takes its row-tile path), and stripes of several row tiles (phase 1's register path over tall stripes,
+    # phase 3's partials added over row tiles, phase 4's row-tile loop) under a small workspace cap.
+    _run_vs_torch(CLIP_SHAPES, torch.float32, 8, monkeypatch, env, maximize=True)
+
+
+@needs_cuda
+def test_tall_stripes_give_the_same_step_to_rounding(monkeypatch):
+    # The cap changes the launch only: default and tallest stripes (one stripe per matrix) agree to rounding
+    # (the column sums are added in another order).
+    a = _run_vs_torch(CLIP_SHAPES, torch.float32, 3)
+    b = _run_vs_torch(CLIP_SHAPES, torch.float32, 3, monkeypatch, dict(CAME_KERNELS_CUDA_WS_CAP_FLOATS=1))
+    for x, y in zip(a, b):
+        assert_close_rel(x, y, 2e-5, tuple(x.shape))
+
+
+@needs_cuda
+def test_clip_stats_op_needs_the_sq_stats_op_first():
+    # The per-phase ops hand phase 1's clip inputs to clip_stats in sq_stats' workspace: clip_stats alone, or
+    # with another stats buffer, fails before any launch.
+    lists, stats = _op_inputs([(5, 7), (9,)])
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    with pytest.raises(RuntimeError, match="call sq_stats with the same tensors and stats buffer first"):
+        torch.ops.came_kernels.clip_stats(*lists, stats, lr, *_ARGS)
+    torch.ops.came_kernels.sq_stats(*lists, stats, lr, *_ARGS)
+    with pytest.raises(RuntimeError, match="call sq_stats with the same tensors and stats buffer first"):
+        torch.ops.came_kernels.clip_stats(*lists, stats.clone(), lr, *_ARGS)
+    torch.ops.came_kernels.sq_stats(*lists, stats, lr, *_ARGS)
+    torch.ops.came_kernels.clip_stats(*lists, stats, lr, *_ARGS)
+    assert torch.isfinite(stats).all()
+    with pytest.raises(RuntimeError, match="call sq_stats with the same tensors and stats buffer first"):
+        torch.ops.came_kernels.clip_stats(*lists, stats, lr, *_ARGS)  # taken once
+
+
 # ---- availability: runs everywhere
 def test_unavailable_reason_on_cpu_says_cuda_tensors_only_not_how_to_build():
     # Building the extension would not help CPU tensors: the reason says what would.

@@ -26,7 +26,8 @@ from oracle import assert_close_rel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
-SHAPES = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 70), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1)]
+SHAPES = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 70), (3, 5, 7), (4, 3, 3, 3), (2, 1, 5, 1),
+          (2, 8193)]  # N > 8192: the clip from u directly (phase 2), the others from P and W
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,12 @@ def lib(tmp_path_factory):
     f, i64, d, i = ctypes.c_float, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     ptr = ctypes.c_void_p
     so.came_clip_divisor.restype = f
-    so.came_clip_divisor.argtypes = [f, i64, f]
+    so.came_clip_divisor.argtypes = [d, i64, f]
     so.came_clip_divisor_scaled.restype = f
-    so.came_clip_divisor_scaled.argtypes = [f, i64, f, f]
+    so.came_clip_divisor_scaled.argtypes = [d, i64, f, f]
+    for fn in (so.came_clip_total_identity, so.came_clip_total_direct):
+        fn.restype = d
+        fn.argtypes = [ptr] * 3 + [i64] * 3 + [f]
     so.came_param_step_folded.restype = f
     so.came_param_step_folded.argtypes = [f, f, f, f]
     so.came_step_flat.restype = None
@@ -226,6 +230,103 @@ def test_clip_divisor_is_at_least_one_and_keeps_nan(lib):
     assert lib.came_clip_divisor(400.0, 4, 2.0) == pytest.approx(5.0, rel=1e-7)
     assert math.isnan(lib.came_clip_divisor(float("nan"), 4, 1.0))          # a NaN gradient must show
     assert math.isinf(lib.came_clip_divisor(float("inf"), 4, 1.0))
+
+
+# ------------------------------------------------------------------ the clip's sum(u^2) without a re-read of g
+def _totals(lib, g, r, c, inv=1.0):
+    B, M, N = g.shape
+    g, r, c = g.contiguous(), r.contiguous(), c.contiguous()
+    ident = lib.came_clip_total_identity(g.data_ptr(), r.data_ptr(), c.data_ptr(), B, M, N, inv)
+    direct = lib.came_clip_total_direct(g.data_ptr(), r.data_ptr(), c.data_ptr(), B, M, N, inv)
+    return ident, direct
+
+
+def _new_rc(g, beta2=0.999, eps1=1e-30):
+    """r, c after one step from zero state, in fp32 as the kernels form them."""
+    sq = g.float() * g.float()
+    return (1 - beta2) * (sq.mean(-1) + eps1), (1 - beta2) * (sq.mean(-2) + eps1)
+
+
+def _float64_total(g, r, c):
+    """sum(u^2) in float64 from the same fp32 g, r, c."""
+    g, r, c = g.double(), r.double(), c.double()
+    u = g * (r / r.mean(-1, keepdim=True)).rsqrt()[..., None] * c.rsqrt()[..., None, :]
+    return float((u * u).sum())
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-16, 1e-8, 1.0, 1e8, 1e16, 1e18, 1e19])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 33), (1, 33, 1), (1, 37, 53), (3, 70, 131)])
+def test_clip_total_from_p_and_w_equals_the_direct_sum(lib, scale, shape):
+    # The identity sum u^2 = sum_b mean_M(r) * sum_j P_j / c_j (came_math.cuh) against u formed as the spec does,
+    # over grads from 1e-30 (g^2 underflows in fp32; t = g * rsqrt(r) does not) to 1e19 (g^2 near fp32's top).
+    gen = torch.Generator().manual_seed(30)
+    g = (torch.randn(shape, generator=gen) * scale).float()
+    if scale >= 1e19:
+        g = g.clamp(-1.5e19, 1.5e19)  # g^2 < FLT_MAX: larger g overflows r in the spec as well
+    r, c = _new_rc(g)
+    ident, direct = _totals(lib, g, r, c)
+    want = _float64_total(g, r, c)
+    if not math.isfinite(want):  # r or c overflowed: both must say so, never a finite number
+        assert not math.isfinite(ident) and not math.isfinite(direct)
+        return
+    assert math.isfinite(ident)  # (0 where c overflowed: rsqrt(inf) = 0, in the spec as well)
+    assert ident == pytest.approx(want, rel=2e-5) and ident == pytest.approx(direct, rel=2e-5)
+    # and the divisor it gives is the one the direct sum gives
+    n = g.numel()
+    assert lib.came_clip_divisor(ident, n, 1.0) == pytest.approx(lib.came_clip_divisor(direct, n, 1.0), rel=1e-5)
+
+
+def test_clip_total_with_tiny_sparse_grads_needs_fp64_w(lib):
+    # r and c near fp32's smallest normal (tiny grads against eps1, after many steps of decay) and one row of
+    # grads: t = g * rsqrt(r) ~ 1 but P_j / c_j ~ 1e38 * M passes FLT_MAX; in fp64 it does not, and the total
+    # (mean_M(r) ~ 1e-38 brings it back) equals the direct sum. A fp32 W would give inf: a divisor of inf.
+    M, N = 64, 8
+    g = torch.zeros(1, M, N)
+    g[0, 5, :] = 1.2e-19
+    g[0, 9, ::3] = -3e-19
+    r = torch.full((1, M), 1.5e-38)
+    c = torch.full((1, N), 1.2e-38)
+    ident, direct = _totals(lib, g, r, c)
+    p = ((g * r.rsqrt()[..., None]) ** 2).sum(-2)  # fp32 P_j
+    assert not torch.isfinite(p / c).all()  # the fp32 quotient overflows ...
+    assert math.isfinite(ident) and ident == pytest.approx(_float64_total(g, r, c), rel=1e-5)  # ... fp64 does not
+    assert ident == pytest.approx(direct, rel=1e-5)
+
+
+def test_clip_total_of_zero_grads_is_zero_and_nan_shows(lib):
+    g = torch.zeros(2, 5, 7)
+    r, c = _new_rc(g)
+    ident, direct = _totals(lib, g, r, c)
+    assert ident == direct == 0.0 and lib.came_clip_divisor(ident, g.numel(), 1.0) == 1.0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        gb = torch.randn(2, 5, 7)
+        gb[1, 2, 3] = bad
+        r, c = _new_rc(gb)
+        ident, _ = _totals(lib, gb, r, c)
+        assert math.isnan(ident), bad
+        assert math.isnan(lib.came_clip_divisor(ident, gb.numel(), 1.0))
+    # finite grads whose squares overflow r (r = inf): the spec's u is inf / inf = NaN, so is the identity's total
+    gb = torch.ones(1, 4, 6)
+    gb[0, 1, :] = 3e19
+    r, c = _new_rc(gb)
+    assert torch.isinf(r).any()
+    ident, direct = _totals(lib, gb, r, c)
+    assert math.isnan(ident) and math.isnan(direct)
+    # eps1 = 0 and a zero row: r_i = 0, the spec's u there is 0 * inf = NaN; so is t
+    gz = torch.randn(1, 4, 6)
+    gz[0, 2, :] = 0.0
+    r, c = _new_rc(gz, eps1=0.0)
+    assert math.isnan(_totals(lib, gz, r, c)[0])
+
+
+def test_clip_total_identity_can_fail(lib):
+    # A check that can fail: the identity with the old r (before this step's EMA) is far off.
+    gen = torch.Generator().manual_seed(31)
+    g = torch.randn(1, 40, 30, generator=gen)
+    r, c = _new_rc(g)
+    ident, direct = _totals(lib, g, r * torch.rand(1, 40, generator=gen), c)
+    _, want = _totals(lib, g, r, c)
+    assert abs(ident - want) > 1e-3 * want
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

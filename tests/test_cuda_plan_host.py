@@ -1,9 +1,10 @@
 """The CUDA extension's launch layout (csrc/plan.h), proven on the CPU.
 
-plan.h decides, on the host, how one launch per phase kernel covers a whole (device, dtype) group: the slot
-order (largest blocks first), each tensor's workspace slices and the block prefix sums; the kernels find
-their tensor with plan.h's owner_of. Both are compiled here with g++ (tests/cuda_host/plan_host.cpp) and
-checked against a plain Python model of the decomposition, without a GPU. What runs only on a GPU (the
+plan.h decides, on the host, how one launch per phase kernel covers a whole (device, dtype) group: the row
+tiles per stripe (taller stripes when the workspace would pass 64 MiB), the slot order (largest blocks first),
+each tensor's workspace slices, the block prefix sums (phase 2's only for tensors with N > 8192) and the
+stripe geometry; the kernels find their tensor with plan.h's owner_of. All of it is compiled here with g++
+(tests/cuda_host/plan_host.cpp) and checked against a plain Python model of the decomposition, without a GPU. What runs only on a GPU (the
 uploaded table, the kernels) is tested by test_fused_backends.py / test_cuda_backend.py there.
 """
 import ctypes
@@ -16,7 +17,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-ROWS, FLAT_CHUNK, WARPS, BLOCK_MEAN_ROWS = 64, 16384, 8, 2048
+ROWS, FLAT_CHUNK, WARPS, BLOCK_MEAN_ROWS, THREADS = 64, 16384, 8, 2048, 256
+CLIP_COLS, WS_CAP_FLOATS = 8192, 16 * 1024 * 1024
+I64 = ctypes.c_int64
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,20 @@ def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan_host") / "plan_host.so"
     subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", f"-I{ROOT}/csrc",
                     f"{ROOT}/tests/cuda_host/plan_host.cpp", "-o", str(out)], check=True)
-    return ctypes.CDLL(str(out))
+    so = ctypes.CDLL(str(out))
+    for f in ("came_layout", "came_default_ws", "came_row_tiles", "came_table_bytes", "came_desc_bytes",
+              "came_clip_cols", "came_ws_cap_floats"):
+        getattr(so, f).restype = I64
+    so.came_layout.argtypes = [ctypes.c_void_p, ctypes.c_int, I64, I64] + [ctypes.c_void_p] * 8
+    so.came_row_tiles.argtypes = [I64, I64, I64, I64, ctypes.c_void_p, ctypes.c_void_p]
+    so.came_counts.argtypes = [ctypes.c_void_p, I64, I64, ctypes.c_void_p]
+    so.came_counts.restype = None
+    so.came_reg_groups.argtypes = [I64, ctypes.c_int]
+    return so
+
+
+def _cdiv(a, b):
+    return -(-a // b)
 
 
 def _shape(dims):
@@ -38,47 +54,79 @@ def _shape(dims):
     return numel, 0, 0, 0
 
 
-def _model(s):
-    """The decomposition in plain Python: main blocks, column finalize blocks, mean blocks, partial floats."""
+def _tiles_of(s, tiles):
+    return min(tiles, _cdiv(s[2], ROWS)) if s[2] else 1
+
+
+def _model(s, tiles=1, clip_cols=CLIP_COLS):
+    """The decomposition in plain Python, at the tensor's own row tiles per stripe: main blocks, column finalize
+    blocks, mean blocks, floats of one column-partial array, column-partial arrays (Q and P when phase 1
+    gathers the clip, Q when phase 2 does, none for flat tensors), clip floats (fp64 W as 2 floats per column,
+    or one per block, padded to even), phase-2 blocks."""
     numel, B, M, N = s
     if M == 0:
-        return -(-numel // FLAT_CHUNK), 0, 0, 0
-    stripes = B * -(-M // ROWS)
+        blocks = _cdiv(numel, FLAT_CHUNK)
+        return blocks, 0, 0, 0, 0, _cdiv(blocks, 2) * 2, 0
+    stripes = B * _cdiv(M, ROWS * tiles)
     fv = 4 if N % 4 == 0 else 1
-    means = B if M >= BLOCK_MEAN_ROWS else -(-B // WARPS)
-    return stripes, -(-(B * N) // (32 * fv)), means, -(-(stripes * N) // 4) * 4
+    means = B if M >= BLOCK_MEAN_ROWS else _cdiv(B, WARPS)
+    covered = N <= clip_cols
+    return (stripes, _cdiv(B * N, 32 * fv), means, _cdiv(stripes * N, 4) * 4, 2 if covered else 1,
+            2 * B * N if covered else _cdiv(stripes, 2) * 2, 0 if covered else stripes)
 
 
-def _layout(lib, dims_list):
+def _layout(lib, dims_list, clip_cols=CLIP_COLS, cap=WS_CAP_FLOATS):
     n = len(dims_list)
-    shapes = (ctypes.c_int64 * (4 * n))(*[x for d in dims_list for x in _shape(d)])
+    shapes = (I64 * (4 * n))(*[x for d in dims_list for x in _shape(d)])
     order = (ctypes.c_int32 * n)()
-    ws_col, ws_blk = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)()
-    main, fin = (ctypes.c_int64 * (n + 1))(), (ctypes.c_int64 * (n + 1))()
-    lib.came_layout.restype = ctypes.c_int64
-    ws = lib.came_layout(shapes, n, order, ws_col, ws_blk, main, fin)
-    return list(order), list(ws_col), list(ws_blk), list(main), list(fin), ws
+    tiles_t, ws_col, ws_clip = (I64 * n)(), (I64 * n)(), (I64 * n)()
+    main, fin, clip = (I64 * (n + 1))(), (I64 * (n + 1))(), (I64 * (n + 1))()
+    info = (I64 * 2)()
+    ws = lib.came_layout(shapes, n, clip_cols, cap, order, tiles_t, ws_col, ws_clip, main, fin, clip, info)
+    return dict(order=list(order), tiles_t=list(tiles_t), ws_col=list(ws_col), ws_clip=list(ws_clip),
+                main=list(main), fin=list(fin), clip=list(clip), tiles=info[0], clip_cols=info[1], ws=ws)
 
 
-# GPT-2-like and odd shapes: 1-D, 0-d, 1xN, Nx1, ragged, batched 3-D/4-D, tall (block-per-matrix means).
+# GPT-2-like and odd shapes: 1-D, 0-d, 1xN, Nx1, ragged, batched 3-D/4-D, tall (block-per-matrix means), and
+# N past the register path's 8192 columns (phase 2).
 SHAPES = [(768,), (), (50257, 768), (1024, 768), (768, 2304), (2304,), (1, 33), (33, 1), (37, 53), (3, 70, 131),
-          (4, 3, 3, 3), (2, 1, 5, 1), (40000,), (4099, 8), (129, 257), (768, 3072), (3072, 768), (7,)]
+          (4, 3, 3, 3), (2, 1, 5, 1), (40000,), (4099, 8), (129, 257), (768, 3072), (3072, 768), (7,), (70, 8193),
+          (2, 3, 11008), (1, 20000)]
+
+
+def _gpt2_124m():
+    d, layers = 768, 12
+    per = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [(50257, d), (1024, d)] + per * layers + [(d,), (d,)]
+
+
+def _llama(vocab, d, inter, layers, kv):
+    per = [(d, d), (kv, d), (kv, d), (d, d), (inter, d), (inter, d), (d, inter), (d,), (d,)]
+    return [(vocab, d)] + per * layers + [(d,), (vocab, d)]
+
+
+MODELS = {"gpt2-124m": (_gpt2_124m(), 124_439_808),
+          "tinyllama-1.1b": (_llama(32000, 2048, 5632, 22, 256), 1_100_048_384),
+          "llama-7b": (_llama(32000, 4096, 11008, 32, 4096), 6_738_415_616)}
 
 
 def test_counts_match_the_python_model(lib):
-    lib.came_counts.restype = None
     for dims in SHAPES:
         s = _shape(dims)
-        out = (ctypes.c_int64 * 6)()
-        lib.came_counts((ctypes.c_int64 * 4)(*s), out)
-        main, fin_col, fin_mean, colpart = _model(s)
-        assert list(out)[:4] == [main, fin_col, fin_mean, colpart], dims
-        assert out[4] == (4 if s[3] % 4 == 0 else 1) and out[5] == int(s[2] >= BLOCK_MEAN_ROWS), dims
+        for tiles in (1, 2, 5):
+            t = _tiles_of(s, tiles)
+            for clip_cols in (CLIP_COLS, 64):
+                out = (I64 * 9)()
+                lib.came_counts((I64 * 4)(*s), t, clip_cols, out)
+                main, fin_col, fin_mean, colpart, arrays, clip_floats, clip_blocks = _model(s, t, clip_cols)
+                assert list(out) == [main, fin_col, fin_mean, colpart, 4 if s[3] % 4 == 0 else 1,
+                                     int(s[2] >= BLOCK_MEAN_ROWS), arrays, clip_floats, clip_blocks], (dims, t)
 
 
 def test_slots_are_largest_blocks_first_and_stable(lib):
-    order, *_ = _layout(lib, SHAPES)
-    assert sorted(order) == list(range(len(SHAPES)))
+    L = _layout(lib, SHAPES)
+    order = L["order"]
+    assert sorted(order) == list(range(len(SHAPES))) and L["tiles"] == 1
 
     def block_elems(dims):
         numel, B, M, N = _shape(dims)
@@ -89,22 +137,136 @@ def test_slots_are_largest_blocks_first_and_stable(lib):
     for a, b in zip(order, order[1:]):  # ties keep the group's order: the layout is fixed for fixed inputs
         if block_elems(SHAPES[a]) == block_elems(SHAPES[b]):
             assert a < b
-    assert SHAPES[order[0]] in [(768, 3072)] and SHAPES[order[-1]] == ()  # widest stripes first, 0-d last
+    assert SHAPES[order[0]] == (70, 8193) and SHAPES[order[-1]] == ()  # widest stripes first, 0-d last
 
 
-def test_prefix_sums_and_workspace_slices(lib):
-    order, ws_col, ws_blk, main, fin, ws = _layout(lib, SHAPES)
-    col_end = blk_end = 0
-    assert main[0] == fin[0] == 0
-    for k, i in enumerate(order):
-        m, fc, fm, colpart = _model(_shape(SHAPES[i]))
-        assert main[k + 1] - main[k] == m and fin[k + 1] - fin[k] == fc + fm
-        # column partials: disjoint, in slot order, each 16-byte aligned; block partials: one per main block
-        assert ws_col[k] == col_end and ws_col[k] % 4 == 0
-        assert ws_blk[k] == blk_end
-        col_end += colpart
-        blk_end += m
-    assert ws == max(col_end, blk_end, 1)
+def _check_layout(lib, dims_list, L):
+    """Prefix sums and workspace regions of a layout against the model: the column partials of every tensor
+    disjoint, in slot order, 16-byte aligned; then the clip inputs (W 8-byte aligned), disjoint; phase-2 blocks
+    exactly the main blocks of the factored tensors with N > clip_cols."""
+    col_end = 0
+    assert L["main"][0] == L["fin"][0] == L["clip"][0] == 0
+    models = []
+    for k, i in enumerate(L["order"]):
+        s = _shape(dims_list[i])
+        t = _tiles_of(s, L["tiles"])
+        assert L["tiles_t"][k] == t
+        m = _model(s, t, L["clip_cols"])
+        models.append(m)
+        main, fc, fm, colpart, arrays, clip_floats, clip_blocks = m
+        assert L["main"][k + 1] - L["main"][k] == main and L["fin"][k + 1] - L["fin"][k] == fc + fm
+        assert L["clip"][k + 1] - L["clip"][k] == clip_blocks
+        assert L["ws_col"][k] == col_end and col_end % 4 == 0
+        col_end += arrays * colpart
+    clip_end = col_end
+    for k, i in enumerate(L["order"]):
+        assert L["ws_clip"][k] == clip_end and clip_end % 2 == 0
+        clip_end += models[k][5]
+    assert L["ws"] == max(clip_end, 1)
+    return models
+
+
+def test_prefix_sums_and_workspace_regions(lib):
+    for clip_cols in (CLIP_COLS, 64, 0):
+        _check_layout(lib, SHAPES, _layout(lib, SHAPES, clip_cols=clip_cols))
+
+
+def test_clip_cols_is_never_above_the_register_bound(lib):
+    assert lib.came_clip_cols() == CLIP_COLS and lib.came_ws_cap_floats() == WS_CAP_FLOATS
+    L = _layout(lib, SHAPES, clip_cols=10 ** 6)
+    assert L["clip_cols"] == CLIP_COLS
+    # the tensors with N > 8192 take phase 2, the others none
+    for k, i in enumerate(L["order"]):
+        s = _shape(SHAPES[i])
+        assert (L["clip"][k + 1] > L["clip"][k]) == (s[2] > 0 and s[3] > CLIP_COLS), SHAPES[i]
+
+
+def _row_tiles(lib, s, tiles):
+    numel, B, M, N = s
+    blocks = B * _cdiv(M, ROWS * tiles)
+    out = (I64 * (2 * B * _cdiv(M, ROWS) + 2 * blocks))()
+    mats = (I64 * blocks)()
+    k = lib.came_row_tiles(M, N, tiles, blocks, out, mats)
+    return [(out[2 * j], out[2 * j + 1]) for j in range(k)], list(mats)
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 7, 100])
+def test_every_row_is_covered_once_by_its_stripes_row_tiles(lib, tiles):
+    # The kernels' stripe_of and row_tile: every row of the [B*M, N] view in exactly one row tile of at most
+    # ROWS rows, inside its stripe's matrix; a stripe has at most `tiles` row tiles; stripe s of a tensor is
+    # stripe s % S of matrix s // S (where the column finalize looks for its partials).
+    for dims in SHAPES + [(3, 200, 5), (1000, 3), (5, 129, 2)]:
+        s = _shape(dims)
+        if s[2] == 0:
+            continue
+        numel, B, M, N = s
+        t = _tiles_of(s, tiles)
+        S = _cdiv(M, ROWS * t)
+        rts, mats = _row_tiles(lib, s, t)
+        rows = [r for a, b in rts for r in range(a, b)]
+        assert rows == list(range(B * M)), dims  # once each, in launch order
+        assert all(0 < b - a <= ROWS for a, b in rts)
+        assert mats == [local // S for local in range(B * S)]
+        for a, b in rts:
+            assert (a // M) == ((b - 1) // M)  # never across two matrices
+        per_block = {}
+        for a, b in rts:
+            per_block.setdefault(a // M * S + (a % M) // (ROWS * t), []).append((a, b))
+        assert sorted(per_block) == list(range(B * S)) and all(len(v) <= t for v in per_block.values())
+
+
+def test_register_path_columns_cover_n_once(lib):
+    # Thread x owns the groups x + q*256 (q < kG) of vec columns: kG is the smallest power of two whose groups
+    # cover N, and never more than 32 columns per thread for N <= 8192.
+    for vec in (4, 8):
+        for N in list(range(1, 300)) + [1023, 1024, 1025, 2047, 2048, 2049, 4096, 5632, 8191, 8192]:
+            kg = lib.came_reg_groups(N, vec)
+            assert kg & (kg - 1) == 0 and kg * THREADS * vec >= N and (kg == 1 or kg // 2 * THREADS * vec < N)
+            assert kg * vec <= 32
+            cols = sorted(c for x in range(THREADS) for q in range(kg) for c in range((x + q * THREADS) * vec,
+                                                                                      (x + q * THREADS + 1) * vec))
+            assert cols == list(range(kg * THREADS * vec))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_workspace_is_at_most_64_mib_for_real_models(lib, model):
+    # Column partials at one row tile per stripe would take 2*numel/64 floats (TinyLlama 131 MiB, LLaMA-7B 842
+    # MiB); taller stripes keep the workspace, W and the block sums included, within 64 MiB, and the layout
+    # stays exact (regions, prefix sums) at the chosen tiles.
+    dims_list, params = MODELS[model]
+    assert sum(math.prod(d) for d in dims_list) == params
+    L = _layout(lib, dims_list)
+    assert 4 * L["ws"] <= 64 * 2 ** 20
+    _check_layout(lib, dims_list, L)
+    # the smallest count that fits: one row tile fewer passes the cap
+    if L["tiles"] > 1:
+        assert 4 * _layout(lib, dims_list, cap=10 ** 12)["ws"] > 64 * 2 ** 20
+        n = len(dims_list)
+        shapes = (I64 * (4 * n))(*[x for d in dims_list for x in _shape(d)])
+        tiles = I64()
+        assert lib.came_default_ws(shapes, n, ctypes.byref(tiles)) == L["ws"] and tiles.value == L["tiles"]
+        smaller = sum(m[4] * m[3] + m[5] for m in (_model(_shape(d), _tiles_of(_shape(d), L["tiles"] - 1))
+                                                   for d in dims_list))
+        assert smaller > WS_CAP_FLOATS
+    expect = {"gpt2-124m": 1, "tinyllama-1.1b": 3, "llama-7b": 13}[model]
+    assert L["tiles"] == expect
+    # every row of every tensor once, at the chosen tiles (each distinct shape once)
+    for dims in set(d for d in dims_list if len(d) >= 2):
+        s = _shape(dims)
+        rts, _ = _row_tiles(lib, s, _tiles_of(s, L["tiles"]))
+        assert sum(b - a for a, b in rts) == s[1] * s[2] and rts[0][0] == 0 and rts[-1][1] == s[1] * s[2]
+        assert all(x[1] == y[0] for x, y in zip(rts, rts[1:]))
+
+
+def test_a_lower_cap_makes_stripes_taller(lib):
+    # The test hook the GPU tests use (CAME_KERNELS_CUDA_WS_CAP_FLOATS): a small group under a small cap.
+    L1 = _layout(lib, SHAPES)
+    L2 = _layout(lib, SHAPES, cap=L1["ws"] // 3)
+    assert L2["tiles"] > 1 and L2["ws"] <= L1["ws"] // 3
+    _check_layout(lib, SHAPES, L2)
+    L3 = _layout(lib, SHAPES, cap=1)  # nothing fits: the largest useful count
+    assert L3["tiles"] == max(_cdiv(_shape(d)[2], ROWS) for d in SHAPES if len(d) >= 2)
+    _check_layout(lib, SHAPES, L3)
 
 
 def _owners(lib, start, wide):
@@ -120,8 +282,8 @@ def _owners(lib, start, wide):
 def test_every_block_finds_its_tensor(lib, wide):
     # Both searches (the kernels run the 32-wide one) over both prefix sums: every block maps to the slot
     # whose range holds it; slots with no finalize blocks (flat tensors) are never chosen.
-    _, _, _, main, fin, _ = _layout(lib, SHAPES)
-    for start in (main, fin):
+    L = _layout(lib, SHAPES)
+    for start in (L["main"], L["fin"], L["clip"]):
         expect = [k for k in range(len(start) - 1) for _ in range(start[k + 1] - start[k])]
         assert _owners(lib, start, wide) == expect
 
@@ -137,7 +299,5 @@ def test_32_wide_search_on_long_tables_with_empty_slots(lib, n):
 
 
 def test_table_is_128_bytes_per_tensor_plus_prefix_sums(lib):
-    lib.came_table_bytes.restype = ctypes.c_int64
-    lib.came_desc_bytes.restype = ctypes.c_int64
     assert lib.came_desc_bytes() == 128
-    assert lib.came_table_bytes(201) == 201 * 128 + 2 * 202 * 4
+    assert lib.came_table_bytes(201) == 201 * 128 + 3 * 202 * 4

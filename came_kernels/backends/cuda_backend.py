@@ -3,9 +3,11 @@
 Same contract as the torch backend (backends/README.md); the math lives in csrc/<phase>.cu, one file per
 phase with the stems of triton_kernels/, and is checked against torch_backend.py by tests/test_cuda_backend.py.
 One call of `torch.ops.came_kernels.came_step` per (device, dtype) group runs the four phases: one upload of
-the group's tensor table (pinned memory, non-blocking), then four phase kernels and three small finalize
-kernels, 7 launches whatever the tensor count, about 32 B of traffic per fp32 parameter, no host sync (lr is
-read on the device), deterministic (fixed-order sums).
+the group's tensor table (pinned memory, non-blocking), then three phase kernels and three small finalize
+kernels, plus phase 2's kernel only for matrices wider than 8192 columns (phase 1 gathers the clip's sum for
+the others: g is read once there), 6 or 7 launches whatever the tensor count, about 28 B of traffic per fp32
+parameter, a workspace of at most 64 MiB, no host sync (lr is read on the device), deterministic (fixed-order
+sums).
 
 GradScaler (grad_scale/found_inf): the kernels read [found_inf, 1/scale] from one small device tensor
 (`_contiguous.amp_flags`, as the Triton backend), multiply g by 1/scale wherever they read it and return

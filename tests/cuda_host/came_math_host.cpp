@@ -2,7 +2,8 @@
 //
 // One CAME step per tensor, composed from the same per-element functions the kernels call, in the kernels'
 // phase order (sq_stats, clip_stats, momentum_res, param_step) and with their sums: row sums over N, column
-// sums over M, the per-matrix mean of the row statistic, one sum of u^2 per tensor. What this does not
+// sums over M, the per-matrix mean of the row statistic, sum(u^2) per tensor as the kernels form it (for
+// N <= kClipCols from P and W, came_math.cuh's identity; else from u directly, as phase 2 does). What this does not
 // check is the GPU plumbing (tables, stripes, vector loads): tests/test_cuda_backend.py does that on a GPU.
 // Plain C ABI for ctypes; fp32 storage only (the kernels' bf16/fp16 loads and stores are conversions).
 // GradScaler: g is multiplied by inv_scale wherever a phase reads it (1.0f without a GradScaler, as in the
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "came_math.cuh"
+#include "plan.h"  // kClipCols, kFlatChunk
 
 using namespace came;
 
@@ -35,7 +37,7 @@ float step_p(float p, float update, const H& h) {
   update = corrected_update(update, h.bias ? h.s_m : 1.0f);         // param_step.cu: s_m = 1 without
   return h.wd != 0.0f ? param_step(p, update, h.lr, h.wd) : p - h.lr * update;  // param_step.cu's kDecay
 }
-float divisor(float sum_u2, int64_t numel, const H& h) {  // clip_stats.cu's clip_finalize_kernel
+float divisor(double sum_u2, int64_t numel, const H& h) {  // clip_stats.cu's clip_finalize_kernel
   return h.bias ? clip_divisor_scaled(sum_u2, numel, h.d, h.s_u) : clip_divisor(sum_u2, numel, h.d);
 }
 float g_of(const float* g, int64_t k, const H& h) {  // momentum_res.cu: unscale, then negate for maximize
@@ -46,8 +48,8 @@ float g_of(const float* g, int64_t k, const H& h) {  // momentum_res.cu: unscale
 
 extern "C" {
 
-float came_clip_divisor(float sum_u2, int64_t numel, float d) { return clip_divisor(sum_u2, numel, d); }
-float came_clip_divisor_scaled(float sum_u2, int64_t numel, float d, float s_u) {
+float came_clip_divisor(double sum_u2, int64_t numel, float d) { return clip_divisor(sum_u2, numel, d); }
+float came_clip_divisor_scaled(double sum_u2, int64_t numel, float d, float s_u) {
   return clip_divisor_scaled(sum_u2, numel, d, s_u);
 }
 
@@ -60,22 +62,67 @@ void came_step_flat(float* p, const float* g, float* m, float* v, int64_t n, dou
                     double eps1, double eps2, double d, double lr, double wd, int maximize, float inv, int bias,
                     float s_u, float s_m) {
   const H h = make(b1, b2, b3, eps1, eps2, d, lr, wd, maximize, inv, bias, s_u, s_m);
-  // phase 1
+  // phase 1, with sum(u^2) from the new v (one fp32 sum per block of kFlatChunk elements, added in fp64)
+  double s = 0.0;
+  float part = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float gx = unscaled(g[i], h.inv);
     v[i] = ema(v[i], h.b2, h.omb2, gx * gx + h.eps1);
+    const float u = vector_u(gx, v[i]);
+    part += u * u;
+    if ((i + 1) % kFlatChunk == 0 || i + 1 == n) {
+      s += static_cast<double>(part);
+      part = 0.0f;
+    }
   }
-  // phase 2
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float u = vector_u(unscaled(g[i], h.inv), v[i]);
-    s += u * u;
-  }
+  // phase 2: the clip finalize
   const float div = divisor(s, n, h);
   // phase 3
   for (int64_t i = 0; i < n; ++i) m[i] = ema(m[i], h.b1, h.omb1, clipped(vector_u(g_of(g, i, h), v[i]), div));
   // phase 4
   for (int64_t i = 0; i < n; ++i) p[i] = step_p(p[i], m[i], h);
+}
+
+// The clip's sum(u^2) of a factored tensor from g and the new r, c (as stored), in the kernels' way
+// (sq_stats.cu, clip_stats.cu): t = g * rsqrt(r_i), P_j = sum_i t^2 (fp32), W_j = P_j / c_j (fp64), total =
+// sum_b mean_M(r)[b] * sum_j W_j (fp64). g is unscaled by inv as the kernels load it.
+double came_clip_total_identity(const float* g, const float* r, const float* c, int64_t B, int64_t M, int64_t N,
+                                float inv) {
+  std::vector<float> P(N);
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < M; ++i) s += r[b * M + i];
+    const float mean_r = s / static_cast<float>(M);
+    for (int64_t j = 0; j < N; ++j) P[j] = 0.0f;
+    for (int64_t i = 0; i < M; ++i) {
+      const float r_inv = inv * rsqrt_(r[b * M + i]);  // sq_stats.cu: (1/scale) * rsqrt(r), then g times it
+      for (int64_t j = 0; j < N; ++j) {
+        const float t = clip_t(g[(b * M + i) * N + j], r_inv);
+        P[j] += t * t;
+      }
+    }
+    for (int64_t j = 0; j < N; ++j) total += clip_row_term(mean_r, clip_col_term(P[j], c[b * N + j]));
+  }
+  return total;
+}
+
+// The same sum directly: u as the spec forms it (fp32), u^2 added in fp64 (what phase 2 computed before).
+double came_clip_total_direct(const float* g, const float* r, const float* c, int64_t B, int64_t M, int64_t N,
+                              float inv) {
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < M; ++i) s += r[b * M + i];
+    const float mean_r = s / static_cast<float>(M);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const float u = factored_u(unscaled(g[(b * M + i) * N + j], inv), row_factor(r[b * M + i], mean_r),
+                                   col_factor(c[b * N + j]));
+        total += static_cast<double>(u) * static_cast<double>(u);
+      }
+  }
+  return total;
 }
 
 // Factored tensors: [B, M, N] p, g, m; r, R [B*M]; c, C [B*N].
@@ -103,15 +150,9 @@ void came_step_factored(float* p, const float* g, float* m, float* r, float* c, 
     for (int64_t i = 0; i < M; ++i) s += r[b * M + i];
     mean_r[b] = s / static_cast<float>(M);
   }
-  // phase 2: the clip divisor
-  float s = 0.0f;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) {
-        const float u = factored_u(unscaled(g[(b * M + i) * N + j], h.inv), row_factor(r[b * M + i], mean_r[b]),
-                                   col_factor(c[b * N + j]));
-        s += u * u;
-      }
+  // phases 1 and 2: the clip divisor from P and W (N <= kClipCols), or from u directly (phase 2's re-read of g)
+  const double s = N <= kClipCols ? came_clip_total_identity(g, r, c, B, M, N, h.inv)
+                                      : came_clip_total_direct(g, r, c, B, M, N, h.inv);
   const float div = divisor(s, B * M * N, h);
   // phase 3: m, then R from row sums of the residual, C from column sums, mean_M(R)
   for (int64_t b = 0; b < B; ++b) {

@@ -1,6 +1,6 @@
 // Host build of csrc/plan.h for tests/test_cuda_plan_host.py (g++, no CUDA, no torch): the layout of a group
-// (slot order, workspace offsets, block prefix sums) and the block -> slot search the kernels run.
-// Plain C ABI for ctypes.
+// (row tiles, slot order, workspace offsets, block prefix sums), the stripe geometry and the block -> slot
+// search the kernels run. Plain C ABI for ctypes.
 #include <cstdint>
 #include <vector>
 
@@ -8,24 +8,45 @@
 
 using namespace came;
 
+namespace {
+std::vector<Shape> shapes_of(const int64_t* shapes, int n) {
+  std::vector<Shape> v;
+  for (int i = 0; i < n; ++i) {
+    v.push_back(Shape{shapes[4 * i], shapes[4 * i + 1], shapes[4 * i + 2], shapes[4 * i + 3]});
+  }
+  return v;
+}
+}  // namespace
+
 extern "C" {
 
-// shapes: n x 4 int64 (numel, B, M, N). Outputs (caller-sized): order[n], ws_col[n], ws_blk[n],
-// main_start[n+1], fin_start[n+1]; returns ws_floats.
-int64_t came_layout(const int64_t* shapes, int n, int32_t* order, int64_t* ws_col, int64_t* ws_blk,
-                    int64_t* main_start, int64_t* fin_start) {
-  std::vector<Shape> v;
-  for (int i = 0; i < n; ++i) v.push_back(Shape{shapes[4 * i], shapes[4 * i + 1], shapes[4 * i + 2], shapes[4 * i + 3]});
-  const Layout L = make_layout(v);
+// shapes: n x 4 int64 (numel, B, M, N); clip_cols, cap_floats as make_layout takes them. Outputs (caller-sized):
+// order[n], tiles_t[n], ws_col[n], ws_clip[n], main_start[n+1], fin_start[n+1], clip_start[n+1], and
+// info[2] = (group tiles, clip_cols); returns ws_floats.
+int64_t came_layout(const int64_t* shapes, int n, int64_t clip_cols, int64_t cap_floats, int32_t* order,
+                    int64_t* tiles_t, int64_t* ws_col, int64_t* ws_clip, int64_t* main_start, int64_t* fin_start,
+                    int64_t* clip_start, int64_t* info) {
+  const Layout L = make_layout(shapes_of(shapes, n), clip_cols, cap_floats);
   for (int k = 0; k < n; ++k) {
     order[k] = L.order[k];
+    tiles_t[k] = L.tiles_t[k];
     ws_col[k] = L.ws_col[k];
-    ws_blk[k] = L.ws_blk[k];
+    ws_clip[k] = L.ws_clip[k];
   }
   for (int k = 0; k <= n; ++k) {
     main_start[k] = L.main_start[k];
     fin_start[k] = L.fin_start[k];
+    clip_start[k] = L.clip_start[k];
   }
+  info[0] = L.tiles;
+  info[1] = L.clip_cols;
+  return L.ws_floats;
+}
+
+// The default layout (kClipCols, kWsCapFloats): its group tiles and ws_floats.
+int64_t came_default_ws(const int64_t* shapes, int n, int64_t* tiles) {
+  const Layout L = make_layout(shapes_of(shapes, n));
+  *tiles = L.tiles;
   return L.ws_floats;
 }
 
@@ -40,19 +61,44 @@ void came_owners(const int32_t* start, int n, int32_t total, int wide, int32_t* 
   for (int32_t b = 0; b < total; ++b) out[b] = wide ? owner_of_32(start, n, b, ballot) : owner_of(start, n, b);
 }
 
-// Per-shape block counts, as the kernels compute them: main, finalize column blocks, finalize mean blocks,
-// colpart floats, fin_vec, block_per_mean.
-void came_counts(const int64_t* s, int64_t* out) {
+// Per-shape counts at `tiles` row tiles per stripe (the tensor's own) and clip_cols, as the kernels compute
+// them: main, finalize column blocks, finalize mean blocks, floats of one column-partial array, fin_vec,
+// block_per_mean, column-partial arrays, clip floats, phase-2 blocks.
+void came_counts(const int64_t* s, int64_t tiles, int64_t clip_cols, int64_t* out) {
   const Shape sh{s[0], s[1], s[2], s[3]};
-  out[0] = main_blocks_of(sh);
+  out[0] = main_blocks_of(sh, tiles);
   out[1] = fin_col_blocks_of(sh);
   out[2] = fin_mean_blocks_of(sh);
-  out[3] = colpart_floats_of(sh);
+  out[3] = colpart_floats_of(sh, tiles);
   out[4] = fin_vec(sh.N);
   out[5] = block_per_mean(sh.M) ? 1 : 0;
+  out[6] = colpart_arrays_of(sh, clip_cols);
+  out[7] = clip_floats_of(sh, tiles, clip_cols);
+  out[8] = clip_blocks_of(sh, tiles, clip_cols);
 }
 
+// The rows every block of a factored tensor covers, as the kernels walk them: for block `local` (< blocks),
+// its stripe (stripe_of) and that stripe's row tiles (row_tile): out[2k], out[2k+1] = row0, row_end of the
+// k-th row tile in launch order; stripe_b[local] = the stripe's matrix. Returns the row tiles written.
+int64_t came_row_tiles(int64_t M, int64_t N, int64_t tiles, int64_t blocks, int64_t* out, int64_t* stripe_b) {
+  int64_t k = 0;
+  for (int64_t local = 0; local < blocks; ++local) {
+    const Stripe s = stripe_of(M, N, local, tiles);
+    stripe_b[local] = s.b;
+    for (int64_t t = 0; t < row_tiles_of(s); ++t) {
+      const Stripe x = row_tile(s, t);
+      out[2 * k] = x.row0;
+      out[2 * k + 1] = x.row_end;
+      ++k;
+    }
+  }
+  return k;
+}
+
+int came_reg_groups(int64_t N, int vec) { return reg_groups(N, vec); }
 int64_t came_table_bytes(int64_t n) { return table_bytes(n); }
 int64_t came_desc_bytes() { return sizeof(TensorDesc); }
+int64_t came_clip_cols() { return kClipCols; }
+int64_t came_ws_cap_floats() { return kWsCapFloats; }
 
 }  // extern "C"
