@@ -118,10 +118,10 @@ def sweep_one(shapes, dtype, reps, copy_gbs, fused=True):
     pk = dict(kw, PACKED=plan.packed)
     rb = mt.read_block_n(plan.dtype)
     rows = {
-        "sq_stats": (lambda: sq._sq_stats_kernel[(plan.n_blocks1,)](
-            plan.meta, plan.blocks1, ws, stats, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
-            NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles1 > 1, FUSED=plan.fused, NPADS=plan.npads,
-            WIDE=plan.wide, **pk), n * ge),
+        "sq_stats": (lambda: [sq._sq_stats_kernel[(nb,)](
+            plan.meta, blocks, ws, stats, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
+            NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles1 > 1, **kinds, **kw)
+            for blocks, nb, kinds in sq.phase1_launches(plan)], n * ge),
         "sq fin.": (lambda: _sq_finalize_kernel[(plan.n_fin,)](*fin_args, wsd, CLIP=clip, **fin_kw), 0),
         "clip_stats": (lambda: cs._clip_stats_kernel[(plan.n_clip_blocks,)](
             plan.meta, plan.clip_blocks, ws, stats, ws, DTYPE=plan.dtype, BLOCK_N=rb, NUM_STAGES=mt.STAGES["clip_stats"], **kw), n_clip * ge),

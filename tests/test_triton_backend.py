@@ -104,8 +104,10 @@ def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype, fus
     refs = [_ref_phases(p, g, st, **H) for p, g, st in zip(ps, gs, sts)]
     plan = tk.build_plan(ps, gs, *_lists(sts), fused=fused)
     assert set(plan.vec) == {0, 1}, "both the 16-byte and the scalar kernel bodies must run here"
-    if fused:  # every in-register width class of these shapes, and phase 2 for the wide one only
+    if fused:  # every in-register width class of these shapes (the widest in a launch of its own), and phase 2
+        # for the wide one only
         assert plan.fused and plan.wide and plan.npads == 0b111 and plan.n_clip_blocks == 1
+        assert plan.n_blocks_big == 1 and plan.n_blocks1 + 1 == plan.n_blocks
     else:
         assert not plan.fused and plan.npads == 0 and plan.n_clip_blocks == plan.n_tile_blocks
     ws = torch.full((plan.ws_floats,), NAN, device=DEV)
@@ -158,7 +160,8 @@ def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype, fus
 def _covered(plan, shapes, phase1=False):
     """Element counts per tensor as the block table (phase1: phase 1's) claims them: every element must appear
     exactly once."""
-    meta, blocks = plan.meta.cpu(), (plan.blocks1 if phase1 else plan.blocks).cpu()
+    meta = plan.meta.cpu()
+    blocks = torch.cat([plan.blocks1, plan.blocks_big]).cpu() if phase1 else plan.blocks.cpu()
     hits = [torch.zeros(math.prod(s), dtype=torch.int32) for s in shapes]
     for t, local in blocks.tolist():
         M, N, numel, tiles, pack = (int(meta[t, int(c)]) for c in (mt.C_NROWS, mt.C_NCOLS, mt.C_NUMEL,
@@ -247,7 +250,7 @@ def test_workspace_stays_under_64_mib_at_any_model_size(model, numel, tiles, til
     assert colpart(tiles - 1) + 2 * plan.w_doubles > mt.WS_CAP_FLOATS  # the smallest counts
     assert 2 * colpart(tiles1 - 1) + plan.n_tile_blocks + 2 * plan.w_doubles > mt.WS_CAP_FLOATS
     assert plan.n_blocks == _stripes(plan, ps)
-    assert plan.n_blocks1 == _stripes(plan, ps, plan.tiles1)
+    assert plan.n_blocks1 + plan.n_blocks_big == _stripes(plan, ps, plan.tiles1)
     # Phases 2 and 4 keep blocks of one row tile: their table and workspace share follow numel/ROWS.
     assert plan.n_tile_blocks == sum(-(-p.shape[0] // mt.ROWS) if p.ndim == 2 else -(-p.numel() // mt.FLAT_CHUNK)
                                      for p in ps) <= plan.ws_floats
@@ -542,8 +545,8 @@ _PTX_SCRIPT = textwrap.dedent('''
                     ce[flag] = False
             if "ROUNDING" in fn.arg_names:
                 ce["ROUNDING"] = 0
-            if "NPADS" in fn.arg_names:  # phase 1 of a fused plan with every row width: all of its bodies
-                ce.update(FUSED=True, NPADS=2 ** len(mt.NPAD_SIZES) - 1, WIDE=True)
+            if "NPADS" in fn.arg_names:  # phase 1 of a fused plan with every row width but the widest (a launch
+                ce.update(FUSED=True, NPADS=2 ** (len(mt.NPAD_SIZES) - 1) - 1, WIDE=True)  # of its own)
             sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
             k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": mt.NUM_WARPS})

@@ -97,13 +97,13 @@ def main() -> int:
                 dict(v, PACKED=True) for v in extras if not any(v.get(f) for f in ("AMP", "BIAS", "TILED", "MAXIMIZE",
                                                                                    "LOWBIT", "ROUNDING"))]
         if "NPADS" in fn.arg_names:  # phase 1 of fused plans: each in-register width alone (fp32, bf16, tiled
-            # or not), then a plan with every body (all widths, wide rows, packed matrices)
+            # or not), then a launch with every other body (all widths but the widest, wide rows, packed)
             base = [dict(v, FUSED=False, NPADS=0, WIDE=True) for v in extras]
             one = [v for v in base if v["DTYPE"] in (tl.float32, tl.bfloat16) and not v.get("AMP")
                    and not v.get("PACKED")]
             extras = base + [dict(v, FUSED=True, NPADS=1 << i, WIDE=False) for i in range(len(mt.NPAD_SIZES))
-                             for v in one] + [dict(base[0], FUSED=True, NPADS=2 ** len(mt.NPAD_SIZES) - 1, WIDE=True,
-                                                   PACKED=True)]
+                             for v in one] + [dict(base[0], FUSED=True, NPADS=2 ** (len(mt.NPAD_SIZES) - 1) - 1,
+                                                   WIDE=True, PACKED=True)]  # (the widest launches alone)
         for flag in ("CLIP", "FUSED"):  # the finalize kernels of fused plans (W = P / c; the clip from W)
             if flag in fn.arg_names and "NPADS" not in fn.arg_names:
                 extras = [dict(v, **{flag: False}) for v in extras] + [dict(extras[0], **{flag: True})]

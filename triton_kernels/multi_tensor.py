@@ -210,8 +210,10 @@ class Plan:
     dtype: object              # the tl dtype of params and grads
     tiles: int = 1             # row tiles per stripe (choose_tiles), as large tensors have it in meta[:, C_TILES]
     tiles1: int = 1            # the same for phase 1 (meta[:, C_TILES1]; = tiles unless fused)
-    blocks1: torch.Tensor = None  # phase 1's blocks (stripes of tiles1 row tiles; `blocks` when tiles1 == tiles)
+    blocks1: torch.Tensor = None  # phase 1's blocks (stripes of tiles1 row tiles; `blocks` when tiles1 == tiles) ...
     n_blocks1: int = 0
+    blocks_big: torch.Tensor = None  # ... but those of the widest in-register body (NPAD_SIZES[-1]), launched on
+    n_blocks_big: int = 0            # their own: its registers would otherwise cut every other block's occupancy
     vec_base: tuple = ()       # per tensor: C_VEC as far as everything but the grad allows
     vec: tuple = ()            # per tensor: the C_VEC now in `meta` (vec_base and an aligned grad)
     uploads: list = dataclasses.field(default_factory=list)  # pinned sources of the last uploads, kept alive
@@ -435,6 +437,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
     npads, wide, ws_w = 0, False, 0
     blk = ([], [], [])   # tensor ids, local indices, work (elements) of the blocks of phase 3 (and 1: blk1)
     blk1 = ([], [], [])
+    big = ([], [], [])   # phase 1's blocks of the widest in-register body
     tblk = ([], [], [])  # the same for phases 2 and 4 (single row tiles)
     fin = ([], [], [])   # the same for the finalize programs (work: floats read)
     ws_col = ws_q1 = stat = q_blocks = 0
@@ -464,19 +467,20 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
             tlocal = torch.arange(n_tile)
             twork = torch.clamp(M - (tlocal % _cdiv(M, ROWS)) * ROWS, max=ROWS) * N
             colpart = _colpart_floats(B, M, N, tiles)
+            npad = npad_size(N) if fused else 0
+            dest = big if npad == NPAD_SIZES[-1] else blk1
             t_tiles1 = _tensor_tiles(M, tiles1)
             colpart1 = _colpart_floats(B, M, N, tiles1)
             per_matrix1 = _cdiv(M, ROWS * t_tiles1)
             local1 = torch.arange(B * per_matrix1)
-            blk1[0].append(torch.full((B * per_matrix1,), t))
-            blk1[1].append(local1)
-            blk1[2].append(torch.clamp(M - (local1 % per_matrix1) * ROWS * t_tiles1, max=ROWS * t_tiles1) * N)
+            dest[0].append(torch.full((B * per_matrix1,), t))
+            dest[1].append(local1)
+            dest[2].append(torch.clamp(M - (local1 % per_matrix1) * ROWS * t_tiles1, max=ROWS * t_tiles1) * N)
             n_col = _cdiv(B * N, FIN_COLS)
             fin[0].append(torch.full((n_col + B,), t))
             fin[1].append(torch.arange(n_col + B))
             fin[2].append(torch.cat([torch.full((n_col,), per_matrix * min(FIN_COLS, B * N)), torch.full((B,), M)]))
             addr = (r.data_ptr(), c.data_ptr(), R.data_ptr(), C.data_ptr())
-            npad = npad_size(N) if fused else 0
         else:
             B = M = N = colpart = colpart1 = 0
             t_tiles = t_tiles1 = 1
@@ -521,8 +525,10 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
     blocks = _largest_first(*blk)
     tile_blocks = blocks if tiles == 1 else _largest_first(*tblk)
     blocks_dev = blocks.to(device)
-    blocks1 = blocks if tiles1 == tiles else _largest_first(*blk1)
-    blocks1_dev = blocks_dev if tiles1 == tiles else blocks1.to(device)
+    same = tiles1 == tiles and not big[0]  # phase 1's table is phase 3's
+    blocks1 = blocks if same else _largest_first(*blk1)
+    blocks1_dev = blocks_dev if same else blocks1.to(device)
+    blocks_big = _largest_first(*big)
     fin_blocks = _largest_first(*fin)
     clip_blocks = _largest_first(*clip)
     return Plan(
@@ -534,7 +540,8 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         n_tensors=len(params), n_blocks=blocks.shape[0], n_tile_blocks=tile_blocks.shape[0], n_fin=fin_blocks.shape[0],
         ws_floats=max(ws_col, 2 * ws_q1 if fused else ws_q1, ws_blk, 1), stats_floats=max(stat, 1),
         dtype=_TORCH_TO_TL[params[0].dtype],
-        tiles=tiles, tiles1=tiles1, blocks1=blocks1_dev, n_blocks1=blocks1.shape[0], vec_base=tuple(vec_base),
+        tiles=tiles, tiles1=tiles1, blocks1=blocks1_dev, n_blocks1=blocks1.shape[0], blocks_big=blocks_big.to(device),
+        n_blocks_big=blocks_big.shape[0], vec_base=tuple(vec_base),
         vec=tuple(vec), numels=tuple(p.numel() for p in params),
         lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks, pack=pack, packed=any(packs),
         fused=fused, npads=npads, wide=wide, clip_blocks=clip_blocks.to(device), n_clip_blocks=clip_blocks.shape[0],

@@ -27,6 +27,7 @@ from .multi_tensor import (C_COL, C_G, C_NPAD, C_NROWS, C_NUMEL, C_PACK, C_ROW, 
                            NUM_WARPS, PACK_K1, PACK_K4, PACK_K8, REG_ELEMS, ROWS, STAGES, _add_column_partials, _field,
                            _finalize_columns_and_means, _packed, _ptr, _row_tile_done, _stripe_of, _this_block,
                            _vec_run, _ws_col, finalize, read_block_n)
+from . import multi_tensor as _mt
 
 
 @triton.jit
@@ -224,6 +225,20 @@ def _sq_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta2, one_minus_beta2
                                 TILES_COL=C_TILES1, WS_COL=C_WS_Q1)
 
 
+def phase1_launches(plan) -> list:
+    """(blocks, n_blocks, body constexprs) of each launch of _sq_stats_kernel: one for everything but the
+    widest in-register body, which runs in a launch of its own (plan.blocks_big): compiled into the same
+    kernel, its registers (about 200 per thread) would cut every other block's occupancy too."""
+    widest = 1 << (len(_mt.NPAD_SIZES) - 1)
+    out = []
+    if plan.n_blocks1:
+        out.append((plan.blocks1, plan.n_blocks1, dict(FUSED=plan.fused, NPADS=plan.npads & ~widest,
+                                                       WIDE=plan.wide, PACKED=plan.packed)))
+    if plan.n_blocks_big:
+        out.append((plan.blocks_big, plan.n_blocks_big, dict(FUSED=True, NPADS=widest, WIDE=False, PACKED=False)))
+    return out
+
+
 def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=None, wsd=None) -> None:
     """Launch phase 1 and its finalize for every tensor of `plan`. `amp`: None, or the fp32 device tensor
     [found_inf, 1/grad_scale] of a GradScaler step. `shards`: None, or the Shards of sharded tensors (see
@@ -232,11 +247,12 @@ def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=Non
     fused = plan.fused
     if fused and wsd is None:
         raise ValueError("sq_stats: a fused plan needs its fp64 scratch `wsd` (plan.w_doubles doubles)")
-    _sq_stats_kernel[(plan.n_blocks1,)](
-        plan.meta, plan.blocks1, ws, stats, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
-        ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
-        TILED=plan.tiles1 > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, PACKED=plan.packed,
-        FUSED=fused, NPADS=plan.npads, WIDE=plan.wide, num_warps=NUM_WARPS)
+    for blocks, n, kinds in phase1_launches(plan):
+        _sq_stats_kernel[(n,)](
+            plan.meta, blocks, ws, stats, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
+            ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
+            TILED=plan.tiles1 > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, num_warps=NUM_WARPS,
+            **kinds)
 
     def launch(mode, dmeta, sums):
         _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
