@@ -13,7 +13,7 @@ One file per phase family, with the same stems and kernel names as csrc/ (the CU
     param_step.py     phase 4: update and decoupled weight decay
 
 `came_kernels.backends.triton_backend.came_step` runs them in order: 6 launches per (device, dtype) group
-(7 when phase 2 is needed).
+(up to 8: see its docstring).
 """
 from .clip_stats import clip_stats
 from .momentum_res import momentum_res

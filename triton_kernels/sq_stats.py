@@ -13,8 +13,9 @@ Traffic per element: reads g once (4 B fp32, 2 B bf16); flat tensors also read a
 N <= NPAD_MAX: [SUB, NPAD] tiles of whole rows held in registers, column sums of g^2 and t^2 kept in
 registers over the stripe and stored once (2 floats per stripe column); wider rows: [ROWS, read_block_n]
 tiles of 8 KB looping over N, partials 4 B per row-tile column (1/ROWS of the elements), read back when a
-stripe has several row tiles. Grid: one program per stripe of TILES row tiles, packed block or flat chunk
-(plan.blocks1, largest first); finalize: cdiv(B*N, FIN_COLS) + B programs per factored tensor, reading the
+stripe has several row tiles. Grid: one program per stripe of TILES1 row tiles, packed block or flat chunk
+(plan.blocks1, largest first; the stripes of the widest in-register body in a second launch, plan.blocks_big,
+see phase1_launches); finalize: cdiv(B*N, FIN_COLS) + B programs per factored tensor, reading the
 partials once. Deterministic: no atomics, every sum in a fixed order.
 """
 import triton

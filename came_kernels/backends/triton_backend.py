@@ -7,7 +7,8 @@ Same contract as the torch backend (backends/README.md). One call runs, for one 
     momentum_res  _momentum_res_kernel + _res_finalize_kernel     momentum, confidence statistics
     param_step    _param_step_kernel                              the parameter update
 
-6 launches for the whole group (7 when some matrix has rows wider than NPAD_MAX, or for sharded tensors: then
+6 launches for the whole group (one more when some matrix has rows of 4097-8192 elements: phase 1's widest
+in-register body runs alone; one more when some has rows wider than NPAD_MAX, or for sharded tensors: then
 _clip_stats_kernel reads their g again), on the params' GPU whatever the current device is, about 28 B of
 traffic per fp32 parameter, no host sync (lr is read on the device), deterministic (fixed-order sums). The device
 tables are built once per parameter set and kept in the `cache` dict the optimizer passes; only the grad
