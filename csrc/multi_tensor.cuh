@@ -2,8 +2,8 @@
 //
 // One launch covers a whole (device, dtype) group: the per-tensor table (plan.h's TensorDesc, uploaded by
 // ops.cpp) is in device memory, and a block finds its tensor with a 32-wide search over the table's block
-// prefix sums (find_main / find_fin / find_clip / find_reg / find_rest: two dependent loads up to 1024 tensors). Blocks are ordered
-// largest first (plan.h).
+// prefix sums (find_main / find_fin / find_clip, and phase 1's find_reg / find_rest: two dependent loads up
+// to 1024 tensors). Blocks are ordered largest first (plan.h).
 //
 // Phase-kernel blocks: factored tensor [B, M, N]: block s = stripe of tiles*kRows whole rows of matrix
 // b = s / ceil(M/(tiles*kRows)) (tiles = 1 unless the workspace cap asks for taller stripes, plan.h), run

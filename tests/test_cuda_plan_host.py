@@ -2,7 +2,8 @@
 
 plan.h decides, on the host, how one launch per phase kernel covers a whole (device, dtype) group: the row
 tiles per stripe (taller stripes when the workspace would pass 64 MiB), the slot order (largest blocks first),
-each tensor's workspace slices, the block prefix sums (phase 2's only for tensors with N > 8192) and the
+each tensor's workspace slices, the block prefix sums (phase 2's only for tensors with N > 8192; phase 1's two
+launches: the register path's for factored tensors with N <= 8192, the rest's for the others) and the
 stripe geometry; the kernels find their tensor with plan.h's owner_of. All of it is compiled here with g++
 (tests/cuda_host/plan_host.cpp) and checked against a plain Python model of the decomposition, without a GPU. What runs only on a GPU (the
 uploaded table, the kernels) is tested by test_fused_backends.py / test_cuda_backend.py there.
@@ -288,8 +289,9 @@ def _owners(lib, start, wide):
 
 @pytest.mark.parametrize("wide", [0, 1], ids=["binary", "32-wide"])
 def test_every_block_finds_its_tensor(lib, wide):
-    # Both searches (the kernels run the 32-wide one) over both prefix sums: every block maps to the slot
-    # whose range holds it; slots with no finalize blocks (flat tensors) are never chosen.
+    # Both searches (the kernels run the 32-wide one) over every prefix sum: every block maps to the slot
+    # whose range holds it; slots with no blocks in a launch (flat tensors in the finalize and the register
+    # path, covered matrices in phase 2 and phase 1's other launch) are never chosen.
     L = _layout(lib, SHAPES)
     for start in (L["main"], L["fin"], L["clip"], L["reg"], L["rest"]):
         expect = [k for k in range(len(start) - 1) for _ in range(start[k + 1] - start[k])]
