@@ -7,7 +7,9 @@
 # Fails on any compiler error or warning in our code: nvcc `-Werror all-warnings` (device-side and nvcc's own
 # warnings) and host `-Wall -Wextra -Werror`. torch's and Python's headers are -isystem, so their own warnings
 # are not ours to fix. C++20 as torch's cpp_extension uses (torch 2.14's headers need it). Same defines as torch's CUDAExtension (COMMON_NVCC_FLAGS, the C++ ABI flag), no
-# --use_fast_math. Objects go to a temp dir and are thrown away: this is a compile check, not a build (a
+# --use_fast_math. Every kernel (ptxas entry function, each arch and instantiation) must also be free of
+# register spills: ptxas -v's report is parsed (the toolkit's own non-inlined helpers, such as the slow path
+# of IEEE division, are not ours and not counted; a stack frame without spills, a local array, is allowed). Objects go to a temp dir and are thrown away: this is a compile check, not a build (a
 # CPU torch cannot link a CUDA extension; setup.py builds the real one on a GPU machine).
 #
 # nvcc absent: says so loudly and exits 0 (CI machines without a toolkit cannot check; that is reported, not
@@ -66,8 +68,18 @@ compile_one() {
   rc=0
   if [[ "$src" == *.cu ]]; then
     # shellcheck disable=SC2086
-    "$NVCC" -c "$src" -o "$OUT/$name.o" $COMMON $TORCH_NVCC_FLAGS $GENCODE -lineinfo \
-      -Werror all-warnings -Xcompiler "$HOST_WARN" >"$log" 2>&1 || rc=$?
+    "$NVCC" -c "$src" -o "$OUT/$name.o" $COMMON $TORCH_NVCC_FLAGS $GENCODE -lineinfo -Xptxas -v \
+      -Werror all-warnings -Xcompiler "$HOST_WARN" >"$log.ptxas" 2>&1 || rc=$?
+    # ptxas info lines out of the log; a kernel with spills goes in, as a failure
+    awk '
+      /^ptxas info *: Compiling entry function/ { split($0, q, "'"'"'"); entry[q[2]] = 1; next }
+      /^ptxas info *: Function properties for / { fn = $0; sub(/.*Function properties for /, "", fn); next }
+      /bytes stack frame/ {
+        if ((fn in entry) && ($5 != 0 || $9 != 0)) print "register spills in kernel " fn ":" $0
+        fn = ""; next
+      }
+      /^ptxas info/ { next }
+      { print }' "$log.ptxas" >"$log"
   else
     # .cpp: the host compiler through nvcc (same include handling as the .cu files)
     # shellcheck disable=SC2086

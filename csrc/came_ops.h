@@ -48,6 +48,8 @@ struct Group {
   int64_t stats_numel = 0;  // sum over tensors of 2*B + 1 (layout above)
   Layout layout;            // slot order, workspace offsets, block counts (plan.h)
   int64_t main_blocks = 0;  // grid of the phase kernels
+  int64_t reg_blocks = 0;   // grid of sq_stats_reg_kernel (phase 1's register path; 0: no such tensor)
+  int64_t rest_blocks = 0;  // grid of sq_stats_kernel (phase 1's other blocks; 0: no such tensor)
   int64_t fin_blocks = 0;   // grid of the column finalize kernels (0: no factored tensor)
   int64_t clip_blocks = 0;  // grid of clip_stats_kernel (0: phase 1 gathers every tensor's clip statistics)
   at::Tensor table_dev;     // the uploaded table; keeps `tab` valid until the op returns

@@ -2,8 +2,8 @@
 //
 // One launch covers a whole (device, dtype) group: the per-tensor table (plan.h's TensorDesc, uploaded by
 // ops.cpp) is in device memory, and a block finds its tensor with a 32-wide search over the table's block
-// prefix sums (find_main / find_fin / find_clip: two dependent loads up to 1024 tensors). Blocks are ordered
-// largest first (plan.h).
+// prefix sums (find_main / find_fin / find_clip, and phase 1's find_reg / find_rest: two dependent loads up
+// to 1024 tensors). Blocks are ordered largest first (plan.h).
 //
 // Phase-kernel blocks: factored tensor [B, M, N]: block s = stripe of tiles*kRows whole rows of matrix
 // b = s / ceil(M/(tiles*kRows)) (tiles = 1 unless the workspace cap asks for taller stripes, plan.h), run
@@ -95,6 +95,9 @@ __device__ __forceinline__ BlockRef find_in(const DeviceTable& tab, const int32_
 __device__ __forceinline__ BlockRef find_main(const DeviceTable& tab) { return find_in(tab, tab.main_start); }
 __device__ __forceinline__ BlockRef find_fin(const DeviceTable& tab) { return find_in(tab, tab.fin_start); }
 __device__ __forceinline__ BlockRef find_clip(const DeviceTable& tab) { return find_in(tab, tab.clip_start); }
+// Phase 1's two launches: the register path's blocks, and the others (plan.h).
+__device__ __forceinline__ BlockRef find_reg(const DeviceTable& tab) { return find_in(tab, tab.reg_start); }
+__device__ __forceinline__ BlockRef find_rest(const DeviceTable& tab) { return find_in(tab, tab.rest_start); }
 
 // Whether phase 1 gathers this tensor's clip statistics (plan.h's clip_in_phase1 with the group's bound).
 __device__ __forceinline__ bool clip_in_phase1(const TensorDesc& d, const DeviceTable& tab) {

@@ -206,6 +206,8 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   grp.layout = make_layout(shapes, env_int("CAME_KERNELS_CUDA_CLIP_COLS", kClipCols),
                            env_int("CAME_KERNELS_CUDA_WS_CAP_FLOATS", kWsCapFloats));
   grp.main_blocks = grp.layout.main_start.back();
+  grp.reg_blocks = grp.layout.reg_start.back();
+  grp.rest_blocks = grp.layout.rest_start.back();
   grp.fin_blocks = grp.layout.fin_start.back();
   grp.clip_blocks = grp.layout.clip_start.back();
   TORCH_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX && grp.layout.tiles <= INT32_MAX,
@@ -261,6 +263,8 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
   auto* main_start = reinterpret_cast<int32_t*>(descs + n);
   int32_t* fin_start = main_start + n + 1;
   int32_t* clip_start = fin_start + n + 1;
+  int32_t* reg_start = clip_start + n + 1;
+  int32_t* rest_start = reg_start + n + 1;
   float* stats_base = stats.data_ptr<float>();
   const float* scales_base = ptr_or_null(bias_scales);
   auto addr = [](const at::Tensor& x) -> void* { return x.defined() ? x.data_ptr() : nullptr; };
@@ -306,6 +310,8 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
     main_start[k] = static_cast<int32_t>(grp.layout.main_start[k]);
     fin_start[k] = static_cast<int32_t>(grp.layout.fin_start[k]);
     clip_start[k] = static_cast<int32_t>(grp.layout.clip_start[k]);
+    reg_start[k] = static_cast<int32_t>(grp.layout.reg_start[k]);
+    rest_start[k] = static_cast<int32_t>(grp.layout.rest_start[k]);
   }
   grp.table_dev = at::empty({bytes}, stats.options().dtype(at::kByte));
   grp.table_dev.copy_(host, /*non_blocking=*/true);
@@ -314,6 +320,8 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
   grp.tab.main_start = reinterpret_cast<const int32_t*>(dev + n);
   grp.tab.fin_start = grp.tab.main_start + n + 1;
   grp.tab.clip_start = grp.tab.fin_start + n + 1;
+  grp.tab.reg_start = grp.tab.clip_start + n + 1;
+  grp.tab.rest_start = grp.tab.reg_start + n + 1;
   grp.tab.n = static_cast<int32_t>(n);
   grp.tab.clip_cols = static_cast<int32_t>(grp.layout.clip_cols);
   grp.tab.lp = grp.lowbit ? reinterpret_cast<const LowbitDesc*>(

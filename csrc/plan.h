@@ -1,6 +1,7 @@
 // plan.h: how one launch's blocks cover a (device, dtype) group of tensors, written once for host and device.
 //
-// Every phase kernel is ONE launch over the whole group, whatever its tensor count: the per-tensor table
+// Every phase kernel is ONE launch over the whole group, whatever its tensor count (phase 1: two kernels, one
+// launch each, over disjoint sets of the group's tensors, see below): the per-tensor table
 // (TensorDesc below) lives in device memory and each block finds its tensor by a binary search over the
 // table's prefix sums of blocks. Blocks are laid out largest-first: tensors are ordered by the bytes one of
 // their blocks moves, largest first (stable, so the order is fixed), so the last wave of a launch holds the
@@ -11,6 +12,10 @@
 //     matrix b = s / ceil(M/(tiles*kRows)), run as `tiles` row tiles of kRows rows (phase 1's register path
 //     runs the whole stripe in waves of rows); flat tensor (ndim < 2): block k = elements
 //     [k*kFlatChunk, (k+1)*kFlatChunk).
+//   phase 1 (sq_stats) splits the phase-kernel blocks over two launches, each with its own prefix sums in slot
+//     order: the register path (factored tensors with N <= clip_cols, sq_stats_reg_kernel) and the rest (flat
+//     tensors and factored ones with N > clip_cols, sq_stats_kernel); a tensor's block `local` is the same
+//     stripe or chunk in both numberings.
 //   phase 2 (clip_stats): the phase-kernel blocks of the factored tensors with N > clip_cols only (phase 1
 //     gathers the clip statistics of every other tensor, see below); no blocks, no launch, without them.
 //   column finalize (phases 1 and 3), factored tensors only: first the column blocks, each one tile of
@@ -96,6 +101,10 @@ CAME_HD int64_t colpart_arrays_of(const Shape& s, int64_t clip_cols) {
 CAME_HD int64_t clip_floats_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
   if (s.M > 0 && clip_in_phase1(s, clip_cols)) return 2 * s.B * s.N;
   return ceil_div(main_blocks_of(s, tiles), 2) * 2;
+}
+// Phase-1 blocks of the register path (factored, N <= clip_cols): its phase-kernel blocks, else none.
+CAME_HD int64_t reg_blocks_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
+  return s.M > 0 && clip_in_phase1(s, clip_cols) ? main_blocks_of(s, tiles) : 0;
 }
 // Phase-2 blocks: the phase-kernel blocks of the factored tensors phase 1 does not cover.
 CAME_HD int64_t clip_blocks_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
@@ -228,6 +237,8 @@ struct Layout {
   std::vector<int64_t> ws_col;      // per slot: first workspace float of its column partials (phases 1, 3)
   std::vector<int64_t> ws_clip;     // per slot: first workspace float of its clip inputs (W or block sums)
   std::vector<int64_t> main_start;  // per slot + 1: prefix sum of phase-kernel blocks
+  std::vector<int64_t> reg_start;   // per slot + 1: prefix sum of phase-1 register-path blocks (reg_blocks_of)
+  std::vector<int64_t> rest_start;  // per slot + 1: prefix sum of the other phase-1 blocks (main - reg)
   std::vector<int64_t> fin_start;   // per slot + 1: prefix sum of column-finalize blocks
   std::vector<int64_t> clip_start;  // per slot + 1: prefix sum of phase-2 blocks
   int64_t ws_floats = 0;            // all regions (>= 1)
@@ -248,6 +259,8 @@ inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = 
            block_elems_of(shapes[b], tiles_of(shapes[b], L.tiles));
   });
   L.main_start.assign(n + 1, 0);
+  L.reg_start.assign(n + 1, 0);
+  L.rest_start.assign(n + 1, 0);
   L.fin_start.assign(n + 1, 0);
   L.clip_start.assign(n + 1, 0);
   int64_t col = 0;
@@ -258,6 +271,9 @@ inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = 
     L.ws_col.push_back(col);
     col += colpart_arrays_of(s, L.clip_cols) * colpart_floats_of(s, t);
     L.main_start[k + 1] = L.main_start[k] + main_blocks_of(s, t);
+    const int64_t reg = reg_blocks_of(s, t, L.clip_cols);
+    L.reg_start[k + 1] = L.reg_start[k] + reg;
+    L.rest_start[k + 1] = L.rest_start[k] + main_blocks_of(s, t) - reg;
     L.fin_start[k + 1] = L.fin_start[k] + fin_blocks_of(s);
     L.clip_start[k + 1] = L.clip_start[k] + clip_blocks_of(s, t, L.clip_cols);
   }
@@ -271,8 +287,8 @@ inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = 
   return L;
 }
 
-// ---- The device table: one 128-byte entry per slot, then main_start, fin_start and clip_start as int32
-// [n + 1] each.
+// ---- The device table: one 128-byte entry per slot, then main_start, fin_start, clip_start, reg_start and
+// rest_start as int32 [n + 1] each (kStartArrays).
 struct alignas(16) TensorDesc {
   void* p;            // param (storage dtype)
   const void* g;      // grad (storage dtype)
@@ -311,13 +327,18 @@ struct DeviceTable {
   const int32_t* main_start;
   const int32_t* fin_start;
   const int32_t* clip_start;  // phase-2 blocks
+  const int32_t* reg_start;   // phase-1 blocks of the register path (sq_stats_reg_kernel)
+  const int32_t* rest_start;  // the other phase-1 blocks (sq_stats_kernel)
   int32_t n;
   int32_t clip_cols;     // Layout::clip_cols: factored tensors with N <= clip_cols have their clip in phase 1
   const LowbitDesc* lp;  // [n], in slot order, or nullptr (the default state)
 };
 
-// Bytes of the uploaded table for n slots: the entries, then the three prefix sums.
-inline int64_t table_bytes(int64_t n) { return n * static_cast<int64_t>(sizeof(TensorDesc)) + 3 * (n + 1) * 4; }
+// Bytes of the uploaded table for n slots: the entries, then the prefix sums.
+constexpr int64_t kStartArrays = 5;
+inline int64_t table_bytes(int64_t n) {
+  return n * static_cast<int64_t>(sizeof(TensorDesc)) + kStartArrays * (n + 1) * 4;
+}
 // ... with the low-precision entries after them, 16-byte aligned.
 inline int64_t lowbit_offset(int64_t n) { return ceil_div(table_bytes(n), 16) * 16; }
 inline int64_t table_bytes_lowbit(int64_t n) {

@@ -2,11 +2,12 @@
 // triton_kernels/sq_stats.py and of "phase 1" in came_kernels/backends/torch_backend.py).
 //
 // Math (per tensor; factored = ndim >= 2, viewed as [B, M, N]):
-//   factored:  r[b, i] = b2*r + (1-b2)*(mean_N(g^2)[b, i] + eps1)     sq_stats_kernel (row sums in-block)
+//   factored:  r[b, i] = b2*r + (1-b2)*(mean_N(g^2)[b, i] + eps1)     sq_stats_reg_kernel (N <= clip_cols) or
+//                                                                      sq_stats_kernel (row sums in-block)
 //              c[b, j] = b2*c + (1-b2)*(mean_M(g^2)[b, j] + eps1)     sq_finalize_kernel (stripe partials Q)
 //              mean_M(r)[b] -> stats                                   sq_finalize_kernel
 //     N <= clip_cols (8192): also the clip's P[b, j] = sum_i (g * rsqrt(r_i))^2 with the new r (stripe
-//              partials), and W[b, j] = P / c with the new c, fp64      sq_stats_kernel, sq_finalize_kernel
+//              partials), and W[b, j] = P / c with the new c, fp64      sq_stats_reg_kernel, sq_finalize_kernel
 //              (clip_stats.cu adds mean_M(r) * W into sum(u^2): came_math.cuh's identity, exact)
 //   ndim < 2:  v = b2*v + (1-b2)*(g^2 + eps1); one sum of (g * rsqrt(v))^2 per block  sq_stats_kernel
 // maximize does not matter here: g^2 is even in g. GradScaler (amp = [found_inf, 1/scale]): g = g * (1/scale)
@@ -20,9 +21,13 @@
 // Q and P accumulators in registers for the whole stripe: a wave's g is loaded once, its row sums reduced
 // across the block (one barrier per wave), r updated, then Q and P accumulated from the same registers; at
 // the stripe's end Q and P are stored to its partial slots (plain stores).
-// Launch: one sq_stats_kernel over the whole group, one block per stripe (factored) or kFlatChunk chunk
-// (flat), 256 threads; one sq_finalize_kernel, column tiles summed over their stripes by 8 warps, and the
-// means of r (multi_tensor.cuh). Both grids are independent of the tensor count (plan.h).
+// Launch: one sq_stats_reg_kernel over the group's factored tensors with N <= clip_cols, one block per stripe
+// (the register path), and one sq_stats_kernel over the others, one block per stripe (N > clip_cols) or
+// kFlatChunk chunk (flat), each with its own block prefix sums in the table (plan.h's reg_start, rest_start)
+// and launched only when it has blocks; 256 threads, __launch_bounds__(256, 2) both. Two kernels because the
+// register path, inlined with the other bodies, pushed the one kernel past 128 registers (spills); apart
+// each is spill-free. Then one sq_finalize_kernel, column tiles summed over their stripes by 8 warps, and
+// the means of r (multi_tensor.cuh). All grids are independent of the tensor count (plan.h).
 // Determinism: every sum has a fixed order (per-thread loops, shuffle trees, the stripes in a fixed pattern):
 // two runs are bitwise identical.
 #include "multi_tensor.cuh"
@@ -300,25 +305,35 @@ __device__ __forceinline__ void sq_stats_stripe_reg_any(const TensorDesc& d, int
 }
 static_assert(kClipCols <= 8 * kThreads * 4 && kClipCols <= 4 * kThreads * 8, "kG of the register path");
 
+// Phase 1 of the factored tensors with N <= clip_cols (the register path), a launch of its own: inlined into
+// sq_stats_kernel with the other bodies its 32 live columns per thread pushed the kernel past 128 registers.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) sq_stats_reg_kernel(DeviceTable tab, float* ws, Hyper h,
+                                                                   const float* amp) {
+  constexpr int VEC = 16 / sizeof(T);
+  __shared__ __align__(16) float smem[kClipCols];  // Q of the widest class
+  if (amp_found_inf(amp)) return;  // GradScaler: skip the whole step, else unscale g by inv
+  const float inv = amp_inv_scale(amp);
+  const BlockRef blk = find_reg(tab);
+  const TensorDesc& d = *blk.d;
+  if (d.vec_ok) sq_stats_stripe_reg_any<T, VEC, true>(d, blk.local, ws, h, inv, smem);
+  else sq_stats_stripe_reg_any<T, VEC, false>(d, blk.local, ws, h, inv, smem);
+}
+
+// Phase 1 of the other tensors: flat chunks, and stripes of N > clip_cols row tile by row tile.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) sq_stats_kernel(DeviceTable tab, float* ws, Hyper h,
                                                                const float* amp) {
   constexpr int VEC = 16 / sizeof(T);
-  // One buffer for the paths (a block takes one): the register path's Q of its widest class (kClipCols
-  // floats), or the row-tile path's column tiles.
-  constexpr int kSmemFloats = kClipCols > 2 * kWarps * 32 * VEC ? kClipCols : 2 * kWarps * 32 * VEC;
-  __shared__ __align__(16) float smem[kSmemFloats];
+  __shared__ __align__(16) float smem[2 * kWarps * 32 * VEC];  // the row-tile path's column tiles
   if (amp_found_inf(amp)) return;  // GradScaler: skip the whole step, else unscale g by inv
   const float inv = amp_inv_scale(amp);
-  const BlockRef blk = find_main(tab);
+  const BlockRef blk = find_rest(tab);
   const TensorDesc& d = *blk.d;
   // Branches below are uniform per block.
   if (d.M == 0) {
     if (d.vec_ok) sq_stats_flat<T, VEC, true>(d, blk.local, ws, h, inv);
     else sq_stats_flat<T, VEC, false>(d, blk.local, ws, h, inv);
-  } else if (clip_in_phase1(d, tab)) {
-    if (d.vec_ok) sq_stats_stripe_reg_any<T, VEC, true>(d, blk.local, ws, h, inv, smem);
-    else sq_stats_stripe_reg_any<T, VEC, false>(d, blk.local, ws, h, inv, smem);
   } else {
     if (d.vec_ok) sq_stats_stripe<T, VEC, true>(d, blk.local, ws, h, inv, smem);
     else sq_stats_stripe<T, VEC, false>(d, blk.local, ws, h, inv, smem);
@@ -339,8 +354,14 @@ __global__ void __launch_bounds__(kThreads) sq_finalize_kernel(DeviceTable tab, 
 void sq_stats_launch(const Group& grp, const Hyper& h, float* ws, const float* amp) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "sq_stats", [&] {
-    sq_stats_kernel<scalar_t><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (grp.reg_blocks > 0) {
+      sq_stats_reg_kernel<scalar_t><<<grp.reg_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (grp.rest_blocks > 0) {
+      sq_stats_kernel<scalar_t><<<grp.rest_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   if (grp.fin_blocks > 0) {
     sq_finalize_kernel<<<grp.fin_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);

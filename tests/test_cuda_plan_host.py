@@ -2,7 +2,8 @@
 
 plan.h decides, on the host, how one launch per phase kernel covers a whole (device, dtype) group: the row
 tiles per stripe (taller stripes when the workspace would pass 64 MiB), the slot order (largest blocks first),
-each tensor's workspace slices, the block prefix sums (phase 2's only for tensors with N > 8192) and the
+each tensor's workspace slices, the block prefix sums (phase 2's only for tensors with N > 8192; phase 1's two
+launches: the register path's for factored tensors with N <= 8192, the rest's for the others) and the
 stripe geometry; the kernels find their tensor with plan.h's owner_of. All of it is compiled here with g++
 (tests/cuda_host/plan_host.cpp) and checked against a plain Python model of the decomposition, without a GPU. What runs only on a GPU (the
 uploaded table, the kernels) is tested by test_fused_backends.py / test_cuda_backend.py there.
@@ -33,7 +34,7 @@ def lib(tmp_path_factory):
     for f in ("came_layout", "came_default_ws", "came_row_tiles", "came_table_bytes", "came_desc_bytes",
               "came_clip_cols", "came_ws_cap_floats"):
         getattr(so, f).restype = I64
-    so.came_layout.argtypes = [ctypes.c_void_p, ctypes.c_int, I64, I64] + [ctypes.c_void_p] * 8
+    so.came_layout.argtypes = [ctypes.c_void_p, ctypes.c_int, I64, I64] + [ctypes.c_void_p] * 10
     so.came_row_tiles.argtypes = [I64, I64, I64, I64, ctypes.c_void_p, ctypes.c_void_p]
     so.came_counts.argtypes = [ctypes.c_void_p, I64, I64, ctypes.c_void_p]
     so.came_counts.restype = None
@@ -80,11 +81,13 @@ def _layout(lib, dims_list, clip_cols=CLIP_COLS, cap=WS_CAP_FLOATS):
     shapes = (I64 * (4 * n))(*[x for d in dims_list for x in _shape(d)])
     order = (ctypes.c_int32 * n)()
     tiles_t, ws_col, ws_clip = (I64 * n)(), (I64 * n)(), (I64 * n)()
-    main, fin, clip = (I64 * (n + 1))(), (I64 * (n + 1))(), (I64 * (n + 1))()
+    main, fin, clip, reg, rest = [(I64 * (n + 1))() for _ in range(5)]
     info = (I64 * 2)()
-    ws = lib.came_layout(shapes, n, clip_cols, cap, order, tiles_t, ws_col, ws_clip, main, fin, clip, info)
+    ws = lib.came_layout(shapes, n, clip_cols, cap, order, tiles_t, ws_col, ws_clip, main, fin, clip, reg, rest,
+                         info)
     return dict(order=list(order), tiles_t=list(tiles_t), ws_col=list(ws_col), ws_clip=list(ws_clip),
-                main=list(main), fin=list(fin), clip=list(clip), tiles=info[0], clip_cols=info[1], ws=ws)
+                main=list(main), fin=list(fin), clip=list(clip), reg=list(reg), rest=list(rest), tiles=info[0],
+                clip_cols=info[1], ws=ws)
 
 
 # GPT-2-like and odd shapes: 1-D, 0-d, 1xN, Nx1, ragged, batched 3-D/4-D, tall (block-per-matrix means), and
@@ -143,9 +146,10 @@ def test_slots_are_largest_blocks_first_and_stable(lib):
 def _check_layout(lib, dims_list, L):
     """Prefix sums and workspace regions of a layout against the model: the column partials of every tensor
     disjoint, in slot order, 16-byte aligned; then the clip inputs (W 8-byte aligned), disjoint; phase-2 blocks
-    exactly the main blocks of the factored tensors with N > clip_cols."""
+    exactly the main blocks of the factored tensors with N > clip_cols; phase 1's register-path blocks exactly
+    those of the factored tensors with N <= clip_cols, its other blocks the rest."""
     col_end = 0
-    assert L["main"][0] == L["fin"][0] == L["clip"][0] == 0
+    assert L["main"][0] == L["fin"][0] == L["clip"][0] == L["reg"][0] == L["rest"][0] == 0
     models = []
     for k, i in enumerate(L["order"]):
         s = _shape(dims_list[i])
@@ -156,6 +160,8 @@ def _check_layout(lib, dims_list, L):
         main, fc, fm, colpart, arrays, clip_floats, clip_blocks = m
         assert L["main"][k + 1] - L["main"][k] == main and L["fin"][k + 1] - L["fin"][k] == fc + fm
         assert L["clip"][k + 1] - L["clip"][k] == clip_blocks
+        reg = main if s[2] > 0 and s[3] <= L["clip_cols"] else 0
+        assert L["reg"][k + 1] - L["reg"][k] == reg and L["rest"][k + 1] - L["rest"][k] == main - reg
         assert L["ws_col"][k] == col_end and col_end % 4 == 0
         col_end += arrays * colpart
     clip_end = col_end
@@ -175,10 +181,13 @@ def test_clip_cols_is_never_above_the_register_bound(lib):
     assert lib.came_clip_cols() == CLIP_COLS and lib.came_ws_cap_floats() == WS_CAP_FLOATS
     L = _layout(lib, SHAPES, clip_cols=10 ** 6)
     assert L["clip_cols"] == CLIP_COLS
-    # the tensors with N > 8192 take phase 2, the others none
+    # the tensors with N > 8192 take phase 2, the others none; phase 1's register path takes the factored
+    # tensors with N <= 8192, its other launch the rest
     for k, i in enumerate(L["order"]):
         s = _shape(SHAPES[i])
         assert (L["clip"][k + 1] > L["clip"][k]) == (s[2] > 0 and s[3] > CLIP_COLS), SHAPES[i]
+        assert (L["reg"][k + 1] > L["reg"][k]) == (s[2] > 0 and s[3] <= CLIP_COLS), SHAPES[i]
+        assert (L["rest"][k + 1] > L["rest"][k]) == (s[2] == 0 or s[3] > CLIP_COLS), SHAPES[i]
 
 
 def _row_tiles(lib, s, tiles):
@@ -280,10 +289,11 @@ def _owners(lib, start, wide):
 
 @pytest.mark.parametrize("wide", [0, 1], ids=["binary", "32-wide"])
 def test_every_block_finds_its_tensor(lib, wide):
-    # Both searches (the kernels run the 32-wide one) over both prefix sums: every block maps to the slot
-    # whose range holds it; slots with no finalize blocks (flat tensors) are never chosen.
+    # Both searches (the kernels run the 32-wide one) over every prefix sum: every block maps to the slot
+    # whose range holds it; slots with no blocks in a launch (flat tensors in the finalize and the register
+    # path, covered matrices in phase 2 and phase 1's other launch) are never chosen.
     L = _layout(lib, SHAPES)
-    for start in (L["main"], L["fin"], L["clip"]):
+    for start in (L["main"], L["fin"], L["clip"], L["reg"], L["rest"]):
         expect = [k for k in range(len(start) - 1) for _ in range(start[k + 1] - start[k])]
         assert _owners(lib, start, wide) == expect
 
@@ -300,4 +310,5 @@ def test_32_wide_search_on_long_tables_with_empty_slots(lib, n):
 
 def test_table_is_128_bytes_per_tensor_plus_prefix_sums(lib):
     assert lib.came_desc_bytes() == 128
-    assert lib.came_table_bytes(201) == 201 * 128 + 3 * 202 * 4
+    # main, fin, clip, and phase 1's two launches (register path, the rest)
+    assert lib.came_table_bytes(201) == 201 * 128 + 5 * 202 * 4

@@ -5,7 +5,9 @@ phase with the stems of triton_kernels/, and is checked against torch_backend.py
 One call of `torch.ops.came_kernels.came_step` per (device, dtype) group runs the four phases: one upload of
 the group's tensor table (pinned memory, non-blocking), then three phase kernels and three small finalize
 kernels, plus phase 2's kernel only for matrices wider than 8192 columns (phase 1 gathers the clip's sum for
-the others: g is read once there), 6 or 7 launches whatever the tensor count, about 28 B of traffic per fp32
+the others: g is read once there), and phase 1 as two kernels when the group has both matrices of at most
+8192 columns (their own register-path kernel) and other tensors: 6 to 8 launches whatever the tensor
+count, about 28 B of traffic per fp32
 parameter, a workspace of at most 64 MiB, no host sync (lr is read on the device), deterministic (fixed-order
 sums).
 

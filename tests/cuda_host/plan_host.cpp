@@ -21,11 +21,11 @@ std::vector<Shape> shapes_of(const int64_t* shapes, int n) {
 extern "C" {
 
 // shapes: n x 4 int64 (numel, B, M, N); clip_cols, cap_floats as make_layout takes them. Outputs (caller-sized):
-// order[n], tiles_t[n], ws_col[n], ws_clip[n], main_start[n+1], fin_start[n+1], clip_start[n+1], and
-// info[2] = (group tiles, clip_cols); returns ws_floats.
+// order[n], tiles_t[n], ws_col[n], ws_clip[n], main_start[n+1], fin_start[n+1], clip_start[n+1],
+// reg_start[n+1], rest_start[n+1], and info[2] = (group tiles, clip_cols); returns ws_floats.
 int64_t came_layout(const int64_t* shapes, int n, int64_t clip_cols, int64_t cap_floats, int32_t* order,
                     int64_t* tiles_t, int64_t* ws_col, int64_t* ws_clip, int64_t* main_start, int64_t* fin_start,
-                    int64_t* clip_start, int64_t* info) {
+                    int64_t* clip_start, int64_t* reg_start, int64_t* rest_start, int64_t* info) {
   const Layout L = make_layout(shapes_of(shapes, n), clip_cols, cap_floats);
   for (int k = 0; k < n; ++k) {
     order[k] = L.order[k];
@@ -37,6 +37,8 @@ int64_t came_layout(const int64_t* shapes, int n, int64_t clip_cols, int64_t cap
     main_start[k] = L.main_start[k];
     fin_start[k] = L.fin_start[k];
     clip_start[k] = L.clip_start[k];
+    reg_start[k] = L.reg_start[k];
+    rest_start[k] = L.rest_start[k];
   }
   info[0] = L.tiles;
   info[1] = L.clip_cols;
