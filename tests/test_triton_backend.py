@@ -566,13 +566,16 @@ _PTX_SCRIPT = textwrap.dedent('''
                     ce[flag] = False
             if "ROUNDING" in fn.arg_names:
                 ce["ROUNDING"] = 0
+            variants = [(name, {})]
             if "NPADS" in fn.arg_names:  # phase 1 of a fused plan with every row width but the widest (a launch
-                ce.update(FUSED=True, NPADS=2 ** (len(mt.NPAD_SIZES) - 1) - 1, WIDE=True)  # of its own)
-            sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
-            k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": mt.NUM_WARPS})
-            ptx = k.asm["ptx"]
-            print(name, dt, len(re.findall(r"ld\\.global\\.v4", ptx)), len(re.findall(r"st\\.global\\.v[24]", ptx)))
+                ce.update(FUSED=True, NPADS=2 ** (len(mt.NPAD_SIZES) - 1) - 1, WIDE=True)  # of its own) ...
+                variants.append((name + "[8192]", dict(NPADS=2 ** (len(mt.NPAD_SIZES) - 1), WIDE=False)))  # ... alone
+            for label, extra in variants:
+                sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
+                k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=dict(ce, **extra)),
+                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": mt.NUM_WARPS})
+                ptx = k.asm["ptx"]
+                print(label, dt, len(re.findall(r"ld\\.global\\.v4", ptx)), len(re.findall(r"st\\.global\\.v[24]", ptx)))
 ''')
 
 
@@ -584,7 +587,7 @@ def test_compiled_phase_kernels_use_16_byte_loads():
     out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     counts = {(n, dt): (int(a), int(b)) for n, dt, a, b in (line.split() for line in out.stdout.splitlines())}
-    assert len(counts) == 8, out.stdout
+    assert len(counts) == 10, out.stdout  # 4 kernels and phase 1's 8192-wide launch, fp32 and bf16
     for (name, dt), (vec_loads, vec_stores) in counts.items():
         assert vec_loads > 0, f"{name} {dt}: no 16-byte loads in the PTX"
         if name in ("_momentum_res_kernel", "_param_step_kernel"):
