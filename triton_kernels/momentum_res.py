@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _sr_bf16
-from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed
+from .multi_tensor import (C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed,
+                           _packed_factors)
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_TILES, C_WS_COL, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
@@ -212,16 +213,9 @@ def _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, bet
     tl.store(m_ptr + idx, m, mask=mask)
     res = u_hat - m
     res = tl.where(mask, res * res, 0.0)
-    R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False) + rb
-    R = _ema(tl.load(R_ptr + rows, mask=rmask, other=0.0), beta3, one_minus_beta3,
-             tl.sum(res, axis=2) / N.to(tl.float32) + eps2)
-    tl.store(R_ptr + rows, R, mask=rmask)
-    C_ptr = _ptr(meta, t, C_RES_COL, tl.float32, False) + cb
-    C = _ema(tl.load(C_ptr + cols, mask=cmask, other=0.0), beta3, one_minus_beta3,
-             tl.sum(res, axis=1) / M.to(tl.float32) + eps2)
-    tl.store(C_ptr + cols, C, mask=cmask)
+    _, _, mean_R = _packed_factors(meta, t, res, rb, cb, rows, rmask, cols, cmask, M, N, beta3, one_minus_beta3, eps2,
+                                   C_RES_ROW, C_RES_COL)
     B = _field(meta, t, C_NUMEL) // (M * N)
-    mean_R = tl.sum(tl.where(rmask, R, 0.0), axis=1) / M.to(tl.float32)
     tl.store(stats + _field(meta, t, C_STAT) + B + k0 + k, mean_R, mask=kmask)
 
 

@@ -67,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .came_math import _ema
+
 # ---- Work decomposition (the same numbers as csrc/came_ops.h)
 ROWS = 64            # rows per row tile; a stripe is TILES row tiles (column partials: numel/(TILES*ROWS) floats)
 BLOCK_N = 32         # columns per tile inside a stripe. From the compiler's resource report (tests/
@@ -156,11 +158,6 @@ CLIP_IN_PHASE1 = True  # False: every tensor's clip sum comes from phase 2 (the 
 def npad_size(N: int) -> int:
     """C_NPAD of a stripe tensor with rows of N elements: the smallest NPAD_SIZES entry >= N, or 0."""
     return next((n for n in NPAD_SIZES if n >= N), 0)
-
-
-def npad_rows(npad: int) -> int:
-    """SUB: rows per tile of the in-register body (cdiv(REG_ELEMS, npad) <= ROWS)."""
-    return _cdiv(REG_ELEMS.value, npad)
 
 
 MK_FP32 = tl.constexpr(0)
@@ -728,6 +725,23 @@ def _packed(meta, t, local, PM: tl.constexpr, PK: tl.constexpr):
         idx = rows[:, :, None] * N32 + i[None, None, :]
         mask = rmask[:, :, None] & (i < N32)[None, None, :]
     return M, N, k0 * M * N, k0 * M, k0 * N, k0, kk, kmask, idx, mask, rows, rmask, cols, cmask
+
+
+@triton.jit
+def _packed_factors(meta, t, x, rb, cb, rows, rmask, cols, cmask, M, N, beta, one_minus_beta, eps,
+                    ROW: tl.constexpr, COL: tl.constexpr):
+    """The factored EMAs of a packed block ([K, PM, PM] tile x, zero where masked; geometry from _packed):
+    row = beta*row + (1-beta)*(mean_N(x) + eps) and col likewise with mean_M, stored in meta columns ROW and
+    COL; returns (row, col, mean_M(row) [K]). Phase 1 passes g^2 (r, c), phase 3 the residual (R, C)."""
+    row_ptr = _ptr(meta, t, ROW, tl.float32, False) + rb
+    row = _ema(tl.load(row_ptr + rows, mask=rmask, other=0.0), beta, one_minus_beta,
+               tl.sum(x, axis=2) / N.to(tl.float32) + eps)
+    tl.store(row_ptr + rows, row, mask=rmask)
+    col_ptr = _ptr(meta, t, COL, tl.float32, False) + cb
+    col = _ema(tl.load(col_ptr + cols, mask=cmask, other=0.0), beta, one_minus_beta,
+               tl.sum(x, axis=1) / M.to(tl.float32) + eps)
+    tl.store(col_ptr + cols, col, mask=cmask)
+    return row, col, tl.sum(tl.where(rmask, row, 0.0), axis=1) / M.to(tl.float32)
 
 
 @triton.jit

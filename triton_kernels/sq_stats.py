@@ -26,8 +26,8 @@ from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (C_COL, C_G, C_NPAD, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_TILES1, C_VEC, C_WS_BLK,
                            C_WS_P, C_WS_Q1, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
                            NUM_WARPS, PACK_K1, PACK_K4, PACK_K8, REG_ELEMS, ROWS, STAGES, _add_column_partials, _field,
-                           _finalize_columns_and_means, _packed, _ptr, _row_tile_done, _stripe_of, _this_block,
-                           _vec_run, _ws_col, finalize, read_block_n)
+                           _finalize_columns_and_means, _packed, _packed_factors, _ptr, _row_tile_done, _stripe_of,
+                           _this_block, _vec_run, _ws_col, finalize, read_block_n)
 from . import multi_tensor as _mt
 
 
@@ -95,7 +95,7 @@ def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE:
 def _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, ROWS: tl.constexpr,
             NPAD: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr):
     """_sq_stripe_reg for one compiled NPAD, with 16-byte loads where the host found them safe (C_VEC)."""
-    SUB: tl.constexpr = (REG_ELEMS + NPAD - 1) // NPAD  # = multi_tensor.npad_rows(NPAD)
+    SUB: tl.constexpr = (REG_ELEMS + NPAD - 1) // NPAD  # rows per tile: 64 for NPAD 64 ... 1 for 4096, 8192
     if _field(meta, t, C_VEC) != 0:
         _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, NPAD, SUB, True,
                        TILED, AMP)
@@ -136,16 +136,8 @@ def _sq_packed(meta, t, local, ws, stats, beta2, one_minus_beta2, eps1, inv, DTY
     g = tl.load(_ptr(meta, t, C_G, DTYPE, False) + eb + idx, mask=mask, other=0.0).to(tl.float32)
     if AMP:
         g = g * inv
-    sq = g * g
-    row_ptr = _ptr(meta, t, C_ROW, tl.float32, False) + rb
-    r = _ema(tl.load(row_ptr + rows, mask=rmask, other=0.0), beta2, one_minus_beta2,
-             tl.sum(sq, axis=2) / N.to(tl.float32) + eps1)
-    tl.store(row_ptr + rows, r, mask=rmask)
-    col_ptr = _ptr(meta, t, C_COL, tl.float32, False) + cb
-    c = _ema(tl.load(col_ptr + cols, mask=cmask, other=0.0), beta2, one_minus_beta2,
-             tl.sum(sq, axis=1) / M.to(tl.float32) + eps1)
-    tl.store(col_ptr + cols, c, mask=cmask)
-    mean_r = tl.sum(tl.where(rmask, r, 0.0), axis=1) / M.to(tl.float32)
+    r, c, mean_r = _packed_factors(meta, t, g * g, rb, cb, rows, rmask, cols, cmask, M, N, beta2, one_minus_beta2,
+                                   eps1, C_ROW, C_COL)
     tl.store(stats + _field(meta, t, C_STAT) + k0 + k, mean_r, mask=kmask)
     if FUSED:  # the padding (g = 0) gets factors of 1: its r / mean_M(r) can underflow to 0, and rsqrt(0) * 0 is NaN
         u = g * tl.rsqrt(tl.where(rmask, r / mean_r[:, None], 1.0))[:, :, None] * \
