@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import distributed as _distributed
 from .backends import BackendUnavailableError, default_backend, get_step_fn, unavailable_reason
+from .backends._contiguous import lr_tensor
 from .backends.torch_backend import bias_scales, matrix_shape, rng_keys
 
 __all__ = ["came", "resolve_backend", "FUSED_DTYPES"]
@@ -180,7 +181,8 @@ def came(
     for key in groups:
         name = key[0]
         if capturable and name == "cuda":
-            # The extension uploads its table from host memory at every call: a graph cannot replay that.
+            # The extension checks its tensors and uploads moved grads' addresses on the host: a graph cannot
+            # replay that.
             if backend != "auto" or unavailable_reason("triton", key[1]) is not None:
                 raise NotImplementedError("capturable=True cannot run on backend='cuda'; use backend='triton' "
                                           "(or 'auto')")
@@ -231,6 +233,8 @@ def came(
             # would stall the host every step. An lr on another GPU is copied. Compiled, it is copied
             # inside the graph (a host read would break it).
             group_lr = lr.item() if lr.device.type == "cpu" and not compiling else lr.to(device=device)
+        if name in ("cuda", "triton") and not compiling:  # the device lr the kernels read, once per device
+            group_lr = lr_tensor(cache.setdefault(("lr", device), {}), group_lr, device)
         sub = list(sliced[key])
         # this step's grads (they may have moved): all of them, in order, when one group holds every tensor
         sub[1] = grads if key in whole else [grads[i] for i in idx]
@@ -260,8 +264,11 @@ def came(
                          param_comps=comps, param_rounding=param_rounding,
                          rng=_rng_table(cache, seed, rng_ids, idx, state_steps, device))
         if not compiling:
-            (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}),
-                                                   **hyper, **extra)
+            if step_fn is None:  # checked once per parameter set (resolve_backend did), then taken from the cache
+                step_fn = cache.get(("step_fn", name, device)) if not rebuilt else None
+                if step_fn is None:
+                    step_fn = cache[("step_fn", name, device)] = get_step_fn(name, device)
+            step_fn(*sub, lr=group_lr, cache=cache.setdefault(cache_key, {}), **hyper, **extra)
         elif name in ("torch", "distributed"):  # traced by the compiler; it keeps nothing in the cache
             (step_fn or get_step_fn(name, device))(*sub, lr=group_lr, cache=None, **hyper, **extra)
         else:  # opaque to the compiler, with its mutations declared (see ops.py)

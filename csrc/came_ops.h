@@ -39,7 +39,7 @@ struct Hyper {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3;
   float eps1, eps2, clip_threshold, weight_decay;
   bool maximize;
-  bool bias_correction;  // bias_scales given: s_u in the clip finalize, s_m in param_step (TensorDesc::scales)
+  bool bias_correction;  // bias_scales given: s_u in the clip finalize, s_m in param_step (DeviceTable::scales)
 };
 
 struct Group {

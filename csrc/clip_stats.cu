@@ -127,8 +127,9 @@ __global__ void __launch_bounds__(kThreads) clip_finalize_kernel(DeviceTable tab
   const int64_t parts = tab.main_start[t + 1] - tab.main_start[t];
   const double total = block_sum(sum_u2_share(d, tab, parts, ws), scratch);
   if (threadIdx.x == 0) {
-    d.stat[2 * d.B] = h.bias_correction ? clip_divisor_scaled(total, d.numel, h.clip_threshold, d.scales[0])
-                                        : clip_divisor(total, d.numel, h.clip_threshold);
+    d.stat[2 * d.B] = h.bias_correction
+                          ? clip_divisor_scaled(total, d.numel, h.clip_threshold, tab.scales[2 * d.index])
+                          : clip_divisor(total, d.numel, h.clip_threshold);
   }
 }
 

@@ -15,14 +15,19 @@
 // Every check names the list and index of the offending tensor. Nothing is launched before all checks pass,
 // so a bad call leaves params and state untouched.
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
+#include <vector>
+#include <memory>
 
 #include <Python.h>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/fill.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -97,7 +102,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const OptList& sq_rows,
                  const OptList& sq_cols, const OptList& res_rows, const OptList& res_cols, const OptList& sqs,
-                 const at::Tensor& lr, const LowbitArgs* lb = nullptr) {
+                 const LowbitArgs* lb = nullptr) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "came_kernels: params is empty");
   for (auto [len, what] : {std::pair<size_t, const char*>{grads.size(), "grads"}, {exp_avgs.size(), "exp_avgs"},
@@ -113,9 +118,6 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   TORCH_CHECK(grp.dtype == at::kFloat || grp.dtype == at::kBFloat16 || grp.dtype == at::kHalf,
               "came_kernels: params must be float32, bfloat16 or float16, got ", grp.dtype,
               " (use backend='torch' for other dtypes)");
-  TORCH_CHECK(lr.device() == p0.device() && lr.scalar_type() == at::kFloat && lr.numel() == 1,
-              "came_kernels: lr must be a 1-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
-              " with ", lr.numel(), " elements on ", lr.device());
 
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -215,6 +217,13 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   return grp;
 }
 
+// lr: the kernels read lr[0] on the device (a float lr lives in a cached device tensor: no sync, no recompile).
+void check_lr(const at::Tensor& lr, const at::Tensor& p0) {
+  TORCH_CHECK(lr.device() == p0.device() && lr.scalar_type() == at::kFloat && lr.numel() == 1,
+              "came_kernels: lr must be a 1-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
+              " with ", lr.numel(), " elements on ", lr.device());
+}
+
 // GradScaler's flags: the kernels read amp[0] and amp[1].
 void check_amp(const std::optional<at::Tensor>& amp, const at::Tensor& p0) {
   if (!amp.has_value()) return;
@@ -241,11 +250,10 @@ const float* ptr_or_null(const std::optional<at::Tensor>& x) {
   return x.has_value() ? x->data_ptr<float>() : nullptr;
 }
 
-// The device table of the group (plan.h): filled on the host in pinned memory, copied to the device on the
-// current stream. A non-blocking copy from pinned memory is not a host sync, and the caching host allocator
-// keeps the pinned block until the copy is done. Rebuilt every call rather than cached: it is ~130 B per
-// tensor (26 KB for TinyLlama's 201 tensors), the host loop is the one make_group runs anyway, and nothing
-// can go stale when params, state or grads move.
+// The device table of the group (plan.h): built on the host (table_image), copied to the device on the
+// current stream from pinned memory (upload). A non-blocking copy from pinned memory is not a host sync, and
+// the caching host allocator keeps the pinned block until the copy is done. came_step and the per-phase ops
+// build it at every call; a Plan (below) keeps it between steps and re-uploads it only when grads move.
 // The low-precision entries (grp.lowbit) follow, pointing into qmax / qold (int8 momenta) and rng.
 struct LowbitBuffers {
   int32_t* qmax = nullptr;
@@ -253,31 +261,38 @@ struct LowbitBuffers {
   const int64_t* rng = nullptr;
 };
 
-void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::Tensor>& bias_scales,
-                  const LowbitBuffers& lbuf = LowbitBuffers{}) {
+const void* addr(const at::Tensor& x) { return x.defined() ? x.data_ptr() : nullptr; }
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// 16-byte loads need every full-size row (or chunk) to start on a 16-byte boundary: N % VEC == 0 and every
+// array aligned. This is the part that does not depend on the grad (TensorDesc::vec_ok = this && g aligned).
+bool vec_ok_but_grad(const TensorRef& t, at::ScalarType dtype) {
+  const int vec = 16 / static_cast<int>(c10::elementSize(dtype));
+  bool ok = t.factored() ? (t.N % vec == 0) : true;
+  for (const void* ptr : {addr(t.p), addr(t.m), addr(t.c), addr(t.C), addr(t.v)}) ok = ok && aligned16(ptr);
+  return ok;
+}
+
+std::vector<uint8_t> table_image(const Group& grp, float* stats_base, const LowbitBuffers& lbuf = LowbitBuffers{}) {
   const int64_t n = static_cast<int64_t>(grp.ts.size());
-  const int vec = 16 / static_cast<int>(c10::elementSize(grp.dtype));
-  const int64_t bytes = grp.lowbit ? table_bytes_lowbit(n) : table_bytes(n);
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* descs = reinterpret_cast<TensorDesc*>(host.data_ptr());
+  std::vector<uint8_t> image(grp.lowbit ? table_bytes_lowbit(n) : table_bytes(n));
+  auto* descs = reinterpret_cast<TensorDesc*>(image.data());
   auto* main_start = reinterpret_cast<int32_t*>(descs + n);
   int32_t* fin_start = main_start + n + 1;
   int32_t* clip_start = fin_start + n + 1;
   int32_t* reg_start = clip_start + n + 1;
   int32_t* rest_start = reg_start + n + 1;
-  float* stats_base = stats.data_ptr<float>();
-  const float* scales_base = ptr_or_null(bias_scales);
-  auto addr = [](const at::Tensor& x) -> void* { return x.defined() ? x.data_ptr() : nullptr; };
   for (int64_t k = 0; k < n; ++k) {
     const TensorRef& t = grp.ts[grp.layout.order[k]];
     TensorDesc d{};
     d.p = t.p.data_ptr();
     d.g = t.g.data_ptr();
     d.m = static_cast<float*>(t.m.data_ptr());  // bf16 or int8 codes under the low-precision state
-    d.row = static_cast<float*>(t.factored() ? addr(t.r) : addr(t.v));
-    d.col = static_cast<float*>(addr(t.c));
-    d.res_row = static_cast<float*>(addr(t.R));
-    d.res_col = static_cast<float*>(addr(t.C));
+    d.row = static_cast<float*>(const_cast<void*>(t.factored() ? addr(t.r) : addr(t.v)));
+    d.col = static_cast<float*>(const_cast<void*>(addr(t.c)));
+    d.res_row = static_cast<float*>(const_cast<void*>(addr(t.R)));
+    d.res_col = static_cast<float*>(const_cast<void*>(addr(t.C)));
     d.stat = stats_base + t.stat_off;
     d.numel = t.numel;
     d.B = t.B;
@@ -286,24 +301,19 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
     d.ws_col = grp.layout.ws_col[k];
     d.ws_clip = grp.layout.ws_clip[k];
     d.tiles = static_cast<int32_t>(grp.layout.tiles_t[k]);
-    // 16-byte loads need every full-size row (or chunk) to start on a 16-byte boundary.
-    bool ok = t.factored() ? (t.N % vec == 0) : true;
-    for (const void* ptr : {addr(t.p), addr(t.g), addr(t.m), addr(t.c), addr(t.C), addr(t.v)}) {
-      ok = ok && (reinterpret_cast<uintptr_t>(ptr) % 16 == 0);
-    }
-    d.vec_ok = ok ? 1 : 0;
-    d.scales = scales_base != nullptr ? scales_base + 2 * t.index : nullptr;
+    d.vec_ok = vec_ok_but_grad(t, grp.dtype) && aligned16(d.g) ? 1 : 0;
+    d.index = t.index;
     descs[k] = d;
     if (grp.lowbit) {
       LowbitDesc l{};
-      l.absmax = static_cast<float*>(addr(t.absmax));
+      l.absmax = static_cast<float*>(const_cast<void*>(addr(t.absmax)));
       l.qmax = t.mkind == kMomInt8 ? lbuf.qmax + t.qoff : nullptr;
       l.qold = t.mkind == kMomInt8 ? lbuf.qold + t.qoff : nullptr;
-      l.comp = addr(t.comp);
+      l.comp = const_cast<void*>(addr(t.comp));
       l.rng = lbuf.rng + 2 * t.index;
       l.mkind = t.mkind;
       l.rounding = grp.rounding;
-      reinterpret_cast<LowbitDesc*>(static_cast<uint8_t*>(host.data_ptr()) + lowbit_offset(n))[k] = l;
+      reinterpret_cast<LowbitDesc*>(image.data() + lowbit_offset(n))[k] = l;
     }
   }
   for (int64_t k = 0; k <= n; ++k) {
@@ -313,7 +323,17 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
     reg_start[k] = static_cast<int32_t>(grp.layout.reg_start[k]);
     rest_start[k] = static_cast<int32_t>(grp.layout.rest_start[k]);
   }
-  grp.table_dev = at::empty({bytes}, stats.options().dtype(at::kByte));
+  return image;
+}
+
+// Copies `image` to a new device table (on `like`'s device) and points grp.tab at it. A new device buffer
+// every time: a table that kernels of an earlier step may still read is never overwritten.
+void upload(Group& grp, const std::vector<uint8_t>& image, const at::Tensor& like) {
+  const int64_t n = static_cast<int64_t>(grp.ts.size());
+  const int64_t bytes = static_cast<int64_t>(image.size());
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), image.data(), image.size());
+  grp.table_dev = at::empty({bytes}, like.options().dtype(at::kByte));
   grp.table_dev.copy_(host, /*non_blocking=*/true);
   auto* dev = reinterpret_cast<const TensorDesc*>(grp.table_dev.data_ptr());
   grp.tab.t = dev;
@@ -327,6 +347,12 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
   grp.tab.lp = grp.lowbit ? reinterpret_cast<const LowbitDesc*>(
                                 static_cast<const uint8_t*>(grp.table_dev.data_ptr()) + lowbit_offset(n))
                           : nullptr;
+}
+
+void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::Tensor>& bias_scales,
+                  const LowbitBuffers& lbuf = LowbitBuffers{}) {
+  upload(grp, table_image(grp, stats.data_ptr<float>(), lbuf), stats);
+  grp.tab.scales = ptr_or_null(bias_scales);
 }
 
 Hyper make_hyper(double beta1, double beta2, double beta3, double eps1, double eps2, double clip_threshold,
@@ -377,8 +403,9 @@ enum class Phase { kSqStats, kClipStats, kMomentumRes, kParamStep };
 
 // Everything every op checks before anything is launched: the lists, the scalars, amp and bias_scales.
 Group checked_group(CAME_LIST_ARGS, CAME_HYPER_ARGS, Hyper& h) {
-  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr);
+  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs);
   h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize, bias_scales.has_value());
+  check_lr(lr, params[0]);
   check_amp(amp, params[0]);
   check_bias_scales(bias_scales, params[0], params.size());
   return grp;
@@ -443,6 +470,23 @@ void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_
   }
 }
 
+// The four phases of one step, in order, on the current stream (grp.tab uploaded, its scales set). Test hook:
+// CAME_KERNELS_CUDA_POISON=1 fills the workspace and the stats with NaN first, so that an element no kernel
+// wrote (or a stat left from the step before) shows up as NaN in the results.
+void run_phases(const Group& grp, const Hyper& h, const at::Tensor& ws, const at::Tensor& stats,
+                const at::Tensor& lr, const std::optional<at::Tensor>& amp) {
+  if (env_int("CAME_KERNELS_CUDA_POISON", 0) != 0) {
+    ws.fill_(NAN);
+    stats.fill_(NAN);
+  }
+  const float* amp_ptr = ptr_or_null(amp);
+  float* ws_ptr = ws.data_ptr<float>();
+  sq_stats_launch(grp, h, ws_ptr, amp_ptr);
+  clip_stats_launch(grp, h, ws_ptr, amp_ptr);
+  momentum_res_launch(grp, h, ws_ptr, amp_ptr);
+  param_step_launch(grp, h, lr, amp_ptr);
+}
+
 void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
   Hyper h;
   Group grp = checked_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr, beta1, beta2,
@@ -455,11 +499,7 @@ void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
   at::Tensor stats = new_floats(grp.stats_numel, params[0]);
   at::Tensor ws = new_floats(grp.layout.ws_floats, params[0]);
   upload_table(grp, stats, bias_scales);
-  const float* amp_ptr = ptr_or_null(amp);
-  sq_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
-  clip_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
-  momentum_res_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
-  param_step_launch(grp, h, lr, amp_ptr);
+  run_phases(grp, h, ws, stats, lr, amp);
 }
 
 // came_step with the opt-in low-precision state (momentum_dtype bf16/int8, param_rounding of bf16 params):
@@ -474,9 +514,10 @@ void came_step_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const Opt
               "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
               " and ", param_comps.size());
   const LowbitArgs lb{&exp_avg_absmaxes, &param_comps, param_rounding, &rng};
-  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, lr, &lb);
+  Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, &lb);
   Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize,
                        bias_scales.has_value());
+  check_lr(lr, params[0]);
   check_amp(amp, params[0]);
   check_bias_scales(bias_scales, params[0], n);
   if (grp.ts.empty()) return;
@@ -488,11 +529,158 @@ void came_step_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const Opt
   at::Tensor qold = new_floats(q, params[0]);
   upload_table(grp, stats, bias_scales, LowbitBuffers{qmax.data_ptr<int32_t>(), qold.data_ptr<float>(),
                                                       rng.data_ptr<int64_t>()});
-  const float* amp_ptr = ptr_or_null(amp);
-  sq_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
-  clip_stats_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
-  momentum_res_launch(grp, h, ws.data_ptr<float>(), amp_ptr);
-  param_step_launch(grp, h, lr, amp_ptr);
+  run_phases(grp, h, ws, stats, lr, amp);
+}
+
+// ---- Plans: a group's checked tensors and uploaded table, kept between steps.
+//
+// came_step checks every tensor and builds and uploads its table at each call: about as long as the GPU
+// work of a small model. came_plan_create does that once and returns a handle; came_plan_step then only
+// checks what can change between steps: the grads (their dtype, shape, device, contiguity, against the
+// plan's params) and that no param or state tensor of the plan has moved, been resized or restrided (a
+// `p.data = ...`, a resize_). A pointer compare per tensor, in C++: a few microseconds for a few hundred
+// tensors. Grads that moved are patched into the host image of the table, which is then uploaded to a new
+// device buffer; in steady state (the caching allocator hands backward the same grad memory) nothing is
+// uploaded at all. The plan holds references to its params and states, never to grads (they would stay
+// alive a step longer), and its stats buffer, whose addresses are in the table. Which tensors a plan belongs
+// to is the caller's business (the cuda backend keeps one per list of tensors, by identity, and frees it
+// with came_plan_free when the optimizer goes away); a plan only ever touches its own tensors.
+// Low-precision state takes came_step_lowbit (its per-step buffers are in its table).
+struct Plan {
+  std::mutex mu;                              // one step at a time per plan
+  Group grp;                                  // t.g undefined: the grads' addresses are in `image` only
+  at::Tensor stats;                           // the per-tensor stats slices (their addresses are in the table)
+  std::vector<uint8_t> image;                 // the table as last uploaded
+  std::vector<bool> vec_ok_but_grad;          // per slot (vec_ok_but_grad above)
+  std::vector<at::Tensor> params;             // every param of the lists, empty ones included ...
+  std::vector<std::vector<int64_t>> sizes;    // ... with its sizes when the plan was made
+  std::vector<std::pair<const void*, int64_t>> held;  // (address, numel) of every non-empty tensor it updates
+};
+
+// The tensors a plan updates, each once, in a fixed order: params, then each slot's state.
+template <typename Fn>
+void for_each_held(const Plan& pl, Fn fn) {
+  for (const at::Tensor& p : pl.params) {
+    if (p.numel() > 0) fn(p);
+  }
+  for (const TensorRef& t : pl.grp.ts) {
+    for (const at::Tensor* x : {&t.m, &t.r, &t.c, &t.R, &t.C, &t.v}) {
+      if (x->defined()) fn(*x);
+    }
+  }
+}
+
+struct PlanRegistry {
+  std::mutex mu;
+  std::unordered_map<int64_t, std::shared_ptr<Plan>> plans;
+  int64_t next = 1;  // never reused: a freed handle stays invalid
+};
+PlanRegistry& registry() {
+  static auto* r = new PlanRegistry;  // never destroyed: plans may hold CUDA memory past interpreter exit
+  return *r;
+}
+
+std::shared_ptr<Plan> find_plan(int64_t handle) {
+  PlanRegistry& r = registry();
+  const std::lock_guard<std::mutex> lock(r.mu);
+  const auto it = r.plans.find(handle);
+  TORCH_CHECK(it != r.plans.end(), "came_kernels: no plan ", handle, " (freed, or never created by "
+              "came_plan_create)");
+  return it->second;
+}
+
+int64_t came_plan_create(CAME_LIST_ARGS) {
+  auto pl = std::make_shared<Plan>();
+  pl->grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs);
+  Group& grp = pl->grp;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  pl->stats = new_floats(std::max<int64_t>(grp.stats_numel, 1), params[0]);
+  pl->image = table_image(grp, pl->stats.data_ptr<float>());
+  for (int64_t k = 0; k < static_cast<int64_t>(grp.ts.size()); ++k) {
+    pl->vec_ok_but_grad.push_back(vec_ok_but_grad(grp.ts[grp.layout.order[k]], grp.dtype));
+  }
+  for (TensorRef& t : grp.ts) t.g = at::Tensor();
+  if (!grp.ts.empty()) upload(grp, pl->image, params[0]);
+  for (const at::Tensor& p : params) {
+    pl->params.push_back(p);
+    pl->sizes.emplace_back(p.sizes().begin(), p.sizes().end());
+  }
+  for_each_held(*pl, [&](const at::Tensor& x) { pl->held.emplace_back(x.data_ptr(), x.numel()); });
+  PlanRegistry& r = registry();
+  const std::lock_guard<std::mutex> lock(r.mu);
+  const int64_t handle = r.next++;
+  r.plans.emplace(handle, std::move(pl));
+  return handle;
+}
+
+void came_plan_free(int64_t handle) {
+  PlanRegistry& r = registry();
+  const std::lock_guard<std::mutex> lock(r.mu);
+  r.plans.erase(handle);  // the kernels of a step already queued keep their memory: frees are stream-ordered
+}
+
+// Whether every param and state of the plan is where, and as, it was when the plan was made.
+bool unchanged(const Plan& pl) {
+  for (size_t i = 0; i < pl.params.size(); ++i) {
+    const at::Tensor& p = pl.params[i];
+    if (p.scalar_type() != pl.grp.dtype || p.sizes() != at::IntArrayRef(pl.sizes[i]) || !p.is_contiguous()) {
+      return false;
+    }
+  }
+  size_t k = 0;
+  bool same = true;
+  for_each_held(pl, [&](const at::Tensor& x) {
+    same = same && k < pl.held.size() && x.data_ptr() == pl.held[k].first && x.numel() == pl.held[k].second &&
+           x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == pl.grp.dtype);
+    ++k;
+  });
+  return same && k == pl.held.size();
+}
+
+// came_plan_step's answers: the step ran; the plan's tensors changed (make a new plan); the grads are not what
+// the plan takes as they are (not contiguous, or not like their params: take came_step, which copies or
+// names the problem). Nothing is launched unless the answer is kPlanRan.
+constexpr int64_t kPlanRan = 0, kPlanStale = 1, kPlanGrads = 2;
+
+int64_t came_plan_step(int64_t handle, at::TensorList grads, CAME_HYPER_ARGS) {
+  const std::shared_ptr<Plan> plp = find_plan(handle);
+  Plan& pl = *plp;
+  const std::lock_guard<std::mutex> lock(pl.mu);
+  const size_t n = pl.params.size();
+  const at::Tensor& p0 = pl.params[0];
+  const Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize,
+                             bias_scales.has_value());
+  check_lr(lr, p0);
+  check_amp(amp, p0);
+  check_bias_scales(bias_scales, p0, n);
+  if (!unchanged(pl)) return kPlanStale;
+  if (grads.size() != n) return kPlanGrads;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& p = pl.params[i];
+    if (!g.defined() || g.layout() != at::kStrided || g.device() != p.device() || g.scalar_type() != p.scalar_type() ||
+        g.sizes() != p.sizes() || !g.is_contiguous()) {
+      return kPlanGrads;
+    }
+  }
+  Group& grp = pl.grp;
+  if (grp.ts.empty()) return kPlanRan;
+  const c10::cuda::CUDAGuard guard(p0.device());
+  auto* descs = reinterpret_cast<TensorDesc*>(pl.image.data());
+  bool moved = false;
+  for (size_t k = 0; k < grp.ts.size(); ++k) {
+    const void* g = grads[grp.ts[grp.layout.order[k]].index].data_ptr();
+    if (descs[k].g != g) {
+      descs[k].g = g;
+      descs[k].vec_ok = pl.vec_ok_but_grad[k] && aligned16(g) ? 1 : 0;
+      moved = true;
+    }
+  }
+  if (moved) upload(grp, pl.image, p0);
+  grp.tab.scales = ptr_or_null(bias_scales);
+  at::Tensor ws = new_floats(grp.layout.ws_floats, p0);
+  run_phases(grp, h, ws, pl.stats, lr, amp);
+  return kPlanRan;
 }
 
 #define CAME_PHASE_OP(FN, PHASE)                                                     \
@@ -520,6 +708,13 @@ CAME_PHASE_OP(param_step, Phase::kParamStep)
   "Tensor lr, float beta1, float beta2, float beta3, float eps1, float eps2, float clip_threshold, "       \
   "float weight_decay, bool maximize, Tensor? amp=None, Tensor? bias_scales=None) -> ()"
 
+#define CAME_SCHEMA_LISTS_RO                                                                      \
+  "Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor?[] exp_avg_sq_rows, Tensor?[] exp_avg_sq_cols, " \
+  "Tensor?[] exp_avg_res_rows, Tensor?[] exp_avg_res_cols, Tensor?[] exp_avg_sqs"
+#define CAME_SCHEMA_HYPER_INT                                                                               \
+  "Tensor lr, float beta1, float beta2, float beta3, float eps1, float eps2, float clip_threshold, "       \
+  "float weight_decay, bool maximize, Tensor? amp=None, Tensor? bias_scales=None) -> int"
+
 // `import came_kernels._C` loads this library, which registers the ops below; the module itself is empty
 // (no pybind11: it would add ~50 s of compile time for nothing).
 extern "C" PyObject* PyInit__C(void) {
@@ -535,6 +730,13 @@ TORCH_LIBRARY(came_kernels, m) {
   // calls for groups that use it.
   m.def("came_step_lowbit(" CAME_SCHEMA_LISTS "Tensor(h!)?[] exp_avg_absmaxes, Tensor(i!)?[] param_comps, "
         "int param_rounding, Tensor rng, " CAME_SCHEMA_HYPER);
+  // A plan: the checked group and its uploaded table, kept until came_plan_free; came_plan_step runs a step of
+  // it with new grads (0: ran; 1: its tensors changed, make a new plan; 2: take came_step for these grads).
+  // It updates the plan's params and states, which its schema cannot name: call it only where a mutation
+  // nobody declared is fine (eagerly, or inside an op that declares them, as came_kernels::fused_step does).
+  m.def("came_plan_create(" CAME_SCHEMA_LISTS_RO ") -> int");
+  m.def("came_plan_step(int plan, Tensor[] grads, " CAME_SCHEMA_HYPER_INT);
+  m.def("came_plan_free(int plan) -> ()", &came::came_plan_free);
   // Phase 1: EMAs of g^2 (r, c or v) and mean_M(r) into stats.
   m.def("sq_stats(" CAME_SCHEMA_LISTS "Tensor(h!) stats, " CAME_SCHEMA_HYPER);
   // Phase 2: the clip divisor max(1, RMS(u)/d) of every tensor into stats.
@@ -548,6 +750,8 @@ TORCH_LIBRARY(came_kernels, m) {
 TORCH_LIBRARY_IMPL(came_kernels, CUDA, m) {
   m.impl("came_step", &came::came_step);
   m.impl("came_step_lowbit", &came::came_step_lowbit);
+  m.impl("came_plan_create", &came::came_plan_create);
+  m.impl("came_plan_step", &came::came_plan_step);
   m.impl("sq_stats", &came::sq_stats);
   m.impl("clip_stats", &came::clip_stats);
   m.impl("momentum_res", &came::momentum_res);

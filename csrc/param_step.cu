@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) param_step_kernel(Devi
   const BlockRef blk = find_main(tab);
   const TensorDesc& d = *blk.d;
   const float lr = *lr_ptr;
-  const float s_m = h.bias_correction ? d.scales[1] : 1.0f;  // uniform: no load without bias correction
+  const float s_m = h.bias_correction ? tab.scales[2 * d.index + 1] : 1.0f;  // uniform: no load without bias correction
   if constexpr (kLow) {
     const LowbitDesc& L = tab.lp[blk.d - tab.t];
     const float inv = amp_inv_scale(amp);

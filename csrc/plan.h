@@ -302,7 +302,7 @@ struct alignas(16) TensorDesc {
   int64_t ws_col, ws_clip;  // workspace offsets (Layout)
   int32_t vec_ok;          // 16-byte loads allowed: every pointer aligned, N % VEC == 0
   int32_t tiles;           // row tiles per stripe (Layout::tiles_t; 1 for flat tensors)
-  const float* scales;     // bias correction: its row [s_u, s_m] of bias_scales (nullptr without; then unread)
+  int64_t index;           // its position in the op's lists: its row [s_u, s_m] of DeviceTable::scales
 };
 static_assert(sizeof(TensorDesc) == 128, "TensorDesc is one 128-byte line");
 
@@ -332,6 +332,8 @@ struct DeviceTable {
   int32_t n;
   int32_t clip_cols;     // Layout::clip_cols: factored tensors with N <= clip_cols have their clip in phase 1
   const LowbitDesc* lp;  // [n], in slot order, or nullptr (the default state)
+  // Per call, not uploaded (the table itself stays valid from one step to the next, see ops.cpp's Plan):
+  const float* scales;   // bias correction: bias_scales [n_lists, 2], row TensorDesc::index; nullptr without
 };
 
 // Bytes of the uploaded table for n slots: the entries, then the prefix sums.

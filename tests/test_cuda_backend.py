@@ -289,3 +289,236 @@ def test_extension_ops_have_fake_kernels_for_torch_compile():
         lr = torch.empty(1, device="cuda")
         torch.ops.came_kernels.came_step([p], [g], [m], [r], [c], [r.clone()], [c.clone()], [None], lr,
                                          0.9, 0.999, 0.9999, 1e-30, 1e-16, 1.0, 0.0, False)
+
+
+# ---- plans: the checked group and its uploaded table kept between steps (ops.cpp's Plan)
+def _tuples(ps, sts):
+    """The contract's lists as tuples (what the optimizer passes): the backend keeps a plan for them."""
+    return (tuple(ps),) + tuple(tuple(x) for x in state_lists(sts))
+
+
+@pytest.fixture
+def _poison(monkeypatch):
+    monkeypatch.setenv("CAME_KERNELS_CUDA_POISON", "1")  # NaN in workspace and stats before every step
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_planned_steps_equal_checked_steps_bit_for_bit(_poison, dtype):
+    # The plan path (tuples) against came_step (lists: checked and uploaded at every call) over many steps:
+    # grads that stay put (written in place), grads that move (new tensors), bias scales and GradScaler's
+    # flags that are new tensors every step, a skipped step (found_inf), lr changes.
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in SHAPES]
+    a, b = [x.clone() for x in init], [x.clone() for x in init]
+    sa, sb = [_state(x) for x in init], [_state(x) for x in init]
+    ta = _tuples(a, sa)
+    cache = {}
+    fixed = [torch.empty_like(x) for x in init]
+    for t in range(12):
+        gs = [(torch.randn(s, generator=gen) * [1.0, 1e4, 0.0][t % 3]).to("cuda", dtype) for s in SHAPES]
+        if t % 2:  # the same grad tensors as two steps ago, new values
+            for f, g in zip(fixed, gs):
+                f.copy_(g)
+            gs = fixed
+        kw = dict(HYPER, lr=1e-2 / (1 + t), weight_decay=0.1,
+                  bias_scales=torch.rand(len(SHAPES), 2, generator=gen).add(0.5).cuda(),
+                  grad_scale=torch.full((1,), 4.0, device="cuda"),
+                  found_inf=torch.full((1,), float(t == 5), device="cuda"))
+        gs_scaled = [g * 4 for g in gs] if t % 2 == 0 else gs
+        if t % 2:
+            for f in fixed:
+                f.mul_(4)
+        cuda_backend.came_step(ta[0], gs_scaled, *ta[1:], cache=cache, **kw)
+        cuda_backend.came_step(b, gs_scaled, *state_lists(sb), cache={}, **kw)
+        if t == 0:
+            assert "plan" in cache
+    for x, y in zip(a, b):
+        assert torch.equal(x, y) and not x.isnan().any(), tuple(x.shape)
+    for x, y in zip(sa, sb):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+@needs_cuda
+def test_plan_follows_params_and_states_that_move(_poison):
+    # `p.data = ...` (same tensor object, new memory), a state resized in place, and a new state tensor
+    # (new tuples): each step still equals the checked one.
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(37, 53), (7,), (4, 3, 3, 3)]
+    init = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    a, b = [x.clone() for x in init], [x.clone() for x in init]
+    sa, sb = [_state(x) for x in init], [_state(x) for x in init]
+    cache = {}
+    for t in range(6):
+        if t == 2:
+            a[0].data = a[0].data.clone()
+            b[0].data = b[0].data.clone()
+        if t == 3:
+            sa[0]["r"].data = sa[0]["r"].data.clone()
+        if t == 4:
+            sa[1]["v"] = sa[1]["v"].clone()
+        gs = [torch.randn(s, generator=gen).cuda() for s in shapes]
+        ta = _tuples(a, sa)
+        cuda_backend.came_step(ta[0], gs, *ta[1:], cache=cache, **HYPER)
+        cuda_backend.came_step(b, gs, *state_lists(sb), cache={}, **HYPER)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), (t, tuple(x.shape))
+
+
+@needs_cuda
+def test_plan_takes_non_contiguous_grads_through_copies():
+    gen = torch.Generator().manual_seed(9)
+    init = [torch.randn(37, 53, generator=gen).cuda(), torch.randn(64, 32, generator=gen).cuda()]
+    a, b = [x.clone() for x in init], [x.clone() for x in init]
+    sa, sb = [_state(x) for x in init], [_state(x) for x in init]
+    ta, cache = _tuples(a, sa), {}
+    for _ in range(3):
+        gs = [torch.randn(53, 37, generator=gen).cuda().t(), torch.randn(64, 32, generator=gen).cuda()]
+        cuda_backend.came_step(ta[0], gs, *ta[1:], cache=cache, **HYPER)
+        cuda_backend.came_step(b, [g.contiguous() for g in gs], *state_lists(sb), cache={}, **HYPER)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@needs_cuda
+def test_a_bad_grad_in_steady_state_is_named_and_changes_nothing():
+    gen = torch.Generator().manual_seed(10)
+    ps = [torch.randn(37, 53, generator=gen).cuda(), torch.randn(7, generator=gen).cuda()]
+    sts = [_state(x) for x in ps]
+    ts, cache = _tuples(ps, sts), {}
+    cuda_backend.came_step(ts[0], [torch.randn_like(p) for p in ps], *ts[1:], cache=cache, **HYPER)
+    before = [p.clone() for p in ps] + [x.clone() for s in sts for x in s.values()]
+    for bad in ([torch.randn(53, 37, device="cuda"), torch.randn(7, device="cuda")],
+                [torch.randn(37, 53, device="cuda"), torch.randn(7, device="cuda", dtype=torch.float64)]):
+        with pytest.raises(RuntimeError, match=r"grads\[[01]\]"):
+            cuda_backend.came_step(ts[0], bad, *ts[1:], cache=cache, **HYPER)
+    after = [p.clone() for p in ps] + [x.clone() for s in sts for x in s.values()]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+@needs_cuda
+def test_plan_keeps_no_grad_alive_and_a_freed_plan_is_refused():
+    import weakref
+    ps = [torch.randn(64, 32, device="cuda")]
+    sts = [_state(ps[0])]
+    ts, cache = _tuples(ps, sts), {}
+    g = torch.randn(64, 32, device="cuda")
+    cuda_backend.came_step(ts[0], [g], *ts[1:], cache=cache, **HYPER)
+    ref = weakref.ref(g)
+    del g
+    assert ref() is None  # the plan holds params and states only
+    handle = cache["plan"].handle
+    lr = torch.full((1,), 1e-2, device="cuda")
+    assert torch.ops.came_kernels.came_plan_step(handle, [torch.randn(64, 32, device="cuda")], lr, 0.9, 0.999,
+                                                 0.9999, 1e-30, 1e-16, 1.0, 0.0, False) == 0
+    cache.clear()  # the handle is freed with the plan object
+    with pytest.raises(RuntimeError, match="no plan"):
+        torch.ops.came_kernels.came_plan_step(handle, [torch.randn(64, 32, device="cuda")], lr, 0.9, 0.999,
+                                              0.9999, 1e-30, 1e-16, 1.0, 0.0, False)
+
+
+@needs_cuda
+def test_planned_steps_make_no_host_sync():
+    ps = [torch.randn(64, 32, device="cuda"), torch.randn(32, device="cuda")]
+    sts = [_state(p) for p in ps]
+    ts, cache = _tuples(ps, sts), {}
+    cuda_backend.came_step(ts[0], [torch.randn_like(p) for p in ps], *ts[1:], cache=cache, **HYPER)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(3):  # grads that move, and an lr that changes
+            cuda_backend.came_step(ts[0], [torch.randn_like(p) for p in ps], *ts[1:], cache=cache,
+                                   **dict(HYPER, lr=1e-3 * (t + 1)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- the glue's choice of op, on any machine (the extension's ops replaced by a recorder)
+class _FakeOps:
+    """Records the calls the cuda backend makes; came_plan_step answers from `answers` (default: ran)."""
+
+    def __init__(self):
+        self.calls, self.answers, self.plans, self.freed = [], [], 0, []
+
+    def came_plan_create(self, *lists):
+        self.plans += 1
+        self.calls.append("create")
+        return self.plans
+
+    def came_plan_step(self, handle, grads, *hyper):
+        self.calls.append(("plan_step", handle))
+        return self.answers.pop(0) if self.answers else 0
+
+    def came_plan_free(self, handle):
+        self.freed.append(handle)
+
+    def came_step(self, *args):
+        self.calls.append("step")
+
+    def came_step_lowbit(self, *args):
+        self.calls.append("lowbit")
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    ops = _FakeOps()
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: ops)
+    monkeypatch.setattr(cuda_backend, "_load", lambda: True)
+    return ops
+
+
+def _glue_step(ps, sts, cache, grads=None, as_tuples=True, **kw):
+    lists = _tuples(ps, sts) if as_tuples else (ps,) + tuple(state_lists(sts))
+    grads = [torch.randn_like(p) for p in ps] if grads is None else grads
+    cuda_backend.came_step(lists[0], grads, *lists[1:], cache=cache, **(HYPER | kw))
+    return lists
+
+
+def test_glue_makes_one_plan_per_tuple_of_lists_and_reuses_it(fake_ops):
+    ps = [torch.randn(5, 3), torch.randn(4)]
+    sts = [_state(p) for p in ps]
+    cache = {}
+    lists = _glue_step(ps, sts, cache)
+    for _ in range(3):
+        cuda_backend.came_step(lists[0], [torch.randn_like(p) for p in ps], *lists[1:], cache=cache, **HYPER)
+    assert fake_ops.calls == ["create"] + [("plan_step", 1)] * 4
+    _glue_step(ps, sts, cache)  # new tuples (new state objects, say): a new plan, the old one freed
+    import gc
+    gc.collect()
+    assert fake_ops.calls[-2:] == ["create", ("plan_step", 2)] and fake_ops.freed == [1]
+
+
+def test_glue_remakes_a_stale_plan_and_sends_odd_grads_to_the_checked_op(fake_ops):
+    ps = [torch.randn(5, 3)]
+    sts = [_state(p) for p in ps]
+    cache = {}
+    lists = _glue_step(ps, sts, cache)
+    fake_ops.answers = [1]  # a param moved: make a new plan, step with it
+    cuda_backend.came_step(lists[0], [torch.randn(5, 3)], *lists[1:], cache=cache, **HYPER)
+    assert fake_ops.calls[2:] == [("plan_step", 1), "create", ("plan_step", 2)]
+    fake_ops.answers = [2, 2]  # grads the plan does not take: the checked op names the problem
+    cuda_backend.came_step(lists[0], [torch.randn(5, 3)], *lists[1:], cache=cache, **HYPER)
+    assert fake_ops.calls[5:] == [("plan_step", 2), ("plan_step", 2), "step"]
+
+
+def test_glue_takes_the_checked_op_for_lists_copies_and_low_precision(fake_ops):
+    ps = [torch.randn(5, 3)]
+    sts = [_state(p) for p in ps]
+    _glue_step(ps, sts, {}, as_tuples=False)  # lists may change in place between calls: never a plan
+    t = torch.randn(3, 5).t()  # a non-contiguous param: runs on a copy, written back
+    _glue_step([t], [_state(t.contiguous())], {})
+    sts[0]["m"] = sts[0]["m"].bfloat16()
+    _glue_step(ps, sts, {}, rng=torch.zeros(1, 2, dtype=torch.int64))
+    assert fake_ops.calls == ["step", "step", "lowbit"]
+
+
+def test_glue_float_lr_lives_in_one_cached_buffer(fake_ops):
+    ps = [torch.randn(5, 3)]
+    sts = [_state(p) for p in ps]
+    cache = {}
+    lists = _glue_step(ps, sts, cache, lr=1e-3)
+    buf = cache["lr"][0]
+    for lr in (1e-3, 2e-3):
+        cuda_backend.came_step(lists[0], [torch.randn(5, 3)], *lists[1:], cache=cache, **(HYPER | dict(lr=lr)))
+        assert cache["lr"][0] is buf and buf.item() == pytest.approx(lr)

@@ -40,9 +40,10 @@ def _steps(backend, gpu_steps, cpu_steps):
 
 
 @pytest.fixture(autouse=True)
-def _poison_triton_scratch(monkeypatch):
-    # NaN in the workspace and stats before every Triton step: an element no kernel wrote shows as NaN.
+def _poison_scratch(monkeypatch):
+    # NaN in the workspace and stats before every fused step: an element no kernel wrote shows as NaN.
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
+    monkeypatch.setenv("CAME_KERNELS_CUDA_POISON", "1")  # read by the extension at each step (ops.cpp)
 
 
 def _state(p):

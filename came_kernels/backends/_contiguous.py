@@ -1,4 +1,5 @@
-"""Shared by the fused backends: size checks before any address reaches a kernel, and contiguous copies.
+"""Shared by the fused backends: size checks before any address reaches a kernel, contiguous copies, lr and
+GradScaler's flags as the device tensors the kernels read.
 
 `check_sizes`: a kernel addresses every tensor by the param's shape, so a state tensor of another size (a
 malformed checkpoint, a tensor swapped into `optimizer.state` by hand) would be read and written out of
@@ -6,6 +7,8 @@ bounds. The fused backends call it whenever they (re)build their device tables, 
 address changes, so it costs nothing in steady state.
 
 `amp_flags`: GradScaler's scale and inf flag as the one small device tensor every kernel reads.
+
+`lr_tensor`: lr as the 1-element fp32 device tensor the kernels read (a float lr in one cached buffer).
 
 `contiguous_lists`: the kernels index contiguous [B, M, N] views. A non-contiguous tensor (a channels_last
 conv weight, a transposed view) runs on a contiguous copy that is written back after the step: a full-size
@@ -32,6 +35,24 @@ def amp_flags(grad_scale, found_inf, device):
            else grad_scale.reshape(()).to(device).double().reciprocal().float())
     found = torch.zeros((), device=device) if found_inf is None else found_inf.reshape(()).to(device, torch.float32)
     return torch.stack([found, inv])
+
+
+def lr_tensor(cache: dict, lr, device: torch.device) -> Tensor:
+    """lr as a 1-element fp32 tensor on `device`, read by the kernels on the device (no sync, and a new value
+    is data: nothing recompiles). A float lr is written into a buffer cached in `cache` only when it changes
+    (fill_ is an ordinary stream operation, no sync, no allocation per step); a tensor lr is used as it is
+    when it already is such a tensor, else converted on the device."""
+    if isinstance(lr, Tensor):
+        if lr.device == device and lr.dtype == torch.float32 and lr.shape == (1,):
+            return lr
+        return lr.detach().to(device=device, dtype=torch.float32).reshape(1)
+    memo = cache.get("lr")
+    if memo is None or memo[0].device != device:
+        memo = cache["lr"] = [torch.empty(1, dtype=torch.float32, device=device), None]
+    if memo[1] != lr:
+        memo[0].fill_(lr)
+        memo[1] = lr
+    return memo[0]
 
 
 def check_bias_scales(backend: str, bias_scales: Tensor, params) -> None:

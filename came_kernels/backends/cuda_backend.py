@@ -2,14 +2,18 @@
 
 Same contract as the torch backend (backends/README.md); the math lives in csrc/<phase>.cu, one file per
 phase with the stems of triton_kernels/, and is checked against torch_backend.py by tests/test_cuda_backend.py.
-One call of `torch.ops.came_kernels.came_step` per (device, dtype) group runs the four phases: one upload of
-the group's tensor table (pinned memory, non-blocking), then three phase kernels and three small finalize
+One call per (device, dtype) group runs the four phases: three phase kernels and three small finalize
 kernels, plus phase 2's kernel only for matrices wider than 8192 columns (phase 1 gathers the clip's sum for
 the others: g is read once there), and phase 1 as two kernels when the group has both matrices of at most
 8192 columns (their own register-path kernel) and other tensors: 6 to 8 launches whatever the tensor
-count, about 28 B of traffic per fp32
-parameter, a workspace of at most 64 MiB, no host sync (lr is read on the device), deterministic (fixed-order
-sums).
+count, about 28 B of traffic per fp32 parameter, a workspace of at most 64 MiB, no host sync (lr is read on
+the device), deterministic (fixed-order sums).
+
+Host side: the extension keeps a plan per list of tensors (`came_plan_create`: every tensor checked, the
+launch table built and uploaded once); each step (`came_plan_step`) checks in C++ only what can change
+between steps (the grads, and that no param or state moved) and re-uploads the table only when grads moved.
+Lists that are not tuples (which could change in place between calls), non-contiguous tensors and the
+low-precision state take `came_step` / `came_step_lowbit`, which check and upload at every call.
 
 GradScaler (grad_scale/found_inf): the kernels read [found_inf, 1/scale] from one small device tensor
 (`_contiguous.amp_flags`, as the Triton backend), multiply g by 1/scale wherever they read it and return
@@ -17,19 +21,21 @@ before writing anything when found_inf is set. Bias correction (bias_scales, [T,
 s_u goes into the clip divisor, s_m into the update (csrc/clip_stats.cu, csrc/param_step.cu).
 Low-precision state (bf16/int8 momenta, param_rounding of bf16 params): `came_step_lowbit`, the same step
 with the int8 absmaxes, the Kahan compensations and the rng table (Philox key, step per tensor) passed on;
-the default state keeps calling `came_step`, whose kernels are compiled as before.
+the default state's kernels are compiled as before.
 
 Import is lazy: a missing or broken extension only matters when backend="cuda" is asked for, and then
 `unavailable_reason` keeps the original import error and says how to build the extension.
 """
 from __future__ import annotations
 
+import operator
+import weakref
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._contiguous import amp_flags, check_bias_scales, check_rng, contiguous_lists, write_back_
+from ._contiguous import amp_flags, check_bias_scales, check_rng, contiguous_lists, lr_tensor, write_back_
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -58,6 +64,12 @@ def _register_fakes() -> None:
     it: they return nothing and change no shape (their schemas declare what they mutate)."""
     for op in ("came_step", "came_step_lowbit", "sq_stats", "clip_stats", "momentum_res", "param_step"):
         torch.library.register_fake(f"came_kernels::{op}")(lambda *args, **kwargs: None)
+    # The plan ops are called only outside traced code (eagerly, or inside came_kernels::fused_step).
+
+
+def _ops():
+    """torch.ops.came_kernels (tests replace this to check the glue's choices on a CPU)."""
+    return torch.ops.came_kernels
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -74,13 +86,6 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
         return None
     except Exception as e:  # the contract: report, never raise
         return f"checking the CUDA backend failed: {type(e).__name__}: {e}"
-
-
-def _lr_tensor(lr: Union[float, Tensor], device: torch.device) -> Tensor:
-    """lr as the 1-element fp32 device tensor the kernels read (no .item(): a tensor lr never syncs)."""
-    if isinstance(lr, Tensor):
-        return lr.detach().to(device=device, dtype=torch.float32).reshape(1)
-    return torch.full((1,), float(lr), dtype=torch.float32, device=device)
 
 
 def _check_amp_tensors(grad_scale, found_inf) -> None:
@@ -131,6 +136,7 @@ def came_step(
     if _load() is None:
         raise RuntimeError(unavailable_reason(params[0].device))
     device = params[0].device
+    cache = {} if cache is None else cache
     # Before anything changes. Rows of bias_scales follow the lists as given: the op maps each non-empty
     # tensor to its row, so empty tensors need no restacking here.
     _check_amp_tensors(grad_scale, found_inf)
@@ -138,8 +144,25 @@ def came_step(
         check_bias_scales("cuda", bias_scales, params)
     if param_rounding not in _ROUNDINGS:
         raise ValueError(f"backend='cuda': unknown param_rounding {param_rounding!r}")
-    bf16 = params[0].dtype == torch.bfloat16
-    rounding = _ROUNDINGS[param_rounding] if bf16 else 0
+    rounding = _ROUNDINGS[param_rounding] if params[0].dtype == torch.bfloat16 else 0
+    hyper = (lr_tensor(cache, lr, device), float(beta1), float(beta2), float(beta3), float(eps1), float(eps2),
+             float(clip_threshold), float(weight_decay), bool(maximize), amp_flags(grad_scale, found_inf, device),
+             bias_scales)
+    ops = _ops()
+
+    # Steady state: the plan of these very lists (by identity; only tuples, which cannot change in place)
+    # checks in C++ that none of its tensors moved and that the grads fit, and runs the step.
+    given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
+    plan = cache.get("plan")
+    if plan is not None and rounding == 0 and all(map(operator.is_, plan.given, given)):
+        status = ops.came_plan_step(plan.handle, grads, *hyper)
+        if status == _PLAN_RAN:
+            return
+        if status == _PLAN_STALE:
+            plan = None
+    elif plan is not None:
+        plan = None
+
     low = rounding != 0 or any(m.dtype != torch.float32 for m in exp_avgs)
     lists = [params, grads, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols,
              exp_avg_sqs]
@@ -150,15 +173,41 @@ def came_step(
                   list(param_comps if rounding == 2 and param_comps is not None else [None] * n)]
     lists, write_back = contiguous_lists(lists)  # see _contiguous.py
 
-    hyper = (_lr_tensor(lr, device), float(beta1), float(beta2), float(beta3), float(eps1), float(eps2),
-             float(clip_threshold), float(weight_decay), bool(maximize), amp_flags(grad_scale, found_inf, device),
-             bias_scales)
     if low:
-        torch.ops.came_kernels.came_step_lowbit(*lists[:8], lists[8], lists[9], rounding, rng, *hyper)
+        ops.came_step_lowbit(*lists[:8], lists[8], lists[9], rounding, rng, *hyper)
+    elif not write_back and all(isinstance(x, tuple) for x in given):
+        if plan is None:  # checks every tensor (named errors, nothing changed) and uploads the table
+            cache.pop("plan", None)
+            plan = cache["plan"] = _Plan(ops.came_plan_create(*lists), given)
+        if ops.came_plan_step(plan.handle, lists[1], *hyper) != _PLAN_RAN:
+            ops.came_step(*lists, *hyper)  # grads the plan does not take: checked, with their names
     else:
-        torch.ops.came_kernels.came_step(*lists, *hyper)
+        ops.came_step(*lists, *hyper)
 
     write_back_(write_back)
+
+
+# came_plan_step's answers (csrc/ops.cpp): the step ran; the plan's params or states changed (make a new
+# plan); the grads are not what the plan takes as they are (non-contiguous, or not like their params).
+_PLAN_RAN, _PLAN_STALE, _PLAN_GRADS = 0, 1, 2
+
+
+class _Plan:
+    """A handle of the extension's plan (came_plan_create) for the lists `given`, freed with this object (when
+    the optimizer's cache goes). The plan holds references to its params and states, not to grads."""
+    __slots__ = ("handle", "given", "__weakref__")
+
+    def __init__(self, handle: int, given: tuple):
+        self.handle = handle
+        self.given = given
+        weakref.finalize(self, _free_plan, handle)
+
+
+def _free_plan(handle: int) -> None:
+    try:
+        _ops().came_plan_free(handle)
+    except Exception:  # at interpreter exit the op may be gone; the process frees everything anyway
+        pass
 
 
 _ROUNDINGS = {"nearest": 0, "stochastic": 1, "kahan": 2}  # csrc/came_math.cuh's kRound*

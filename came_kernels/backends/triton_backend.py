@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._contiguous import (CheckedGrads, amp_flags, check_bias_scales, check_rng, check_sizes, contiguous_lists,
-                          write_back_)
+                          lr_tensor, write_back_)
 
 __all__ = ["came_step", "unavailable_reason"]
 
@@ -165,21 +165,6 @@ def _prepare(cache: dict, given: tuple, grads: list, extra=None, pack: bool = Tr
     return plan, keep, grads, device, write_back
 
 
-def _lr_tensor(cache: dict, lr: Union[float, Tensor], device: torch.device) -> Tensor:
-    """lr as a 1-element fp32 device tensor. A float lr is written into a cached tensor only when it
-    changes (fill_ is an ordinary stream operation: no sync); a tensor lr is used as it is."""
-    if isinstance(lr, Tensor):
-        return lr.detach().to(device=device, dtype=torch.float32).reshape(1)
-    buf = cache.get("lr")
-    if buf is None:
-        buf = cache["lr"] = torch.empty(1, dtype=torch.float32, device=device)
-        cache["lr_value"] = None
-    if cache["lr_value"] != lr:
-        buf.fill_(lr)
-        cache["lr_value"] = lr
-    return buf
-
-
 def came_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -286,7 +271,7 @@ def came_step(
                        shards=shards, wsd=wsd)
         _tk.momentum_res(plan, ws, stats, beta1=beta1, beta3=beta3, eps2=eps2, maximize=maximize, amp=amp,
                          shards=shards, rng=rng, qmax=qmax, qold=qold)
-        _tk.param_step(plan, stats, _lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp,
+        _tk.param_step(plan, stats, lr_tensor(cache, lr, device), weight_decay=weight_decay, amp=amp,
                        bias_scales=bias_scales, beta1=beta1, maximize=maximize, rounding=param_rounding, rng=rng,
                        qmax=qmax, qold=qold)
 
