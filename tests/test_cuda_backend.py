@@ -475,7 +475,7 @@ def _glue_step(ps, sts, cache, grads=None, as_tuples=True, **kw):
     return lists
 
 
-def test_glue_makes_one_plan_per_tuple_of_lists_and_reuses_it(fake_ops):
+def test_glue_makes_one_plan_per_set_of_tensors_and_reuses_it(fake_ops):
     ps = [torch.randn(5, 3), torch.randn(4)]
     sts = [_state(p) for p in ps]
     cache = {}
@@ -483,7 +483,10 @@ def test_glue_makes_one_plan_per_tuple_of_lists_and_reuses_it(fake_ops):
     for _ in range(3):
         cuda_backend.came_step(lists[0], [torch.randn_like(p) for p in ps], *lists[1:], cache=cache, **HYPER)
     assert fake_ops.calls == ["create"] + [("plan_step", 1)] * 4
-    _glue_step(ps, sts, cache)  # new tuples (new state objects, say): a new plan, the old one freed
+    _glue_step(ps, sts, cache)  # new tuples, the same tensors: the same plan
+    assert fake_ops.calls[-1] == ("plan_step", 1)
+    sts[0]["m"] = torch.zeros_like(sts[0]["m"])  # a new state tensor (a loaded checkpoint, say)
+    _glue_step(ps, sts, cache)  # a new plan, the old one freed
     import gc
     gc.collect()
     assert fake_ops.calls[-2:] == ["create", ("plan_step", 2)] and fake_ops.freed == [1]
@@ -502,15 +505,28 @@ def test_glue_remakes_a_stale_plan_and_sends_odd_grads_to_the_checked_op(fake_op
     assert fake_ops.calls[5:] == [("plan_step", 2), ("plan_step", 2), "step"]
 
 
-def test_glue_takes_the_checked_op_for_lists_copies_and_low_precision(fake_ops):
+def test_glue_finds_the_plan_of_lists_by_their_tensors(fake_ops):
+    # New list objects every call (torch.compile's custom op): the same tensors find the plan, one changed
+    # entry (a list changed in place, a new state tensor) makes a new one.
+    ps = [torch.randn(5, 3), torch.randn(4)]
+    sts = [_state(p) for p in ps]
+    cache = {}
+    _glue_step(ps, sts, cache, as_tuples=False)
+    _glue_step(list(ps), sts, cache, as_tuples=False)
+    assert fake_ops.calls == ["create", ("plan_step", 1), ("plan_step", 1)]
+    sts[1]["v"] = sts[1]["v"].clone()
+    _glue_step(ps, sts, cache, as_tuples=False)
+    assert fake_ops.calls[3:] == ["create", ("plan_step", 2)]
+
+
+def test_glue_takes_the_checked_op_for_copies_and_low_precision(fake_ops):
     ps = [torch.randn(5, 3)]
     sts = [_state(p) for p in ps]
-    _glue_step(ps, sts, {}, as_tuples=False)  # lists may change in place between calls: never a plan
     t = torch.randn(3, 5).t()  # a non-contiguous param: runs on a copy, written back
     _glue_step([t], [_state(t.contiguous())], {})
     sts[0]["m"] = sts[0]["m"].bfloat16()
     _glue_step(ps, sts, {}, rng=torch.zeros(1, 2, dtype=torch.int64))
-    assert fake_ops.calls == ["step", "step", "lowbit"]
+    assert fake_ops.calls == ["step", "lowbit"]
 
 
 def test_glue_float_lr_lives_in_one_cached_buffer(fake_ops):

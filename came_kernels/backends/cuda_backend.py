@@ -12,8 +12,9 @@ the device), deterministic (fixed-order sums).
 Host side: the extension keeps a plan per list of tensors (`came_plan_create`: every tensor checked, the
 launch table built and uploaded once); each step (`came_plan_step`) checks in C++ only what can change
 between steps (the grads, and that no param or state moved) and re-uploads the table only when grads moved.
-Lists that are not tuples (which could change in place between calls), non-contiguous tensors and the
-low-precision state take `came_step` / `came_step_lowbit`, which check and upload at every call.
+The plan is found by the tensors' identity (the same tuples, or lists of the same objects); non-contiguous
+tensors and the low-precision state take `came_step` / `came_step_lowbit`, which check and upload at every
+call.
 
 GradScaler (grad_scale/found_inf): the kernels read [found_inf, 1/scale] from one small device tensor
 (`_contiguous.amp_flags`, as the Triton backend), multiply g by 1/scale wherever they read it and return
@@ -150,11 +151,13 @@ def came_step(
              bias_scales)
     ops = _ops()
 
-    # Steady state: the plan of these very lists (by identity; only tuples, which cannot change in place)
-    # checks in C++ that none of its tensors moved and that the grads fit, and runs the step.
+    # Steady state: the plan of these very tensors checks in C++ that none of them moved and that the grads
+    # fit, and runs the step. The same tensors: the same tuples (what functional.came passes in steady state),
+    # else lists holding the same objects (compared one by one: what torch.compile's custom op passes).
     given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
     plan = cache.get("plan")
-    if plan is not None and rounding == 0 and all(map(operator.is_, plan.given, given)):
+    if plan is not None and rounding == 0 and (all(map(operator.is_, plan.given, given))
+                                               or _same_tensors(plan.given, given)):
         status = ops.came_plan_step(plan.handle, grads, *hyper)
         if status == _PLAN_RAN:
             return
@@ -175,16 +178,21 @@ def came_step(
 
     if low:
         ops.came_step_lowbit(*lists[:8], lists[8], lists[9], rounding, rng, *hyper)
-    elif not write_back and all(isinstance(x, tuple) for x in given):
+    elif not write_back:
         if plan is None:  # checks every tensor (named errors, nothing changed) and uploads the table
             cache.pop("plan", None)
-            plan = cache["plan"] = _Plan(ops.came_plan_create(*lists), given)
+            plan = cache["plan"] = _Plan(ops.came_plan_create(*lists), tuple(map(tuple, given)))
         if ops.came_plan_step(plan.handle, lists[1], *hyper) != _PLAN_RAN:
             ops.came_step(*lists, *hyper)  # grads the plan does not take: checked, with their names
     else:
         ops.came_step(*lists, *hyper)
 
     write_back_(write_back)
+
+
+def _same_tensors(a: tuple, b: tuple) -> bool:
+    """Whether the lists of b hold the very objects of those of a, in order."""
+    return all(len(x) == len(y) and all(map(operator.is_, x, y)) for x, y in zip(a, b))
 
 
 # came_plan_step's answers (csrc/ops.cpp): the step ran; the plan's params or states changed (make a new
