@@ -5,8 +5,9 @@
 #    must not hide the others' results) and the fused steps under compute-sanitizer (memcheck, racecheck),
 # 3. the step benchmark on GPT-2 124M and TinyLlama-1.1B shapes at full size, fp32 and bf16: came_kernels.CAME
 #    backend=cuda / triton / torch against torch.optim.AdamW(fused=True), torch.optim.Adafactor and came-pytorch,
-# 4. the per-phase kernel profile (achieved GB/s per phase against the copy bandwidth),
-# 5. the Triton tuning sweep (bench/triton_sweep.py).
+# 4. the host time of step() with real launches (`bench host --device cuda`),
+# 5. the per-phase kernel profile (achieved GB/s per phase against the copy bandwidth),
+# 6. the Triton tuning sweep (bench/triton_sweep.py).
 # The short tables come LAST. Copy them, with card/date/commit/command (printed under them), into
 # bench/RESULTS.md.
 #
@@ -14,7 +15,7 @@
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only
 # Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default $OUT
 # when set, else bench/out/gpu), TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra
-# args for `bench step`), SWEEP_TIMEOUT, SKIP_SANITIZER, SKIP_PHASES, SKIP_SWEEP. came-pytorch: installed from .whl/ if its wheel is there.
+# args for `bench step`), SWEEP_TIMEOUT, HOST_TIMEOUT, SKIP_SANITIZER, SKIP_HOST, SKIP_PHASES, SKIP_SWEEP. came-pytorch: installed from .whl/ if its wheel is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -102,6 +103,16 @@ rc=$?
 [ $rc -eq 0 ] || { echo "BENCHMARK FAILED (rc=$rc):"; tail -n 30 "$LOG/step.log"; status=1; }
 echo "   step benchmark: $((SECONDS - t1)) s"
 
+if [ -z "${SKIP_HOST:-}" ]; then
+  echo "== host time of step() with real launches (GPU synchronized before each timed step)"
+  t1=$SECONDS
+  timeout "${HOST_TIMEOUT:-60}" "$PY" -m bench host --device cuda --sets gpt2,tinyllama --iters 100 --warmup 10 \
+    --out "$LOG" >"$LOG/host.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || { echo "HOST BENCHMARK FAILED (rc=$rc):"; tail -n 20 "$LOG/host.log"; status=1; }
+  echo "   host: $((SECONDS - t1)) s"
+fi
+
 if [ -z "${SKIP_PHASES:-}" ]; then
   echo "== per-phase kernel profile"
   t1=$SECONDS
@@ -125,5 +136,6 @@ echo
 echo "== RESULT (total $((SECONDS - t0)) s; bench/RESULTS.md: card, date, commit, command, tables)"
 [ -f "$LOG/phases.json" ] && "$PY" -m bench phases --help >/dev/null 2>&1 && \
   "$PY" -c "import json,sys; from bench import phases; print(phases.table(json.load(open(sys.argv[1]))))" "$LOG/phases.json"
+[ -f "$LOG/host.log" ] && grep -a "^|" "$LOG/host.log"
 [ -f "$LOG/step.json" ] && "$PY" -m bench step --show "$LOG/step.json"
 exit $status

@@ -16,6 +16,11 @@ same on any machine class and needs no GPU:
 Reported: microseconds per step() (min / median / max over --iters steps after --warmup), per shape set,
 with the same grad tensors every step, and with new grad tensors every step (what backward produces after
 zero_grad(set_to_none=True), torch's default).
+
+`--device cuda`: nothing is stubbed. Kernel launches are asynchronous, so the time step() takes to return is
+its host time as long as the launch queue has room: the GPU is synchronized before each timed step, and the
+row adds came[cuda] (the extension, when it is built). Shapes are scaled down (--scale) so that the GPU work
+of one step stays short.
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=200, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
     p.add_argument("--out", default=utils.DEFAULT_OUT, help="output directory (default: bench/out)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: device work stubbed; cuda: real launches, host time only (default: %(default)s)")
+    p.add_argument("--scale", type=float, default=64.0, help="shape divisor for --device cuda (default: 64)")
 
 
 @contextlib.contextmanager
@@ -71,7 +79,7 @@ def _no_triton_launches():
 
 
 def _time(step: Callable[[], None], warmup: int, iters: int, before: Callable[[], None] = _noop) -> List[float]:
-    """Microseconds per step(); `before` runs untimed before each (e.g. new grads)."""
+    """Microseconds per step(); `before` runs untimed before each (e.g. new grads, a GPU sync)."""
     for _ in range(warmup):
         before()
         step()
@@ -84,9 +92,9 @@ def _time(step: Callable[[], None], warmup: int, iters: int, before: Callable[[]
     return out
 
 
-def _new_grads(params) -> Callable[[], None]:
+def _new_grads(params, then: Callable[[], None] = _noop) -> Callable[[], None]:
     """Gives every param a grad tensor other than last step's, as backward after zero_grad(set_to_none=True)
-    does (two sets, alternated: new objects, and addresses that move)."""
+    does (two sets, alternated: new objects, and addresses that move); then runs `then`."""
     import torch
     sets = [[torch.zeros_like(p) for p in params] for _ in range(2)]
     state = {"i": 0}
@@ -95,29 +103,45 @@ def _new_grads(params) -> Callable[[], None]:
         state["i"] ^= 1
         for p, g in zip(params, sets[state["i"]]):
             p.grad = g
+        then()
     return before
 
 
 def run(args: argparse.Namespace) -> dict:
-    if "triton" not in sys.modules:  # must precede Triton's import (CPU tensors only here)
+    gpu = getattr(args, "device", "cpu") == "cuda"
+    if "triton" not in sys.modules and not gpu:  # must precede Triton's import (CPU tensors only here)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
     import came_kernels
     from came_kernels import backends
 
-    env = utils.environment(torch.device("cpu"))
-    print(f"# host time of step(), device work stubbed (commit {env['commit']}, torch {env['torch']})")
+    device = torch.device("cuda" if gpu else "cpu")
+    env = utils.environment(device)
+    what = "real launches, host time only" if gpu else "device work stubbed"
+    print(f"# host time of step(), {what} (commit {env['commit']}, torch {env['torch']})")
     rows = []
     for set_name in args.sets.split(","):
-        shapes = shapes_mod.shape_set(set_name, 64.0)  # sizes do not matter here, only the tensor count
+        # Sizes do not matter on the CPU, only the tensor count; on a GPU they set how long the work takes.
+        shapes = shapes_mod.shape_set(set_name, getattr(args, "scale", 64.0) if gpu else 64.0)
         cases = [("adamw[fused]", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True)),
                  ("came[torch]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="torch")),
                  ("came[triton]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="triton"))]
+        if gpu:
+            cases.append(("came[cuda]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="cuda")))
         for name, make in cases:
-            params = utils.make_params(shapes, torch.device("cpu"), torch.float32)
+            params = utils.make_params(shapes, device, torch.float32)
             row = {"set": set_name, "optimizer": name, "tensors": len(params)}
             try:
                 opt = make(params)
+                if gpu:  # nothing stubbed: a sync before each timed step leaves the launch queue empty
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                    t = _time(opt.step, args.warmup, args.iters, torch.cuda.synchronize)
+                    t_new = _time(opt.step, args.warmup, args.iters, _new_grads(params, torch.cuda.synchronize))
+                    row.update(us_min=min(t), us_median=statistics.median(t), us_max=max(t), steps=len(t),
+                               new_min=min(t_new), new_median=statistics.median(t_new))
+                    rows.append(row)
+                    continue
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(_patched(torch, "_foreach_add_", _noop))
                     if name == "adamw[fused]":
@@ -146,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"- {env['date']}, {env['device']}, commit {env['commit']}: `{env['command']}`")
     payload = {"benchmark": "host", "env": env, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    utils.write_json(os.path.join(args.out, "host.json"), payload)
+    utils.write_json(os.path.join(args.out, "host_cuda.json" if gpu else "host.json"), payload)
     return payload
 
 
