@@ -84,7 +84,8 @@ int check_lowbit_momentum(const at::Tensor& m, const at::Tensor& absmax, size_t 
 
 // Test hooks of the layout (plan.h's make_layout), read on every call: CAME_KERNELS_CUDA_CLIP_COLS lowers the
 // widest N whose clip phase 1 gathers (so that phase 2 runs on small shapes), CAME_KERNELS_CUDA_WS_CAP_FLOATS
-// lowers the workspace cap (so that small groups take stripes of several row tiles). Unset: the defaults.
+// lowers the workspace cap (so that small groups take stripes of several row tiles), CAME_KERNELS_CUDA_PACK=0
+// cuts small matrices into stripes instead of packing them. Unset: the defaults.
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -107,6 +108,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
     TORCH_CHECK(len == n, "came_kernels: ", what, " has ", len, " tensors, params has ", n);
   }
   Group grp;
+  const bool pack = lb == nullptr && env_int("CAME_KERNELS_CUDA_PACK", 1) != 0;  // low-precision state: stripes
   const at::Tensor& p0 = params[0];
   TORCH_CHECK(p0.is_cuda(), "came_kernels: params[0] must be a CUDA tensor, got one on ", p0.device());
   grp.dtype = p0.scalar_type();
@@ -175,6 +177,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
       t.M = p.size(-2);
       t.N = p.size(-1);
       t.B = t.numel / (t.M * t.N);
+      t.pm = pack ? pack_size(p.dim(), t.M, t.N) : 0;
     } else {
       t.v = opt_at(sqs, i);
       check_state(t.v, name_of("exp_avg_sqs", i), p, p.sizes());
@@ -210,6 +213,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   grp.rest_blocks = grp.layout.rest_start.back();
   grp.fin_blocks = grp.layout.fin_start.back();
   grp.clip_blocks = grp.layout.clip_start.back();
+  grp.packed_blocks = grp.layout.packed_blocks;
   TORCH_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX && grp.layout.tiles <= INT32_MAX,
               "came_kernels: more than 2^31-1 blocks in one launch (", grp.main_blocks, " blocks)");
   return grp;
@@ -285,9 +289,9 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
     d.N = t.N;
     d.ws_col = grp.layout.ws_col[k];
     d.ws_clip = grp.layout.ws_clip[k];
-    d.tiles = static_cast<int32_t>(grp.layout.tiles_t[k]);
-    // 16-byte loads need every full-size row (or chunk) to start on a 16-byte boundary.
-    bool ok = t.factored() ? (t.N % vec == 0) : true;
+    d.tiles = desc_tiles(grp.layout.tiles_t[k], grp.layout.pm[k]);
+    // 16-byte loads need every full-size row (or chunk, or packed block: plan.h) to start on a 16-byte boundary.
+    bool ok = t.factored() && t.pm == 0 ? (t.N % vec == 0) : true;
     for (const void* ptr : {addr(t.p), addr(t.g), addr(t.m), addr(t.c), addr(t.C), addr(t.v)}) {
       ok = ok && (reinterpret_cast<uintptr_t>(ptr) % 16 == 0);
     }
@@ -400,7 +404,7 @@ Handoff& handoff() {
 }
 std::vector<int64_t> layout_key(const Group& grp) {
   std::vector<int64_t> k{grp.layout.tiles, grp.layout.clip_cols, grp.layout.ws_floats};
-  for (const TensorRef& t : grp.ts) k.insert(k.end(), {t.numel, t.B, t.M, t.N, t.stat_off});
+  for (const TensorRef& t : grp.ts) k.insert(k.end(), {t.numel, t.B, t.M, t.N, t.pm, t.stat_off});
   return k;
 }
 

@@ -1,11 +1,12 @@
 // plan.h: how one launch's blocks cover a (device, dtype) group of tensors, written once for host and device.
 //
 // Every phase kernel is ONE launch over the whole group, whatever its tensor count (phase 1: two kernels, one
-// launch each, over disjoint sets of the group's tensors, see below): the per-tensor table
-// (TensorDesc below) lives in device memory and each block finds its tensor by a binary search over the
-// table's prefix sums of blocks. Blocks are laid out largest-first: tensors are ordered by the bytes one of
-// their blocks moves, largest first (stable, so the order is fixed), so the last wave of a launch holds the
-// smallest blocks instead of, say, GPT-2's wte stripes.
+// launch each, over disjoint sets of the group's tensors; packed tensors: one more launch per phase; see
+// below): the per-tensor table (TensorDesc below) lives in device memory and each block finds its tensor by
+// a search over the table's prefix sums of blocks. Blocks are laid out largest-first: tensors are ordered by
+// the bytes one of their blocks moves, largest first (stable, so the order is fixed), so the last wave of a
+// launch holds the smallest blocks instead of, say, GPT-2's wte stripes; packed tensors come after all the
+// others (again largest first), so that their blocks end every numbering they are in.
 //
 // Work units ("blocks"):
 //   phase kernels (phases 1, 3, 4): factored tensor [B, M, N]: block s = stripe of tiles*kRows whole rows of
@@ -13,16 +14,20 @@
 //     runs the whole stripe in waves of rows); packed tensor (below): block s = the whole matrices
 //     [s*K, (s+1)*K) (K = kPackElems / PM^2), i.e. the contiguous elements [s*K*M*N, (s+1)*K*M*N); flat
 //     tensor (ndim < 2): block k = elements [k*kFlatChunk, (k+1)*kFlatChunk).
-//   phase 1 (sq_stats) splits the phase-kernel blocks over two launches, each with its own prefix sums in slot
-//     order: the register path (factored tensors with N <= clip_cols, packed ones excepted,
-//     sq_stats_reg_kernel) and the rest (flat tensors, packed ones and factored ones with N > clip_cols,
-//     sq_stats_kernel); a tensor's block `local` is the same stripe, matrices or chunk in both numberings.
+//   packed blocks run in kernels of their own (one launch per phase: the last packed_blocks blocks of the
+//     phase-kernel numbering, past an offset), so the stripe kernels, and their registers, stay as they are;
+//     the other kernels' grids stop before them.
+//   phase 1 (sq_stats) splits the other phase-kernel blocks over two launches, each with its own prefix sums
+//     in slot order: the register path (factored tensors with N <= clip_cols, not packed,
+//     sq_stats_reg_kernel) and the rest (flat tensors and factored ones with N > clip_cols, sq_stats_kernel;
+//     the packed tensors' blocks end this numbering, outside its grid); a tensor's block `local` is the same
+//     stripe, matrices or chunk in every numbering.
 //   phase 2 (clip_stats): the phase-kernel blocks of the factored tensors with N > clip_cols only (phase 1
 //     gathers the clip statistics of every other tensor, see below); no blocks, no launch, without them.
-//   column finalize (phases 1 and 3), factored tensors cut into stripes only: first the column blocks, each one tile of
-//     fin_cols(N) consecutive entries of the [B, N] column statistic, summed over all stripes of their
-//     matrix; then the mean blocks, mean_M of the row statistic: one block per matrix when M >= kBlockMeanRows,
-//     else one warp per matrix (kWarps matrices per block).
+//   column finalize (phases 1 and 3), factored tensors cut into stripes only: first the column blocks, each
+//     one tile of fin_cols(N) consecutive entries of the [B, N] column statistic, summed over all stripes of
+//     their matrix; then the mean blocks, mean_M of the row statistic: one block per matrix when
+//     M >= kBlockMeanRows, else one warp per matrix (kWarps matrices per block).
 //
 // tiles (row tiles per stripe) is 1 unless the group's workspace would pass kWsCapFloats (64 MiB); then it is
 // the smallest count that fits, the same for the whole group (tensor t: min(tiles, ceil(M/kRows))), as
@@ -213,6 +218,39 @@ CAME_HD PackBlock pack_block_of(int64_t B, int64_t M, int64_t N, int64_t pm, int
   return p;
 }
 
+// Inside a packed block (its nk matrices [M, N] as elements [0, n), n = nk*M*N): row q (< nk*M) holds the
+// elements q*N + j (j < N); column q (< nk*N), of matrix kk = q / N, holds kk*M*N + i*N + (q - kk*N) (i < M);
+// element q*N + j lies in column (q / M)*N + j.
+CAME_HD int packed_row_elem(int N, int q, int j) { return q * N + j; }
+CAME_HD int packed_col_elem(int M, int N, int q, int i) {
+  const int kk = q / N;
+  return kk * M * N + i * N + (q - kk * N);
+}
+CAME_HD int packed_col_of(int M, int N, int q, int j) { return (q / M) * N + j; }
+// Element i of a packed block as its row q and column col() (those above), for a run of consecutive elements:
+// two divisions for the first, then next() walks on (j, the column in the matrix; rq, the row in the matrix).
+struct PackedAt {
+  int q, rq, col0, j;
+  CAME_HD PackedAt(int M, int N, int i) {
+    q = i / N;
+    const int kk = q / M;
+    rq = q - kk * M;
+    col0 = kk * N;
+    j = i - q * N;
+  }
+  CAME_HD int col() const { return col0 + j; }
+  CAME_HD void next(int M, int N) {
+    if (++j == N) {
+      j = 0;
+      ++q;
+      if (++rq == M) {
+        rq = 0;
+        col0 += N;
+      }
+    }
+  }
+};
+
 // Phase 1's register path (N <= kClipCols): thread x of a block owns the column groups x + q*kThreads, q < kG,
 // of vec consecutive columns each; kG is the smallest power of two that covers N (<= 32 columns per thread).
 CAME_HD int reg_groups(int64_t N, int vec) {
@@ -303,7 +341,9 @@ struct Layout {
   std::vector<int64_t> fin_start;   // per slot + 1: prefix sum of column-finalize blocks
   std::vector<int64_t> clip_start;  // per slot + 1: prefix sum of phase-2 blocks
   int64_t ws_floats = 0;            // all regions (>= 1)
-  bool packed = false;              // some slot is packed: the phase kernels take their packed bodies
+  bool packed = false;              // some slot is packed
+  int64_t packed_blocks = 0;        // phase-kernel blocks of the packed slots, which come last: the last
+                                    // packed_blocks of main_start's numbering (and of rest_start's)
 };
 
 // clip_cols <= kClipCols (the kernels' register bound); lower values are for tests, which then run phase 2 on
@@ -318,6 +358,7 @@ inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = 
   L.order.resize(n);
   std::iota(L.order.begin(), L.order.end(), 0);
   std::stable_sort(L.order.begin(), L.order.end(), [&](int32_t a, int32_t b) {
+    if ((shapes[a].pm > 0) != (shapes[b].pm > 0)) return shapes[b].pm > 0;  // packed slots last
     return block_elems_of(shapes[a], tiles_of(shapes[a], L.tiles)) >
            block_elems_of(shapes[b], tiles_of(shapes[b], L.tiles));
   });
@@ -333,6 +374,7 @@ inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = 
     L.tiles_t.push_back(t);
     L.pm.push_back(s.pm);
     L.packed = L.packed || s.pm > 0;
+    if (s.pm > 0) L.packed_blocks += main_blocks_of(s, t);
     L.ws_col.push_back(col);
     col += colpart_arrays_of(s, L.clip_cols) * colpart_floats_of(s, t);
     L.main_start[k + 1] = L.main_start[k] + main_blocks_of(s, t);

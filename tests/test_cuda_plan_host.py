@@ -42,6 +42,8 @@ def lib(tmp_path_factory):
     so.came_pack_blocks.argtypes = [I64, I64, I64, I64, I64, ctypes.c_void_p]
     so.came_pack_blocks.restype = None
     so.came_pack_consts.restype = None
+    so.came_packed_indices.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
+    so.came_packed_indices.restype = None
     so.came_layout.argtypes = [ctypes.c_void_p, ctypes.c_int, I64, I64] + [ctypes.c_void_p] * 10
     so.came_row_tiles.argtypes = [I64, I64, I64, I64, ctypes.c_void_p, ctypes.c_void_p]
     so.came_counts.argtypes = [ctypes.c_void_p, I64, I64, ctypes.c_void_p]
@@ -97,12 +99,12 @@ def _layout(lib, dims_list, clip_cols=CLIP_COLS, cap=WS_CAP_FLOATS, pack=True):
     order = (ctypes.c_int32 * n)()
     tiles_t, ws_col, ws_clip = (I64 * n)(), (I64 * n)(), (I64 * n)()
     main, fin, clip, reg, rest = [(I64 * (n + 1))() for _ in range(5)]
-    info = (I64 * 3)()
+    info = (I64 * 4)()
     ws = lib.came_layout(shapes, n, clip_cols, cap, order, tiles_t, ws_col, ws_clip, main, fin, clip, reg, rest,
                          info)
     return dict(order=list(order), tiles_t=list(tiles_t), ws_col=list(ws_col), ws_clip=list(ws_clip),
                 main=list(main), fin=list(fin), clip=list(clip), reg=list(reg), rest=list(rest), tiles=info[0],
-                clip_cols=info[1], packed=bool(info[2]), ws=ws, pack=pack)
+                clip_cols=info[1], packed=bool(info[2]), packed_blocks=info[3], ws=ws, pack=pack)
 
 
 # GPT-2-like and odd shapes: 1-D, 0-d, 1xN, Nx1, ragged, batched 3-D/4-D, tall (block-per-matrix means), and
@@ -156,23 +158,33 @@ def test_counts_match_the_python_model(lib):
                                          main if w else 0, elems, w], (dims, pack, t, clip_cols)
 
 
-def test_slots_are_largest_blocks_first_and_stable(lib):
-    L = _layout(lib, SHAPES)
+@pytest.mark.parametrize("pack", [True, False])
+def test_slots_are_largest_blocks_first_and_stable(lib, pack):
+    # Largest blocks first; packed tensors after all the others (their blocks end every numbering: their own
+    # launches), largest first among them.
+    dims_list = SHAPES + PACKED + NOT_PACKED
+    L = _layout(lib, dims_list, pack=pack)
     order = L["order"]
-    assert sorted(order) == list(range(len(SHAPES))) and L["tiles"] == 1
+    assert sorted(order) == list(range(len(dims_list))) and L["tiles"] == 1
 
-    def block_elems(dims):
-        numel, B, M, N, pm = _shape(dims)
+    def key(dims):
+        numel, B, M, N, pm = _shape(dims, pack)
         if pm:
-            return min(B, PACK_ELEMS // pm ** 2) * M * N
-        return min(M, ROWS) * N if M else min(numel, FLAT_CHUNK)
+            return 1, -min(B, PACK_ELEMS // pm ** 2) * M * N
+        return 0, -(min(M, ROWS) * N if M else min(numel, FLAT_CHUNK))
 
-    keys = [block_elems(SHAPES[i]) for i in order]
-    assert keys == sorted(keys, reverse=True)
+    keys = [key(dims_list[i]) for i in order]
+    assert keys == sorted(keys)
     for a, b in zip(order, order[1:]):  # ties keep the group's order: the layout is fixed for fixed inputs
-        if block_elems(SHAPES[a]) == block_elems(SHAPES[b]):
+        if key(dims_list[a]) == key(dims_list[b]):
             assert a < b
-    assert SHAPES[order[0]] == (70, 8193) and SHAPES[order[-1]] == ()  # widest stripes first, 0-d last
+    assert dims_list[order[0]] == (70, 8193)  # widest stripes first
+    if pack:
+        assert dims_list[order[-1]] == (1, 1, 1)  # the smallest packed block last
+        assert dims_list[order[sum(_shape(d)[4] == 0 for d in dims_list) - 1]] == ()  # then the 0-d tensor
+    else:  # blocks of one element last (the 0-d tensor, 1x1 matrices as stripes), in the group's order
+        assert [dims_list[i] for i in order[-6:]] == [(), (5, 7, 1, 1), (4100, 1, 1), (4096, 1, 1), (1, 1, 1),
+                                                      (2048, 512, 1, 1)]
 
 
 def _check_layout(lib, dims_list, L):
@@ -207,6 +219,12 @@ def _check_layout(lib, dims_list, L):
         clip_end += models[k][5]
     assert L["ws"] == max(clip_end, 1)
     assert L["packed"] == packed
+    # the packed slots come last: their blocks are the last packed_blocks of the phase-kernel numbering and of
+    # phase 1's rest numbering (the other kernels' grids stop before them), none in the register path's
+    first = next((k for k, i in enumerate(L["order"]) if _shape(dims_list[i], L["pack"])[4]), len(L["order"]))
+    assert all(_shape(dims_list[i], L["pack"])[4] for i in L["order"][first:])
+    assert L["packed_blocks"] == L["main"][-1] - L["main"][first] == L["rest"][-1] - L["rest"][first]
+    assert L["reg"][first] == L["reg"][-1] and L["fin"][first] == L["fin"][-1] and L["clip"][first] == L["clip"][-1]
     return models
 
 
@@ -427,6 +445,31 @@ def test_every_matrix_of_a_packed_tensor_is_in_one_block(lib):
                 assert nk * M <= rows_cap and nk * N <= rows_cap
             k_next, e_next = k0 + nk, e0 + n
         assert (k_next, e_next) == (B, numel), dims
+
+
+@pytest.mark.parametrize("vec", [4, 8])
+def test_packed_blocks_index_rows_columns_and_elements_alike(lib, vec):
+    # The packed kernels' index math, for every matrix size they take (M, N <= 8) and block fill: row q's N
+    # elements (row sums), column q's M elements (column sums), each element's column (the clip's u), and
+    # PackedAt's walk over each vector of `vec` elements (phases 3 and 4): every element in exactly one row and one
+    # column, the ones the [nk, M, N] layout puts it in.
+    for M in range(1, 9):
+        for N in range(1, 9):
+            pm = _pack_size((2, M, N))
+            K = PACK_ELEMS // pm ** 2
+            for nk in sorted({1, 3, K}):
+                n = nk * M * N
+                rows, cols, row_cols = (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
+                walk = (ctypes.c_int32 * (2 * n))()
+                lib.came_packed_indices(M, N, nk, vec, rows, cols, row_cols, walk)
+                assert list(rows) == list(range(n))
+                expect_cols = [kk * M * N + i * N + j for kk in range(nk) for j in range(N) for i in range(M)]
+                assert list(cols) == expect_cols and sorted(cols) == list(range(n)), (M, N, nk)
+                for e in range(n):
+                    q, j = divmod(e, N)
+                    col = (q // M) * N + j
+                    assert row_cols[e] == col and cols[col * M + q % M] == e, (M, N, nk, e)
+                    assert (walk[2 * e], walk[2 * e + 1]) == (q, col), (M, N, nk, vec, e)
 
 
 def test_conv_weights_get_few_blocks_and_a_small_table(lib):

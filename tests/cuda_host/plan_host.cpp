@@ -24,8 +24,8 @@ extern "C" {
 
 // shapes: n x 5 int64 (numel, B, M, N, pm); clip_cols, cap_floats as make_layout takes them. Outputs
 // (caller-sized): order[n], tiles_t[n] (as TensorDesc::tiles holds it: desc_tiles), ws_col[n], ws_clip[n],
-// main_start[n+1], fin_start[n+1], clip_start[n+1], reg_start[n+1], rest_start[n+1], and info[3] = (group
-// tiles, clip_cols, packed); returns ws_floats.
+// main_start[n+1], fin_start[n+1], clip_start[n+1], reg_start[n+1], rest_start[n+1], and info[4] = (group
+// tiles, clip_cols, packed, packed_blocks); returns ws_floats.
 int64_t came_layout(const int64_t* shapes, int n, int64_t clip_cols, int64_t cap_floats, int32_t* order,
                     int64_t* tiles_t, int64_t* ws_col, int64_t* ws_clip, int64_t* main_start, int64_t* fin_start,
                     int64_t* clip_start, int64_t* reg_start, int64_t* rest_start, int64_t* info) {
@@ -46,6 +46,7 @@ int64_t came_layout(const int64_t* shapes, int n, int64_t clip_cols, int64_t cap
   info[0] = L.tiles;
   info[1] = L.clip_cols;
   info[2] = L.packed ? 1 : 0;
+  info[3] = L.packed_blocks;
   return L.ws_floats;
 }
 
@@ -96,6 +97,33 @@ void came_pack_blocks(int64_t B, int64_t M, int64_t N, int64_t pm, int64_t block
     out[4 * local + 1] = p.nk;
     out[4 * local + 2] = p.e0;
     out[4 * local + 3] = p.n;
+  }
+}
+
+// Inside a packed block of nk matrices [M, N], as the kernels index it: rows[q*N + j] = packed_row_elem
+// (q < nk*M, j < N); cols[q*M + i] = packed_col_elem (q < nk*N, i < M); row_cols[q*N + j] = packed_col_of
+// (the column of element (q, j)); walk[2e], walk[2e+1] = PackedAt's (q, col()) of element e < nk*M*N, walked
+// from the start of its vector of `vec` elements, as the elementwise passes do.
+void came_packed_indices(int M, int N, int nk, int vec, int32_t* rows, int32_t* cols, int32_t* row_cols,
+                         int32_t* walk) {
+  for (int q = 0; q < nk * M; ++q) {
+    for (int j = 0; j < N; ++j) {
+      rows[q * N + j] = packed_row_elem(N, q, j);
+      row_cols[q * N + j] = packed_col_of(M, N, q, j);
+    }
+  }
+  for (int q = 0; q < nk * N; ++q) {
+    for (int i = 0; i < M; ++i) cols[q * M + i] = packed_col_elem(M, N, q, i);
+  }
+  const int n = nk * M * N;
+  for (int i0 = 0; i0 < n; i0 += vec) {
+    PackedAt at(M, N, i0);
+    for (int e = 0; e < vec; ++e, at.next(M, N)) {
+      if (i0 + e < n) {
+        walk[2 * (i0 + e)] = at.q;
+        walk[2 * (i0 + e) + 1] = at.col();
+      }
+    }
   }
 }
 
