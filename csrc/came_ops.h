@@ -16,13 +16,15 @@
 namespace came {
 
 // One parameter and its state. Factored (ndim >= 2) tensors are the batch [B, M, N] of their last two dims;
-// the others are flat (M = N = B = 0) and use `v`.
+// the others are flat (M = N = B = 0) and use `v`. Factored tensors of small matrices (ndim >= 3, M, N <= 8)
+// are packed, several whole matrices per block (pm > 0: plan.h), unless the group has low-precision state.
 struct TensorRef {
   at::Tensor p, g, m;   // param, grad (same dtype), exp_avg (fp32); all contiguous, same numel
   at::Tensor r, c;      // exp_avg_sq_row [B*M], exp_avg_sq_col [B*N]           (factored)
   at::Tensor R, C;      // exp_avg_res_row [B*M], exp_avg_res_col [B*N]         (factored)
   at::Tensor v;         // exp_avg_sq [numel]                                   (flat)
   int64_t numel = 0, B = 0, M = 0, N = 0;
+  int64_t pm = 0;        // packed: its tile size PM (plan.h's pack_size), else 0
   int64_t stat_off = 0;  // this tensor's slice of `stats`: mean_M(r)[B], mean_M(R)[B], clip divisor [1]
   int64_t index = 0;     // its position in the op's lists (empty tensors are dropped): its row of bias_scales
   // Opt-in low-precision state (came_step_lowbit only): m is then fp32, bf16 or int8 codes (mkind, see
@@ -31,7 +33,7 @@ struct TensorRef {
   int mkind = 0;
   int64_t qoff = 0;      // int8: its first slot in the group's qmax / qold buffers
   bool factored() const { return M > 0; }
-  Shape shape() const { return Shape{numel, B, M, N}; }
+  Shape shape() const { return Shape{numel, B, M, N, pm}; }
 };
 
 // Scalars, converted once: fp32 values, and 1-beta rounded from double like torch's `alpha=1-beta`.
@@ -47,11 +49,13 @@ struct Group {
   at::ScalarType dtype;
   int64_t stats_numel = 0;  // sum over tensors of 2*B + 1 (layout above)
   Layout layout;            // slot order, workspace offsets, block counts (plan.h)
-  int64_t main_blocks = 0;  // grid of the phase kernels
+  int64_t main_blocks = 0;  // phase-kernel blocks; the grid of the phase kernels is main_blocks - packed_blocks
   int64_t reg_blocks = 0;   // grid of sq_stats_reg_kernel (phase 1's register path; 0: no such tensor)
-  int64_t rest_blocks = 0;  // grid of sq_stats_kernel (phase 1's other blocks; 0: no such tensor)
+  int64_t rest_blocks = 0;  // phase 1's other blocks; sq_stats_kernel's grid: rest_blocks - packed_blocks
   int64_t fin_blocks = 0;   // grid of the column finalize kernels (0: no factored tensor)
   int64_t clip_blocks = 0;  // grid of clip_stats_kernel (0: phase 1 gathers every tensor's clip statistics)
+  int64_t packed_blocks = 0;  // blocks of the packed tensors, the last ones of the phase-kernel numbering (and of
+                              // phase 1's rest numbering): the grid of the packed kernels (0: nothing packed)
   at::Tensor table_dev;     // the uploaded table; keeps `tab` valid until the op returns
   DeviceTable tab{};
   // Opt-in low-precision state (came_step_lowbit): `lowbit` uploads the LowbitDesc entries (tab.lp);

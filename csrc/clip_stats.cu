@@ -7,7 +7,7 @@
 //   sum(u^2), in fp64, in a fixed order:
 //     factored, N <= clip_cols (8192): sum over b, j of mean_M(r)[b] * W[b, j], W from sq_stats (the exact
 //       identity of came_math.cuh: nothing full-size is read here)
-//     ndim < 2: the sum of sq_stats' per-block sums of u^2
+//     ndim < 2 and packed tensors (plan.h): the sum of sq_stats' per-block sums of u^2
 //     factored, N > clip_cols: clip_stats_kernel re-reads g, r, c for these tensors only (one partial sum of
 //       u^2 per block, into its own workspace slot; not launched when the group has none), then the sum of
 //       those slots
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 2) clip_stats_kernel(DeviceTable tab
 __device__ __forceinline__ double sum_u2_share(const TensorDesc& d, const DeviceTable& tab, int64_t parts,
                                                const float* __restrict__ ws) {
   double acc = 0.0;
-  if (d.M > 0 && clip_in_phase1(d, tab)) {
+  if (clip_from_w(d, tab)) {
     const double* __restrict__ w = reinterpret_cast<const double*>(ws + d.ws_clip);
     for (int64_t b = 0; b < d.B; ++b) {
       const float mean_r = d.stat[b];

@@ -8,6 +8,8 @@
 //              R[b, i] = b3*R + (1-b3)*(mean_N(res)[b, i] + eps2)         momentum_res_kernel (row sums in-block)
 //              C[b, j] = b3*C + (1-b3)*(mean_M(res)[b, j] + eps2)         res_finalize_kernel (stripe partials)
 //              mean_M(R)[b] -> stats                                      res_finalize_kernel
+//   packed (plan.h: ndim >= 3, M, N <= 8; a block = K whole matrices): u_hat, m, res as above, then R, C and
+//              mean_M(R) of the block's matrices, all in the block                momentum_res_packed_kernel
 //   ndim < 2:  momentum only (no confidence step).
 // maximize: u is linear in g, so g is negated as it is loaded (compile-time switch). GradScaler (amp =
 // [found_inf, 1/scale]): g = g * (1/scale) as it is loaded; both kernels return before writing anything when
@@ -18,9 +20,14 @@
 //
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B), reads and writes m (8 B): fp32 12 B, bf16 10 B;
 // flat tensors also read v (4 B). Column partials: 4/(64*tiles) B per element (a stripe's row tiles add
-// into its partials). GradScaler: amp, 8 B per block.
-// Launch: one momentum_res_kernel over the whole group, one block per stripe (tiles row tiles, run one after
-// another) / flat chunk, 256 threads; one
+// into its partials). Packed: g and m as above, plus r, c read and R, C read and written per row and column
+// ((M + N)/(M*N) of the elements, 12 B each) and mean_M(r), mean_M(R) per matrix: fp32 3x3 12 + 8 + 0.9 B,
+// 1x1 12 + 24 + 8 = 44 B (every element its own row, column and matrix). GradScaler: amp, 8 B per block.
+// Launch: one momentum_res_kernel over the whole group but its packed tensors, one block per stripe (tiles
+// row tiles, run one after another) / flat chunk, 256 threads; one momentum_res_packed_kernel over the packed
+// blocks (the end of the numbering, plan.h; a kernel of its own so that the stripe kernel keeps its
+// registers): the rows' and columns' factors to shared memory, u_hat, m and the residual elementwise (16-byte
+// loads, the residual to shared memory, 16 KB), then one thread per row, column and matrix; one
 // res_finalize_kernel, column tiles summed over their stripes by 8 warps, and the means of R
 // (multi_tensor.cuh). Both grids are independent of the tensor count (plan.h).
 // Determinism: fixed-order sums throughout: bitwise reproducible.
@@ -266,6 +273,157 @@ __device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, cons
   }
 }
 
+// A packed block of PM >= 4 (multi_tensor.cuh): the rows' and columns' factors into shared memory, then
+// elementwise u_hat, m (stored) and the residual (into shared memory), then R, C of the block's whole matrices
+// and mean_M(R), all in the block. The loads of g, m, r, c and mean_M(r) go out together, R and C's while the
+// elementwise pass runs.
+template <typename T, int VEC, bool kVec, bool kMaximize, int PM>
+__device__ __forceinline__ void momentum_res_packed(const TensorDesc& d, int64_t local, const Hyper& h, float inv,
+                                                    float* __restrict__ smem) {
+  constexpr int kU = kPackVecs<VEC>, kIt = kPackIters<PM>;
+  const Packed p = packed_of(d, local, PM);
+  float* __restrict__ res = smem;              // the residual (u_hat - m)^2, [n]
+  float* __restrict__ rs = smem + kPackElems;  // the rows' rsqrt(r / mean_M(r)), then their new R
+  float* __restrict__ cs = rs + kPackRows;     // the columns' rsqrt(c)
+  const T* __restrict__ g = static_cast<const T*>(d.g) + p.e0;
+  float* __restrict__ m = d.m + p.e0;
+  const float* __restrict__ r = d.row + p.k0 * p.M;
+  const float* __restrict__ c = d.col + p.k0 * p.N;
+  float* __restrict__ R = d.res_row + p.k0 * p.M;
+  float* __restrict__ C = d.res_col + p.k0 * p.N;
+  const float* __restrict__ mean_r = d.stat + p.k0;
+  float* __restrict__ mean_R = d.stat + d.B + p.k0;
+  const float divisor = d.stat[2 * d.B];
+  const int tid = static_cast<int>(threadIdx.x);
+  float gv[kU][VEC], mv[kU][VEC];
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    load_vec<VEC, kVec>(g, packed_vec_start<VEC>(u), p.n, gv[u]);
+    load_vec<VEC, kVec>(m, packed_vec_start<VEC>(u), p.n, mv[u]);
+  }
+  {
+    float rv[kIt], av[kIt], cv[kIt];
+#pragma unroll
+    for (int t = 0; t < kIt; ++t) {
+      const int q = t * kThreads + tid;
+      rv[t] = q < p.rows ? r[q] : 1.0f;
+      av[t] = q < p.rows ? mean_r[q / p.M] : 1.0f;
+      cv[t] = q < p.cols ? c[q] : 1.0f;
+    }
+#pragma unroll
+    for (int t = 0; t < kIt; ++t) {
+      const int q = t * kThreads + tid;
+      if (q < p.rows) rs[q] = row_factor(rv[t], av[t]);
+      if (q < p.cols) cs[q] = col_factor(cv[t]);
+    }
+  }
+  __syncthreads();
+  float Rv[kIt], Cv[kIt];  // for after the next barrier
+#pragma unroll
+  for (int t = 0; t < kIt; ++t) {
+    const int q = t * kThreads + tid;
+    Rv[t] = q < p.rows ? R[q] : 0.0f;
+    Cv[t] = q < p.cols ? C[q] : 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const int i0 = packed_vec_start<VEC>(u);
+    PackedAt at(p.M, p.N, i0);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e, at.next(p.M, p.N)) {
+      if (i0 + e < p.n) {
+        const float gu = unscaled(gv[u][e], inv);
+        const float gx = kMaximize ? -gu : gu;
+        const float u_hat = clipped(factored_u(gx, rs[at.q], cs[at.col()]), divisor);
+        mv[u][e] = ema(mv[u][e], h.beta1, h.one_minus_beta1, u_hat);
+        res[i0 + e] = residual(u_hat, mv[u][e]);
+      }
+    }
+    store_vec<VEC, kVec>(m, i0, p.n, mv[u]);
+  }
+  __syncthreads();
+  const float n_f = static_cast<float>(p.N), m_f = static_cast<float>(p.M);
+#pragma unroll
+  for (int t = 0; t < kIt; ++t) {
+    const int q = t * kThreads + tid;
+    if (q < p.rows) {  // R = b3*R + (1-b3)*(mean_N(res) + eps2)
+      const float R_new = ema(Rv[t], h.beta3, h.one_minus_beta3,
+                              mean_plus_eps(packed_row_sum<PM>(p, res, q, Same{}), n_f, h.eps2));
+      R[q] = R_new;
+      rs[q] = R_new;
+    }
+    if (q < p.cols) {  // C = b3*C + (1-b3)*(mean_M(res) + eps2)
+      C[q] = ema(Cv[t], h.beta3, h.one_minus_beta3, mean_plus_eps(packed_col_sum<PM>(p, res, q, Same{}), m_f, h.eps2));
+    }
+  }
+  __syncthreads();
+  if (tid < p.nk) mean_R[tid] = packed_mean<PM>(p, rs, tid);
+}
+
+// A packed block of 1x1 matrices (PM = 1): element i is row, column and matrix k0 + i; the sums above are the
+// residual itself and mean_M(R) = R: the same values elementwise. kB elements of seven arrays in flight.
+template <typename T, bool kMaximize>
+__device__ __forceinline__ void momentum_res_packed_1x1(const TensorDesc& d, int64_t local, const Hyper& h,
+                                                        float inv) {
+  constexpr int kU = static_cast<int>(kPackElems) / kThreads, kB = 4;
+  const Packed p = packed_of(d, local, 1);
+  const T* __restrict__ g = static_cast<const T*>(d.g) + p.e0;
+  float* __restrict__ m = d.m + p.e0;
+  const float* __restrict__ r = d.row + p.k0;
+  const float* __restrict__ c = d.col + p.k0;
+  float* __restrict__ R = d.res_row + p.k0;
+  float* __restrict__ C = d.res_col + p.k0;
+  const float* __restrict__ mean_r = d.stat + p.k0;
+  float* __restrict__ mean_R = d.stat + d.B + p.k0;
+  const float divisor = d.stat[2 * d.B];
+#pragma unroll
+  for (int u0 = 0; u0 < kU; u0 += kB) {
+    float gv[kB], mv[kB], rv[kB], av[kB], cv[kB], Rv[kB], Cv[kB];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int i = (u0 + b) * kThreads + threadIdx.x;
+      const bool ok = i < p.n;
+      gv[b] = ok ? static_cast<float>(g[i]) : 0.0f;
+      mv[b] = ok ? m[i] : 0.0f;
+      rv[b] = ok ? r[i] : 0.0f;
+      av[b] = ok ? mean_r[i] : 0.0f;
+      cv[b] = ok ? c[i] : 0.0f;
+      Rv[b] = ok ? R[i] : 0.0f;
+      Cv[b] = ok ? C[i] : 0.0f;
+    }
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int i = (u0 + b) * kThreads + threadIdx.x;
+      if (i < p.n) {
+        const float gu = unscaled(gv[b], inv);
+        const float gx = kMaximize ? -gu : gu;
+        const float u_hat = clipped(factored_u(gx, row_factor(rv[b], av[b]), col_factor(cv[b])), divisor);
+        const float m_new = ema(mv[b], h.beta1, h.one_minus_beta1, u_hat);
+        const float res = residual(u_hat, m_new);
+        const float R_new = ema(Rv[b], h.beta3, h.one_minus_beta3, mean_plus_eps(res, 1.0f, h.eps2));
+        m[i] = m_new;
+        R[i] = R_new;
+        C[i] = ema(Cv[b], h.beta3, h.one_minus_beta3, mean_plus_eps(res, 1.0f, h.eps2));
+        mean_R[i] = R_new;
+      }
+    }
+  }
+}
+
+template <typename T, int VEC, bool kMaximize>
+__device__ __forceinline__ void momentum_res_packed_any(const TensorDesc& d, int pm, int64_t local, const Hyper& h,
+                                                        float inv, float* smem) {
+  if (pm == 1) {
+    momentum_res_packed_1x1<T, kMaximize>(d, local, h, inv);
+  } else if (pm == 4) {
+    if (d.vec_ok) momentum_res_packed<T, VEC, true, kMaximize, 4>(d, local, h, inv, smem);
+    else momentum_res_packed<T, VEC, false, kMaximize, 4>(d, local, h, inv, smem);
+  } else {
+    if (d.vec_ok) momentum_res_packed<T, VEC, true, kMaximize, 8>(d, local, h, inv, smem);
+    else momentum_res_packed<T, VEC, false, kMaximize, 8>(d, local, h, inv, smem);
+  }
+}
+
 // kLow: the group has bf16/int8 momenta (tab.lp is set); without it the kernel is the default one, unchanged.
 template <typename T, bool kMaximize, bool kLow>
 __global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) momentum_res_kernel(DeviceTable tab, float* ws, Hyper h,
@@ -298,6 +456,19 @@ __global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) momentum_res_kernel(De
   else momentum_res_stripe<T, VEC, false, kMaximize>(d, blk.local, ws, h, inv);
 }
 
+// Phase 3 of the packed tensors (plan.h), a launch of their own over the blocks [first, first + grid).
+template <typename T, bool kMaximize>
+__global__ void __launch_bounds__(kThreads, kPackedMinBlocks) momentum_res_packed_kernel(DeviceTable tab,
+                                                                                          int32_t first, Hyper h,
+                                                                                          const float* amp) {
+  constexpr int VEC = 16 / sizeof(T);
+  __shared__ __align__(16) float smem[kPackSmemFloats];
+  if (amp_found_inf(amp)) return;  // GradScaler: skip the whole step, else unscale g by inv
+  const float inv = amp_inv_scale(amp);
+  const BlockRef blk = find_main_from(tab, first);
+  momentum_res_packed_any<T, VEC, kMaximize>(*blk.d, pack_of(*blk.d), blk.local, h, inv, smem);
+}
+
 __global__ void __launch_bounds__(kThreads) res_finalize_kernel(DeviceTable tab, float* ws, Hyper h,
                                                                 const float* amp) {
   if (amp_found_inf(amp)) return;  // a skipped step: C must not change
@@ -314,11 +485,18 @@ void momentum_res_launch(const Group& grp, const Hyper& h, float* ws, const floa
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "momentum_res", [&] {
     CAME_BOOL_SWITCH(h.maximize, kMaximize, [&] {
-      CAME_BOOL_SWITCH(grp.lowbit_momentum, kLow, [&] {
-        momentum_res_kernel<scalar_t, kMaximize, kLow><<<grp.main_blocks, kThreads, 0, stream>>>(grp.tab, ws, h,
-                                                                                                 amp);
+      const int64_t grid = grp.main_blocks - grp.packed_blocks;  // the packed blocks end the numbering
+      if (grid > 0) {
+        CAME_BOOL_SWITCH(grp.lowbit_momentum, kLow, [&] {
+          momentum_res_kernel<scalar_t, kMaximize, kLow><<<grid, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+      if (grp.packed_blocks > 0) {
+        momentum_res_packed_kernel<scalar_t, kMaximize><<<grp.packed_blocks, kThreads, 0, stream>>>(
+            grp.tab, static_cast<int32_t>(grid), h, amp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      }
     });
   });
   if (grp.fin_blocks > 0) {

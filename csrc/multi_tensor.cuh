@@ -14,7 +14,8 @@
 // to fixed workspace slots (row tile 0 stores them, later row tiles add to them: the same thread, in order)
 // and added by the column finalize (finalize_columns_and_means). Phase 1's register path (sq_stats.cu) runs
 // a stripe in waves of whole rows instead. Flat tensor (ndim < 2, 0-d included): block k = elements
-// [k*kFlatChunk, (k+1)*kFlatChunk).
+// [k*kFlatChunk, (k+1)*kFlatChunk). Packed tensor (plan.h: ndim >= 3, matrices of at most 8x8): block s = its
+// whole matrices [s*K, (s+1)*K), every statistic complete in the block (packed blocks, at the end).
 #pragma once
 
 #include <algorithm>
@@ -84,12 +85,16 @@ struct BlockRef {
   int64_t local;        // block index within that tensor
 };
 
-// Every warp runs the search (all 32 lanes must be active: call it first thing in a kernel).
-__device__ __forceinline__ BlockRef find_in(const DeviceTable& tab, const int32_t* __restrict__ start) {
-  const int32_t b = static_cast<int32_t>(blockIdx.x);
+// Every warp runs the search (all 32 lanes must be active: call it first thing in a kernel). b: the block's
+// number in the launch's numbering (blockIdx.x, or past an offset: find_main_from).
+__device__ __forceinline__ BlockRef find_block(const DeviceTable& tab, const int32_t* __restrict__ start,
+                                               int32_t b) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int k = owner_of_32(start, tab.n, b, [&](auto pred) { return __ballot_sync(0xffffffffu, pred(lane)); });
   return {tab.t + k, static_cast<int64_t>(b) - start[k]};
+}
+__device__ __forceinline__ BlockRef find_in(const DeviceTable& tab, const int32_t* __restrict__ start) {
+  return find_block(tab, start, static_cast<int32_t>(blockIdx.x));
 }
 // Phase-kernel blocks (stripes / flat chunks), column-finalize blocks and phase-2 blocks.
 __device__ __forceinline__ BlockRef find_main(const DeviceTable& tab) { return find_in(tab, tab.main_start); }
@@ -98,10 +103,15 @@ __device__ __forceinline__ BlockRef find_clip(const DeviceTable& tab) { return f
 // Phase 1's two launches: the register path's blocks, and the others (plan.h).
 __device__ __forceinline__ BlockRef find_reg(const DeviceTable& tab) { return find_in(tab, tab.reg_start); }
 __device__ __forceinline__ BlockRef find_rest(const DeviceTable& tab) { return find_in(tab, tab.rest_start); }
+// The packed kernels' blocks: phase-kernel blocks first, first + 1, ... (the packed slots come last, plan.h).
+__device__ __forceinline__ BlockRef find_main_from(const DeviceTable& tab, int32_t first) {
+  return find_block(tab, tab.main_start, first + static_cast<int32_t>(blockIdx.x));
+}
 
-// Whether phase 1 gathers this tensor's clip statistics (plan.h's clip_in_phase1 with the group's bound).
-__device__ __forceinline__ bool clip_in_phase1(const TensorDesc& d, const DeviceTable& tab) {
-  return d.M == 0 || d.N <= tab.clip_cols;
+// Whether this tensor's clip inputs are phase 1's fp64 W (plan.h's clip_from_w with the group's bound: the
+// factored tensors of phase 1's register path); else one sum of u^2 per block (flat, packed, phase 2's).
+__device__ __forceinline__ bool clip_from_w(const TensorDesc& d, const DeviceTable& tab) {
+  return d.M > 0 && pack_of(d) == 0 && d.N <= tab.clip_cols;
 }
 
 // Row j (0 <= j < kRowsPerWarp) of this warp in the stripe (may be >= row_end in a matrix's last stripe).
@@ -383,6 +393,96 @@ __device__ __forceinline__ void finalize_columns_and_means(const TensorDesc& d, 
     }
   }
 }
+
+// ---- Packed blocks (plan.h: a tensor with ndim >= 3 and matrices of at most kPackMax x kPackMax; block s holds
+// its whole matrices [s*K, s*K + nk), K = kPackElems / PM^2). The block's elements are one contiguous run of
+// at most kPackElems, loaded and stored as a flat chunk is (thread x takes the vectors x, x + kThreads, ...,
+// 16-byte accesses where vec_ok: every load coalesced). Its row and column statistics are complete in the
+// block: the values go to shared memory (kPackElems floats), then one thread per row adds its N values in
+// column order, one thread per column its M values in row order, one thread per matrix its M rows (the
+// mean): fixed orders, no atomics, bitwise reproducible. The row and column results (at most kPackRows each
+// for PM >= 4) stay in shared memory for the elementwise pass that needs them. PM = 1 (M = N = 1) needs none
+// of it: element i is row, column and matrix k0 + i, and its sums are the value itself.
+// Shared memory of a packed block (PM >= 4): the values, the rows' and the columns' statistics, block_sum's
+// scratch.
+constexpr int kPackSmemFloats = static_cast<int>(kPackElems) + 2 * kPackRows + kWarps;
+// Resident blocks per SM the packed kernels are compiled for (__launch_bounds__), as the stripe kernels: 128
+// registers at most. (3 or 4 blocks, i.e. 80 or 64 registers, spill in phases 3 and 4 on sm_90.)
+constexpr int kPackedMinBlocks = 2;
+
+struct Packed {
+  int M, N;        // matrix dims (<= kPackMax)
+  int nk;          // matrices in the block
+  int rows, cols;  // rows (nk*M) and columns (nk*N) of the block's statistics
+  int n;           // elements (nk*M*N <= kPackElems)
+  int64_t k0;      // first matrix: the block's stats slots from k0, its rows from k0*M, its columns from k0*N
+  int64_t e0;      // first element
+};
+__device__ __forceinline__ Packed packed_of(const TensorDesc& d, int64_t local, int pm) {
+  const PackBlock b = pack_block_of(d.B, d.M, d.N, pm, local);
+  Packed p;
+  p.M = static_cast<int>(d.M);
+  p.N = static_cast<int>(d.N);
+  p.nk = b.nk;
+  p.rows = b.nk * p.M;
+  p.cols = b.nk * p.N;
+  p.n = b.n;
+  p.k0 = b.k0;
+  p.e0 = b.e0;
+  return p;
+}
+
+// Sum of f(x) over the N values of row q of a packed block's values v, in column order.
+// (Element indices: plan.h's packed_row_elem, packed_col_elem, packed_col_of, PackedAt.)
+template <int PM, typename F>
+__device__ __forceinline__ float packed_row_sum(const Packed& p, const float* __restrict__ v, int q, F f) {
+  const float* __restrict__ x = v + packed_row_elem(p.N, q, 0);  // x[j]: element (q, j)
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PM; ++j) {
+    if (j < p.N) s += f(x[j]);
+  }
+  return s;
+}
+// Sum of f(x) over the M values of column q (matrix q / N) of a packed block's values v, in row order.
+template <int PM, typename F>
+__device__ __forceinline__ float packed_col_sum(const Packed& p, const float* __restrict__ v, int q, F f) {
+  const float* __restrict__ x = v + packed_col_elem(p.M, p.N, q, 0);  // x[i * N]: element i of the column
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < PM; ++i) {
+    if (i < p.M) s += f(x[i * p.N]);
+  }
+  return s;
+}
+// mean_M of matrix kk's row statistic, from the block's rows in shared memory (in row order).
+template <int PM>
+__device__ __forceinline__ float packed_mean(const Packed& p, const float* __restrict__ rows, int kk) {
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < PM; ++i) {
+    if (i < p.M) s += rows[kk * p.M + i];
+  }
+  return s / static_cast<float>(p.M);
+}
+struct Square {
+  __device__ __forceinline__ float operator()(float x) const { return x * x; }
+};
+struct Same {
+  __device__ __forceinline__ float operator()(float x) const { return x; }
+};
+
+// Elements of a packed block per thread: kPackElems / kThreads, as kPackVecs<VEC> vectors of VEC; the first
+// element of this thread's vector u. Rows (and columns) per thread, at most: kPackIters<PM> (a block of PM >= 4
+// has at most kPackElems / PM of each), row or column t*kThreads + threadIdx.x for t < kPackIters<PM>. Matrices:
+// at most kPackElems / PM^2 <= kThreads, one per thread.
+template <int VEC>
+constexpr int kPackVecs = static_cast<int>(kPackElems) / (kThreads * VEC);
+template <int PM>
+constexpr int kPackIters = static_cast<int>(kPackElems) / (PM * kThreads);
+static_assert(kPackElems / 16 <= kThreads, "a packed block of PM >= 4 holds at most kThreads matrices");
+template <int VEC>
+__device__ __forceinline__ int packed_vec_start(int u) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC; }
 
 #endif  // __CUDACC__
 

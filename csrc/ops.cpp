@@ -89,7 +89,8 @@ int check_lowbit_momentum(const at::Tensor& m, const at::Tensor& absmax, size_t 
 
 // Test hooks of the layout (plan.h's make_layout), read on every call: CAME_KERNELS_CUDA_CLIP_COLS lowers the
 // widest N whose clip phase 1 gathers (so that phase 2 runs on small shapes), CAME_KERNELS_CUDA_WS_CAP_FLOATS
-// lowers the workspace cap (so that small groups take stripes of several row tiles). Unset: the defaults.
+// lowers the workspace cap (so that small groups take stripes of several row tiles), CAME_KERNELS_CUDA_PACK=0
+// cuts small matrices into stripes instead of packing them. Unset: the defaults.
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -112,6 +113,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
     TORCH_CHECK(len == n, "came_kernels: ", what, " has ", len, " tensors, params has ", n);
   }
   Group grp;
+  const bool pack = lb == nullptr && env_int("CAME_KERNELS_CUDA_PACK", 1) != 0;  // low-precision state: stripes
   const at::Tensor& p0 = params[0];
   TORCH_CHECK(p0.is_cuda(), "came_kernels: params[0] must be a CUDA tensor, got one on ", p0.device());
   grp.dtype = p0.scalar_type();
@@ -177,6 +179,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
       t.M = p.size(-2);
       t.N = p.size(-1);
       t.B = t.numel / (t.M * t.N);
+      t.pm = pack ? pack_size(p.dim(), t.M, t.N) : 0;
     } else {
       t.v = opt_at(sqs, i);
       check_state(t.v, name_of("exp_avg_sqs", i), p, p.sizes());
@@ -212,6 +215,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   grp.rest_blocks = grp.layout.rest_start.back();
   grp.fin_blocks = grp.layout.fin_start.back();
   grp.clip_blocks = grp.layout.clip_start.back();
+  grp.packed_blocks = grp.layout.packed_blocks;
   TORCH_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX && grp.layout.tiles <= INT32_MAX,
               "came_kernels: more than 2^31-1 blocks in one launch (", grp.main_blocks, " blocks)");
   return grp;
@@ -265,11 +269,12 @@ const void* addr(const at::Tensor& x) { return x.defined() ? x.data_ptr() : null
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// 16-byte loads need every full-size row (or chunk) to start on a 16-byte boundary: N % VEC == 0 and every
-// array aligned. This is the part that does not depend on the grad (TensorDesc::vec_ok = this && g aligned).
+// 16-byte loads need every full-size row (or chunk, or packed block: plan.h) to start on a 16-byte boundary:
+// N % VEC == 0 (stripes) and every array aligned. This is the part that does not depend on the grad
+// (TensorDesc::vec_ok = this && g aligned).
 bool vec_ok_but_grad(const TensorRef& t, at::ScalarType dtype) {
   const int vec = 16 / static_cast<int>(c10::elementSize(dtype));
-  bool ok = t.factored() ? (t.N % vec == 0) : true;
+  bool ok = t.factored() && t.pm == 0 ? (t.N % vec == 0) : true;
   for (const void* ptr : {addr(t.p), addr(t.m), addr(t.c), addr(t.C), addr(t.v)}) ok = ok && aligned16(ptr);
   return ok;
 }
@@ -300,7 +305,7 @@ std::vector<uint8_t> table_image(const Group& grp, float* stats_base, const Lowb
     d.N = t.N;
     d.ws_col = grp.layout.ws_col[k];
     d.ws_clip = grp.layout.ws_clip[k];
-    d.tiles = static_cast<int32_t>(grp.layout.tiles_t[k]);
+    d.tiles = desc_tiles(grp.layout.tiles_t[k], grp.layout.pm[k]);
     d.vec_ok = vec_ok_but_grad(t, grp.dtype) && aligned16(d.g) ? 1 : 0;
     d.index = t.index;
     descs[k] = d;
@@ -427,7 +432,7 @@ Handoff& handoff() {
 }
 std::vector<int64_t> layout_key(const Group& grp) {
   std::vector<int64_t> k{grp.layout.tiles, grp.layout.clip_cols, grp.layout.ws_floats};
-  for (const TensorRef& t : grp.ts) k.insert(k.end(), {t.numel, t.B, t.M, t.N, t.stat_off});
+  for (const TensorRef& t : grp.ts) k.insert(k.end(), {t.numel, t.B, t.M, t.N, t.pm, t.stat_off});
   return k;
 }
 

@@ -16,9 +16,12 @@
 // or Kahan-compensated (store_param_lp). The default kernels (kLow = false) are compiled as before.
 //
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
-// O(rows + cols). GradScaler: found_inf, 4 B per block; bias correction: s_m, 4 B per block.
-// Launch: one param_step_kernel over the whole group, one block per stripe / flat chunk (the blocks of phases
-// 1 and 3; a stripe's row tiles one after another), 256 threads; no finalize.
+// O(rows + cols) (packed 1x1 matrices: 12 B more per element, every element its own row, column and matrix).
+// GradScaler: found_inf, 4 B per block; bias correction: s_m, 4 B per block.
+// Launch: one param_step_kernel over the whole group but its packed tensors, one block per stripe / flat chunk
+// (the blocks of phases 1 and 3; a stripe's row tiles one after another), 256 threads; one
+// param_step_packed_kernel over the packed blocks (plan.h: K whole matrices each; rsqrt(R / mean_M(R)) and
+// rsqrt(C) of its rows and columns to shared memory, then elementwise); no finalize.
 // Determinism: purely elementwise.
 #include <type_traits>
 
@@ -116,6 +119,109 @@ __device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t l
   const int64_t nt = row_tiles_of(s);
   for (int64_t t = 0; t < nt; ++t) {
     param_step_row_tile<T, VEC, kVec, kDecay>(d, row_tile(s, t), lr, weight_decay, s_m);
+  }
+}
+
+// A packed block of PM >= 4 (multi_tensor.cuh): the rows' rsqrt(R / mean_M(R)) and the columns' rsqrt(C) into
+// shared memory, then the elementwise update of the block's contiguous elements; every load at once.
+template <typename T, int VEC, bool kVec, bool kDecay, int PM>
+__device__ __forceinline__ void param_step_packed(const TensorDesc& d, int64_t local, float lr, float weight_decay,
+                                                  float s_m, float* __restrict__ smem) {
+  constexpr int kU = kPackVecs<VEC>, kIt = kPackIters<PM>;
+  const Packed pk = packed_of(d, local, PM);
+  float* __restrict__ rs = smem;              // [rows]
+  float* __restrict__ cs = smem + kPackRows;  // [cols]
+  T* __restrict__ p = static_cast<T*>(d.p) + pk.e0;
+  const float* __restrict__ m = d.m + pk.e0;
+  const float* __restrict__ R = d.res_row + pk.k0 * pk.M;
+  const float* __restrict__ C = d.res_col + pk.k0 * pk.N;
+  const float* __restrict__ mean_R = d.stat + d.B + pk.k0;
+  const int tid = static_cast<int>(threadIdx.x);
+  float pv[kU][VEC], mv[kU][VEC];
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    load_vec<VEC, kVec>(p, packed_vec_start<VEC>(u), pk.n, pv[u]);
+    load_vec<VEC, kVec>(m, packed_vec_start<VEC>(u), pk.n, mv[u]);
+  }
+  {
+    float Rv[kIt], av[kIt], Cv[kIt];
+#pragma unroll
+    for (int t = 0; t < kIt; ++t) {
+      const int q = t * kThreads + tid;
+      Rv[t] = q < pk.rows ? R[q] : 1.0f;
+      av[t] = q < pk.rows ? mean_R[q / pk.M] : 1.0f;
+      Cv[t] = q < pk.cols ? C[q] : 1.0f;
+    }
+#pragma unroll
+    for (int t = 0; t < kIt; ++t) {
+      const int q = t * kThreads + tid;
+      if (q < pk.rows) rs[q] = row_factor(Rv[t], av[t]);
+      if (q < pk.cols) cs[q] = col_factor(Cv[t]);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const int i0 = packed_vec_start<VEC>(u);
+    PackedAt at(pk.M, pk.N, i0);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e, at.next(pk.M, pk.N)) {
+      if (i0 + e < pk.n) {
+        // same product order as the spec: s_m * ((m * row_f) * col_f)
+        const float update = corrected_update(factored_u(mv[u][e], rs[at.q], cs[at.col()]), s_m);
+        pv[u][e] = step_one<T, kDecay>(pv[u][e], update, lr, weight_decay);
+      }
+    }
+    store_vec<VEC, kVec>(p, i0, pk.n, pv[u]);  // nothing past the block's end
+  }
+}
+
+// A packed block of 1x1 matrices (PM = 1): rsqrt(R / mean_M(R)) with mean_M(R) = R, elementwise.
+template <typename T, bool kDecay>
+__device__ __forceinline__ void param_step_packed_1x1(const TensorDesc& d, int64_t local, float lr,
+                                                      float weight_decay, float s_m) {
+  constexpr int kU = static_cast<int>(kPackElems) / kThreads, kB = 8;
+  const Packed pk = packed_of(d, local, 1);
+  T* __restrict__ p = static_cast<T*>(d.p) + pk.e0;
+  const float* __restrict__ m = d.m + pk.e0;
+  const float* __restrict__ R = d.res_row + pk.k0;
+  const float* __restrict__ C = d.res_col + pk.k0;
+  const float* __restrict__ mean_R = d.stat + d.B + pk.k0;
+#pragma unroll
+  for (int u0 = 0; u0 < kU; u0 += kB) {
+    float pv[kB], mv[kB], Rv[kB], av[kB], Cv[kB];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int i = (u0 + b) * kThreads + threadIdx.x;
+      const bool ok = i < pk.n;
+      pv[b] = ok ? static_cast<float>(p[i]) : 0.0f;
+      mv[b] = ok ? m[i] : 0.0f;
+      Rv[b] = ok ? R[i] : 0.0f;
+      av[b] = ok ? mean_R[i] : 0.0f;
+      Cv[b] = ok ? C[i] : 0.0f;
+    }
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int i = (u0 + b) * kThreads + threadIdx.x;
+      if (i < pk.n) {
+        const float update = corrected_update(factored_u(mv[b], row_factor(Rv[b], av[b]), col_factor(Cv[b])), s_m);
+        p[i] = static_cast<T>(step_one<T, kDecay>(pv[b], update, lr, weight_decay));
+      }
+    }
+  }
+}
+
+template <typename T, int VEC, bool kDecay>
+__device__ __forceinline__ void param_step_packed_any(const TensorDesc& d, int pm, int64_t local, float lr,
+                                                      float weight_decay, float s_m, float* smem) {
+  if (pm == 1) {
+    param_step_packed_1x1<T, kDecay>(d, local, lr, weight_decay, s_m);
+  } else if (pm == 4) {
+    if (d.vec_ok) param_step_packed<T, VEC, true, kDecay, 4>(d, local, lr, weight_decay, s_m, smem);
+    else param_step_packed<T, VEC, false, kDecay, 4>(d, local, lr, weight_decay, s_m, smem);
+  } else {
+    if (d.vec_ok) param_step_packed<T, VEC, true, kDecay, 8>(d, local, lr, weight_decay, s_m, smem);
+    else param_step_packed<T, VEC, false, kDecay, 8>(d, local, lr, weight_decay, s_m, smem);
   }
 }
 
@@ -301,32 +407,53 @@ __global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) param_step_kernel(Devi
   }
 }
 
+// Phase 4 of the packed tensors (plan.h), a launch of their own over the blocks [first, first + grid).
+template <typename T, bool kDecay>
+__global__ void __launch_bounds__(kThreads, kPackedMinBlocks) param_step_packed_kernel(DeviceTable tab, int32_t first,
+                                                                                        const float* lr_ptr, Hyper h,
+                                                                                        const float* amp) {
+  constexpr int VEC = 16 / sizeof(T);
+  __shared__ __align__(16) float smem[2 * kPackRows];
+  if (amp_found_inf(amp)) return;  // the params stay as they are
+  const BlockRef blk = find_main_from(tab, first);
+  const TensorDesc& d = *blk.d;
+  const float s_m = h.bias_correction ? tab.scales[2 * d.index + 1] : 1.0f;  // uniform: no load without bias correction
+  param_step_packed_any<T, VEC, kDecay>(d, pack_of(d), blk.local, *lr_ptr, h.weight_decay, s_m, smem);
+}
+
 }  // namespace
 
 void param_step_launch(const Group& grp, const Hyper& h, const at::Tensor& lr, const float* amp) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* lr_ptr = lr.data_ptr<float>();
+  const int64_t grid = grp.main_blocks - grp.packed_blocks;  // the packed blocks end the numbering (plan.h)
   CAME_DISPATCH_PARAM_DTYPE(grp.dtype, "param_step", [&] {
     CAME_BOOL_SWITCH(h.weight_decay != 0.0f, kDecay, [&] {
-      if (!grp.lowbit) {
-        param_step_kernel<scalar_t, kDecay, false, kRoundNearest><<<grp.main_blocks, kThreads, 0, stream>>>(
+      if (grid == 0) {  // every tensor is packed
+      } else if (!grp.lowbit) {
+        param_step_kernel<scalar_t, kDecay, false, kRoundNearest><<<grid, kThreads, 0, stream>>>(
             grp.tab, lr_ptr, h, amp);
       } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // param_rounding: bf16 params only
         if (grp.rounding == kRoundStochastic) {
-          param_step_kernel<scalar_t, kDecay, true, kRoundStochastic><<<grp.main_blocks, kThreads, 0, stream>>>(
+          param_step_kernel<scalar_t, kDecay, true, kRoundStochastic><<<grid, kThreads, 0, stream>>>(
               grp.tab, lr_ptr, h, amp);
         } else if (grp.rounding == kRoundKahan) {
-          param_step_kernel<scalar_t, kDecay, true, kRoundKahan><<<grp.main_blocks, kThreads, 0, stream>>>(
+          param_step_kernel<scalar_t, kDecay, true, kRoundKahan><<<grid, kThreads, 0, stream>>>(
               grp.tab, lr_ptr, h, amp);
         } else {
-          param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grp.main_blocks, kThreads, 0, stream>>>(
+          param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grid, kThreads, 0, stream>>>(
               grp.tab, lr_ptr, h, amp);
         }
       } else {
-        param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grp.main_blocks, kThreads, 0, stream>>>(
+        param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grid, kThreads, 0, stream>>>(
             grp.tab, lr_ptr, h, amp);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (grp.packed_blocks > 0) {
+        param_step_packed_kernel<scalar_t, kDecay><<<grp.packed_blocks, kThreads, 0, stream>>>(
+            grp.tab, static_cast<int32_t>(grid), lr_ptr, h, amp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   });
 }

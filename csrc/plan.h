@@ -1,27 +1,33 @@
 // plan.h: how one launch's blocks cover a (device, dtype) group of tensors, written once for host and device.
 //
 // Every phase kernel is ONE launch over the whole group, whatever its tensor count (phase 1: two kernels, one
-// launch each, over disjoint sets of the group's tensors, see below): the per-tensor table
-// (TensorDesc below) lives in device memory and each block finds its tensor by a binary search over the
-// table's prefix sums of blocks. Blocks are laid out largest-first: tensors are ordered by the bytes one of
-// their blocks moves, largest first (stable, so the order is fixed), so the last wave of a launch holds the
-// smallest blocks instead of, say, GPT-2's wte stripes.
+// launch each, over disjoint sets of the group's tensors; packed tensors: one more launch per phase; see
+// below): the per-tensor table (TensorDesc below) lives in device memory and each block finds its tensor by
+// a search over the table's prefix sums of blocks. Blocks are laid out largest-first: tensors are ordered by
+// the bytes one of their blocks moves, largest first (stable, so the order is fixed), so the last wave of a
+// launch holds the smallest blocks instead of, say, GPT-2's wte stripes; packed tensors come after all the
+// others (again largest first), so that their blocks end every numbering they are in.
 //
 // Work units ("blocks"):
 //   phase kernels (phases 1, 3, 4): factored tensor [B, M, N]: block s = stripe of tiles*kRows whole rows of
 //     matrix b = s / ceil(M/(tiles*kRows)), run as `tiles` row tiles of kRows rows (phase 1's register path
-//     runs the whole stripe in waves of rows); flat tensor (ndim < 2): block k = elements
-//     [k*kFlatChunk, (k+1)*kFlatChunk).
-//   phase 1 (sq_stats) splits the phase-kernel blocks over two launches, each with its own prefix sums in slot
-//     order: the register path (factored tensors with N <= clip_cols, sq_stats_reg_kernel) and the rest (flat
-//     tensors and factored ones with N > clip_cols, sq_stats_kernel); a tensor's block `local` is the same
-//     stripe or chunk in both numberings.
+//     runs the whole stripe in waves of rows); packed tensor (below): block s = the whole matrices
+//     [s*K, (s+1)*K) (K = kPackElems / PM^2), i.e. the contiguous elements [s*K*M*N, (s+1)*K*M*N); flat
+//     tensor (ndim < 2): block k = elements [k*kFlatChunk, (k+1)*kFlatChunk).
+//   packed blocks run in kernels of their own (one launch per phase: the last packed_blocks blocks of the
+//     phase-kernel numbering, past an offset), so the stripe kernels, and their registers, stay as they are;
+//     the other kernels' grids stop before them.
+//   phase 1 (sq_stats) splits the other phase-kernel blocks over two launches, each with its own prefix sums
+//     in slot order: the register path (factored tensors with N <= clip_cols, not packed,
+//     sq_stats_reg_kernel) and the rest (flat tensors and factored ones with N > clip_cols, sq_stats_kernel;
+//     the packed tensors' blocks end this numbering, outside its grid); a tensor's block `local` is the same
+//     stripe, matrices or chunk in every numbering.
 //   phase 2 (clip_stats): the phase-kernel blocks of the factored tensors with N > clip_cols only (phase 1
 //     gathers the clip statistics of every other tensor, see below); no blocks, no launch, without them.
-//   column finalize (phases 1 and 3), factored tensors only: first the column blocks, each one tile of
-//     fin_cols(N) consecutive entries of the [B, N] column statistic, summed over all stripes of their
-//     matrix; then the mean blocks, mean_M of the row statistic: one block per matrix when M >= kBlockMeanRows,
-//     else one warp per matrix (kWarps matrices per block).
+//   column finalize (phases 1 and 3), factored tensors cut into stripes only: first the column blocks, each
+//     one tile of fin_cols(N) consecutive entries of the [B, N] column statistic, summed over all stripes of
+//     their matrix; then the mean blocks, mean_M of the row statistic: one block per matrix when
+//     M >= kBlockMeanRows, else one warp per matrix (kWarps matrices per block).
 //
 // tiles (row tiles per stripe) is 1 unless the group's workspace would pass kWsCapFloats (64 MiB); then it is
 // the smallest count that fits, the same for the whole group (tensor t: min(tiles, ceil(M/kRows))), as
@@ -29,12 +35,24 @@
 // the c, C statistics are B*N per tensor whatever the stripes, so the cap holds for any model whose sum of
 // B*N over matrices is below about 4M (16 B each at one stripe per matrix; LLaMA-7B: 0.8M).
 //
+// Packed tensors (mirror of triton_kernels/multi_tensor.py's PACK_ELEMS, PACK_MAX, PACK_SIZES): a stripe never
+// spans matrices, so a conv weight [Cout, Cin, kh, kw], factored as B = Cout*Cin matrices of kh x kw, would
+// make B blocks of kh*kw elements (ResNet-50: 13.4M per phase). Tensors with ndim >= 3 whose matrices have
+// M, N <= kPackMax are packed instead: PM (pack_size) is the smallest of the pack sizes 1, 4, 8 that covers
+// max(M, N), and a block holds K = kPackElems / PM^2 whole matrices (the last block of a tensor fewer): the
+// same blocks as Triton's [K, PM, PM] tiles, though the kernels keep the matrices' M x N elements unpadded
+// (the block's elements are one contiguous run of at most kPackElems). Their row and column statistics and
+// the means are complete in the block, so a packed tensor has no column partials, no finalize blocks, no
+// register-path or phase-2 blocks; phase 1 also computes u and stores the block's sum of u^2 in one clip
+// slot per block (as flat tensors do). Groups with low-precision state (came_step_lowbit) are not packed.
+//
 // Workspace (floats; phases 1-3 in turn, disjoint regions where two phases' data live at once):
-//   column partials, per factored tensor from ws_col: phase 1's Q[s, n] = sum g^2 over stripe s, then (clip in
-//     phase 1) P[s, n] = sum (g*rsqrt(r_i))^2, each colpart_floats_of floats; phase 3 reuses the first array.
+//   column partials, per factored tensor cut into stripes, from ws_col: phase 1's Q[s, n] = sum g^2 over
+//     stripe s, then (clip in phase 1) P[s, n] = sum (g*rsqrt(r_i))^2, each colpart_floats_of floats; phase 3
+//     reuses the first array.
 //   clip inputs, per tensor from ws_clip (after all partials): W[b, n] = P[b, n] / c[b, n] as fp64 (tensors
-//     whose clip phase 1 covers), or one float of sum(u^2) per phase-kernel block (flat tensors, written by
-//     phase 1; factored tensors with N > clip_cols, written by phase 2).
+//     of phase 1's register path: clip_from_w), or one float of sum(u^2) per phase-kernel block (flat and
+//     packed tensors, written by phase 1; factored tensors with N > clip_cols, written by phase 2).
 //
 // Pure C++ (no torch, no CUDA headers): tests/test_cuda_plan_host.py compiles it with g++ and checks the
 // layout and the search without a GPU.
@@ -66,45 +84,67 @@ constexpr int64_t kBlockMeanRows = 2048;       // mean_M of a matrix with at lea
 constexpr int64_t kClipCols = 8192;            // widest N whose clip statistics phase 1 keeps in registers
                                                // (256 threads x 32 columns x 2 accumulators)
 constexpr int64_t kWsCapFloats = 16 * 1024 * 1024;  // 64 MiB of workspace at most (see tiles above)
+constexpr int64_t kPackElems = 4096;           // PACK_ELEMS: a packed block holds kPackElems / PM^2 matrices
+constexpr int64_t kPackMax = 8;                // PACK_MAX: matrices with M, N <= kPackMax are packed (ndim >= 3)
+                                               // PACK_SIZES (1, 4, 8): pack_size below
+constexpr int kPackRows = kPackElems / 4;      // rows (and columns) of a packed block with PM >= 4, at most
 
 CAME_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The shape of one non-empty tensor as the kernels see it: factored = [B, M, N] (M > 0), flat: M = N = B = 0.
+// pm: a packed tensor's tile size PM (pack_size: 1, 4 or 8), else 0 (stripes, or flat).
 struct Shape {
   int64_t numel = 0, B = 0, M = 0, N = 0;
+  int64_t pm = 0;
 };
+
+// PM of a tensor with ndim dims whose last two are M, N: the smallest pack size (1, 4, 8) that covers
+// max(M, N) when ndim >= 3 and M, N <= kPackMax, else 0 (cut into stripes). triton_kernels' pack_size.
+CAME_HD int64_t pack_size(int64_t ndim, int64_t M, int64_t N) {
+  const int64_t most = M > N ? M : N;
+  if (ndim < 3 || M <= 0 || N <= 0 || most > kPackMax) return 0;
+  return most <= 1 ? 1 : (most <= 4 ? 4 : 8);
+}
+// Matrices per packed block of tile size pm (K).
+CAME_HD int64_t pack_matrices(int64_t pm) { return kPackElems / (pm * pm); }
 
 // Row tiles per stripe of one tensor: the group's count, but never more than its matrices have.
 CAME_HD int64_t tiles_of(const Shape& s, int64_t tiles) {
-  if (s.M == 0) return 1;
+  if (s.M == 0 || s.pm > 0) return 1;
   const int64_t most = ceil_div(s.M, kRows);
   return tiles < most ? tiles : most;
 }
 CAME_HD int64_t stripes_per_matrix(int64_t M, int64_t tiles) { return ceil_div(M, kRows * tiles); }
 // `tiles` below is the tensor's own count (tiles_of).
 CAME_HD int64_t main_blocks_of(const Shape& s, int64_t tiles) {
+  if (s.pm > 0) return ceil_div(s.B, pack_matrices(s.pm));
   return s.M > 0 ? s.B * stripes_per_matrix(s.M, tiles) : ceil_div(s.numel, kFlatChunk);
 }
-// Whether phase 1 gathers this tensor's clip statistics (flat tensors always; factored ones with N <= clip_cols:
-// their stripe's columns fit the registers of one block). The others take phase 2.
-CAME_HD bool clip_in_phase1(const Shape& s, int64_t clip_cols) { return s.M == 0 || s.N <= clip_cols; }
-// One array of column partials (Q, P, or phase 3's): one float per (stripe, column), padded to kWsAlign.
+// Whether phase 1 gathers this tensor's clip statistics (flat and packed tensors always; factored ones with
+// N <= clip_cols: their stripe's columns fit the registers of one block). The others take phase 2.
+CAME_HD bool clip_in_phase1(const Shape& s, int64_t clip_cols) { return s.M == 0 || s.pm > 0 || s.N <= clip_cols; }
+// Whether a tensor's clip inputs are phase 1's fp64 W (factored tensors cut into stripes with N <= clip_cols,
+// which take phase 1's register path), rather than one sum of u^2 per block.
+CAME_HD bool clip_from_w(const Shape& s, int64_t clip_cols) { return s.M > 0 && s.pm == 0 && s.N <= clip_cols; }
+// One array of column partials (Q, P, or phase 3's): one float per (stripe, column), padded to kWsAlign;
+// none for flat and packed tensors.
 CAME_HD int64_t colpart_floats_of(const Shape& s, int64_t tiles) {
-  return s.M > 0 ? ceil_div(main_blocks_of(s, tiles) * s.N, kWsAlign) * kWsAlign : 0;
+  return s.M > 0 && s.pm == 0 ? ceil_div(main_blocks_of(s, tiles) * s.N, kWsAlign) * kWsAlign : 0;
 }
-// Arrays of column partials a tensor needs: Q and P (clip in phase 1), Q (clip in phase 2), none (flat).
+// Arrays of column partials a tensor needs: Q and P (clip in phase 1), Q (clip in phase 2), none (flat, packed).
 CAME_HD int64_t colpart_arrays_of(const Shape& s, int64_t clip_cols) {
-  return s.M == 0 ? 0 : (clip_in_phase1(s, clip_cols) ? 2 : 1);
+  return s.M == 0 || s.pm > 0 ? 0 : (clip_in_phase1(s, clip_cols) ? 2 : 1);
 }
-// Clip inputs (floats): fp64 W[B*N] (factored, clip in phase 1) or one float per block (flat, or phase 2),
-// padded to an even count so that every W starts 8-byte aligned.
+// Clip inputs (floats): fp64 W[B*N] (clip_from_w) or one float per block (flat, packed, or phase 2), padded
+// to an even count so that every W starts 8-byte aligned.
 CAME_HD int64_t clip_floats_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
-  if (s.M > 0 && clip_in_phase1(s, clip_cols)) return 2 * s.B * s.N;
+  if (clip_from_w(s, clip_cols)) return 2 * s.B * s.N;
   return ceil_div(main_blocks_of(s, tiles), 2) * 2;
 }
-// Phase-1 blocks of the register path (factored, N <= clip_cols): its phase-kernel blocks, else none.
+// Phase-1 blocks of the register path (clip_from_w: factored, not packed, N <= clip_cols): its phase-kernel
+// blocks, else none.
 CAME_HD int64_t reg_blocks_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
-  return s.M > 0 && clip_in_phase1(s, clip_cols) ? main_blocks_of(s, tiles) : 0;
+  return clip_from_w(s, clip_cols) ? main_blocks_of(s, tiles) : 0;
 }
 // Phase-2 blocks: the phase-kernel blocks of the factored tensors phase 1 does not cover.
 CAME_HD int64_t clip_blocks_of(const Shape& s, int64_t tiles, int64_t clip_cols) {
@@ -113,15 +153,22 @@ CAME_HD int64_t clip_blocks_of(const Shape& s, int64_t tiles, int64_t clip_cols)
 // Column finalize: a tile is 32 lanes x fin_vec(N) columns; 16-byte loads of the partials need N % 4 == 0
 // (then a lane's 4 columns lie in one matrix and every partial row starts 16-byte aligned).
 CAME_HD int fin_vec(int64_t N) { return N % 4 == 0 ? 4 : 1; }
-CAME_HD int64_t fin_col_blocks_of(const Shape& s) { return s.M > 0 ? ceil_div(s.B * s.N, 32 * fin_vec(s.N)) : 0; }
+// Packed tensors have none: their statistics are complete in their phase-kernel blocks.
+CAME_HD int64_t fin_col_blocks_of(const Shape& s) {
+  return s.M > 0 && s.pm == 0 ? ceil_div(s.B * s.N, 32 * fin_vec(s.N)) : 0;
+}
 CAME_HD bool block_per_mean(int64_t M) { return M >= kBlockMeanRows; }
 CAME_HD int64_t fin_mean_blocks_of(const Shape& s) {
-  if (s.M == 0) return 0;
+  if (s.M == 0 || s.pm > 0) return 0;
   return block_per_mean(s.M) ? s.B : ceil_div(s.B, kWarps);
 }
 CAME_HD int64_t fin_blocks_of(const Shape& s) { return fin_col_blocks_of(s) + fin_mean_blocks_of(s); }
 // Elements one phase-kernel block of this tensor moves (its first block): the largest-first sort key.
 CAME_HD int64_t block_elems_of(const Shape& s, int64_t tiles) {
+  if (s.pm > 0) {
+    const int64_t k = pack_matrices(s.pm);
+    return (s.B < k ? s.B : k) * s.M * s.N;
+  }
   if (s.M > 0) return (s.M < kRows * tiles ? s.M : kRows * tiles) * s.N;
   return s.numel < kFlatChunk ? s.numel : kFlatChunk;
 }
@@ -153,6 +200,57 @@ CAME_HD Stripe row_tile(const Stripe& s, int64_t t) {
 }
 // Row tiles of a stripe (its last one may be short).
 CAME_HD int64_t row_tiles_of(const Stripe& s) { return ceil_div(s.row_end - s.row0, kRows); }
+// Block `local` of a packed tensor of B matrices [M, N] with tile size pm: its matrices [k0, k0 + nk) (nk <= K),
+// i.e. the elements [e0, e0 + n) of the tensor, the rows [k0*M, k0*M + nk*M) of its row statistics (r, R)
+// and the columns [k0*N, k0*N + nk*N) of its column statistics (c, C). e0 is a multiple of K*M*N, and K is a
+// multiple of 64, so a block's elements start 16-byte aligned wherever the tensor does.
+struct PackBlock {
+  int64_t k0, e0;  // first matrix, first element
+  int nk, n;       // matrices, elements (n <= kPackElems)
+};
+CAME_HD PackBlock pack_block_of(int64_t B, int64_t M, int64_t N, int64_t pm, int64_t local) {
+  const int64_t k = pack_matrices(pm);
+  PackBlock p;
+  p.k0 = local * k;
+  p.nk = static_cast<int>(B - p.k0 < k ? B - p.k0 : k);
+  p.e0 = p.k0 * M * N;
+  p.n = static_cast<int>(p.nk * M * N);
+  return p;
+}
+
+// Inside a packed block (its nk matrices [M, N] as elements [0, n), n = nk*M*N): row q (< nk*M) holds the
+// elements q*N + j (j < N); column q (< nk*N), of matrix kk = q / N, holds kk*M*N + i*N + (q - kk*N) (i < M);
+// element q*N + j lies in column (q / M)*N + j.
+CAME_HD int packed_row_elem(int N, int q, int j) { return q * N + j; }
+CAME_HD int packed_col_elem(int M, int N, int q, int i) {
+  const int kk = q / N;
+  return kk * M * N + i * N + (q - kk * N);
+}
+CAME_HD int packed_col_of(int M, int N, int q, int j) { return (q / M) * N + j; }
+// Element i of a packed block as its row q and column col() (those above), for a run of consecutive elements:
+// two divisions for the first, then next() walks on (j, the column in the matrix; rq, the row in the matrix).
+struct PackedAt {
+  int q, rq, col0, j;
+  CAME_HD PackedAt(int M, int N, int i) {
+    q = i / N;
+    const int kk = q / M;
+    rq = q - kk * M;
+    col0 = kk * N;
+    j = i - q * N;
+  }
+  CAME_HD int col() const { return col0 + j; }
+  CAME_HD void next(int M, int N) {
+    if (++j == N) {
+      j = 0;
+      ++q;
+      if (++rq == M) {
+        rq = 0;
+        col0 += N;
+      }
+    }
+  }
+};
+
 // Phase 1's register path (N <= kClipCols): thread x of a block owns the column groups x + q*kThreads, q < kG,
 // of vec consecutive columns each; kG is the smallest power of two that covers N (<= 32 columns per thread).
 CAME_HD int reg_groups(int64_t N, int vec) {
@@ -234,6 +332,7 @@ struct Layout {
   int64_t clip_cols = kClipCols;    // factored tensors with N above this take phase 2
   std::vector<int32_t> order;       // slot -> index of the tensor in the group (largest blocks first)
   std::vector<int64_t> tiles_t;     // per slot: its row tiles per stripe (tiles_of)
+  std::vector<int64_t> pm;          // per slot: PM of a packed tensor (Shape::pm), else 0
   std::vector<int64_t> ws_col;      // per slot: first workspace float of its column partials (phases 1, 3)
   std::vector<int64_t> ws_clip;     // per slot: first workspace float of its clip inputs (W or block sums)
   std::vector<int64_t> main_start;  // per slot + 1: prefix sum of phase-kernel blocks
@@ -242,10 +341,14 @@ struct Layout {
   std::vector<int64_t> fin_start;   // per slot + 1: prefix sum of column-finalize blocks
   std::vector<int64_t> clip_start;  // per slot + 1: prefix sum of phase-2 blocks
   int64_t ws_floats = 0;            // all regions (>= 1)
+  bool packed = false;              // some slot is packed
+  int64_t packed_blocks = 0;        // phase-kernel blocks of the packed slots, which come last: the last
+                                    // packed_blocks of main_start's numbering (and of rest_start's)
 };
 
 // clip_cols <= kClipCols (the kernels' register bound); lower values are for tests, which then run phase 2 on
-// small shapes. cap_floats: the workspace cap (kWsCapFloats; lower for tests of tall stripes).
+// small shapes (never for packed tensors: phase 1 sums their u^2). cap_floats: the workspace cap (kWsCapFloats;
+// lower for tests of tall stripes). Which tensors are packed is in the shapes (Shape::pm).
 inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = kClipCols,
                           int64_t cap_floats = kWsCapFloats) {
   Layout L;
@@ -255,6 +358,7 @@ inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = 
   L.order.resize(n);
   std::iota(L.order.begin(), L.order.end(), 0);
   std::stable_sort(L.order.begin(), L.order.end(), [&](int32_t a, int32_t b) {
+    if ((shapes[a].pm > 0) != (shapes[b].pm > 0)) return shapes[b].pm > 0;  // packed slots last
     return block_elems_of(shapes[a], tiles_of(shapes[a], L.tiles)) >
            block_elems_of(shapes[b], tiles_of(shapes[b], L.tiles));
   });
@@ -268,6 +372,9 @@ inline Layout make_layout(const std::vector<Shape>& shapes, int64_t clip_cols = 
     const Shape& s = shapes[L.order[k]];
     const int64_t t = tiles_of(s, L.tiles);
     L.tiles_t.push_back(t);
+    L.pm.push_back(s.pm);
+    L.packed = L.packed || s.pm > 0;
+    if (s.pm > 0) L.packed_blocks += main_blocks_of(s, t);
     L.ws_col.push_back(col);
     col += colpart_arrays_of(s, L.clip_cols) * colpart_floats_of(s, t);
     L.main_start[k + 1] = L.main_start[k] + main_blocks_of(s, t);
@@ -300,11 +407,16 @@ struct alignas(16) TensorDesc {
   float* stat;        // its slice of stats: mean_M(r)[B], mean_M(R)[B], clip divisor
   int64_t numel, B, M, N;  // M = N = B = 0 for flat tensors
   int64_t ws_col, ws_clip;  // workspace offsets (Layout)
-  int32_t vec_ok;          // 16-byte loads allowed: every pointer aligned, N % VEC == 0
-  int32_t tiles;           // row tiles per stripe (Layout::tiles_t; 1 for flat tensors)
+  int32_t vec_ok;          // 16-byte loads allowed: every pointer aligned, N % VEC == 0 (packed: pointers only)
+  int32_t tiles;           // row tiles per stripe (Layout::tiles_t; 1 for flat tensors); packed tensors: -PM
+                           // (desc_tiles; no stripes there, and the entry has no spare room for a field)
   int64_t index;           // its position in the op's lists: its row [s_u, s_m] of DeviceTable::scales
 };
 static_assert(sizeof(TensorDesc) == 128, "TensorDesc is one 128-byte line");
+
+// TensorDesc::tiles of a slot, and a packed tensor's PM from it (0: stripes or flat).
+CAME_HD int32_t desc_tiles(int64_t tiles, int64_t pm) { return static_cast<int32_t>(pm > 0 ? -pm : tiles); }
+CAME_HD int pack_of(const TensorDesc& d) { return d.tiles < 0 ? -d.tiles : 0; }
 
 // The opt-in low-precision state of one slot (momentum_dtype, param_rounding): a second array of the table,
 // uploaded only for groups that use it (DeviceTable::lp is nullptr otherwise), so the default path's

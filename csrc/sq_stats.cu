@@ -9,13 +9,19 @@
 //     N <= clip_cols (8192): also the clip's P[b, j] = sum_i (g * rsqrt(r_i))^2 with the new r (stripe
 //              partials), and W[b, j] = P / c with the new c, fp64      sq_stats_reg_kernel, sq_finalize_kernel
 //              (clip_stats.cu adds mean_M(r) * W into sum(u^2): came_math.cuh's identity, exact)
+//   packed (plan.h: ndim >= 3, M, N <= 8; a block = K whole matrices), all in the block, sq_stats_packed_kernel:
+//              r and c as above (row sums over N, column sums over M, both complete), mean_M(r)[b] -> stats,
+//              and the block's sum of u^2, u = g * rsqrt(r / mean_M(r)) * rsqrt(c) with the new r, c, into
+//              its clip slot (as a flat chunk's; u itself, not the W identity: no fp64 needed per column)
 //   ndim < 2:  v = b2*v + (1-b2)*(g^2 + eps1); one sum of (g * rsqrt(v))^2 per block  sq_stats_kernel
 // maximize does not matter here: g^2 is even in g. GradScaler (amp = [found_inf, 1/scale]): g = g * (1/scale)
-// as it is loaded; both kernels return before writing anything when found_inf != 0.
+// as it is loaded; every kernel returns before writing anything when found_inf != 0.
 //
 // Memory per element: factored reads g once (fp32 4 B, bf16/fp16 2 B) and writes two column partials (Q, P)
 // per stripe of tiles*kRows rows (8/64 B at most); N > clip_cols: g once, Q only (4/64 B). Flat reads g and v
-// and writes v (fp32 12 B, bf16 10 B). GradScaler: amp, 8 B per block.
+// and writes v (fp32 12 B, bf16 10 B). Packed reads g once and r, c (rows and columns: (M + N)/(M*N) of the
+// elements, 8 B each read and written) and writes mean_M(r) (1/(M*N)): fp32 3x3 4 + 5.3 + 0.4 B, 1x1 (every
+// element its own row, column and matrix) 4 + 16 + 4 = 24 B. GradScaler: amp, 8 B per block.
 // Register path (N <= clip_cols): a block runs its whole stripe in waves of kRW rows, each thread owning
 // kG groups of VEC consecutive columns (kRW * kG * 16 B of g per thread per wave, 32 KB per block) and their
 // Q and P accumulators in registers for the whole stripe: a wave's g is loaded once, its row sums reduced
@@ -26,8 +32,12 @@
 // kFlatChunk chunk (flat), each with its own block prefix sums in the table (plan.h's reg_start, rest_start)
 // and launched only when it has blocks; 256 threads, __launch_bounds__(256, 2) both. Two kernels because the
 // register path, inlined with the other bodies, pushed the one kernel past 128 registers (spills); apart
-// each is spill-free. Then one sq_finalize_kernel, column tiles summed over their stripes by 8 warps, and
-// the means of r (multi_tensor.cuh). All grids are independent of the tensor count (plan.h).
+// each is spill-free. Packed tensors: one sq_stats_packed_kernel over their blocks (the end of the phase-kernel
+// numbering, plan.h), a kernel of its own for the same reason (inlined into sq_stats_kernel, its body made the
+// 16-bit instantiations spill): g to shared memory (16 KB), then one thread per row, per column, per matrix
+// (multi_tensor.cuh's packed blocks), 4 barriers; 1x1 matrices elementwise. Then one sq_finalize_kernel,
+// column tiles summed over their stripes by 8 warps, and the means of r (multi_tensor.cuh). All grids are
+// independent of the tensor count (plan.h).
 // Determinism: every sum has a fixed order (per-thread loops, shuffle trees, the stripes in a fixed pattern):
 // two runs are bitwise identical.
 #include "multi_tensor.cuh"
@@ -320,6 +330,151 @@ __global__ void __launch_bounds__(kThreads, 2) sq_stats_reg_kernel(DeviceTable t
   else sq_stats_stripe_reg_any<T, VEC, false>(d, blk.local, ws, h, inv, smem);
 }
 
+// A packed block of PM >= 4 (multi_tensor.cuh): its whole matrices' r, c and mean_M(r), then the block's sum
+// of u^2 = (g * rsqrt(r / mean_M(r)) * rsqrt(c))^2 with the new r and c into its clip slot (as a flat chunk's).
+// Every load at once (g once, unscaled into shared memory; the rows' r, the columns' c), then sums from there.
+template <typename T, int VEC, bool kVec, int PM>
+__device__ __forceinline__ void sq_stats_packed(const TensorDesc& d, int64_t local, float* __restrict__ ws,
+                                                const Hyper& h, float inv, float* __restrict__ smem) {
+  constexpr int kU = kPackVecs<VEC>, kIt = kPackIters<PM>;
+  const Packed p = packed_of(d, local, PM);
+  float* __restrict__ val = smem;                    // g * (1/scale), [n]
+  float* __restrict__ rs = smem + kPackElems;        // the rows' new r, then rsqrt(r / mean_M(r))
+  float* __restrict__ cs = rs + kPackRows;           // the columns' rsqrt(c), new c
+  float* __restrict__ scratch = cs + kPackRows;      // block_sum's
+  const T* __restrict__ g = static_cast<const T*>(d.g) + p.e0;
+  float* __restrict__ r = d.row + p.k0 * p.M;
+  float* __restrict__ c = d.col + p.k0 * p.N;
+  float* __restrict__ mean_r = d.stat + p.k0;
+  const int tid = static_cast<int>(threadIdx.x);
+  float rv[kIt], cv[kIt];
+  {
+    float x[kU][VEC];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) load_vec<VEC, kVec>(g, packed_vec_start<VEC>(u), p.n, x[u]);
+#pragma unroll
+    for (int t = 0; t < kIt; ++t) {
+      const int q = t * kThreads + tid;
+      rv[t] = q < p.rows ? r[q] : 0.0f;
+      cv[t] = q < p.cols ? c[q] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int i = packed_vec_start<VEC>(u) + e;
+        if (i < p.n) val[i] = unscaled(x[u][e], inv);
+      }
+    }
+  }
+  __syncthreads();
+  const float n_f = static_cast<float>(p.N), m_f = static_cast<float>(p.M);
+#pragma unroll
+  for (int t = 0; t < kIt; ++t) {
+    const int q = t * kThreads + tid;
+    if (q < p.rows) {  // r[b, i] = b2*r + (1-b2)*(mean_N(g^2) + eps1)
+      const float r_new = ema(rv[t], h.beta2, h.one_minus_beta2,
+                              mean_plus_eps(packed_row_sum<PM>(p, val, q, Square{}), n_f, h.eps1));
+      r[q] = r_new;
+      rs[q] = r_new;
+    }
+    if (q < p.cols) {  // c[b, j] = b2*c + (1-b2)*(mean_M(g^2) + eps1)
+      const float c_new = ema(cv[t], h.beta2, h.one_minus_beta2,
+                              mean_plus_eps(packed_col_sum<PM>(p, val, q, Square{}), m_f, h.eps1));
+      c[q] = c_new;
+      cs[q] = col_factor(c_new);
+    }
+  }
+  __syncthreads();
+  if (tid < p.nk) {  // mean_M(r) of matrix tid, and its rows' factors
+    const float mean = packed_mean<PM>(p, rs, tid);
+    mean_r[tid] = mean;
+#pragma unroll
+    for (int i = 0; i < PM; ++i) {
+      if (i < p.M) rs[tid * p.M + i] = row_factor(rs[tid * p.M + i], mean);
+    }
+  }
+  __syncthreads();
+  float acc = 0.0f;  // u^2 over this thread's rows
+#pragma unroll
+  for (int t = 0; t < kIt; ++t) {
+    const int q = t * kThreads + tid;
+    if (q < p.rows) {
+      const float rf = rs[q];
+      const float* __restrict__ x = val + packed_row_elem(p.N, q, 0);        // x[j]: element (q, j) ...
+      const float* __restrict__ cf = cs + packed_col_of(p.M, p.N, q, 0);  // ... in column cf[j]
+#pragma unroll
+      for (int j = 0; j < PM; ++j) {
+        if (j < p.N) {
+          const float u = factored_u(x[j], rf, cf[j]);
+          acc += u * u;
+        }
+      }
+    }
+  }
+  const float total = block_sum(acc, scratch);
+  if (threadIdx.x == 0) ws[d.ws_clip + local] = total;
+}
+
+// A packed block of 1x1 matrices (PM = 1): element i is row, column and matrix k0 + i, so every sum above is
+// the element itself (0 + x) and mean_M(r) = r / 1 = r: the same values, elementwise, without shared memory.
+// Scalar loads (r and c carry no alignment promise), kB elements of g, r, c in flight per thread.
+template <typename T>
+__device__ __forceinline__ void sq_stats_packed_1x1(const TensorDesc& d, int64_t local, float* __restrict__ ws,
+                                                    const Hyper& h, float inv, float* __restrict__ scratch) {
+  constexpr int kU = static_cast<int>(kPackElems) / kThreads, kB = 8;
+  const Packed p = packed_of(d, local, 1);
+  const T* __restrict__ g = static_cast<const T*>(d.g) + p.e0;
+  float* __restrict__ r = d.row + p.k0;
+  float* __restrict__ c = d.col + p.k0;
+  float* __restrict__ mean_r = d.stat + p.k0;
+  float acc = 0.0f;
+#pragma unroll
+  for (int u0 = 0; u0 < kU; u0 += kB) {
+    float gv[kB], rv[kB], cv[kB];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int i = (u0 + b) * kThreads + threadIdx.x;
+      const bool ok = i < p.n;
+      gv[b] = ok ? static_cast<float>(g[i]) : 0.0f;
+      rv[b] = ok ? r[i] : 0.0f;
+      cv[b] = ok ? c[i] : 0.0f;
+    }
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      const int i = (u0 + b) * kThreads + threadIdx.x;
+      if (i < p.n) {
+        const float gx = unscaled(gv[b], inv);
+        const float sq = gx * gx;
+        const float r_new = ema(rv[b], h.beta2, h.one_minus_beta2, mean_plus_eps(sq, 1.0f, h.eps1));
+        const float c_new = ema(cv[b], h.beta2, h.one_minus_beta2, mean_plus_eps(sq, 1.0f, h.eps1));
+        r[i] = r_new;
+        c[i] = c_new;
+        mean_r[i] = r_new;
+        const float x = factored_u(gx, row_factor(r_new, r_new), col_factor(c_new));
+        acc += x * x;
+      }
+    }
+  }
+  const float total = block_sum(acc, scratch);
+  if (threadIdx.x == 0) ws[d.ws_clip + local] = total;
+}
+
+// One packed block, by its tile size (plan.h's pack sizes 1, 4, 8) and 16-byte loads (vec_ok).
+template <typename T, int VEC>
+__device__ __forceinline__ void sq_stats_packed_any(const TensorDesc& d, int pm, int64_t local, float* ws,
+                                                    const Hyper& h, float inv, float* smem) {
+  if (pm == 1) {
+    sq_stats_packed_1x1<T>(d, local, ws, h, inv, smem + kPackSmemFloats - kWarps);
+  } else if (pm == 4) {
+    if (d.vec_ok) sq_stats_packed<T, VEC, true, 4>(d, local, ws, h, inv, smem);
+    else sq_stats_packed<T, VEC, false, 4>(d, local, ws, h, inv, smem);
+  } else {
+    if (d.vec_ok) sq_stats_packed<T, VEC, true, 8>(d, local, ws, h, inv, smem);
+    else sq_stats_packed<T, VEC, false, 8>(d, local, ws, h, inv, smem);
+  }
+}
+
 // Phase 1 of the other tensors: flat chunks, and stripes of N > clip_cols row tile by row tile.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) sq_stats_kernel(DeviceTable tab, float* ws, Hyper h,
@@ -340,13 +495,27 @@ __global__ void __launch_bounds__(kThreads, 2) sq_stats_kernel(DeviceTable tab, 
   }
 }
 
+// Phase 1 of the packed tensors (plan.h), a launch of their own: the blocks [first, first + grid) of the
+// phase-kernel numbering (packed slots come last), so the other phase-1 kernels keep their registers.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kPackedMinBlocks) sq_stats_packed_kernel(DeviceTable tab, int32_t first,
+                                                                                      float* ws, Hyper h,
+                                                                                      const float* amp) {
+  constexpr int VEC = 16 / sizeof(T);
+  __shared__ __align__(16) float smem[kPackSmemFloats];
+  if (amp_found_inf(amp)) return;  // GradScaler: skip the whole step, else unscale g by inv
+  const float inv = amp_inv_scale(amp);
+  const BlockRef blk = find_main_from(tab, first);
+  sq_stats_packed_any<T, VEC>(*blk.d, pack_of(*blk.d), blk.local, ws, h, inv, smem);
+}
+
 __global__ void __launch_bounds__(kThreads) sq_finalize_kernel(DeviceTable tab, float* ws, Hyper h,
                                                                const float* amp) {
   if (amp_found_inf(amp)) return;  // a skipped step: the partials are stale, c must not change
   const BlockRef blk = find_fin(tab);
   const TensorDesc& d = *blk.d;
   finalize_columns_and_means(d, blk.local, ws, d.col, d.row, d.stat, h.beta2, h.one_minus_beta2, h.eps1,
-                             clip_in_phase1(d, tab));
+                             clip_from_w(d, tab));
 }
 
 }  // namespace
@@ -358,8 +527,13 @@ void sq_stats_launch(const Group& grp, const Hyper& h, float* ws, const float* a
       sq_stats_reg_kernel<scalar_t><<<grp.reg_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (grp.rest_blocks > 0) {
-      sq_stats_kernel<scalar_t><<<grp.rest_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+    if (grp.rest_blocks > grp.packed_blocks) {  // the packed blocks end the numbering: not in this grid
+      sq_stats_kernel<scalar_t><<<grp.rest_blocks - grp.packed_blocks, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (grp.packed_blocks > 0) {
+      sq_stats_packed_kernel<scalar_t><<<grp.packed_blocks, kThreads, 0, stream>>>(
+          grp.tab, static_cast<int32_t>(grp.main_blocks - grp.packed_blocks), ws, h, amp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

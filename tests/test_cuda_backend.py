@@ -538,3 +538,129 @@ def test_glue_float_lr_lives_in_one_cached_buffer(fake_ops):
     for lr in (1e-3, 2e-3):
         cuda_backend.came_step(lists[0], [torch.randn(5, 3)], *lists[1:], cache=cache, **(HYPER | dict(lr=lr)))
         assert cache["lr"][0] is buf and buf.item() == pytest.approx(lr)
+
+
+# ---- packed small matrices (csrc/plan.h: ndim >= 3, M, N <= 8; 4096 / PM^2 whole matrices per block, PM = 1, 4, 8)
+# Conv weights (3x3, 1x1, 5x5, 8x8 in 5-D), several blocks per tensor (B above the matrices per block: 4096 for
+# 1x1, 256 for 4x4 tiles, 64 for 8x8), full blocks of 4096 elements (4x4, 8x8), 2x2 in the 4x4 tile, Nx1 and 1xN
+# matrices, a single 1x1 matrix, next to a 3-D tensor too tall to pack (M = 9), matrices and 1-D tensors in the
+# same group.
+PACKED_SHAPES = [(8, 3, 3, 3), (5, 7, 1, 1), (3, 2, 5, 5), (2, 3, 4, 8, 8), (4100, 1, 1), (300, 3, 3), (65, 7, 5),
+                 (257, 4, 4), (65, 8, 8), (3, 2, 2), (20, 1, 6), (5, 6, 1), (1, 1, 1), (5, 9, 3), (37, 53),
+                 (129, 257), (1, 33), (7,), (40000,), ()]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packed_small_matrices_match_torch_backend(dtype):
+    # 8 steps of plain, spiking (the clip acts), tiny (g^2 underflows) and zero grads, weight decay.
+    _run_vs_torch(PACKED_SHAPES, dtype, 8, weight_decay=0.1)
+
+
+@needs_cuda
+def test_packed_small_matrices_with_maximize_and_tall_stripes_match_torch_backend(monkeypatch):
+    # maximize (g negated in phase 3), and the other tensors on tall stripes and phase 2 (the test hooks change
+    # nothing for packed tensors: phase 1 always sums their u^2).
+    _run_vs_torch(PACKED_SHAPES, torch.float32, 8, monkeypatch,
+                  dict(CAME_KERNELS_CUDA_WS_CAP_FLOATS=1, CAME_KERNELS_CUDA_CLIP_COLS=0), maximize=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_and_striped_small_matrices_give_the_same_step_to_rounding(monkeypatch, dtype):
+    # CAME_KERNELS_CUDA_PACK=0 cuts the same tensors into stripes (one block per matrix, finalize, W): the same
+    # math, sums in another order.
+    a = _run_vs_torch(PACKED_SHAPES, dtype, 4)
+    b = _run_vs_torch(PACKED_SHAPES, dtype, 4, monkeypatch, dict(CAME_KERNELS_CUDA_PACK=0))
+    for x, y in zip(a, b):
+        assert_close_rel(x, y, 2e-5 if dtype == torch.float32 else 4 * 2.0 ** -7, tuple(x.shape))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,grad_scale", [(torch.float32, None), (torch.float32, 3.0), (torch.bfloat16, 2.0 ** 12),
+                                              (torch.float16, 2.0 ** 10)])
+def test_packed_small_matrices_with_amp_and_bias_correction_match_torch_backend(dtype, grad_scale):
+    # GradScaler (1/scale as g is read, in every packed kernel) and bias correction (s_u in the clip finalize from
+    # the packed blocks' sums, s_m in the packed phase 4), distinct scales per tensor, an empty tensor first.
+    shapes = [(0, 3, 3)] + PACKED_SHAPES
+    gen = torch.Generator().manual_seed(8)
+    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    amp = {} if grad_scale is None else dict(grad_scale=torch.tensor(grad_scale, device="cuda"),
+                                             found_inf=torch.tensor(0.0, device="cuda"))
+    for t in range(6):
+        big = 1e3 if t == 3 else 1.0
+        gs = [(torch.randn(s, generator=gen) * big * (grad_scale or 1.0)).to("cuda", dtype) for s in shapes]
+        scales = torch.stack([torch.rand(len(shapes), generator=gen) * 0.95 + 0.05,
+                              torch.rand(len(shapes), generator=gen) * 1.95 + 0.05], dim=1).cuda()
+        for mod, ps, sts in ((cuda_backend, ours, ours_st), (torch_backend, spec, spec_st)):
+            mod.came_step(ps, gs, *state_lists(sts), cache={}, bias_scales=scales, **amp,
+                          **HYPER | dict(weight_decay=0.1))
+    tol = 1e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        if a.numel() == 0:
+            continue
+        assert_close_rel(a, b, tol, f"{dtype} param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 2e-4, f"{dtype} state {k} of {tuple(a.shape)}")
+
+
+@needs_cuda
+def test_packed_blocks_per_phase_ops_write_every_stat_and_equal_came_step():
+    # The per-phase ops with a NaN-poisoned stats buffer: the packed kernels write every mean_M(r), mean_M(R) and
+    # the clip finalize every divisor from their block sums; bit for bit the one-call op; two runs identical.
+    lists, stats = _op_inputs(PACKED_SHAPES, seed=9)
+    lists2 = [[None if x is None else x.clone() for x in lst] for lst in lists]
+    lists3 = [[None if x is None else x.clone() for x in lst] for lst in lists]
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
+        getattr(torch.ops.came_kernels, op)(*lists, stats, lr, *_ARGS)
+    assert torch.isfinite(stats).all()
+    torch.ops.came_kernels.came_step(*lists2, lr, *_ARGS)
+    torch.ops.came_kernels.came_step(*lists3, lr, *_ARGS)
+    for a, b, c in zip(_bits(lists, stats)[:-1], _bits(lists2, stats)[:-1], _bits(lists3, stats)[:-1]):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@needs_cuda
+def test_found_inf_makes_the_packed_kernels_write_nothing():
+    lists, stats = _op_inputs(PACKED_SHAPES, seed=10)
+    before = _bits(lists, stats)
+    lr = torch.full((1,), HYPER["lr"], device="cuda")
+    amp = torch.tensor([1.0, 0.5], device="cuda")
+    bias = torch.rand(len(PACKED_SHAPES), 2, device="cuda") + 0.5
+    for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
+        getattr(torch.ops.came_kernels, op)(*lists, stats, lr, *_ARGS, amp, bias)
+    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp, bias)
+    for a, b in zip(_bits(lists, stats), before):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_tensors_without_16_byte_alignment_match_torch_backend(dtype):
+    # Params and grads that start 4 (fp32) or 2 (bf16) bytes past a 16-byte boundary: vec_ok is off, the packed
+    # kernels take their scalar loads; only packed tensors, so no other kernel runs in phases 1, 3, 4.
+    shapes = [(8, 3, 3, 3), (300, 3, 3), (65, 7, 5), (4100, 1, 1)]
+
+    def shifted(x):
+        buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+        y = buf[1:].view(x.shape)
+        y.copy_(x)
+        assert y.data_ptr() % 16 != 0
+        return y
+
+    gen = torch.Generator().manual_seed(11)
+    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    ours, spec = [shifted(x) for x in init], [x.clone() for x in init]
+    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
+    for t in range(4):
+        gs = [(torch.randn(s, generator=gen) * (1e3 if t == 1 else 1.0)).to("cuda", dtype) for s in shapes]
+        cuda_backend.came_step(ours, [shifted(g) for g in gs], *state_lists(ours_st), cache={}, **HYPER)
+        torch_backend.came_step(spec, gs, *state_lists(spec_st), cache={}, **HYPER)
+    tol = 2e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
+    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
+        assert_close_rel(a, b, tol, f"{dtype} param {tuple(a.shape)}")
+        for k in sa:
+            assert_close_rel(sa[k], sb[k], 2e-4, f"{dtype} state {k} of {tuple(a.shape)}")

@@ -131,6 +131,7 @@ NCOL = tl.constexpr(26)
 # column sums are complete in the program: no column partials, no finalize, r, c, R, C and the means are
 # written in-block. Tensors with ndim >= 3 and M, N <= PACK_MAX are packed; a group with low-precision state,
 # or sharded (DTensor) tensors, is not.
+# (csrc/plan.h mirrors these as kPackElems, kPackMax and pack_size: the CUDA extension cuts the same blocks.)
 PACK_ELEMS = 4096
 PACK_MAX = 8
 PACK_SIZES = (1, 4, 8)  # the compiled PM variants (2x2 matrices take the 4x4 tile) ...
