@@ -352,16 +352,20 @@ def test_low_precision_param_step_folds_the_decay_like_the_torch_backend(lib, dt
 def _schemas():
     src = open(os.path.join(ROOT, "csrc", "ops.cpp")).read()
     macros = {}
-    for name in ("CAME_SCHEMA_LISTS", "CAME_SCHEMA_HYPER"):
+    for name in ("CAME_SCHEMA_LISTS", "CAME_SCHEMA_HYPER", "CAME_SCHEMA_LISTS_RO", "CAME_SCHEMA_HYPER_INT"):
         body = re.search(rf"#define {name}\s*\\\n((?:.*\\\n)*.*\n)", src).group(1)
         macros[name] = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
-    defs = re.findall(r'm\.def\(((?:"[^"]*"|\s|CAME_SCHEMA_\w+)+)\);', src)
-    assert len(defs) == 6, defs
+    defs = re.findall(r'm\.def\(((?:"[^"]*"|\s|CAME_SCHEMA_\w+)+)[,)]', src)
+    assert len(defs) == 9, defs
     out = []
     for d in defs:
         parts = re.findall(r'"([^"]*)"|(CAME_SCHEMA_\w+)', d)
         out.append("".join(lit or macros[mac] for lit, mac in parts))
     return out
+
+
+_HYPER_ARGS = ["lr", "beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold", "weight_decay", "maximize", "amp",
+               "bias_scales"]
 
 
 def test_op_schemas_in_ops_cpp_parse():
@@ -370,20 +374,38 @@ def test_op_schemas_in_ops_cpp_parse():
         schema = torch._C.parse_schema("came_kernels::" + s)
         names.append(schema.name)
         args = [a.name for a in schema.arguments]
+        mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        if schema.name.startswith("came_kernels::came_plan_"):  # plans: see the next test
+            continue
         assert args[:8] == ["params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols",
                             "exp_avg_res_rows", "exp_avg_res_cols", "exp_avg_sqs"], args
         assert args[-11:] == ["lr", "beta1", "beta2", "beta3", "eps1", "eps2", "clip_threshold", "weight_decay",
                               "maximize", "amp", "bias_scales"], args
         for opt in schema.arguments[-2:]:  # optional, default None: the ops run as before without them
             assert str(opt.type) == "Optional[Tensor]" and opt.has_default_value() and opt.default_value is None
-        mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert {"params", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sqs"} <= mutated and "grads" not in mutated
         assert not mutated & {"amp", "bias_scales", "rng"}
         if schema.name == "came_kernels::came_step_lowbit":  # the low-precision state, between lists and lr
             assert args[8:12] == ["exp_avg_absmaxes", "param_comps", "param_rounding", "rng"], args
             assert {"exp_avg_absmaxes", "param_comps"} <= mutated
-    assert sorted(names) == sorted(["came_kernels::" + n for n in ("came_step", "came_step_lowbit", "sq_stats",
-                                                                   "clip_stats", "momentum_res", "param_step")])
+    assert sorted(names) == sorted(["came_kernels::" + n for n in (
+        "came_step", "came_step_lowbit", "sq_stats", "clip_stats", "momentum_res", "param_step", "came_plan_create",
+        "came_plan_step", "came_plan_free")])
+
+
+def test_plan_op_schemas():
+    # came_plan_create takes the contract's lists (kept, not written) and returns a handle; came_plan_step takes
+    # the handle, the grads and the hyperparameters of came_step and answers 0/1/2; came_plan_free a handle.
+    schemas = {x.name: x for x in (torch._C.parse_schema("came_kernels::" + s) for s in _schemas())}
+    create, step, free = (schemas["came_kernels::came_plan_" + n] for n in ("create", "step", "free"))
+    assert [a.name for a in create.arguments] == ["params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols",
+                                                  "exp_avg_res_rows", "exp_avg_res_cols", "exp_avg_sqs"]
+    assert str(create.returns[0].type) == "int"
+    assert [a.name for a in step.arguments] == ["plan", "grads"] + _HYPER_ARGS
+    assert str(step.returns[0].type) == "int"
+    assert [a.name for a in free.arguments] == ["plan"] and not free.returns
+    for schema in (create, step, free):
+        assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
 # ------------------------------------------------------------------ the opt-in low-precision state
