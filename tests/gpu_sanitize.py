@@ -12,7 +12,10 @@ import torch
 
 import came_kernels
 
-from came_testing import SHAPES_GPU as SHAPES  # every shape class, tall matrices included
+from came_testing import SHAPES_GPU  # every shape class, tall matrices included
+
+# ... and small matrices packed several blocks' worth (4x4 tiles of 3x3, 1x1 elementwise): see csrc/plan.h
+SHAPES = SHAPES_GPU + [(300, 3, 3), (5000, 1, 1), (70, 2, 8, 8)]
 
 
 # (param dtype, bias_correction, GradScaler scale): the plain step, and one that also reads the optional
