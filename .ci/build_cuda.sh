@@ -49,8 +49,8 @@ so="$(ls "$OUT"/lib/came_kernels/_C*.so)"
 "$VENV/bin/python" - "$so" <<'PY'
 import sys, torch
 torch.ops.load_library(sys.argv[1])
-ops = ["came_step", "came_step_lowbit", "came_plan_create", "came_plan_step", "came_plan_free", "sq_stats",
-       "clip_stats", "momentum_res", "param_step"]
+ops = ["came_step", "came_step_lowbit", "came_plan_create", "came_plan_create_lowbit", "came_plan_step",
+       "came_plan_free", "sq_stats", "clip_stats", "momentum_res", "param_step"]
 missing = [n for n in ops if not hasattr(torch.ops.came_kernels, n)]
 assert not missing, f"ops not registered: {missing}"
 print(f"build_cuda.sh: linked and loaded {sys.argv[1].rsplit('/', 1)[-1]}; ops: {', '.join(ops)}")

@@ -28,6 +28,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/fill.h>
+#include <ATen/ops/zero.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -99,6 +100,15 @@ int64_t env_int(const char* name, int64_t fallback) {
   TORCH_CHECK(end != nullptr && *end == '\0' && x >= 0, "came_kernels: ", name,
               " must be a non-negative integer, got '", v, "'");
   return static_cast<int64_t>(x);
+}
+
+// The low-precision state's rng: (Philox key, step) per param, read on the device.
+void check_rng(const at::Tensor& rng, const at::Tensor& p0, size_t n) {
+  const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
+  TORCH_CHECK(rng.device() == p0.device() && rng.scalar_type() == at::kLong && rng.sizes() == at::IntArrayRef(want)
+              && rng.is_contiguous(), "came_kernels: rng must be a contiguous int64 tensor of shape ",
+              at::IntArrayRef(want), " ((Philox key, step) per param) on ", p0.device(), ", got ",
+              rng.scalar_type(), " ", rng.sizes(), " on ", rng.device());
 }
 
 Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const OptList& sq_rows,
@@ -197,12 +207,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   if (lb != nullptr) {
     TORCH_CHECK(lb->rounding >= kRoundNearest && lb->rounding <= kRoundKahan,
                 "came_kernels: param_rounding must be 0 (nearest), 1 (stochastic) or 2 (kahan), got ", lb->rounding);
-    const at::Tensor& rng = *lb->rng;
-    const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
-    TORCH_CHECK(rng.device() == p0.device() && rng.scalar_type() == at::kLong && rng.sizes() == at::IntArrayRef(want)
-                && rng.is_contiguous(), "came_kernels: rng must be a contiguous int64 tensor of shape ",
-                at::IntArrayRef(want), " ((Philox key, step) per param) on ", p0.device(), ", got ",
-                rng.scalar_type(), " ", rng.sizes(), " on ", rng.device());
+    check_rng(*lb->rng, p0, n);
     grp.lowbit = true;
     grp.rounding = grp.dtype == at::kBFloat16 ? static_cast<int>(lb->rounding) : kRoundNearest;
   }
@@ -550,7 +555,7 @@ void came_step_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const Opt
 // alive a step longer), and its stats buffer, whose addresses are in the table. Which tensors a plan belongs
 // to is the caller's business (the cuda backend keeps one per list of tensors, by identity, and frees it
 // with came_plan_free when the optimizer goes away); a plan only ever touches its own tensors.
-// Low-precision state takes came_step_lowbit (its per-step buffers are in its table).
+// Low-precision state: came_plan_create_lowbit; its per-step buffers (rng, the int8 maxima) belong to the plan.
 struct Plan {
   std::mutex mu;                              // one step at a time per plan
   Group grp;                                  // t.g undefined: the grads' addresses are in `image` only
@@ -559,7 +564,15 @@ struct Plan {
   std::vector<bool> vec_ok_but_grad;          // per slot (vec_ok_but_grad above)
   std::vector<at::Tensor> params;             // every param of the lists, empty ones included ...
   std::vector<std::vector<int64_t>> sizes;    // ... with its sizes when the plan was made
-  std::vector<std::pair<const void*, int64_t>> held;  // (address, numel) of every non-empty tensor it updates
+  struct Held {
+    const void* ptr;
+    int64_t numel;
+    at::ScalarType dtype;
+  };
+  std::vector<Held> held;                     // every non-empty tensor it updates, as the plan was made
+  // Low-precision state (grp.lowbit): the buffers its table points at. qmax is zeroed and rng copied from the
+  // step's rng before each step (two small stream operations instead of a table upload).
+  at::Tensor qmax, qold, rng;
 };
 
 // The tensors a plan updates, each once, in a fixed order: params, then each slot's state.
@@ -569,7 +582,7 @@ void for_each_held(const Plan& pl, Fn fn) {
     if (p.numel() > 0) fn(p);
   }
   for (const TensorRef& t : pl.grp.ts) {
-    for (const at::Tensor* x : {&t.m, &t.r, &t.c, &t.R, &t.C, &t.v}) {
+    for (const at::Tensor* x : {&t.m, &t.r, &t.c, &t.R, &t.C, &t.v, &t.absmax, &t.comp}) {
       if (x->defined()) fn(*x);
     }
   }
@@ -594,28 +607,52 @@ std::shared_ptr<Plan> find_plan(int64_t handle) {
   return it->second;
 }
 
-int64_t came_plan_create(CAME_LIST_ARGS) {
+int64_t register_plan(Group grp, at::TensorList params) {
   auto pl = std::make_shared<Plan>();
-  pl->grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs);
-  Group& grp = pl->grp;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  pl->stats = new_floats(std::max<int64_t>(grp.stats_numel, 1), params[0]);
-  pl->image = table_image(grp, pl->stats.data_ptr<float>());
-  for (int64_t k = 0; k < static_cast<int64_t>(grp.ts.size()); ++k) {
-    pl->vec_ok_but_grad.push_back(vec_ok_but_grad(grp.ts[grp.layout.order[k]], grp.dtype));
+  pl->grp = std::move(grp);
+  Group& g = pl->grp;
+  const at::Tensor& p0 = params[0];
+  const c10::cuda::CUDAGuard guard(p0.device());
+  pl->stats = new_floats(std::max<int64_t>(g.stats_numel, 1), p0);
+  LowbitBuffers lbuf;
+  if (g.lowbit) {
+    const int64_t q = std::max<int64_t>(g.q_blocks, 1);
+    pl->qmax = at::zeros({q}, p0.options().dtype(at::kInt));
+    pl->qold = new_floats(q, p0);
+    pl->rng = at::zeros({static_cast<int64_t>(params.size()), 2}, p0.options().dtype(at::kLong));
+    lbuf = LowbitBuffers{pl->qmax.data_ptr<int32_t>(), pl->qold.data_ptr<float>(), pl->rng.data_ptr<int64_t>()};
   }
-  for (TensorRef& t : grp.ts) t.g = at::Tensor();
-  if (!grp.ts.empty()) upload(grp, pl->image, params[0]);
+  pl->image = table_image(g, pl->stats.data_ptr<float>(), lbuf);
+  for (int64_t k = 0; k < static_cast<int64_t>(g.ts.size()); ++k) {
+    pl->vec_ok_but_grad.push_back(vec_ok_but_grad(g.ts[g.layout.order[k]], g.dtype));
+  }
+  for (TensorRef& t : g.ts) t.g = at::Tensor();
+  if (!g.ts.empty()) upload(g, pl->image, p0);
   for (const at::Tensor& p : params) {
     pl->params.push_back(p);
     pl->sizes.emplace_back(p.sizes().begin(), p.sizes().end());
   }
-  for_each_held(*pl, [&](const at::Tensor& x) { pl->held.emplace_back(x.data_ptr(), x.numel()); });
+  for_each_held(*pl, [&](const at::Tensor& x) { pl->held.push_back({x.data_ptr(), x.numel(), x.scalar_type()}); });
   PlanRegistry& r = registry();
   const std::lock_guard<std::mutex> lock(r.mu);
   const int64_t handle = r.next++;
   r.plans.emplace(handle, std::move(pl));
   return handle;
+}
+
+int64_t came_plan_create(CAME_LIST_ARGS) {
+  return register_plan(make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs), params);
+}
+
+// The same for the low-precision state (came_step_lowbit's arguments; rng only for its shape).
+int64_t came_plan_create_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const OptList& param_comps,
+                                int64_t param_rounding, const at::Tensor& rng) {
+  const size_t n = params.size();
+  TORCH_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
+              "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
+              " and ", param_comps.size());
+  const LowbitArgs lb{&exp_avg_absmaxes, &param_comps, param_rounding, &rng};
+  return register_plan(make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, &lb), params);
 }
 
 void came_plan_free(int64_t handle) {
@@ -635,8 +672,8 @@ bool unchanged(const Plan& pl) {
   size_t k = 0;
   bool same = true;
   for_each_held(pl, [&](const at::Tensor& x) {
-    same = same && k < pl.held.size() && x.data_ptr() == pl.held[k].first && x.numel() == pl.held[k].second &&
-           x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == pl.grp.dtype);
+    same = same && k < pl.held.size() && x.data_ptr() == pl.held[k].ptr && x.numel() == pl.held[k].numel &&
+           x.scalar_type() == pl.held[k].dtype && x.is_contiguous();
     ++k;
   });
   return same && k == pl.held.size();
@@ -647,7 +684,7 @@ bool unchanged(const Plan& pl) {
 // names the problem). Nothing is launched unless the answer is kPlanRan.
 constexpr int64_t kPlanRan = 0, kPlanStale = 1, kPlanGrads = 2;
 
-int64_t came_plan_step(int64_t handle, at::TensorList grads, CAME_HYPER_ARGS) {
+int64_t came_plan_step(int64_t handle, at::TensorList grads, CAME_HYPER_ARGS, const std::optional<at::Tensor>& rng) {
   const std::shared_ptr<Plan> plp = find_plan(handle);
   Plan& pl = *plp;
   const std::lock_guard<std::mutex> lock(pl.mu);
@@ -658,6 +695,9 @@ int64_t came_plan_step(int64_t handle, at::TensorList grads, CAME_HYPER_ARGS) {
   check_lr(lr, p0);
   check_amp(amp, p0);
   check_bias_scales(bias_scales, p0, n);
+  TORCH_CHECK(rng.has_value() == pl.grp.lowbit, "came_kernels: came_plan_step takes rng exactly for a plan with "
+              "low-precision state (came_plan_create_lowbit)");
+  if (rng.has_value()) check_rng(*rng, p0, n);
   if (!unchanged(pl)) return kPlanStale;
   if (grads.size() != n) return kPlanGrads;
   for (size_t i = 0; i < n; ++i) {
@@ -683,6 +723,10 @@ int64_t came_plan_step(int64_t handle, at::TensorList grads, CAME_HYPER_ARGS) {
   }
   if (moved) upload(grp, pl.image, p0);
   grp.tab.scales = ptr_or_null(bias_scales);
+  if (grp.lowbit) {  // the table points at the plan's buffers: this step's rng, the int8 maxima from zero
+    pl.rng.copy_(*rng, /*non_blocking=*/true);
+    pl.qmax.zero_();
+  }
   at::Tensor ws = new_floats(grp.layout.ws_floats, p0);
   run_phases(grp, h, ws, pl.stats, lr, amp);
   return kPlanRan;
@@ -718,7 +762,7 @@ CAME_PHASE_OP(param_step, Phase::kParamStep)
   "Tensor?[] exp_avg_res_rows, Tensor?[] exp_avg_res_cols, Tensor?[] exp_avg_sqs"
 #define CAME_SCHEMA_HYPER_INT                                                                               \
   "Tensor lr, float beta1, float beta2, float beta3, float eps1, float eps2, float clip_threshold, "       \
-  "float weight_decay, bool maximize, Tensor? amp=None, Tensor? bias_scales=None) -> int"
+  "float weight_decay, bool maximize, Tensor? amp=None, Tensor? bias_scales=None, Tensor? rng=None) -> int"
 
 // `import came_kernels._C` loads this library, which registers the ops below; the module itself is empty
 // (no pybind11: it would add ~50 s of compile time for nothing).
@@ -736,10 +780,13 @@ TORCH_LIBRARY(came_kernels, m) {
   m.def("came_step_lowbit(" CAME_SCHEMA_LISTS "Tensor(h!)?[] exp_avg_absmaxes, Tensor(i!)?[] param_comps, "
         "int param_rounding, Tensor rng, " CAME_SCHEMA_HYPER);
   // A plan: the checked group and its uploaded table, kept until came_plan_free; came_plan_step runs a step of
-  // it with new grads (0: ran; 1: its tensors changed, make a new plan; 2: take came_step for these grads).
+  // it with new grads (0: ran; 1: its tensors changed, make a new plan; 2: take came_step for these grads);
+  // the low-precision state's plans (came_plan_create_lowbit) take the step's rng as well.
   // It updates the plan's params and states, which its schema cannot name: call it only where a mutation
   // nobody declared is fine (eagerly, or inside an op that declares them, as came_kernels::fused_step does).
   m.def("came_plan_create(" CAME_SCHEMA_LISTS_RO ") -> int");
+  m.def("came_plan_create_lowbit(" CAME_SCHEMA_LISTS_RO ", Tensor?[] exp_avg_absmaxes, Tensor?[] param_comps, "
+        "int param_rounding, Tensor rng) -> int");
   m.def("came_plan_step(int plan, Tensor[] grads, " CAME_SCHEMA_HYPER_INT);
   m.def("came_plan_free(int plan) -> ()", &came::came_plan_free);
   // Phase 1: EMAs of g^2 (r, c or v) and mean_M(r) into stats.
@@ -756,6 +803,7 @@ TORCH_LIBRARY_IMPL(came_kernels, CUDA, m) {
   m.impl("came_step", &came::came_step);
   m.impl("came_step_lowbit", &came::came_step_lowbit);
   m.impl("came_plan_create", &came::came_plan_create);
+  m.impl("came_plan_create_lowbit", &came::came_plan_create_lowbit);
   m.impl("came_plan_step", &came::came_plan_step);
   m.impl("sq_stats", &came::sq_stats);
   m.impl("clip_stats", &came::clip_stats);

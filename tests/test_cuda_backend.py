@@ -446,8 +446,13 @@ class _FakeOps:
         self.calls.append("create")
         return self.plans
 
+    def came_plan_create_lowbit(self, *lists):
+        self.plans += 1
+        self.calls.append("create_lowbit")
+        return self.plans
+
     def came_plan_step(self, handle, grads, *hyper):
-        self.calls.append(("plan_step", handle))
+        self.calls.append(("plan_step", handle) if len(hyper) == 11 else ("plan_step_lowbit", handle))
         return self.answers.pop(0) if self.answers else 0
 
     def came_plan_free(self, handle):
@@ -519,14 +524,31 @@ def test_glue_finds_the_plan_of_lists_by_their_tensors(fake_ops):
     assert fake_ops.calls[3:] == ["create", ("plan_step", 2)]
 
 
-def test_glue_takes_the_checked_op_for_copies_and_low_precision(fake_ops):
-    ps = [torch.randn(5, 3)]
-    sts = [_state(p) for p in ps]
+def test_glue_takes_the_checked_op_for_copies(fake_ops):
     t = torch.randn(3, 5).t()  # a non-contiguous param: runs on a copy, written back
     _glue_step([t], [_state(t.contiguous())], {})
-    sts[0]["m"] = sts[0]["m"].bfloat16()
-    _glue_step(ps, sts, {}, rng=torch.zeros(1, 2, dtype=torch.int64))
+    t = torch.randn(3, 5).bfloat16().t()
+    _glue_step([t], [_state(t.contiguous())], {}, rng=torch.zeros(1, 2, dtype=torch.int64),
+               param_rounding="stochastic")
     assert fake_ops.calls == ["step", "lowbit"]
+
+
+def test_glue_keeps_a_plan_for_the_low_precision_state(fake_ops):
+    # bf16 momentum: a plan of its own, stepped with the rng; its absmax and compensation lists are compared
+    # entry by entry (new lists every step), and another param_rounding is another plan.
+    ps = [torch.randn(5, 3).bfloat16()]
+    sts = [_state(p) for p in ps]
+    sts[0]["m"] = sts[0]["m"].bfloat16()
+    cache, rng = {}, torch.zeros(1, 2, dtype=torch.int64)
+    for _ in range(2):
+        _glue_step(ps, sts, cache, rng=rng, exp_avg_absmaxes=[None])
+    assert fake_ops.calls == ["create_lowbit", ("plan_step_lowbit", 1), ("plan_step_lowbit", 1)]
+    comps = [torch.zeros(5, 3, dtype=torch.bfloat16)]
+    for _ in range(2):
+        _glue_step(ps, sts, cache, rng=rng, param_rounding="kahan", param_comps=list(comps))
+    assert fake_ops.calls[3:] == ["create_lowbit", ("plan_step_lowbit", 2), ("plan_step_lowbit", 2)]
+    with pytest.raises(ValueError, match="rng"):  # checked before the plan runs
+        _glue_step(ps, sts, cache, rng=None, param_rounding="kahan", param_comps=list(comps))
 
 
 def test_glue_float_lr_lives_in_one_cached_buffer(fake_ops):

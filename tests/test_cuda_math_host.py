@@ -356,7 +356,7 @@ def _schemas():
         body = re.search(rf"#define {name}\s*\\\n((?:.*\\\n)*.*\n)", src).group(1)
         macros[name] = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
     defs = re.findall(r'm\.def\(((?:"[^"]*"|\s|CAME_SCHEMA_\w+)+)[,)]', src)
-    assert len(defs) == 9, defs
+    assert len(defs) == 10, defs
     out = []
     for d in defs:
         parts = re.findall(r'"([^"]*)"|(CAME_SCHEMA_\w+)', d)
@@ -390,21 +390,27 @@ def test_op_schemas_in_ops_cpp_parse():
             assert {"exp_avg_absmaxes", "param_comps"} <= mutated
     assert sorted(names) == sorted(["came_kernels::" + n for n in (
         "came_step", "came_step_lowbit", "sq_stats", "clip_stats", "momentum_res", "param_step", "came_plan_create",
-        "came_plan_step", "came_plan_free")])
+        "came_plan_create_lowbit", "came_plan_step", "came_plan_free")])
 
 
 def test_plan_op_schemas():
-    # came_plan_create takes the contract's lists (kept, not written) and returns a handle; came_plan_step takes
-    # the handle, the grads and the hyperparameters of came_step and answers 0/1/2; came_plan_free a handle.
+    # came_plan_create takes the contract's lists (kept, not written) and returns a handle, and so does
+    # came_plan_create_lowbit with the low-precision state's lists after them (as came_step_lowbit);
+    # came_plan_step takes the handle, the grads, the hyperparameters of came_step and the low-precision
+    # state's rng, and answers 0/1/2; came_plan_free takes a handle.
     schemas = {x.name: x for x in (torch._C.parse_schema("came_kernels::" + s) for s in _schemas())}
-    create, step, free = (schemas["came_kernels::came_plan_" + n] for n in ("create", "step", "free"))
-    assert [a.name for a in create.arguments] == ["params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols",
-                                                  "exp_avg_res_rows", "exp_avg_res_cols", "exp_avg_sqs"]
-    assert str(create.returns[0].type) == "int"
-    assert [a.name for a in step.arguments] == ["plan", "grads"] + _HYPER_ARGS
+    create, low, step, free = (schemas["came_kernels::came_plan_" + n]
+                               for n in ("create", "create_lowbit", "step", "free"))
+    lists = ["params", "grads", "exp_avgs", "exp_avg_sq_rows", "exp_avg_sq_cols", "exp_avg_res_rows",
+             "exp_avg_res_cols", "exp_avg_sqs"]
+    assert [a.name for a in create.arguments] == lists
+    assert [a.name for a in low.arguments] == lists + ["exp_avg_absmaxes", "param_comps", "param_rounding", "rng"]
+    assert str(create.returns[0].type) == str(low.returns[0].type) == "int"
+    assert [a.name for a in step.arguments] == ["plan", "grads"] + _HYPER_ARGS + ["rng"]
+    assert str(step.arguments[-1].type) == "Optional[Tensor]" and step.arguments[-1].default_value is None
     assert str(step.returns[0].type) == "int"
     assert [a.name for a in free.arguments] == ["plan"] and not free.returns
-    for schema in (create, step, free):
+    for schema in (create, low, step, free):
         assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 

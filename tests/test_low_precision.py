@@ -341,6 +341,35 @@ def test_fused_kahan_matches_torch_backend(backend):
         assert (ea - eb).abs().max() <= 1e-5 * eb.abs().max(), tuple(a.shape)
 
 
+@pytest.mark.skipif(not _CUDA_EXT, reason="the CUDA extension needs a GPU and a build")
+@pytest.mark.parametrize("md,rounding,dtype", [("int8", "stochastic", torch.bfloat16),
+                                               ("bf16", "kahan", torch.bfloat16),
+                                               ("int8", "nearest", torch.float32)])
+def test_cuda_plan_keeps_the_low_precision_buffers_right_between_steps(md, rounding, dtype, monkeypatch):
+    # The extension's plan keeps the int8 maxima (zeroed before each step), the old absmax and the rng table
+    # (copied from the step's rng) between steps: bit for bit what a plan made anew at every step gives.
+    monkeypatch.setenv("CAME_KERNELS_CUDA_POISON", "1")
+    shapes = [(37, 53), (64, 64), (3, 300, 40), (7,), (4, 3, 3, 3)]
+    kw = dict(momentum_dtype=md, param_rounding=rounding, lr=1e-3, weight_decay=0.1, backend="cuda", seed=5)
+    runs = []
+    for fresh in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.randn(s, generator=gen).to("cuda", dtype).requires_grad_() for s in shapes]
+        opt = came_kernels.CAME(ps, **kw)
+        for _ in range(6):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
+            if fresh:
+                opt._reset_caches()
+            opt.step()
+        runs.append((ps, opt))
+    (a, oa), (b, ob) = runs
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), tuple(x.shape)
+        for k in oa.state[x]:
+            assert torch.equal(oa.state[x][k], ob.state[y][k]), (k, tuple(x.shape))
+
+
 @needs_triton
 def test_triton_rejects_a_wrong_sized_absmax_or_compensation_before_any_change():
     p = torch.randn(64, 64, device=DEVICE)

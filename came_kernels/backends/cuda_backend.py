@@ -12,17 +12,17 @@ the device), deterministic (fixed-order sums).
 Host side: the extension keeps a plan per list of tensors (`came_plan_create`: every tensor checked, the
 launch table built and uploaded once); each step (`came_plan_step`) checks in C++ only what can change
 between steps (the grads, and that no param or state moved) and re-uploads the table only when grads moved.
-The plan is found by the tensors' identity (the same tuples, or lists of the same objects); non-contiguous
-tensors and the low-precision state take `came_step` / `came_step_lowbit`, which check and upload at every
-call.
+The plan is found by the tensors' identity (the same tuples, or lists of the same objects); the
+low-precision state's plans (`came_plan_create_lowbit`) keep its per-step buffers too. Non-contiguous tensors
+take `came_step` / `came_step_lowbit`, which check and upload at every call.
 
 GradScaler (grad_scale/found_inf): the kernels read [found_inf, 1/scale] from one small device tensor
 (`_contiguous.amp_flags`, as the Triton backend), multiply g by 1/scale wherever they read it and return
 before writing anything when found_inf is set. Bias correction (bias_scales, [T, 2] fp32 on the device):
 s_u goes into the clip divisor, s_m into the update (csrc/clip_stats.cu, csrc/param_step.cu).
-Low-precision state (bf16/int8 momenta, param_rounding of bf16 params): `came_step_lowbit`, the same step
-with the int8 absmaxes, the Kahan compensations and the rng table (Philox key, step per tensor) passed on;
-the default state's kernels are compiled as before.
+Low-precision state (bf16/int8 momenta, param_rounding of bf16 params): `came_plan_create_lowbit` (or
+`came_step_lowbit`), the same step with the int8 absmaxes, the Kahan compensations and the rng table (Philox
+key, step per tensor) passed on; the default state's kernels are compiled as before.
 
 Import is lazy: a missing or broken extension only matters when backend="cuda" is asked for, and then
 `unavailable_reason` keeps the original import error and says how to build the extension.
@@ -155,10 +155,17 @@ def came_step(
     # fit, and runs the step. The same tensors: the same tuples (what functional.came passes in steady state),
     # else lists holding the same objects (compared one by one: what torch.compile's custom op passes).
     given = (params, exp_avgs, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_res_rows, exp_avg_res_cols, exp_avg_sqs)
+    n = len(params)
     plan = cache.get("plan")
-    if plan is not None and rounding == 0 and (all(map(operator.is_, plan.given, given))
-                                               or _same_tensors(plan.given, given)):
-        status = ops.came_plan_step(plan.handle, grads, *hyper)
+    if plan is not None and plan.rounding == rounding and (all(map(operator.is_, plan.given, given))
+                                                           or _same_tensors(plan.given, given)):
+        if plan.extra is None:
+            status = ops.came_plan_step(plan.handle, grads, *hyper)
+        elif _same_tensors(plan.extra, _extra(n, exp_avg_absmaxes, param_comps, rounding)):
+            check_rng("cuda", rng, params)
+            status = ops.came_plan_step(plan.handle, grads, *hyper, rng)
+        else:
+            status = _PLAN_STALE
         if status == _PLAN_RAN:
             return
         if status == _PLAN_STALE:
@@ -171,23 +178,32 @@ def came_step(
              exp_avg_sqs]
     if low:
         check_rng("cuda", rng, params)
-        n = len(params)
-        lists += [list(exp_avg_absmaxes or [None] * n),
-                  list(param_comps if rounding == 2 and param_comps is not None else [None] * n)]
+        lists += [list(x) for x in _extra(n, exp_avg_absmaxes, param_comps, rounding)]
     lists, write_back = contiguous_lists(lists)  # see _contiguous.py
+    step_args = (*hyper, rng) if low else hyper
 
+    if not write_back:  # a plan: every tensor checked once (named errors, nothing changed), the table uploaded
+        if plan is None:
+            cache.pop("plan", None)
+            handle = (ops.came_plan_create_lowbit(*lists[:8], lists[8], lists[9], rounding, rng) if low
+                      else ops.came_plan_create(*lists))
+            plan = cache["plan"] = _Plan(handle, tuple(map(tuple, given)), rounding,
+                                         tuple(map(tuple, lists[8:])) if low else None)
+        if ops.came_plan_step(plan.handle, lists[1], *step_args) == _PLAN_RAN:
+            return
+    # Copies, or grads the plan does not take (checked here, with their names): the op that checks every call.
     if low:
         ops.came_step_lowbit(*lists[:8], lists[8], lists[9], rounding, rng, *hyper)
-    elif not write_back:
-        if plan is None:  # checks every tensor (named errors, nothing changed) and uploads the table
-            cache.pop("plan", None)
-            plan = cache["plan"] = _Plan(ops.came_plan_create(*lists), tuple(map(tuple, given)))
-        if ops.came_plan_step(plan.handle, lists[1], *hyper) != _PLAN_RAN:
-            ops.came_step(*lists, *hyper)  # grads the plan does not take: checked, with their names
     else:
         ops.came_step(*lists, *hyper)
-
     write_back_(write_back)
+
+
+def _extra(n: int, exp_avg_absmaxes, param_comps, rounding: int) -> tuple:
+    """The low-precision state's lists as the ops take them: the int8 momenta's absmaxes, the Kahan
+    compensations (None entries where a tensor has none)."""
+    return (tuple(exp_avg_absmaxes) if exp_avg_absmaxes is not None else (None,) * n,
+            tuple(param_comps) if rounding == 2 and param_comps is not None else (None,) * n)
 
 
 def _same_tensors(a: tuple, b: tuple) -> bool:
@@ -201,13 +217,16 @@ _PLAN_RAN, _PLAN_STALE, _PLAN_GRADS = 0, 1, 2
 
 
 class _Plan:
-    """A handle of the extension's plan (came_plan_create) for the lists `given`, freed with this object (when
-    the optimizer's cache goes). The plan holds references to its params and states, not to grads."""
-    __slots__ = ("handle", "given", "__weakref__")
+    """A handle of the extension's plan for the lists `given` (and, for the low-precision state, `extra`: see
+    _extra; None otherwise) at param rounding `rounding`, freed with this object (when the optimizer's cache
+    goes). The plan holds references to its params and states, not to grads."""
+    __slots__ = ("handle", "given", "rounding", "extra", "__weakref__")
 
-    def __init__(self, handle: int, given: tuple):
+    def __init__(self, handle: int, given: tuple, rounding: int, extra: Optional[tuple]):
         self.handle = handle
         self.given = given
+        self.rounding = rounding
+        self.extra = extra
         weakref.finalize(self, _free_plan, handle)
 
 
