@@ -681,11 +681,11 @@ def test_cache_keeps_the_tables_and_reuploads_only_the_grad_addresses():
     gs = [torch.randn_like(p) for p in ps]
     cache = {}
     _step(triton_backend, ps, gs, st, cache=cache)
-    plan, lr_buf = cache["plan"], cache["lr"]
+    plan, lr_buf = cache["plan"], cache["lr"][0]  # (buffer, the float it holds): _contiguous.lr_tensor
     meta0 = plan.meta.clone()
     _step(triton_backend, ps, gs, st, cache=cache, lr=2e-2)  # same grads, new lr
     assert cache["plan"] is plan and torch.equal(plan.meta, meta0)
-    assert cache["lr"] is lr_buf and lr_buf.item() == pytest.approx(2e-2)  # refilled in place
+    assert cache["lr"][0] is lr_buf and lr_buf.item() == pytest.approx(2e-2)  # refilled in place
     gs = [torch.randn_like(p) for p in ps]  # as after zero_grad(set_to_none=True)
     _step(triton_backend, ps, gs, st, cache=cache)
     assert cache["plan"] is plan
