@@ -301,22 +301,7 @@ __device__ __forceinline__ void momentum_res_packed(const TensorDesc& d, int64_t
     load_vec<VEC, kVec>(g, packed_vec_start<VEC>(u), p.n, gv[u]);
     load_vec<VEC, kVec>(m, packed_vec_start<VEC>(u), p.n, mv[u]);
   }
-  {
-    float rv[kIt], av[kIt], cv[kIt];
-#pragma unroll
-    for (int t = 0; t < kIt; ++t) {
-      const int q = t * kThreads + tid;
-      rv[t] = q < p.rows ? r[q] : 1.0f;
-      av[t] = q < p.rows ? mean_r[q / p.M] : 1.0f;
-      cv[t] = q < p.cols ? c[q] : 1.0f;
-    }
-#pragma unroll
-    for (int t = 0; t < kIt; ++t) {
-      const int q = t * kThreads + tid;
-      if (q < p.rows) rs[q] = row_factor(rv[t], av[t]);
-      if (q < p.cols) cs[q] = col_factor(cv[t]);
-    }
-  }
+  packed_factors<PM>(p, r, mean_r, c, rs, cs);
   __syncthreads();
   float Rv[kIt], Cv[kIt];  // for after the next barrier
 #pragma unroll

@@ -484,6 +484,31 @@ static_assert(kPackElems / 16 <= kThreads, "a packed block of PM >= 4 holds at m
 template <int VEC>
 __device__ __forceinline__ int packed_vec_start(int u) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC; }
 
+// The row factors rsqrt(row / mean_M(row)) and column factors rsqrt(col) of a packed block into shared memory
+// (rs [p.rows], cs [p.cols]): phase 3 takes them of r, c, phase 4 of R, C. `mean` is the block's mean_M slots
+// (from k0). All loads are issued before the first store.
+template <int PM>
+__device__ __forceinline__ void packed_factors(const Packed& p, const float* __restrict__ row,
+                                               const float* __restrict__ mean, const float* __restrict__ col,
+                                               float* __restrict__ rs, float* __restrict__ cs) {
+  constexpr int kIt = kPackIters<PM>;
+  const int tid = static_cast<int>(threadIdx.x);
+  float rv[kIt], av[kIt], cv[kIt];
+#pragma unroll
+  for (int t = 0; t < kIt; ++t) {
+    const int q = t * kThreads + tid;
+    rv[t] = q < p.rows ? row[q] : 1.0f;
+    av[t] = q < p.rows ? mean[q / p.M] : 1.0f;
+    cv[t] = q < p.cols ? col[q] : 1.0f;
+  }
+#pragma unroll
+  for (int t = 0; t < kIt; ++t) {
+    const int q = t * kThreads + tid;
+    if (q < p.rows) rs[q] = row_factor(rv[t], av[t]);
+    if (q < p.cols) cs[q] = col_factor(cv[t]);
+  }
+}
+
 #endif  // __CUDACC__
 
 }  // namespace came

@@ -127,7 +127,7 @@ __device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t l
 template <typename T, int VEC, bool kVec, bool kDecay, int PM>
 __device__ __forceinline__ void param_step_packed(const TensorDesc& d, int64_t local, float lr, float weight_decay,
                                                   float s_m, float* __restrict__ smem) {
-  constexpr int kU = kPackVecs<VEC>, kIt = kPackIters<PM>;
+  constexpr int kU = kPackVecs<VEC>;
   const Packed pk = packed_of(d, local, PM);
   float* __restrict__ rs = smem;              // [rows]
   float* __restrict__ cs = smem + kPackRows;  // [cols]
@@ -136,29 +136,13 @@ __device__ __forceinline__ void param_step_packed(const TensorDesc& d, int64_t l
   const float* __restrict__ R = d.res_row + pk.k0 * pk.M;
   const float* __restrict__ C = d.res_col + pk.k0 * pk.N;
   const float* __restrict__ mean_R = d.stat + d.B + pk.k0;
-  const int tid = static_cast<int>(threadIdx.x);
   float pv[kU][VEC], mv[kU][VEC];
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     load_vec<VEC, kVec>(p, packed_vec_start<VEC>(u), pk.n, pv[u]);
     load_vec<VEC, kVec>(m, packed_vec_start<VEC>(u), pk.n, mv[u]);
   }
-  {
-    float Rv[kIt], av[kIt], Cv[kIt];
-#pragma unroll
-    for (int t = 0; t < kIt; ++t) {
-      const int q = t * kThreads + tid;
-      Rv[t] = q < pk.rows ? R[q] : 1.0f;
-      av[t] = q < pk.rows ? mean_R[q / pk.M] : 1.0f;
-      Cv[t] = q < pk.cols ? C[q] : 1.0f;
-    }
-#pragma unroll
-    for (int t = 0; t < kIt; ++t) {
-      const int q = t * kThreads + tid;
-      if (q < pk.rows) rs[q] = row_factor(Rv[t], av[t]);
-      if (q < pk.cols) cs[q] = col_factor(Cv[t]);
-    }
-  }
+  packed_factors<PM>(pk, R, mean_R, C, rs, cs);
   __syncthreads();
 #pragma unroll
   for (int u = 0; u < kU; ++u) {

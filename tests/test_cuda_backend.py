@@ -62,14 +62,17 @@ _ARGS = (0.9, 0.999, 0.9999, 1e-30, 1e-16, 1.0, 0.1, False)
 
 
 @needs_cuda
-def test_found_inf_makes_every_op_write_nothing():
+@pytest.mark.parametrize("which", ["every shape class", "packed"])
+def test_found_inf_makes_every_op_write_nothing(which):
     # GradScaler found an inf: every kernel of every phase returns before writing (params, state and even the
-    # scratch stats, which are NaN here and would be overwritten by any phase that ran), also with bias scales.
-    lists, stats = _op_inputs(SHAPES)
+    # scratch stats, which are NaN here and would be overwritten by any phase that ran), also with bias scales;
+    # the packed kernels (conv weights: PACKED_SHAPES) too.
+    shapes = SHAPES if which == "every shape class" else PACKED_SHAPES
+    lists, stats = _op_inputs(shapes)
     before = _bits(lists, stats)
     lr = torch.full((1,), HYPER["lr"], device="cuda")
     amp = torch.tensor([1.0, 0.5], device="cuda")
-    bias = torch.rand(len(SHAPES), 2, device="cuda") + 0.5
+    bias = torch.rand(len(shapes), 2, device="cuda") + 0.5
     for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
         getattr(torch.ops.came_kernels, op)(*lists, stats, lr, *_ARGS, amp, bias)
     torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp, bias)
@@ -643,20 +646,6 @@ def test_packed_blocks_per_phase_ops_write_every_stat_and_equal_came_step():
     torch.ops.came_kernels.came_step(*lists3, lr, *_ARGS)
     for a, b, c in zip(_bits(lists, stats)[:-1], _bits(lists2, stats)[:-1], _bits(lists3, stats)[:-1]):
         assert torch.equal(a, b) and torch.equal(b, c)
-
-
-@needs_cuda
-def test_found_inf_makes_the_packed_kernels_write_nothing():
-    lists, stats = _op_inputs(PACKED_SHAPES, seed=10)
-    before = _bits(lists, stats)
-    lr = torch.full((1,), HYPER["lr"], device="cuda")
-    amp = torch.tensor([1.0, 0.5], device="cuda")
-    bias = torch.rand(len(PACKED_SHAPES), 2, device="cuda") + 0.5
-    for op in ("sq_stats", "clip_stats", "momentum_res", "param_step"):
-        getattr(torch.ops.came_kernels, op)(*lists, stats, lr, *_ARGS, amp, bias)
-    torch.ops.came_kernels.came_step(*lists, lr, *_ARGS, amp, bias)
-    for a, b in zip(_bits(lists, stats), before):
-        assert torch.equal(a, b)
 
 
 @needs_cuda
