@@ -3,7 +3,8 @@
 1. Checks: one step on GPT-2 124M shapes (fp32, bf16) against the torch backend, twice (bitwise equal), once
    with the workspace cap forced low so that stripes span several row tiles (TILED kernels), and once with
    the clip's statistic from phase 2 (multi_tensor.CLIP_IN_PHASE1 off).
-2. Sweep: per-kernel time (CUDA events, median of --reps launches after one warm-up) of every phase on the
+2. Sweep: per-phase time (each phase's launcher with its finalize; CUDA events, median of --reps launches
+   after one warm-up) of every phase on the
    full-size shape sets, for each setting of the pipeline depth (multi_tensor.STAGES), of the 2-byte read
    tile (multi_tensor.BLOCK_N_2B) and of CLIP_IN_PHASE1 (column "clip": 1 = phase 1 sums the clip's
    statistic, phase 2 runs only for rows wider than NPAD_MAX), with the achieved bandwidth as % of the
@@ -21,8 +22,6 @@ import torch
 from came_kernels.backends import torch_backend, triton_backend
 from came_kernels import triton_kernels as tk
 from came_kernels.triton_kernels import multi_tensor as mt
-from came_kernels.triton_kernels.momentum_res import _res_finalize_kernel
-from came_kernels.triton_kernels.sq_stats import _sq_finalize_kernel
 
 from . import shapes as shapes_mod
 
@@ -46,10 +45,10 @@ def _lists(sts):
             [s.get("C") for s in sts], [s.get("v") for s in sts])
 
 
-def _make(shapes, dtype, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    ps = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
-    gs = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
+def _make(shapes, dtype, seed=0, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ps = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
+    gs = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
     return ps, gs, [_state(p) for p in ps]
 
 
@@ -94,53 +93,32 @@ def _time(fn, reps):
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end)) * 1e3  # us
 
 
-def sweep_one(shapes, dtype, reps, copy_gbs, fused=True):
-    ps, gs, sts = _make(shapes, dtype)
+def sweep_one(shapes, dtype, reps, copy_gbs, fused=True, device="cuda", timer=None):
+    """Per-phase time of the package's own launchers (each phase with its finalize) on one shape set: what a
+    step runs, so this cannot drift from the kernels' signatures. `device`/`timer`: the tests run it on a CPU
+    under the Triton interpreter with a timer that only calls."""
+    timer = _time if timer is None else timer
+    ps, gs, sts = _make(shapes, dtype, device=device)
     plan = tk.build_plan(ps, gs, *_lists(sts), fused=fused)
-    ws = torch.zeros(plan.ws_floats, device="cuda")
-    wsd = torch.zeros(plan.w_doubles, dtype=torch.float64, device="cuda")
-    stats = torch.ones(plan.stats_floats, device="cuda")
-    lr = torch.tensor([1e-3], device="cuda")
+    ws = torch.zeros(plan.ws_floats, device=device)
+    wsd = torch.zeros(plan.w_doubles, dtype=torch.float64, device=device)
+    stats = torch.ones(plan.stats_floats, device=device)
+    lr = torch.tensor([1e-3], device=device)
     tk.sq_stats(plan, ws, stats, beta2=0.999, eps1=1e-30, wsd=wsd)
     tk.clip_stats(plan, ws, stats, clip_threshold=1.0, wsd=wsd)
     ge = ps[0].element_size()
     n = sum(p.numel() for p in ps)
     n_clip = sum(p.numel() for p in ps if p.ndim < 2 or not plan.fused or mt.npad_size(p.shape[-1]) == 0)
-    fin_args = (plan.meta, plan.fin_blocks, ws, stats, ws, 0.9, 0.1, 1e-16, ws, ws)
-    fin_kw = dict(ROWS=mt.ROWS, FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN,
-                  NUM_STAGES=mt.STAGES["finalize"], AMP=False, MODE=int(mt.FIN_DIRECT), num_warps=mt.FIN_WARPS)
-    clip = plan.fused and plan.npads != 0
-    # The modules, not the launchers of the same names that came_kernels.triton_kernels exports.
-    import importlib
-    cs, mr, pst, sq = (importlib.import_module(f"came_kernels.triton_kernels.{m}")
-                       for m in ("clip_stats", "momentum_res", "param_step", "sq_stats"))
-    kw = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, AMP=False, num_warps=mt.NUM_WARPS)
-    pk = dict(kw, PACKED=plan.packed)
-    rb = mt.read_block_n(plan.dtype)
     rows = {
-        "sq_stats": (lambda: [sq._sq_stats_kernel[(nb,)](
-            plan.meta, blocks, ws, stats, ws, 0.999, 0.001, 1e-30, DTYPE=plan.dtype, BLOCK_N=rb,
-            NUM_STAGES=mt.STAGES["sq_stats"], TILED=plan.tiles1 > 1, **kinds, **kw)
-            for blocks, nb, kinds in sq.phase1_launches(plan)], n * ge),
-        "sq fin.": (lambda: _sq_finalize_kernel[(plan.n_fin,)](*fin_args, wsd, CLIP=clip, **fin_kw), 0),
-        "clip_stats": (lambda: cs._clip_stats_kernel[(plan.n_clip_blocks,)](
-            plan.meta, plan.clip_blocks, ws, stats, ws, DTYPE=plan.dtype, BLOCK_N=rb, NUM_STAGES=mt.STAGES["clip_stats"], **kw), n_clip * ge),
-        "clip fin.": (lambda: cs._clip_finalize_kernel[(plan.n_tensors,)](
-            plan.meta, ws, wsd, stats, stats, 1.0, ws, ws, ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, BLOCK=256,
-            BIAS=False, MODE=int(mt.FIN_DIRECT), FUSED=clip, num_warps=4), 0),
-        "momentum_res": (lambda: mr._momentum_res_kernel[(plan.n_blocks,)](
-            plan.meta, plan.blocks, ws, stats, ws, 0.9, 0.1, 0.9999, 1e-4, 1e-16, DTYPE=plan.dtype, MAXIMIZE=False,
-            BLOCK_N=mt.BLOCK_N, NUM_STAGES=mt.STAGES["momentum_res"], TILED=plan.tiles > 1, **pk), n * (ge + 8)),
-        "res fin.": (lambda: _res_finalize_kernel[(plan.n_fin,)](*fin_args, **fin_kw), 0),
-        "param_step": (lambda: pst._param_step_kernel[(plan.n_tile_blocks,)](
-            plan.meta, plan.tile_blocks, stats, lr, lr, lr, 0.0, DTYPE=plan.dtype, BLOCK_N=mt.BLOCK_N, BIAS=False,
-            NUM_STAGES=mt.STAGES["param_step"], **pk), n * (2 * ge + 4)),
+        "sq_stats": (lambda: tk.sq_stats(plan, ws, stats, beta2=0.999, eps1=1e-30, wsd=wsd), n * ge),
+        "clip_stats": (lambda: tk.clip_stats(plan, ws, stats, clip_threshold=1.0, wsd=wsd), n_clip * ge),
+        "momentum_res": (lambda: tk.momentum_res(plan, ws, stats, beta1=0.9, beta3=0.9999, eps2=1e-16,
+                                                 maximize=False), n * (ge + 8)),
+        "param_step": (lambda: tk.param_step(plan, stats, lr, weight_decay=0.0), n * (2 * ge + 4)),
     }
-    if not plan.n_clip_blocks:
-        del rows["clip_stats"]  # nothing left for phase 2
     out = {}
     for name, (fn, nbytes) in rows.items():
-        us = _time(fn, reps)
+        us = timer(fn, reps)
         out[name] = f"{us:7.0f}" + (f" ({100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)" if nbytes else "      ")
     return out, plan
 
@@ -183,7 +161,7 @@ def main(argv=None) -> int:
                 mt.STAGES.update(dict.fromkeys(mt.STAGES, s))
                 mt.BLOCK_N_2B = b
                 res, plan = sweep_one(shapes_mod.SETS[name](1.0), dtypes[dt], args.reps, bw, bool(fused))
-                names = ["sq_stats", "sq fin.", "clip_stats", "clip fin.", "momentum_res", "res fin.", "param_step"]
+                names = ["sq_stats", "clip_stats", "momentum_res", "param_step"]
                 if header is None:
                     header = f"| shapes | dtype | stages | BN2B | clip | " + " | ".join(names) + \
                         " | programs | fin | ws MiB |"

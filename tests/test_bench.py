@@ -215,3 +215,20 @@ def test_a_bad_option_value_is_one_line_not_a_traceback():
                          text=True, timeout=120)
     assert out.returncode != 0
     assert "unknown shape set 'foo'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_triton_sweep_drives_every_phase_launcher(monkeypatch):
+    # The sweep times the package's own phase launchers; run it at tiny shapes (the Triton interpreter on a
+    # CPU) with a timer that only calls, so that a launcher signature change fails here and not on a GPU.
+    from came_kernels.backends import triton_backend
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    why = triton_backend.unavailable_reason(torch.device(dev))
+    if why is not None:
+        pytest.skip(why)
+    from bench import triton_sweep
+    calls = []
+    out, plan = triton_sweep.sweep_one([(5, 7), (3, 4, 6), (9,)], torch.float32, 1, 1000.0, device=dev,
+                                       timer=lambda fn, reps: (calls.append(fn()), 2.0)[1])
+    assert set(out) == {"sq_stats", "clip_stats", "momentum_res", "param_step"} and len(calls) == 4
+    assert all(v.strip().startswith("2") for v in out.values()), out
+    assert plan.n_blocks > 0

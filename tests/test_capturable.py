@@ -19,14 +19,17 @@ _GPU = torch.cuda.is_available()
 _TRITON_WHY = triton_backend.unavailable_reason(torch.device("cuda" if _GPU else "cpu"))
 needs_triton = pytest.mark.skipif(_TRITON_WHY is not None, reason=str(_TRITON_WHY))
 SHAPES = [(5, 7), (3, 4, 6), (9,), (1, 6), ()]
+# Where backend='triton' runs: compiled on a GPU, under the interpreter (conftest.py) on a CPU. The pretended
+# captures below run on either.
+DEVICE = "cuda" if _GPU else "cpu"
 
 
-def _params(shapes=SHAPES, device="cpu"):
+def _params(shapes=SHAPES, device=DEVICE):
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
 
 
-def _grads(shapes, t, device="cpu"):
+def _grads(shapes, t, device=DEVICE):
     gen = torch.Generator().manual_seed(100 + t)
     return [torch.randn(s, generator=gen).to(device) for s in shapes]
 
@@ -149,9 +152,9 @@ def test_capture_after_params_moved_is_refused(pretend_capture):
 
 @needs_triton
 def test_non_contiguous_tensors_cannot_be_captured(pretend_capture):
-    p = torch.randn(6, 4).t().contiguous().t().requires_grad_()  # a transposed view: not contiguous
+    p = torch.randn(6, 4, device=DEVICE).t().contiguous().t().requires_grad_()  # a transposed view
     opt = came_kernels.CAME([p], lr=1e-2, backend="triton", capturable=True)
-    p.grad = torch.randn(6, 4)
+    p.grad = torch.randn(6, 4, device=DEVICE)
     opt.step()
     pretend_capture(True)
     with pytest.raises(RuntimeError, match="non-contiguous"):

@@ -119,6 +119,59 @@ def test_amp_tensor_is_checked_before_any_launch(bad):
         assert torch.equal(a, b)
 
 
+# Every argument check of the ops, each in a fresh process: a check must raise a RuntimeError naming the
+# argument, never take the process down (a crash in one case would otherwise hide which check it was).
+_OP_ERROR_SETUP = """
+import torch
+from came_kernels.backends import cuda_backend
+cuda_backend._load()
+ops = torch.ops.came_kernels
+ps = [torch.randn(5, 7, device="cuda"), torch.randn(9, device="cuda")]
+gs = [torch.randn_like(p) for p in ps]
+ms = [torch.zeros_like(p) for p in ps]
+r, c = [torch.zeros(5, device="cuda"), None], [torch.zeros(7, device="cuda"), None]
+R, C = [torch.zeros(5, device="cuda"), None], [torch.zeros(7, device="cuda"), None]
+v = [None, torch.zeros(9, device="cuda")]
+lr = torch.full((1,), 1e-3, device="cuda")
+H = (0.9, 0.999, 0.9999, 1e-30, 1e-16, 1.0, 0.0, False)
+stats = torch.zeros(4, device="cuda")
+"""
+_OP_ERRORS = {
+    "amp float64": ("ops.came_step(ps, gs, ms, r, c, R, C, v, lr, *H, torch.zeros(2, dtype=torch.float64, "
+                    "device='cuda'))", "amp must be"),
+    "amp on the CPU": ("ops.came_step(ps, gs, ms, r, c, R, C, v, lr, *H, torch.zeros(2))", "amp must be"),
+    "lr float64": ("ops.came_step(ps, gs, ms, r, c, R, C, v, lr.double(), *H)", "lr must be"),
+    "bias_scales short": ("ops.came_step(ps, gs, ms, r, c, R, C, v, lr, *H, None, torch.ones(1, 2, "
+                          "device='cuda'))", "bias_scales must be"),
+    "param on the CPU": ("ops.came_step([ps[0], ps[1].cpu()], gs, ms, r, c, R, C, v, lr, *H)", "CUDA tensor"),
+    "grad shape": ("ops.came_step(ps, [gs[0].t().contiguous(), gs[1]], ms, r, c, R, C, v, lr, *H)", "grads"),
+    "plan handle": ("ops.came_plan_step(987654, gs, lr, *H)", "plan"),
+    "plan amp float64": ("ops.came_plan_step(ops.came_plan_create(ps, gs, ms, r, c, R, C, v), gs, lr, *H, "
+                         "torch.zeros(2, dtype=torch.float64, device='cuda'))", "amp must be"),
+    "clip_stats first": ("ops.clip_stats(ps, gs, ms, r, c, R, C, v, stats, lr, *H)", "sq_stats"),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", list(_OP_ERRORS))
+def test_op_argument_errors_raise_and_never_crash(case):
+    import subprocess
+    import sys
+    call, match = _OP_ERRORS[case]
+    code = _OP_ERROR_SETUP + f"""
+try:
+    {call}
+except RuntimeError as e:
+    print("RAISED", str(e).splitlines()[0])
+else:
+    torch.cuda.synchronize()
+    print("RETURNED")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"{case}: the process died (rc {out.returncode}): {out.stderr[-2000:]}"
+    assert "RAISED" in out.stdout and match in out.stdout, out.stdout + out.stderr[-2000:]
+
+
 @needs_cuda
 @pytest.mark.parametrize("bad", ["one row short", "float64", "[T, 3]", "non-contiguous", "on the CPU"])
 def test_bias_scales_are_checked_before_any_launch(bad):
