@@ -29,6 +29,7 @@
 
 #include "came_math.cuh"
 #include "came_ops.h"
+#include "check.h"
 #include "plan.h"
 
 namespace came {
@@ -63,7 +64,7 @@ namespace came {
         return __VA_ARGS__();                                                                  \
       }                                                                                        \
       default:                                                                                 \
-        TORCH_CHECK(false, OP_NAME, ": params must be float32, bfloat16 or float16, got ", DTYPE); \
+        CAME_CHECK(false, OP_NAME, ": params must be float32, bfloat16 or float16, got ", DTYPE); \
     }                                                                                          \
   }()
 

@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include "came_ops.h"
+#include "check.h"
 #include "lowbit.h"
 
 namespace came {
@@ -44,12 +45,12 @@ using OptList = c10::List<std::optional<at::Tensor>>;
 std::string name_of(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
 
 void check_state(const at::Tensor& x, const std::string& name, const at::Tensor& p, at::IntArrayRef shape) {
-  TORCH_CHECK(x.defined(), "came_kernels: ", name, " is missing (expected a float32 tensor of shape ", shape, ")");
-  TORCH_CHECK(x.device() == p.device(), "came_kernels: ", name, " is on ", x.device(), ", its param on ", p.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "came_kernels: ", name, " must be float32 (statistics and momentum "
+  CAME_CHECK(x.defined(), "came_kernels: ", name, " is missing (expected a float32 tensor of shape ", shape, ")");
+  CAME_CHECK(x.device() == p.device(), "came_kernels: ", name, " is on ", x.device(), ", its param on ", p.device());
+  CAME_CHECK(x.scalar_type() == at::kFloat, "came_kernels: ", name, " must be float32 (statistics and momentum "
               "are fp32 for every param dtype), got ", x.scalar_type());
-  TORCH_CHECK(x.sizes() == shape, "came_kernels: ", name, " has shape ", x.sizes(), ", expected ", shape);
-  TORCH_CHECK(x.is_contiguous(), "came_kernels: ", name, " must be contiguous (the Python glue passes "
+  CAME_CHECK(x.sizes() == shape, "came_kernels: ", name, " has shape ", x.sizes(), ", expected ", shape);
+  CAME_CHECK(x.is_contiguous(), "came_kernels: ", name, " must be contiguous (the Python glue passes "
               "contiguous copies of non-contiguous tensors)");
 }
 
@@ -69,18 +70,18 @@ struct LowbitArgs {
 // A low-precision momentum (bf16, or int8 codes with their absmax) of a factored param; returns its kind.
 int check_lowbit_momentum(const at::Tensor& m, const at::Tensor& absmax, size_t i, const at::Tensor& p) {
   const std::string mn = name_of("exp_avgs", i);
-  TORCH_CHECK(p.dim() >= 2, "came_kernels: ", mn, " is ", m.scalar_type(), ", but only params with ndim >= 2 take "
+  CAME_CHECK(p.dim() >= 2, "came_kernels: ", mn, " is ", m.scalar_type(), ", but only params with ndim >= 2 take "
               "a low-precision momentum (", name_of("params", i), " has shape ", p.sizes(), ")");
-  TORCH_CHECK(m.device() == p.device() && m.sizes() == p.sizes() && m.is_contiguous(), "came_kernels: ", mn,
+  CAME_CHECK(m.device() == p.device() && m.sizes() == p.sizes() && m.is_contiguous(), "came_kernels: ", mn,
               " must be a contiguous tensor of shape ", p.sizes(), " on ", p.device(), ", got ", m.sizes(), " on ",
               m.device());
   if (m.scalar_type() == at::kBFloat16) {
-    TORCH_CHECK(!absmax.defined(), "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be None for a bf16 ",
+    CAME_CHECK(!absmax.defined(), "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be None for a bf16 ",
                 mn);
     return kMomBf16;
   }
   const std::vector<int64_t> want{ceil_div(p.numel(), kQBlock)};
-  TORCH_CHECK(absmax.defined() && absmax.device() == p.device() && absmax.scalar_type() == at::kFloat &&
+  CAME_CHECK(absmax.defined() && absmax.device() == p.device() && absmax.scalar_type() == at::kFloat &&
               absmax.sizes() == at::IntArrayRef(want) && absmax.is_contiguous(),
               "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be a contiguous float32 tensor of shape ",
               at::IntArrayRef(want), " on ", p.device(), " for the int8 ", mn, ", got ",
@@ -97,7 +98,7 @@ int64_t env_int(const char* name, int64_t fallback) {
   if (v == nullptr || *v == '\0') return fallback;
   char* end = nullptr;
   const long long x = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != nullptr && *end == '\0' && x >= 0, "came_kernels: ", name,
+  CAME_CHECK(end != nullptr && *end == '\0' && x >= 0, "came_kernels: ", name,
               " must be a non-negative integer, got '", v, "'");
   return static_cast<int64_t>(x);
 }
@@ -105,7 +106,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 // The low-precision state's rng: (Philox key, step) per param, read on the device.
 void check_rng(const at::Tensor& rng, const at::Tensor& p0, size_t n) {
   const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
-  TORCH_CHECK(rng.device() == p0.device() && rng.scalar_type() == at::kLong && rng.sizes() == at::IntArrayRef(want)
+  CAME_CHECK(rng.device() == p0.device() && rng.scalar_type() == at::kLong && rng.sizes() == at::IntArrayRef(want)
               && rng.is_contiguous(), "came_kernels: rng must be a contiguous int64 tensor of shape ",
               at::IntArrayRef(want), " ((Philox key, step) per param) on ", p0.device(), ", got ",
               rng.scalar_type(), " ", rng.sizes(), " on ", rng.device());
@@ -115,19 +116,19 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
                  const OptList& sq_cols, const OptList& res_rows, const OptList& res_cols, const OptList& sqs,
                  const LowbitArgs* lb = nullptr) {
   const size_t n = params.size();
-  TORCH_CHECK(n > 0, "came_kernels: params is empty");
+  CAME_CHECK(n > 0, "came_kernels: params is empty");
   for (auto [len, what] : {std::pair<size_t, const char*>{grads.size(), "grads"}, {exp_avgs.size(), "exp_avgs"},
                            {sq_rows.size(), "exp_avg_sq_rows"}, {sq_cols.size(), "exp_avg_sq_cols"},
                            {res_rows.size(), "exp_avg_res_rows"}, {res_cols.size(), "exp_avg_res_cols"},
                            {sqs.size(), "exp_avg_sqs"}}) {
-    TORCH_CHECK(len == n, "came_kernels: ", what, " has ", len, " tensors, params has ", n);
+    CAME_CHECK(len == n, "came_kernels: ", what, " has ", len, " tensors, params has ", n);
   }
   Group grp;
   const bool pack = lb == nullptr && env_int("CAME_KERNELS_CUDA_PACK", 1) != 0;  // low-precision state: stripes
   const at::Tensor& p0 = params[0];
-  TORCH_CHECK(p0.is_cuda(), "came_kernels: params[0] must be a CUDA tensor, got one on ", p0.device());
+  CAME_CHECK(p0.is_cuda(), "came_kernels: params[0] must be a CUDA tensor, got one on ", p0.device());
   grp.dtype = p0.scalar_type();
-  TORCH_CHECK(grp.dtype == at::kFloat || grp.dtype == at::kBFloat16 || grp.dtype == at::kHalf,
+  CAME_CHECK(grp.dtype == at::kFloat || grp.dtype == at::kBFloat16 || grp.dtype == at::kHalf,
               "came_kernels: params must be float32, bfloat16 or float16, got ", grp.dtype,
               " (use backend='torch' for other dtypes)");
 
@@ -135,15 +136,15 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     const std::string pn = name_of("params", i);
-    TORCH_CHECK(p.device() == p0.device() && p.scalar_type() == grp.dtype, "came_kernels: ", pn, " is ",
+    CAME_CHECK(p.device() == p0.device() && p.scalar_type() == grp.dtype, "came_kernels: ", pn, " is ",
                 p.scalar_type(), " on ", p.device(), "; one call takes one (device, dtype) group: ", grp.dtype,
                 " on ", p0.device());
-    TORCH_CHECK(p.layout() == at::kStrided && g.layout() == at::kStrided,
+    CAME_CHECK(p.layout() == at::kStrided && g.layout() == at::kStrided,
                 "came_kernels: ", pn, " and its grad must be dense (sparse gradients are not supported)");
-    TORCH_CHECK(g.device() == p.device() && g.scalar_type() == p.scalar_type() && g.sizes() == p.sizes(),
+    CAME_CHECK(g.device() == p.device() && g.scalar_type() == p.scalar_type() && g.sizes() == p.sizes(),
                 "came_kernels: ", name_of("grads", i), " must match ", pn, " (", p.scalar_type(), " ", p.sizes(),
                 " on ", p.device(), "), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "came_kernels: ", pn, " and its grad must be contiguous "
+    CAME_CHECK(p.is_contiguous() && g.is_contiguous(), "came_kernels: ", pn, " and its grad must be contiguous "
                 "(the Python glue passes contiguous copies of non-contiguous tensors)");
     TensorRef t;
     const at::ScalarType mdt = exp_avgs[i].defined() ? exp_avgs[i].scalar_type() : at::kFloat;
@@ -152,16 +153,16 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
       t.mkind = check_lowbit_momentum(exp_avgs[i], t.absmax, i, p);
     } else {
       check_state(exp_avgs[i], name_of("exp_avgs", i), p, p.sizes());
-      TORCH_CHECK(lb == nullptr || !opt_at(*lb->absmaxes, i).defined(), "came_kernels: ",
+      CAME_CHECK(lb == nullptr || !opt_at(*lb->absmaxes, i).defined(), "came_kernels: ",
                   name_of("exp_avg_absmaxes", i), " must be None for a float32 ", name_of("exp_avgs", i));
     }
     if (lb != nullptr) {
       const at::Tensor k = opt_at(*lb->comps, i);
       const bool kahan = lb->rounding == kRoundKahan && grp.dtype == at::kBFloat16;
-      TORCH_CHECK(kahan == k.defined(), "came_kernels: ", name_of("param_comps", i), kahan ? " is missing" :
+      CAME_CHECK(kahan == k.defined(), "came_kernels: ", name_of("param_comps", i), kahan ? " is missing" :
                   " must be None", " (param_rounding='kahan' keeps one for every bf16 param, and only then)");
       if (kahan) {
-        TORCH_CHECK(k.device() == p.device() && k.scalar_type() == at::kBFloat16 && k.sizes() == p.sizes() &&
+        CAME_CHECK(k.device() == p.device() && k.scalar_type() == at::kBFloat16 && k.sizes() == p.sizes() &&
                     k.is_contiguous(), "came_kernels: ", name_of("param_comps", i), " must be a contiguous "
                     "bfloat16 tensor of shape ", p.sizes(), " on ", p.device(), ", got ", k.scalar_type(), " ",
                     k.sizes(), " on ", k.device());
@@ -205,7 +206,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
     grp.ts.push_back(std::move(t));
   }
   if (lb != nullptr) {
-    TORCH_CHECK(lb->rounding >= kRoundNearest && lb->rounding <= kRoundKahan,
+    CAME_CHECK(lb->rounding >= kRoundNearest && lb->rounding <= kRoundKahan,
                 "came_kernels: param_rounding must be 0 (nearest), 1 (stochastic) or 2 (kahan), got ", lb->rounding);
     check_rng(*lb->rng, p0, n);
     grp.lowbit = true;
@@ -221,14 +222,14 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   grp.fin_blocks = grp.layout.fin_start.back();
   grp.clip_blocks = grp.layout.clip_start.back();
   grp.packed_blocks = grp.layout.packed_blocks;
-  TORCH_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX && grp.layout.tiles <= INT32_MAX,
+  CAME_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX && grp.layout.tiles <= INT32_MAX,
               "came_kernels: more than 2^31-1 blocks in one launch (", grp.main_blocks, " blocks)");
   return grp;
 }
 
 // lr: the kernels read lr[0] on the device (a float lr lives in a cached device tensor: no sync, no recompile).
 void check_lr(const at::Tensor& lr, const at::Tensor& p0) {
-  TORCH_CHECK(lr.device() == p0.device() && lr.scalar_type() == at::kFloat && lr.numel() == 1,
+  CAME_CHECK(lr.device() == p0.device() && lr.scalar_type() == at::kFloat && lr.numel() == 1,
               "came_kernels: lr must be a 1-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
               " with ", lr.numel(), " elements on ", lr.device());
 }
@@ -237,7 +238,7 @@ void check_lr(const at::Tensor& lr, const at::Tensor& p0) {
 void check_amp(const std::optional<at::Tensor>& amp, const at::Tensor& p0) {
   if (!amp.has_value()) return;
   const at::Tensor& a = *amp;
-  TORCH_CHECK(a.device() == p0.device() && a.scalar_type() == at::kFloat && a.numel() == 2 && a.is_contiguous(),
+  CAME_CHECK(a.device() == p0.device() && a.scalar_type() == at::kFloat && a.numel() == 2 && a.is_contiguous(),
               "came_kernels: amp must be a contiguous float32 tensor [found_inf, 1/scale] of 2 elements on ",
               p0.device(), ", got ", a.scalar_type(), " of shape ", a.sizes(), " on ", a.device(),
               a.is_contiguous() ? "" : " (non-contiguous)");
@@ -248,7 +249,7 @@ void check_bias_scales(const std::optional<at::Tensor>& bias_scales, const at::T
   if (!bias_scales.has_value()) return;
   const at::Tensor& b = *bias_scales;
   const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
-  TORCH_CHECK(b.device() == p0.device() && b.scalar_type() == at::kFloat && b.sizes() == at::IntArrayRef(want) &&
+  CAME_CHECK(b.device() == p0.device() && b.scalar_type() == at::kFloat && b.sizes() == at::IntArrayRef(want) &&
               b.is_contiguous(),
               "came_kernels: bias_scales must be a contiguous float32 tensor of shape ", at::IntArrayRef(want),
               " ([s_u, s_m] per param) on ", p0.device(), ", got ", b.scalar_type(), " of shape ", b.sizes(),
@@ -368,9 +369,9 @@ void upload_table(Group& grp, const at::Tensor& stats, const std::optional<at::T
 Hyper make_hyper(double beta1, double beta2, double beta3, double eps1, double eps2, double clip_threshold,
                  double weight_decay, bool maximize, bool bias_correction) {
   for (auto [b, name] : {std::pair<double, const char*>{beta1, "beta1"}, {beta2, "beta2"}, {beta3, "beta3"}}) {
-    TORCH_CHECK(b >= 0.0 && b < 1.0, "came_kernels: ", name, " must be in [0, 1), got ", b);
+    CAME_CHECK(b >= 0.0 && b < 1.0, "came_kernels: ", name, " must be in [0, 1), got ", b);
   }
-  TORCH_CHECK(clip_threshold > 0.0, "came_kernels: clip_threshold must be > 0, got ", clip_threshold);
+  CAME_CHECK(clip_threshold > 0.0, "came_kernels: clip_threshold must be > 0, got ", clip_threshold);
   Hyper h;
   h.beta1 = static_cast<float>(beta1);
   h.beta2 = static_cast<float>(beta2);
@@ -393,7 +394,7 @@ at::Tensor new_floats(int64_t n, const at::Tensor& like) {
 }
 
 void check_stats(const at::Tensor& stats, const Group& grp, const at::Tensor& p0) {
-  TORCH_CHECK(stats.device() == p0.device() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+  CAME_CHECK(stats.device() == p0.device() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
               stats.numel() >= grp.stats_numel,
               "came_kernels: stats must be a contiguous float32 tensor on ", p0.device(), " with at least ",
               grp.stats_numel, " elements (sum of 2*B+1 over the non-empty params), got ", stats.scalar_type(),
@@ -452,7 +453,7 @@ void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_
   if (phase == Phase::kClipStats) {
     Handoff& ho = handoff();
     const std::lock_guard<std::mutex> lock(ho.mu);
-    TORCH_CHECK(ho.ws.defined() && ho.stats == stats.data_ptr() && ho.key == layout_key(grp) &&
+    CAME_CHECK(ho.ws.defined() && ho.stats == stats.data_ptr() && ho.key == layout_key(grp) &&
                 ho.ws.device() == params[0].device(),
                 "came_kernels: clip_stats takes the clip inputs that sq_stats left (plan.h): call sq_stats with the "
                 "same tensors and stats buffer first");
@@ -520,7 +521,7 @@ void came_step(CAME_LIST_ARGS, CAME_HYPER_ARGS) {
 void came_step_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const OptList& param_comps,
                       int64_t param_rounding, const at::Tensor& rng, CAME_HYPER_ARGS) {
   const size_t n = params.size();
-  TORCH_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
+  CAME_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
               "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
               " and ", param_comps.size());
   const LowbitArgs lb{&exp_avg_absmaxes, &param_comps, param_rounding, &rng};
@@ -602,7 +603,7 @@ std::shared_ptr<Plan> find_plan(int64_t handle) {
   PlanRegistry& r = registry();
   const std::lock_guard<std::mutex> lock(r.mu);
   const auto it = r.plans.find(handle);
-  TORCH_CHECK(it != r.plans.end(), "came_kernels: no plan ", handle, " (freed, or never created by "
+  CAME_CHECK(it != r.plans.end(), "came_kernels: no plan ", handle, " (freed, or never created by "
               "came_plan_create)");
   return it->second;
 }
@@ -648,7 +649,7 @@ int64_t came_plan_create(CAME_LIST_ARGS) {
 int64_t came_plan_create_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const OptList& param_comps,
                                 int64_t param_rounding, const at::Tensor& rng) {
   const size_t n = params.size();
-  TORCH_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
+  CAME_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
               "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
               " and ", param_comps.size());
   const LowbitArgs lb{&exp_avg_absmaxes, &param_comps, param_rounding, &rng};
@@ -695,7 +696,7 @@ int64_t came_plan_step(int64_t handle, at::TensorList grads, CAME_HYPER_ARGS, co
   check_lr(lr, p0);
   check_amp(amp, p0);
   check_bias_scales(bias_scales, p0, n);
-  TORCH_CHECK(rng.has_value() == pl.grp.lowbit, "came_kernels: came_plan_step takes rng exactly for a plan with "
+  CAME_CHECK(rng.has_value() == pl.grp.lowbit, "came_kernels: came_plan_step takes rng exactly for a plan with "
               "low-precision state (came_plan_create_lowbit)");
   if (rng.has_value()) check_rng(*rng, p0, n);
   if (!unchanged(pl)) return kPlanStale;
