@@ -5,10 +5,10 @@ The interpreter that CI runs the kernels through is lenient; the compiler is not
 both branches of a runtime `if`, constexpr rules, pointer casts, layouts). Triton ships its own ptxas, so
 ASTSource -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin runs for sm_80 and sm_90 with no driver. Then the
 bundled cuobjdump reports each kernel's registers, spills and shared memory: the compiler's resource
-report, without a GPU.
+report, without a GPU. The PTX must hold no flush-to-zero (.ftz) instruction.
 
 Usage: python tests/triton_aot_check.py [--archs 80,90] -> prints one line per kernel variant, exits 1 on
-any compile error or register spill.
+any compile error, register spill or .ftz instruction.
 """
 import argparse
 import importlib
@@ -68,11 +68,22 @@ def resources(cubin: bytes) -> dict:
     return got
 
 
+def rsqrt_calls() -> list:
+    """Every tl.rsqrt call in the kernels' sources, as file:line: it must be the one in came_math._rsqrt."""
+    root = os.path.dirname(mt.__file__)
+    return [f"{name}:{i}" for name in sorted(os.listdir(root)) if name.endswith(".py")
+            for i, line in enumerate(open(os.path.join(root, name)), 1) if "tl.rsqrt(" in line]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="80,90")
     archs = [int(a) for a in ap.parse_args().archs.split(",")]
     failures = 0
+    calls = rsqrt_calls()
+    if len(calls) != 1 or not calls[0].startswith("came_math.py:"):
+        failures += 1
+        print(f"FAIL tl.rsqrt is called outside came_math._rsqrt (it flushes subnormal inputs): {calls}")
     for mod_name, kname, num_warps, kind in KERNELS:
         fn = getattr(importlib.import_module(f"came_kernels.triton_kernels.{mod_name}"), kname)
         amp = [dict(v, AMP=False) for v in variants(kind)]
@@ -130,6 +141,14 @@ def main() -> int:
                 spill = res.get("LOCAL", 0) + res.get("STACK", 0)
                 flag = "  SPILLS" if spill else ""
                 failures += bool(spill)
+                # Flush-to-zero instructions turn subnormal inputs into 0 (rsqrt.approx.ftz of a tiny statistic
+                # is inf, then NaN), unlike torch and the CUDA extension. tl.rsqrt compiles to one; it is
+                # allowed because its only call (checked by rsqrt_calls) scales subnormals into range first.
+                ftz = sorted(set(re.findall(r"\b[a-z0-9]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*", k.asm["ptx"]))
+                             - {"rsqrt.approx.ftz.f32"})
+                if ftz:
+                    failures += 1
+                    flag += f"  FLUSHES SUBNORMALS: {', '.join(ftz)}"
                 # Triton's shared memory is dynamic: the cubin's static figure does not show it.
                 print(f"ok   sm_{arch} {label}: {res.get('REG')} regs, {k.metadata.shared} B shared, "
                       f"{spill} B local/stack{flag}")

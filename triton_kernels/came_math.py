@@ -13,9 +13,20 @@ def _ema(avg, beta, one_minus_beta, new):
 
 
 @triton.jit
+def _rsqrt(x):
+    """1 / sqrt(x) that keeps a subnormal x. tl.rsqrt compiles to rsqrt.approx.ftz.f32, which flushes a
+    subnormal input to 0 (then inf, then NaN in the update), where torch and the CUDA extension (rsqrtf, no
+    flush) give a finite value: statistics that small occur with a tiny eps1 and near-zero gradients. Such x
+    is scaled by 2^24 into the normal range first (exact) and the result by 2^12."""
+    tiny = x < 1.1754943508222875e-38  # the smallest normal fp32
+    r = tl.rsqrt(tl.where(tiny, x * 16777216.0, x))
+    return tl.where(tiny, r * 4096.0, r)
+
+
+@triton.jit
 def _factored_u(g, row, mean_row, col):
     """g * rsqrt(row / mean_M(row))[:, None] * rsqrt(col)[None, :] for a [rows, cols] tile."""
-    return g * tl.rsqrt(row / mean_row)[:, None] * tl.rsqrt(col)[None, :]
+    return g * _rsqrt(row / mean_row)[:, None] * _rsqrt(col)[None, :]
 
 
 @triton.jit
@@ -93,7 +104,10 @@ def _quantize(m, absmax, r):
     inv = tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), tl.where(nonzero, absmax, 1.0))
     inv = tl.where(nonzero, inv, 0.0)  # an all-zero block stays zero
     x = m * inv
-    down = tl.floor(x)
+    # floor(x) by truncation (|x| <= 127): tl.floor compiles to cvt.rmi.ftz, which gives 0 for a negative
+    # subnormal x where floor is -1 (the torch backend's floor). NaN is cast as 0 and coded 0 below.
+    t = tl.where(x != x, 0.0, x).to(tl.int32).to(tl.float32)
+    down = tl.where(t > x, t - 1.0, t)
     up = (r >> 8).to(tl.float32) * TWO_M24 < x - down
     q = tl.minimum(tl.maximum(down + up.to(tl.float32), -127.0), 127.0)
     return tl.where(x != x, 0.0, q).to(tl.int8)

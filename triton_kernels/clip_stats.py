@@ -19,7 +19,7 @@ program per tensor, reading B*N doubles or one float per block. Deterministic: n
 import triton
 import triton.language as tl
 
-from .came_math import _factored_u
+from .came_math import _factored_u, _rsqrt
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (C_COL, C_DIV, C_G, C_NCOLS, C_NPAD, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_VEC,
                            C_WS_BLK, C_WS_W, D_CLIP, D_NUMEL, DNCOL, FIN_APPLY, FIN_DIRECT, FIN_EXPORT, PACK_K1,
@@ -65,7 +65,7 @@ def _clip_chunk(meta, t, local, inv, DTYPE: tl.constexpr, FLAT_CHUNK: tl.constex
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if AMP:
             g = g * inv
-        u = g * tl.rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0))
+        u = g * _rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0))
         acc += u * u
     return tl.sum(acc, axis=0)
 

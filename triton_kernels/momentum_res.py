@@ -22,7 +22,7 @@ chunk (plan.blocks, largest first); finalize as in phase 1. Deterministic.
 import triton
 import triton.language as tl
 
-from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _sr_bf16
+from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _rsqrt, _sr_bf16
 from .multi_tensor import (C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed,
                            _packed_factors)
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
@@ -172,7 +172,7 @@ def _momentum_chunk(meta, t, local, div, beta1, one_minus_beta1, inv, DTYPE: tl.
             g = g * inv
         if MAXIMIZE:
             g = -g
-        u_hat = g * tl.rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) / div
+        u_hat = g * _rsqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) / div
         m = _ema(tl.load(m_ptr + offs, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
         tl.store(m_ptr + offs, m, mask=mask)
 
@@ -207,7 +207,7 @@ def _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, bet
     r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rb + rows, mask=rmask, other=1.0)
     mean_r = tl.load(stats + _field(meta, t, C_STAT) + k0 + k, mask=kmask, other=1.0)
     c = tl.load(_ptr(meta, t, C_COL, tl.float32, False) + cb + cols, mask=cmask, other=1.0)
-    u_hat = g * tl.rsqrt(r / mean_r[:, None])[:, :, None] * tl.rsqrt(c)[:, None, :] / div
+    u_hat = g * _rsqrt(r / mean_r[:, None])[:, :, None] * _rsqrt(c)[:, None, :] / div
     m_ptr = _ptr(meta, t, C_M, tl.float32, False) + eb
     m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
     tl.store(m_ptr + idx, m, mask=mask)

@@ -21,7 +21,7 @@ first). Deterministic (elementwise).
 import triton
 import triton.language as tl
 
-from .came_math import (QBLOCK, STREAM_MOMENTUM, STREAM_PARAM, _dequantize, _ema, _factored_u, _param_update,
+from .came_math import (QBLOCK, STREAM_MOMENTUM, STREAM_PARAM, _dequantize, _ema, _factored_u, _param_update, _rsqrt,
                         _quantize, _random_bits, _round_to, _sr_bf16)
 from .momentum_res import _load_momentum
 from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed
@@ -224,7 +224,7 @@ def _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE: tl.conste
     R = tl.load(_ptr(meta, t, C_RES_ROW, tl.float32, False) + rb + rows, mask=rmask, other=1.0)
     mean_R = tl.load(stats + _field(meta, t, C_STAT) + B + k0 + k, mask=kmask, other=1.0)
     C = tl.load(_ptr(meta, t, C_RES_COL, tl.float32, False) + cb + cols, mask=cmask, other=1.0)
-    update = m * tl.rsqrt(R / mean_R[:, None])[:, :, None] * tl.rsqrt(C)[:, None, :]
+    update = m * _rsqrt(R / mean_R[:, None])[:, :, None] * _rsqrt(C)[:, None, :]
     if BIAS:
         update = update * s_m
     p_ptr = _ptr(meta, t, C_P, DTYPE, False) + eb

@@ -21,7 +21,7 @@ partials once. Deterministic: no atomics, every sum in a fixed order.
 import triton
 import triton.language as tl
 
-from .came_math import _ema
+from .came_math import _ema, _rsqrt
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (C_COL, C_G, C_NPAD, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_TILES1, C_VEC, C_WS_BLK,
                            C_WS_P, C_WS_Q1, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
@@ -84,7 +84,7 @@ def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE:
         r = _ema(tl.load(row_ptr + rows, mask=rmask, other=0.0), beta2, one_minus_beta2,
                  tl.sum(sq, axis=1) / N.to(tl.float32) + eps1)
         tl.store(row_ptr + rows, r, mask=rmask)
-        u = g * tl.rsqrt(tl.where(rmask, r, 1.0))[:, None]  # (a masked row's r may be 0: eps1 = 0 is allowed)
+        u = g * _rsqrt(tl.where(rmask, r, 1.0))[:, None]  # (a masked row's r may be 0: eps1 = 0 is allowed)
         q += tl.sum(sq, axis=0)
         p += tl.sum(u * u, axis=0)
     tl.store(ws + _ws_col(meta, t, ALIGNED, C_WS_Q1) + local * N + cols, q, mask=cmask)
@@ -121,7 +121,7 @@ def _sq_chunk(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.c
         v = _ema(tl.load(v_ptr + offs, mask=mask, other=0.0), beta2, one_minus_beta2, g * g + eps1)
         tl.store(v_ptr + offs, v, mask=mask)
         if FUSED:
-            u = g * tl.rsqrt(tl.where(mask, v, 1.0))  # (past the end v may be 0: eps1 = 0 is allowed)
+            u = g * _rsqrt(tl.where(mask, v, 1.0))  # (past the end v may be 0: eps1 = 0 is allowed)
             acc += u * u
     if FUSED:
         tl.store(ws + _field(meta, t, C_WS_BLK) + local, tl.sum(acc, axis=0))
@@ -140,8 +140,8 @@ def _sq_packed(meta, t, local, ws, stats, beta2, one_minus_beta2, eps1, inv, DTY
                                    eps1, C_ROW, C_COL)
     tl.store(stats + _field(meta, t, C_STAT) + k0 + k, mean_r, mask=kmask)
     if FUSED:  # the padding (g = 0) gets factors of 1: its r / mean_M(r) can underflow to 0, and rsqrt(0) * 0 is NaN
-        u = g * tl.rsqrt(tl.where(rmask, r / mean_r[:, None], 1.0))[:, :, None] * \
-            tl.rsqrt(tl.where(cmask, c, 1.0))[:, None, :]
+        u = g * _rsqrt(tl.where(rmask, r / mean_r[:, None], 1.0))[:, :, None] * \
+            _rsqrt(tl.where(cmask, c, 1.0))[:, None, :]
         tl.store(ws + _field(meta, t, C_WS_BLK) + local, tl.sum(tl.sum(tl.sum(u * u, axis=2), axis=1), axis=0))
 
 
