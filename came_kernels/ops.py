@@ -9,9 +9,9 @@ Outside torch.compile the backends are called directly: an op dispatch per group
 The torch backend is never wrapped: it is plain tensor code, so torch.compile traces and fuses it.
 
 Backend caches (device tables): in eager mode the optimizer owns one per param group. Inside a compiled
-graph there is no Python object to carry it, so the op keeps its own, keyed by the backend, the device and
-the parameters' addresses (which do not move during training; if they do, the backend rebuilds its tables,
-as it does for a moved grad). The few most recent keys are kept.
+graph there is no Python object to carry it, so the op keeps its own, keyed by the backend, the device, the
+parameters' structure and their addresses (which do not move during training; if they do, the backend
+rebuilds its tables, as it does for a moved grad). The few most recent keys are kept (_cache_for).
 """
 from __future__ import annotations
 
@@ -25,18 +25,31 @@ from .backends import get_step_fn
 
 __all__ = ["fused_step", "call_fused_step"]
 
-_MAX_CACHES = 16
-_caches: "OrderedDict[tuple, dict]" = OrderedDict()
+_MAX_CACHES = 16   # param sets (by their structure) with caches
+_PER_SET = 2       # caches per structure: by the params' addresses
+_caches: "OrderedDict[tuple, OrderedDict]" = OrderedDict()
 
 
 def _cache_for(backend: str, params: List[Tensor]) -> dict:
-    key = (backend, str(params[0].device), tuple(p.data_ptr() for p in params))
-    cache = _caches.pop(key, None)
-    if cache is None:
-        cache = {}
+    """The backend cache of these params: by their structure, then by their addresses. Without Inductor's
+    reinplacing (backend="aot_eager", say), the compiled graph hands the op fresh copies of the mutated
+    tensors at every step; a backend cache keeps its tensors alive, so copies of a whole model's params and
+    states must not pile up under new addresses: at most _PER_SET caches live per structure."""
+    skey = (backend, str(params[0].device), params[0].dtype, len(params), tuple(params[0].shape),
+            tuple(params[-1].shape))
+    key = tuple(p.data_ptr() for p in params)
+    entries = _caches.pop(skey, None)
+    if entries is None:
+        entries = OrderedDict()
         while len(_caches) >= _MAX_CACHES:
             _caches.popitem(last=False)
-    _caches[key] = cache
+    cache = entries.pop(key, None)
+    if cache is None:
+        cache = {}
+        while len(entries) >= _PER_SET:
+            entries.popitem(last=False)
+    entries[key] = cache
+    _caches[skey] = entries
     return cache
 
 
@@ -83,6 +96,11 @@ def fused_step(
     `came_step`, statistics packed as above); lr is the 0-d tensor `lr` when given, else `lr_value`."""
     if not params:
         return
+    if backend == "cuda" and params[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        # (torch.compile's mode="reduce-overhead" captures compiled steps.) The extension checks the grads
+        # and uploads their addresses on the host at every step: a replayed graph would skip all of it.
+        raise RuntimeError("came_kernels: backend='cuda' cannot run inside a CUDA graph; use backend='triton' "
+                           "(with capturable=True) to capture the optimizer step")
     step_fn = get_step_fn(backend, params[0].device)
     step_fn(params, grads, exp_avgs, _spread(params, exp_avg_sq_rows, True),
             _spread(params, exp_avg_sq_cols, True), _spread(params, exp_avg_res_rows, True),

@@ -204,6 +204,11 @@ class CAME(Optimizer):
         # Backend scratch (device tables, workspaces), one dict per param group (add_param_group appends);
         # never saved. Made with the group, not in step(): a compiled step must not see it change shape.
         self._caches: list = []
+        # Each group's capturable as the user set it. torch.compile's optimizer support sets
+        # group["capturable"] = True in every group it traces (and in the dicts themselves, for CUDA params
+        # without state yet), which would refuse backend='cuda' compiled and even in eager steps afterwards;
+        # step() reads this list instead.
+        self._capturable: list = []
         super().__init__(params, defaults)
         # Fail now, not at the first step, when a requested backend cannot run on these params.
         for group in self.param_groups:
@@ -262,6 +267,7 @@ class CAME(Optimizer):
         if isinstance(group["lr"], Tensor) and group["lr"].ndim:
             group["lr"] = group["lr"].view(())  # a 1-element lr as 0-d; a view: writes to it still count
         self._caches.append({})
+        self._capturable.append(bool(group["capturable"]))
         flat = sum(map(_distributed.is_fsdp1_flat_param, group["params"]))
         if flat and not getattr(self, "_warned_flat_params", False):
             self._warned_flat_params = True
@@ -283,6 +289,9 @@ class CAME(Optimizer):
                 group.setdefault(key, value)
             group["betas"] = _three_betas(group["betas"])
             group["bias_correction"] = _bias_terms(group["bias_correction"], "a param group")
+        kept = getattr(self, "_capturable", None)  # load_state_dict: the same groups, as the user made them
+        if kept is None or len(kept) != len(self.param_groups):
+            self._capturable = [bool(g["capturable"]) for g in self.param_groups]
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -465,8 +474,8 @@ class CAME(Optimizer):
         # entered: a comprehension here would be one more frame to compile.
         compiling = torch.compiler.is_compiling()
         if not compiling and _capturing():
-            for gi, group in enumerate(self.param_groups):
-                if not group["capturable"]:
+            for gi in range(len(self.param_groups)):
+                if not self._capturable[gi]:
                     raise RuntimeError(f"CAME (param group {gi}): step() is being captured in a CUDA graph, but "
                                        "the optimizer was built with capturable=False; pass capturable=True")
         fast = [None] * len(self.param_groups)
@@ -497,7 +506,7 @@ class CAME(Optimizer):
                  maximize=group["maximize"], bias_correction=frozenset(group["bias_correction"] or ()),
                  factor_conv=group["factor_conv"], exp_avg_absmaxes=absmaxes, param_comps=comps,
                  param_rounding=group["param_rounding"], seed=group["seed"], rng_ids=ids,
-                 backend=group["backend"], fused=group["fused"], capturable=group["capturable"],
+                 backend=group["backend"], fused=group["fused"], capturable=self._capturable[gi],
                  cache=self._caches[gi], grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None))
         if not compiling and any(f is None for f in fast):  # a group was rebuilt (its state may be new)

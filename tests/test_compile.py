@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import came_kernels
-from came_kernels.backends import triton_backend
+from came_kernels.backends import cuda_backend, torch_backend, triton_backend
 from came_testing import fused_backend_params
 
 SHAPES = [(5, 7), (3, 4, 6), (9,), (1, 6)]
@@ -123,3 +123,69 @@ def test_fused_step_op_has_a_fake_kernel():
         r, c = torch.empty(4), torch.empty(3)
         fused_step([p], [g], [m], [r], [c], [r.clone()], [c.clone()], [], None, 1e-2, 0.9, 0.999, 0.9999,
                    1e-30, 1e-16, 1.0, 0.0, False, "triton")
+
+
+class _ExtensionOnTheCPU:
+    """The CUDA extension's plan ops, run by the torch backend on CPU tensors: the cuda backend's Python glue
+    under torch.compile, on any machine (the kernels themselves are tested against the torch backend on a GPU)."""
+
+    def __init__(self):
+        self.plans, self.calls, self.made = {}, [], 0
+
+    def _run(self, lists, grads, lr, hyper):
+        b1, b2, b3, e1, e2, clip, wd, maximize = hyper[:8]
+        torch_backend.came_step(lists[0], list(grads), *lists[2:8], lr=lr.reshape(()), beta1=b1, beta2=b2,
+                                beta3=b3, eps1=e1, eps2=e2, clip_threshold=clip, weight_decay=wd, maximize=maximize)
+
+    def came_plan_create(self, *lists):
+        self.calls.append("create")
+        self.made += 1
+        self.plans[self.made] = [list(x) for x in lists]
+        return self.made
+
+    def came_plan_step(self, handle, grads, lr, *hyper):
+        self.calls.append("plan_step")
+        self._run(self.plans[handle], grads, lr, hyper)
+        return 0
+
+    def came_plan_free(self, handle):
+        self.plans.pop(handle, None)
+
+    def came_step(self, *args):
+        self.calls.append("step")
+        self._run([list(x) for x in args[:8]], args[1], args[8], args[9:])
+
+
+@pytest.fixture
+def extension_on_the_cpu(monkeypatch):
+    from came_kernels import backends
+    ext = _ExtensionOnTheCPU()
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: ext)
+    monkeypatch.setattr(cuda_backend, "_load", lambda: True)
+    monkeypatch.setitem(backends._REASONS, ("cuda", "cpu"), None)
+    return ext
+
+
+def test_cuda_backend_compiles_although_dynamo_sets_capturable(extension_on_the_cpu):
+    # torch.compile's optimizer support sets group["capturable"] = True while tracing (and in the groups
+    # themselves, for CUDA params without state): the step must keep the user's capturable=False, which
+    # backend='cuda' needs, compiled and in eager steps afterwards.
+    ref, _ = _train(None, backend="cuda")
+    ours, opt = _train("aot_eager", backend="cuda")
+    _assert_trained_and_equal(ours, ref, opt, 3, 1e-6)
+    assert "plan_step" in extension_on_the_cpu.calls
+    for g in opt.param_groups:
+        g["capturable"] = True  # what dynamo leaves behind for CUDA params
+    for p, g in zip(ours, _grads(3)):
+        p.grad = g
+    opt.step()  # eager: not refused
+    assert opt._capturable == [False]
+
+
+def test_compiled_fused_steps_keep_a_bounded_number_of_backend_caches(extension_on_the_cpu):
+    # Without Inductor's reinplacing, the graph hands the op fresh copies of params and states at every
+    # step; the op's caches (each keeping its tensors alive) must not pile up one per step.
+    from came_kernels import ops
+    ops._caches.clear()
+    _train("aot_eager", steps=6, backend="cuda")
+    assert sum(len(entries) if isinstance(entries, dict) else 1 for entries in ops._caches.values()) <= 2
