@@ -214,7 +214,8 @@ def _blocks(x: Tensor) -> Tensor:
 
 def dequantize_blockwise(q: Tensor, absmax: Tensor) -> Tensor:
     """fp32 m from int8 codes q and per-block absmax: m = q * (absmax * fp32(1/127))."""
-    scale = absmax * torch.tensor(INV127, dtype=torch.float32, device=absmax.device)
+    scale = absmax * INV127  # a Python scalar: no device tensor per call (that would be a host copy and sync);
+    # fp32 absmax times a scalar computes in fp32 with the scalar rounded to fp32, which INV127 already is
     return (_blocks(q.float()) * scale[:, None]).reshape(-1)[: q.numel()].view(q.shape)
 
 
