@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine (H100/H200, torch 2.11+cu130, triton 3.6, no network needed).
 # 1. builds the CUDA extension (sm_90 by default: CAME_KERNELS_CUDA_ARCH),
-# 2. runs the GPU tests of every backend in three separate processes (an illegal address in one backend
-#    must not hide the others' results) and the fused steps under compute-sanitizer (memcheck, racecheck),
+# 2. runs the GPU tests in seven separate processes (an illegal address or a crash in one must not hide the
+#    others' results) and the fused steps under compute-sanitizer (memcheck, racecheck),
 # 3. the step benchmark on GPT-2 124M and TinyLlama-1.1B shapes at full size, fp32 and bf16: came_kernels.CAME
 #    backend=cuda / triton / torch against torch.optim.AdamW(fused=True), torch.optim.Adafactor and came-pytorch,
 # 4. the host time of step() with real launches (`bench host --device cuda`),
@@ -54,20 +54,24 @@ except ImportError:
 PY
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  echo "== GPU tests (three processes) and compute-sanitizer, in parallel"
+  echo "== GPU tests (seven processes) and compute-sanitizer, in parallel"
   t1=$SECONDS
   TT="${TEST_TIMEOUT:-240}"
   # SIGINT at the time limit, so that pytest still prints which tests failed (a killed pytest loses its
-  # buffered report); faulthandler dumps the stack of a test that hangs.
-  PT=(timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE -p no:cacheprovider -o faulthandler_timeout=120)
+  # buffered report); faulthandler dumps the stack of a test that hangs. Groups small enough to finish
+  # within the limit on a fresh machine, where every Triton kernel variant compiles first.
+  PT=(timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE --tb=short -p no:cacheprovider --durations=5
+      -o faulthandler_timeout=120)
   "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
-  "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py -k cuda >"$LOG/t_cuda.log" 2>&1 & p2=$!
-  "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py tests/test_amp.py tests/test_distributed.py \
-    -k "cuda or triton or gpu or amp" >"$LOG/t_other.log" 2>&1 & p3=$!
-  "${PT[@]}" tests/test_compile.py tests/test_host_fast_path.py tests/test_capturable.py tests/test_bias_correction.py \
-    tests/test_low_precision.py tests/test_factor_conv.py \
-    >"$LOG/t_compile.log" 2>&1 & p4=$!
-  pids=("$p1" "$p2" "$p3" "$p4"); names=(triton cuda other compile)
+  "${PT[@]}" tests/test_fused_backends.py tests/test_cuda_backend.py tests/test_compile.py -k cuda \
+    >"$LOG/t_cuda.log" 2>&1 & p2=$!
+  "${PT[@]}" tests/test_triton_backend.py tests/test_torch_backend.py tests/test_optimizer.py tests/test_distributed.py \
+    tests/test_bench.py -k "cuda or triton or gpu or sweep" >"$LOG/t_other.log" 2>&1 & p3=$!
+  "${PT[@]}" tests/test_capturable.py tests/test_compile.py -k "not cuda" >"$LOG/t_compile.log" 2>&1 & p4=$!
+  "${PT[@]}" tests/test_bias_correction.py >"$LOG/t_bias.log" 2>&1 & p5=$!
+  "${PT[@]}" tests/test_low_precision.py >"$LOG/t_lowbit.log" 2>&1 & p6=$!
+  "${PT[@]}" tests/test_factor_conv.py tests/test_amp.py tests/test_host_fast_path.py >"$LOG/t_conv_amp.log" 2>&1 & p7=$!
+  pids=("$p1" "$p2" "$p3" "$p4" "$p5" "$p6" "$p7"); names=(triton cuda other compile bias lowbit conv_amp)
   if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
     ( for tool in memcheck racecheck; do for b in cuda triton; do
         [ "$tool" = racecheck ] && [ "$b" = triton ] && continue  # racecheck: shared memory of our CUDA kernels
