@@ -143,7 +143,8 @@ _OP_ERRORS = {
     "lr float64": ("ops.came_step(ps, gs, ms, r, c, R, C, v, lr.double(), *H)", "lr must be"),
     "bias_scales short": ("ops.came_step(ps, gs, ms, r, c, R, C, v, lr, *H, None, torch.ones(1, 2, "
                           "device='cuda'))", "bias_scales must be"),
-    "param on the CPU": ("ops.came_step([ps[0], ps[1].cpu()], gs, ms, r, c, R, C, v, lr, *H)", "CUDA tensor"),
+    "param on the CPU": ("ops.came_step([ps[0], ps[1].cpu()], gs, ms, r, c, R, C, v, lr, *H)",
+                         "params[1] is Float on cpu"),
     "grad shape": ("ops.came_step(ps, [gs[0].t().contiguous(), gs[1]], ms, r, c, R, C, v, lr, *H)", "grads"),
     "plan handle": ("ops.came_plan_step(987654, gs, lr, *H)", "plan"),
     "plan amp float64": ("ops.came_plan_step(ops.came_plan_create(ps, gs, ms, r, c, R, C, v), gs, lr, *H, "
