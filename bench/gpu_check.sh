@@ -4,7 +4,8 @@
 # 2. runs the GPU tests in seven separate processes (an illegal address or a crash in one must not hide the
 #    others' results) and the fused steps under compute-sanitizer (memcheck, racecheck),
 # 3. the step benchmark on GPT-2 124M and TinyLlama-1.1B shapes at full size, fp32 and bf16: came_kernels.CAME
-#    backend=cuda / triton / torch against torch.optim.AdamW(fused=True), torch.optim.Adafactor and came-pytorch,
+#    backend=cuda / triton / torch against torch.optim.AdamW(fused=True), torch.optim.Adafactor and came-pytorch;
+#    then ResNet-50 (packed conv weights) and TinyLlama bf16 with the opt-in bf16 / int8 momentum,
 # 4. the host time of step() with real launches (`bench host --device cuda`),
 # 5. the per-phase kernel profile (achieved GB/s per phase against the copy bandwidth),
 # 6. the Triton tuning sweep (bench/triton_sweep.py).
@@ -13,17 +14,24 @@
 #
 #   bash bench/gpu_check.sh                              # everything, ~5-7 minutes on an H100
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only
-# Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default $OUT
-# when set, else bench/out/gpu), TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra
-# args for `bench step`), SWEEP_TIMEOUT, HOST_TIMEOUT, SKIP_SANITIZER, SKIP_HOST, SKIP_PHASES, SKIP_SWEEP. came-pytorch: installed from .whl/ if its wheel is there.
+# Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default
+# bench/out/gpu; with $OUT set, the folder is also archived into $OUT/gpu_check_logs.tgz at exit),
+# TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra args for `bench step`),
+# EXTRA_TIMEOUT (ResNet-50 and low-precision momentum steps), SWEEP_TIMEOUT, HOST_TIMEOUT, SKIP_SANITIZER,
+# SKIP_EXTRA, SKIP_HOST, SKIP_PHASES, SKIP_SWEEP. came-pytorch: installed from .whl/ if its wheel is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-LOG="${LOG:-${OUT:-bench/out/gpu}}"
+LOG="${LOG:-bench/out/gpu}"
 mkdir -p "$LOG"
 t0=$SECONDS
 status=0
+# With $OUT set (a folder that is copied back, on a machine lent for the run), every log and JSON goes there
+# as one archive, also when the run is stopped at a time limit.
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check_logs.tgz" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2>/dev/null; }
+trap pack EXIT
+trap 'exit 124' INT TERM
 
 echo "== $(date -Is) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
@@ -107,6 +115,19 @@ rc=$?
 [ $rc -eq 0 ] || { echo "BENCHMARK FAILED (rc=$rc):"; tail -n 30 "$LOG/step.log"; status=1; }
 echo "   step benchmark: $((SECONDS - t1)) s"
 
+if [ -z "${SKIP_EXTRA:-}" ]; then
+  echo "== step benchmark: ResNet-50 (packed conv weights, fp32) and the low-precision momentum (TinyLlama, bf16)"
+  t1=$SECONDS
+  timeout "${EXTRA_TIMEOUT:-90}" "$PY" -m bench step --device cuda --sets resnet50 --scale 1 --dtype fp32 \
+    --optim 'came[cuda],came[triton],adamw[fused]' --out "$LOG/resnet50" --no-plot >"$LOG/step_resnet50.log" 2>&1 \
+    || { echo "RESNET-50 BENCHMARK FAILED:"; tail -n 20 "$LOG/step_resnet50.log"; status=1; }
+  timeout "${EXTRA_TIMEOUT:-90}" "$PY" -m bench step --device cuda --sets tinyllama --scale 1 --dtype bf16 \
+    --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton],adamw[fused]' --out "$LOG/lowbit" \
+    --no-plot >"$LOG/step_lowbit.log" 2>&1 \
+    || { echo "LOW-PRECISION BENCHMARK FAILED:"; tail -n 20 "$LOG/step_lowbit.log"; status=1; }
+  echo "   extra steps: $((SECONDS - t1)) s"
+fi
+
 if [ -z "${SKIP_HOST:-}" ]; then
   echo "== host time of step() with real launches (GPU synchronized before each timed step)"
   t1=$SECONDS
@@ -142,4 +163,7 @@ echo "== RESULT (total $((SECONDS - t0)) s; bench/RESULTS.md: card, date, commit
   "$PY" -c "import json,sys; from bench import phases; print(phases.table(json.load(open(sys.argv[1]))))" "$LOG/phases.json"
 [ -f "$LOG/host.log" ] && grep -a "^|" "$LOG/host.log"
 [ -f "$LOG/step.json" ] && "$PY" -m bench step --show "$LOG/step.json"
+for extra in resnet50 lowbit; do
+  [ -f "$LOG/$extra/step.json" ] && "$PY" -m bench step --show "$LOG/$extra/step.json" | grep -a "^|"
+done
 exit $status

@@ -130,7 +130,8 @@ def optimizer_specs(device: torch.device, lr: float = 1e-4, weight_decay: float 
 
     came[<backend>] for every came_kernels backend available on the device (Triton on CPU only runs through
     its interpreter, a correctness tool, so it is listed as skipped), adamw[fused] and adamw[foreach],
-    adafactor (torch.optim.Adafactor), came-pytorch (if installed) and adamw8bit[bnb] (bitsandbytes, CUDA).
+    adafactor (torch.optim.Adafactor), came-pytorch (if installed) and adamw8bit[bnb] (bitsandbytes, CUDA);
+    came-bf16m[<backend>] and came-int8m[<backend>] (momentum_dtype) only when `select` names them.
     `select`: names or fnmatch patterns ("came*") to keep; unknown names raise.
     """
     import came_kernels
@@ -159,6 +160,19 @@ def optimizer_specs(device: torch.device, lr: float = 1e-4, weight_decay: float 
         add(f"came[{backend}]", "came",
             lambda ps, lr=came_lr, b=backend: came_kernels.CAME(ps, lr=lr, weight_decay=weight_decay, backend=b),
             why)
+
+    # Opt-in low-precision momentum (momentum_dtype="bf16" / "int8"): rows only when `select` names them.
+    if select:
+        for md in ("bf16", "int8"):
+            for backend in ("cuda", "triton", "torch"):
+                name = f"came-{md}m[{backend}]"
+                if any(_matches(name, pat) for pat in select):
+                    why = reasons.get(backend)
+                    if why is None and backend == "triton" and device.type == "cpu":
+                        why = "Triton on CPU tensors runs only through TRITON_INTERPRET=1, not a benchmark"
+                    add(name, "came",
+                        lambda ps, lr=came_lr, b=backend, m=md: came_kernels.CAME(
+                            ps, lr=lr, weight_decay=weight_decay, backend=b, momentum_dtype=m), why)
 
     try:
         import came_pytorch

@@ -185,8 +185,12 @@ def test_gpu_check_script_parses_and_its_optimizer_list_resolves():
     script = os.path.join(REPO, "bench", "gpu_check.sh")
     subprocess.run(["bash", "-n", script], check=True)
     text = open(script).read()
-    optim = text.split("--optim '", 1)[1].split("'", 1)[0]
-    specs, skipped = utils.optimizer_specs(torch.device("cpu"), select=optim.split(","))
+    lists = [chunk.split("'", 1)[0].split(",") for chunk in text.split("--optim '")[1:]]
+    assert len(lists) == 3  # the main step benchmark, ResNet-50, the low-precision momentum
+    for optim in lists:  # every name resolves (an unknown one raises)
+        specs, skipped = utils.optimizer_specs(torch.device("cpu"), select=optim)
+        assert {s.name for s in specs} | set(skipped) == set(optim)
+    specs, skipped = utils.optimizer_specs(torch.device("cpu"), select=lists[0])
     assert {s.name for s in specs} | set(skipped) >= {"came[cuda]", "came[triton]", "adamw[fused]", "adafactor"}
     assert "adamw[foreach]" not in {s.name for s in specs}  # brackets are literal, not a character class
     names = {s.name for s in utils.optimizer_specs(torch.device("cpu"), select=["came*"])[0]}
@@ -232,3 +236,16 @@ def test_triton_sweep_drives_every_phase_launcher(monkeypatch):
     assert set(out) == {"sq_stats", "clip_stats", "momentum_res", "param_step"} and len(calls) == 4
     assert all(v.strip().startswith("2") for v in out.values()), out
     assert plan.n_blocks > 0
+
+
+def test_low_precision_momentum_rows_only_when_named():
+    from bench import utils as u
+    default, _ = u.optimizer_specs(torch.device("cpu"))
+    assert not any("bf16m" in s.name or "int8m" in s.name for s in default)
+    specs, _ = u.optimizer_specs(torch.device("cpu"), select=["came-bf16m[torch]", "came-int8m[torch]"])
+    assert [s.name for s in specs] == ["came-bf16m[torch]", "came-int8m[torch]"]
+    p = torch.nn.Parameter(torch.randn(300, 64))  # (small tensors keep an fp32 momentum)
+    opt = specs[1].make([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["exp_avg_q"].dtype == torch.int8
