@@ -12,7 +12,7 @@
 # The short tables come LAST. Copy them, with card/date/commit/command (printed under them), into
 # bench/RESULTS.md.
 #
-#   bash bench/gpu_check.sh                              # everything, ~5-7 minutes on an H100
+#   bash bench/gpu_check.sh                              # everything, ~8-9 minutes on a fresh H200
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only
 # Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default
 # bench/out/gpu; with $OUT set, the folder is also archived into $OUT/gpu_check_logs.tgz at exit),
@@ -64,7 +64,7 @@ PY
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== GPU tests (seven processes) and compute-sanitizer, in parallel"
   t1=$SECONDS
-  TT="${TEST_TIMEOUT:-240}"
+  TT="${TEST_TIMEOUT:-170}"
   # SIGINT at the time limit, so that pytest still prints which tests failed (a killed pytest loses its
   # buffered report); faulthandler dumps the stack of a test that hangs. Groups small enough to finish
   # within the limit on a fresh machine, where every Triton kernel variant compiles first.
