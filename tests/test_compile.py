@@ -189,3 +189,10 @@ def test_compiled_fused_steps_keep_a_bounded_number_of_backend_caches(extension_
     ops._caches.clear()
     _train("aot_eager", steps=6, backend="cuda")
     assert sum(len(entries) if isinstance(entries, dict) else 1 for entries in ops._caches.values()) <= 2
+
+
+def test_inductor_reuses_the_extensions_plan(extension_on_the_cpu):
+    # Inductor reinplaces the op's mutated inputs: the op sees the very params and states every step, so the
+    # CUDA backend makes its plan (checks and table upload) once, as in eager mode.
+    _train("inductor", steps=4, backend="cuda")
+    assert extension_on_the_cpu.calls == ["create"] + ["plan_step"] * 4
