@@ -27,7 +27,7 @@ LOG="${LOG:-bench/out/gpu}"
 mkdir -p "$LOG"
 t0=$SECONDS
 status=0
-# With $OUT set (a folder that is copied back, on a machine lent for the run), every log and JSON goes there
+# With $OUT set (a folder that is collected after the run), every log and JSON goes there
 # as one archive, also when the run is stopped at a time limit.
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check_logs.tgz" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2>/dev/null; }
 trap pack EXIT
