@@ -219,21 +219,27 @@ def test_bias_scales_rows_follow_the_lists_past_empty_tensors(dtype, grad_scale)
     # on the device, and every tensor must still read its own (s_u, s_m). Distinct scales per row, against the
     # torch backend; with a GradScaler too (both on one step).
     shapes = [(0, 3)] + list(SHAPES[:8]) + [(0,)] + list(SHAPES[8:])
-    gen = torch.Generator().manual_seed(6)
+    _bias_scales_and_amp_vs_torch(shapes, dtype, grad_scale, seed=6, steps=8, spike_at=5, spike=1e4)
+
+
+def _bias_scales_and_amp_vs_torch(shapes, dtype, grad_scale, seed, steps, spike_at, spike):
+    """`steps` steps of both backends with distinct random bias scales per tensor every step (and a GradScaler
+    when grad_scale is set), one of them with grads `spike` times larger (where s_u decides how much is
+    clipped); params and states then agree."""
+    gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
     ours, spec = [x.clone() for x in init], [x.clone() for x in init]
     ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
     amp = {} if grad_scale is None else dict(grad_scale=torch.tensor(grad_scale, device="cuda"),
                                              found_inf=torch.tensor(0.0, device="cuda"))
-    for t in range(8):
-        big = 1e4 if t == 5 else 1.0  # a clipping spike, where s_u decides how much is clipped
+    for t in range(steps):
+        big = spike if t == spike_at else 1.0
         gs = [(torch.randn(s, generator=gen) * big * (grad_scale or 1.0)).to("cuda", dtype) for s in shapes]
         scales = torch.stack([torch.rand(len(shapes), generator=gen) * 0.95 + 0.05,
                               torch.rand(len(shapes), generator=gen) * 1.95 + 0.05], dim=1).cuda()
-        cuda_backend.came_step(ours, gs, *state_lists(ours_st), cache={}, bias_scales=scales, **amp,
-                               **HYPER | dict(weight_decay=0.1))
-        torch_backend.came_step(spec, gs, *state_lists(spec_st), cache={}, bias_scales=scales, **amp,
-                                **HYPER | dict(weight_decay=0.1))
+        for mod, ps, sts in ((cuda_backend, ours, ours_st), (torch_backend, spec, spec_st)):
+            mod.came_step(ps, gs, *state_lists(sts), cache={}, bias_scales=scales, **amp,
+                          **HYPER | dict(weight_decay=0.1))
     tol = 1e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
     for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
         if a.numel() == 0:  # nothing to compare (and no row read)
@@ -674,27 +680,7 @@ def test_packed_small_matrices_with_amp_and_bias_correction_match_torch_backend(
     # GradScaler (1/scale as g is read, in every packed kernel) and bias correction (s_u in the clip finalize from
     # the packed blocks' sums, s_m in the packed phase 4), distinct scales per tensor, an empty tensor first.
     shapes = [(0, 3, 3)] + PACKED_SHAPES
-    gen = torch.Generator().manual_seed(8)
-    init = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
-    ours, spec = [x.clone() for x in init], [x.clone() for x in init]
-    ours_st, spec_st = [_state(x) for x in init], [_state(x) for x in init]
-    amp = {} if grad_scale is None else dict(grad_scale=torch.tensor(grad_scale, device="cuda"),
-                                             found_inf=torch.tensor(0.0, device="cuda"))
-    for t in range(6):
-        big = 1e3 if t == 3 else 1.0
-        gs = [(torch.randn(s, generator=gen) * big * (grad_scale or 1.0)).to("cuda", dtype) for s in shapes]
-        scales = torch.stack([torch.rand(len(shapes), generator=gen) * 0.95 + 0.05,
-                              torch.rand(len(shapes), generator=gen) * 1.95 + 0.05], dim=1).cuda()
-        for mod, ps, sts in ((cuda_backend, ours, ours_st), (torch_backend, spec, spec_st)):
-            mod.came_step(ps, gs, *state_lists(sts), cache={}, bias_scales=scales, **amp,
-                          **HYPER | dict(weight_decay=0.1))
-    tol = 1e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
-    for a, b, sa, sb in zip(ours, spec, ours_st, spec_st):
-        if a.numel() == 0:
-            continue
-        assert_close_rel(a, b, tol, f"{dtype} param {tuple(a.shape)}")
-        for k in sa:
-            assert_close_rel(sa[k], sb[k], 2e-4, f"{dtype} state {k} of {tuple(a.shape)}")
+    _bias_scales_and_amp_vs_torch(shapes, dtype, grad_scale, seed=8, steps=6, spike_at=3, spike=1e3)
 
 
 @needs_cuda
