@@ -153,13 +153,16 @@ def optimizer_specs(device: torch.device, lr: float = 1e-4, weight_decay: float 
         lambda ps, lr=lr: torch.optim.Adafactor(ps, lr=lr, weight_decay=weight_decay))
 
     reasons = came_kernels.available_backends(device)
+
+    def why_not(backend):
+        if reasons.get(backend) is None and backend == "triton" and device.type == "cpu":
+            return "Triton on CPU tensors runs only through TRITON_INTERPRET=1, a correctness tool, not a benchmark"
+        return reasons.get(backend)
+
     for backend in ("cuda", "triton", "torch"):
-        why = reasons.get(backend)
-        if why is None and backend == "triton" and device.type == "cpu":
-            why = "Triton on CPU tensors runs only through TRITON_INTERPRET=1, a correctness tool, not a benchmark"
         add(f"came[{backend}]", "came",
             lambda ps, lr=came_lr, b=backend: came_kernels.CAME(ps, lr=lr, weight_decay=weight_decay, backend=b),
-            why)
+            why_not(backend))
 
     # Opt-in low-precision momentum (momentum_dtype="bf16" / "int8"): rows only when `select` names them.
     if select:
@@ -167,12 +170,9 @@ def optimizer_specs(device: torch.device, lr: float = 1e-4, weight_decay: float 
             for backend in ("cuda", "triton", "torch"):
                 name = f"came-{md}m[{backend}]"
                 if any(_matches(name, pat) for pat in select):
-                    why = reasons.get(backend)
-                    if why is None and backend == "triton" and device.type == "cpu":
-                        why = "Triton on CPU tensors runs only through TRITON_INTERPRET=1, not a benchmark"
                     add(name, "came",
                         lambda ps, lr=came_lr, b=backend, m=md: came_kernels.CAME(
-                            ps, lr=lr, weight_decay=weight_decay, backend=b, momentum_dtype=m), why)
+                            ps, lr=lr, weight_decay=weight_decay, backend=b, momentum_dtype=m), why_not(backend))
 
     try:
         import came_pytorch
