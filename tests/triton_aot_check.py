@@ -7,8 +7,8 @@ ASTSource -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin runs for sm_80 and sm_90 w
 bundled cuobjdump reports each kernel's registers, spills and shared memory: the compiler's resource
 report, without a GPU. The PTX must hold no flush-to-zero (.ftz) instruction.
 
-Usage: python tests/triton_aot_check.py [--archs 80,90] -> prints one line per kernel variant, exits 1 on
-any compile error, register spill or .ftz instruction.
+Usage: python tests/triton_aot_check.py [--archs 80,90] [--kernels _sq_stats_kernel,...] -> prints one line per
+kernel variant, exits 1 on any compile error, register spill or .ftz instruction.
 """
 import argparse
 import importlib
@@ -78,13 +78,18 @@ def rsqrt_calls() -> list:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="80,90")
-    archs = [int(a) for a in ap.parse_args().archs.split(",")]
+    ap.add_argument("--kernels", default="", help="only these kernels (comma-separated names)")
+    args = ap.parse_args()
+    archs = [int(a) for a in args.archs.split(",")]
+    only = set(filter(None, args.kernels.split(",")))
     failures = 0
     calls = rsqrt_calls()
     if len(calls) != 1 or not calls[0].startswith("came_math.py:"):
         failures += 1
         print(f"FAIL tl.rsqrt is called outside came_math._rsqrt (it flushes subnormal inputs): {calls}")
     for mod_name, kname, num_warps, kind in KERNELS:
+        if only and kname not in only:
+            continue
         fn = getattr(importlib.import_module(f"came_kernels.triton_kernels.{mod_name}"), kname)
         amp = [dict(v, AMP=False) for v in variants(kind)]
         if "AMP" in fn.arg_names:  # the GradScaler path, for one dtype (it adds a load and a multiply)
