@@ -152,7 +152,8 @@ PACK_K8 = tl.constexpr(PACK_ELEMS // 64)
 # reduced with their own all_reduce). Traffic per fp32 param: 32 -> 28 B (bf16 params: 22 -> 20 B).
 NPAD_SIZES = (64, 256, 1024, 2048, 4096, 8192)  # the compiled row widths of the in-register body
 NPAD_MAX = NPAD_SIZES[-1]
-REG_ELEMS = tl.constexpr(4096)  # elements of its [SUB, NPAD] tile: SUB = cdiv(REG_ELEMS, NPAD) rows (64 ... 1)
+REG_ELEMS = tl.constexpr(4096)  # elements of its [SUB, NPAD] tile: SUB = cdiv(REG_ELEMS, NPAD) rows (64 ... 1;
+                                # twice the rows for 16-bit grads at NPAD 256 ... 2048, see sq_stats._sq_reg)
 CLIP_IN_PHASE1 = True  # False: every tensor's clip sum comes from phase 2 (the layout before; for comparisons)
 
 

@@ -95,7 +95,11 @@ def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE:
 def _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, ROWS: tl.constexpr,
             NPAD: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr):
     """_sq_stripe_reg for one compiled NPAD, with 16-byte loads where the host found them safe (C_VEC)."""
-    SUB: tl.constexpr = (REG_ELEMS + NPAD - 1) // NPAD  # rows per tile: 64 for NPAD 64 ... 1 for 4096, 8192
+    # Rows per tile: REG_ELEMS elements (64 rows for NPAD 64 ... 1 for 4096, 8192), twice as many 16-bit ones
+    # for NPAD 256 ... 2048, so that their tile is as many bytes as an fp32 one (csrc/sq_stats.cu's waves
+    # likewise; NPAD 64 has a row tile's rows already, wider rows would take too many registers).
+    ELEMS: tl.constexpr = REG_ELEMS * (2 if DTYPE.primitive_bitwidth == 16 and NPAD > 64 and NPAD <= 2048 else 1)
+    SUB: tl.constexpr = (ELEMS + NPAD - 1) // NPAD
     if _field(meta, t, C_VEC) != 0:
         _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, NPAD, SUB, True,
                        TILED, AMP)
