@@ -769,6 +769,24 @@ def _row_tile_done():
 
 
 @triton.jit
+def _stripe_sums(q_base, p_base, poff, N, per_matrix, kmask, pmask, FIN_STRIPES: tl.constexpr,
+                 FIN_COLS: tl.constexpr, NUM_STAGES: tl.constexpr, CLIP: tl.constexpr):
+    """Sums over the stripes of the column partials at q_base + poff (and, CLIP, of P at p_base + poff), the
+    partial of stripe s of a column at +s*N: [FIN_STRIPES, FIN_COLS] tiles added elementwise, then tl.sum
+    over the stripes. Contiguous poff (a single matrix) gives loads along the columns, one 128-byte line per
+    stripe and warp; otherwise the compiler may lay the lanes along the stripes, one line each."""
+    acc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
+    pacc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
+    for s0 in tl.range(0, per_matrix, FIN_STRIPES, num_stages=NUM_STAGES):
+        s = s0 + tl.arange(0, FIN_STRIPES)
+        smask = (s < per_matrix)[:, None]
+        acc += tl.load(q_base + poff[None, :] + s[:, None] * N, mask=smask & kmask[None, :], other=0.0)
+        if CLIP:
+            pacc += tl.load(p_base + poff[None, :] + s[:, None] * N, mask=smask & pmask[None, :], other=0.0)
+    return tl.sum(acc, axis=0), tl.sum(pacc, axis=0)
+
+
+@triton.jit
 def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_beta, eps, dmeta, sums, wsd,
                                 COL: tl.constexpr, ROW: tl.constexpr, MEAN_SLOT: tl.constexpr,
                                 ROWS: tl.constexpr, FIN_STRIPES: tl.constexpr, FIN_COLS: tl.constexpr,
@@ -807,23 +825,19 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
             col_sum = tl.load(out + k, mask=kmask, other=0.0)
         else:
             per_matrix = _stripes_per_matrix(meta, t, ROWS, TILES_COL)
-            kb = k // N
-            poff = kb * per_matrix * N + (k - kb * N)  # stripe 0 of each column
-            part = ws + _field(meta, t, WS_COL) + poff
-            acc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
+            q_base = ws + _field(meta, t, WS_COL)
+            p_base = q_base
+            pmask = kmask
             if CLIP:
-                clip = _field(meta, t, C_NPAD) > 0
-                pmask = kmask & clip
-                ppart = ws + _field(meta, t, C_WS_P) + poff
-                pacc = tl.zeros([FIN_STRIPES, FIN_COLS], dtype=tl.float32)
-            for s0 in tl.range(0, per_matrix, FIN_STRIPES, num_stages=NUM_STAGES):
-                s = s0 + tl.arange(0, FIN_STRIPES)
-                acc += tl.load(part[None, :] + s[:, None] * N, mask=(s < per_matrix)[:, None] & kmask[None, :],
-                               other=0.0)
-                if CLIP:
-                    pacc += tl.load(ppart[None, :] + s[:, None] * N,
-                                    mask=(s < per_matrix)[:, None] & pmask[None, :], other=0.0)
-            col_sum = tl.sum(acc, axis=0)
+                p_base = ws + _field(meta, t, C_WS_P)
+                pmask = kmask & (_field(meta, t, C_NPAD) > 0)
+            if B == 1:  # one matrix (the usual case): offsets the compiler sees contiguous, so coalesced loads
+                col_sum, p_sum = _stripe_sums(q_base, p_base, k, N, per_matrix, kmask, pmask, FIN_STRIPES,
+                                              FIN_COLS, NUM_STAGES, CLIP)
+            else:
+                kb = k // N
+                col_sum, p_sum = _stripe_sums(q_base, p_base, kb * per_matrix * N + (k - kb * N), N, per_matrix,
+                                              kmask, pmask, FIN_STRIPES, FIN_COLS, NUM_STAGES, CLIP)
         if MODE == FIN_EXPORT:
             tl.store(out + k, col_sum, mask=kmask)
         else:
@@ -832,7 +846,7 @@ def _finalize_columns_and_means(meta, fin_blocks, ws, stats, beta, one_minus_bet
             c = beta * c + one_minus_beta * (col_sum / M_all + eps)
             tl.store(col + k, c, mask=kmask)
             if CLIP:
-                w = tl.sum(pacc, axis=0).to(tl.float64) / c.to(tl.float64)
+                w = p_sum.to(tl.float64) / c.to(tl.float64)
                 tl.store(wsd + _field(meta, t, C_WS_W) + k, w, mask=pmask)
     else:
         mb = local - col_blocks
