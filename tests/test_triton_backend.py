@@ -596,6 +596,57 @@ def test_compiled_phase_kernels_use_16_byte_loads():
             assert vec_stores > 0, f"{name} {dt}: no vector stores in the PTX"
 
 
+_LAYOUT_SCRIPT = textwrap.dedent('''
+    import importlib, json, re
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+    mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
+    PTRS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "amp": "*fp32",
+            "rng": "*i64", "qmax": "*i32", "qold": "*fp32", "dmeta": "*i64", "sums": "*fp32", "wsd": "*fp64"}
+    LAY = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, FIN_STRIPES=mt.FIN_STRIPES,
+               FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, NUM_STAGES=1, AMP=False)
+    def build(mod, name, **ce):
+        fn = getattr(importlib.import_module("came_kernels.triton_kernels." + mod), name)
+        ce = dict({k: v for k, v in LAY.items() if k in fn.arg_names}, **ce)
+        sig = {n: "constexpr" if n in ce else PTRS.get(n, "fp32") for n in fn.arg_names}
+        k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 8})
+        ttgir = k.asm["ttgir"]
+        return dict(shared=k.metadata.shared, st_shared=k.asm["ptx"].count("st.shared"),
+                    tile_converts=len(re.findall(r"convert_layout %\\S+ : tensor<64x32xf32", ttgir)),
+                    lanes_along_cols="threadsPerWarp = [1, 32]" in ttgir)
+    out = {}
+    for dt, DT in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+        out["sq1024_" + dt] = build("sq_stats", "_sq_stats_kernel", DTYPE=DT, BLOCK_N=mt.read_block_n(DT),
+                                    TILED=False, PACKED=False, FUSED=True, NPADS=4, WIDE=False)
+        out["mr_" + dt] = build("momentum_res", "_momentum_res_kernel", DTYPE=DT, BLOCK_N=mt.BLOCK_N, TILED=False,
+                                MAXIMIZE=False, LOWBIT=False, PACKED=False)
+    out["sq_fin"] = build("sq_stats", "_sq_finalize_kernel", MODE=0, CLIP=True)
+    out["res_fin"] = build("momentum_res", "_res_finalize_kernel", MODE=0)
+    print(json.dumps(out))
+''')
+
+
+def test_compiled_16_bit_tiles_and_finalize_loads_keep_the_fp32_layouts():
+    """sm_90, compiled here: the layouts that once sent every tile through shared memory or loaded one line
+    per lane stay gone. Phase 1's bf16 rows of 1024 use no more shared memory than fp32's (8-byte loads: their
+    column sums stay in-thread); momentum_res converts a bf16 tile between layouts no more often than an fp32
+    one (g loaded in the momentum's layout); the finalize kernels have a layout with a warp's lanes along the
+    columns (the partials of a single matrix, one 128-byte line per stripe)."""
+    pytest.importorskip("triton")
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LAYOUT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["sq1024_bf16"]["shared"] <= r["sq1024_fp32"]["shared"], r
+    assert r["sq1024_bf16"]["st_shared"] <= 2 * r["sq1024_fp32"]["st_shared"], r  # was 85 against 19
+    assert r["mr_bf16"]["tile_converts"] <= r["mr_fp32"]["tile_converts"], r
+    assert r["mr_bf16"]["shared"] <= r["mr_fp32"]["shared"], r
+    assert r["sq_fin"]["lanes_along_cols"] and r["res_fin"]["lanes_along_cols"], r
+
+
 # ------------------------------------------------------------------ rounding
 @triton.jit
 def _round_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
