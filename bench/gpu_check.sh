@@ -18,7 +18,9 @@
 # bench/out/gpu; with $OUT set, the folder is also archived into $OUT/gpu_check_logs.tgz at exit),
 # TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra args for `bench step`),
 # EXTRA_TIMEOUT (ResNet-50 and low-precision momentum steps), SWEEP_TIMEOUT, HOST_TIMEOUT, SKIP_SANITIZER,
-# SKIP_EXTRA, SKIP_HOST, SKIP_PHASES, SKIP_SWEEP. came-pytorch: installed from .whl/ if its wheel is there.
+# SKIP_EXTRA, SKIP_HOST, SKIP_PHASES, SKIP_SWEEP, PHASES_REF (an earlier phases.json: its times beside these
+# when it comes from the same device; default the H200 run in bench/reference/). came-pytorch: installed from
+# .whl/ if its wheel is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -164,8 +166,8 @@ fi
 
 echo
 echo "== RESULT (total $((SECONDS - t0)) s; bench/RESULTS.md: card, date, commit, command, tables)"
-[ -f "$LOG/phases.json" ] && "$PY" -m bench phases --help >/dev/null 2>&1 && \
-  "$PY" -c "import json,sys; from bench import phases; print(phases.table(json.load(open(sys.argv[1]))))" "$LOG/phases.json"
+[ -f "$LOG/phases.json" ] && "$PY" -m bench phases --show "$LOG/phases.json" \
+  --compare "${PHASES_REF:-bench/reference/phases_h200_6a8d8cc.json}"
 [ -f "$LOG/host.log" ] && grep -a "^|" "$LOG/host.log"
 [ -f "$LOG/step.json" ] && "$PY" -m bench step --show "$LOG/step.json"
 for extra in resnet50 lowbit; do

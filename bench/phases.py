@@ -20,10 +20,11 @@ Row and column statistics are O(rows + cols) and left out. Output: a table and <
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -47,6 +48,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="optimizers (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps, after 3 warm-up steps (default: 5)")
     p.add_argument("--out", default=utils.DEFAULT_OUT, help="output directory (default: bench/out)")
+    p.add_argument("--compare", default=None, metavar="JSON",
+                   help="an earlier phases.json (e.g. bench/reference/*.json): its times beside these, when it "
+                        "comes from the same device")
+    p.add_argument("--show", default=None, metavar="JSON",
+                   help="print the table of a saved phases.json (with --compare: against the reference) and exit")
 
 
 def phase_of(kernel: str) -> str:
@@ -102,6 +108,10 @@ def _kernel_times_us(opt: torch.optim.Optimizer, steps: int) -> Dict[str, List[f
 
 
 def run(args: argparse.Namespace) -> dict:
+    if getattr(args, "show", None):
+        payload = _load(args.show)
+        print(table(payload, _load(getattr(args, "compare", None))))
+        return payload
     device = utils.resolve_device("cuda")
     if device.type != "cuda":
         raise SystemExit("bench phases needs a CUDA device (it reads GPU kernel times)")
@@ -154,18 +164,44 @@ def run(args: argparse.Namespace) -> dict:
                "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     utils.write_json(os.path.join(args.out, "phases.json"), payload)
-    print(table(payload))
+    print(table(payload, _load(args.compare)))
     return payload
 
 
-def table(payload: dict) -> str:
+def _load(path: Optional[str]) -> Optional[dict]:
+    if not path:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _key(r: dict) -> tuple:
+    return r["set"], r["dtype"], r["optimizer"], r["phase"]
+
+
+def table(payload: dict, ref: Optional[dict] = None) -> str:
+    """The phase table; with `ref` (an earlier phases.json from the same kind of device) two more columns, the
+    reference's us/step for the same shapes, dtype, optimizer and phase, and the change against it."""
     cols = [("set", "shapes", ""), ("dtype", "dtype", ""), ("optimizer", "optimizer", ""), ("phase", "phase", ""),
             ("launches", "launches/step", ".0f"), ("us", "us/step", ".1f"), ("bytes", "MB/step", ""),
             ("gbs", "GB/s", ".0f"), ("pct_copy", "% copy BW", ".0f")]
     rows = [dict(r, bytes=None if not r.get("bytes") else f"{r['bytes'] / 1e6:.0f}") for r in payload["rows"]]
+    note = ""
+    if ref is not None:
+        if ref["env"].get("device") != payload["env"].get("device"):
+            note = (f"\n- not compared with commit {ref['env'].get('commit')}: measured on "
+                    f"{ref['env'].get('device')}, this on {payload['env'].get('device')}")
+        else:
+            old = {_key(r): r.get("us") for r in ref["rows"]}
+            for r in rows:
+                was = old.get(_key(r))
+                if was and r.get("us") is not None:
+                    r["ref_us"] = was
+                    r["change"] = f"{100 * (r['us'] - was) / was:+.0f}%"
+            cols += [("ref_us", f"us at {ref['env'].get('commit')}", ".1f"), ("change", "change", "")]
     return utils.markdown_table(rows, cols) + (
         f"\n- copy bandwidth {payload['copy_bandwidth_gbs']:.0f} GB/s (read + write); kernel times from "
-        f"torch.profiler, mean of {payload['steps']} steps; commit {payload['env']['commit']}")
+        f"torch.profiler, mean of {payload['steps']} steps; commit {payload['env']['commit']}") + note
 
 
 def main(argv=None) -> dict:

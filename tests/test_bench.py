@@ -249,3 +249,27 @@ def test_low_precision_momentum_rows_only_when_named():
     p.grad = torch.randn_like(p)
     opt.step()
     assert opt.state[p]["exp_avg_q"].dtype == torch.int8
+
+
+def test_phase_table_compares_with_a_reference_from_the_same_device_only(tmp_path):
+    from bench import phases
+
+    def payload(device, commit, us):
+        rows = [dict(set="gpt2", dtype="bf16", optimizer="came[cuda]", phase="sq_stats", us=us, launches=2,
+                     bytes=250_000_000, gbs=1.0, pct_copy=1.0)]
+        return {"env": {"device": device, "commit": commit}, "copy_bandwidth_gbs": 4000.0, "steps": 5, "rows": rows}
+
+    ref = payload("NVIDIA H200", "aaaaaaa", 200.0)
+    same = phases.table(payload("NVIDIA H200", "bbbbbbb", 150.0), ref)
+    assert "us at aaaaaaa" in same and "-25%" in same
+    other = phases.table(payload("NVIDIA H100 80GB HBM3", "bbbbbbb", 150.0), ref)
+    assert "us at aaaaaaa" not in other and "not compared with commit aaaaaaa" in other
+    # the script's path: a saved phases.json shown against the committed reference, no GPU needed
+    saved = tmp_path / "phases.json"
+    saved.write_text(json.dumps(payload("NVIDIA H200", "bbbbbbb", 100.0)))
+    refs = sorted(os.listdir(os.path.join(REPO, "bench", "reference")))
+    assert "phases_h200_6a8d8cc.json" in refs
+    out = subprocess.run([sys.executable, "-m", "bench", "phases", "--show", str(saved), "--compare",
+                          os.path.join(REPO, "bench", "reference", "phases_h200_6a8d8cc.json")], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert "us at 6a8d8cc" in out and "-54%" in out  # 217.3 us for GPT-2 bf16 sq_stats (cuda) then
