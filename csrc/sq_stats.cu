@@ -25,9 +25,9 @@
 // Register path (N <= clip_cols): a block runs its whole stripe in waves of kRW rows, each thread owning
 // kG groups of VEC consecutive columns (kRW * kG * 16 B of g per thread per wave: 32 KB per block, 16 KB for
 // 16-bit rows wider than 2048) and their Q and P accumulators in registers for the whole stripe: a wave's g
-// is loaded once, its row sums reduced
-// across the block (one barrier per wave), r updated, then Q and P accumulated from the same registers; at
-// the stripe's end Q and P are stored to its partial slots (plain stores).
+// is loaded once, its row sums reduced across the block (one barrier per wave), r updated, then Q and P
+// accumulated from the same registers; at the stripe's end Q and P are stored to its partial slots (plain
+// stores).
 // Launch: one sq_stats_reg_kernel over the group's factored tensors with N <= clip_cols, one block per stripe
 // (the register path), and one sq_stats_kernel over the others, one block per stripe (N > clip_cols) or
 // kFlatChunk chunk (flat), each with its own block prefix sums in the table (plan.h's reg_start, rest_start)
