@@ -67,10 +67,10 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
         res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
         for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = n0 + tl.arange(0, BLOCK_N)
-            if DTYPE.primitive_bitwidth == 16 and not TILED:
+            if DTYPE.primitive_bitwidth == 16:
                 # g in 8-byte loads, the layout of m's 16-byte ones: else the new m goes from g's layout to m's
-                # through shared memory every tile (8 KB and a barrier). Not in TILED stripes, where it takes
-                # 169 registers instead of 110 (one program per SM, not two).
+                # through shared memory every tile (8 KB and a barrier). (In TILED stripes ptxas would take 169
+                # registers for this, one program per SM: the launch caps it at MAXNREG, see momentum_res.)
                 cols = tl.max_contiguous(cols, 4)
             cmask = cols < N
             mask = rmask[:, None] & cmask[None, :]
@@ -292,6 +292,12 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
                                 TILES_COL=C_TILES, WS_COL=C_WS_COL)
 
 
+# Register cap of the default (fp32 momentum) kernel: two 8-warp programs per SM. Without it ptxas gives the
+# 16-bit TILED body 169 registers (one program per SM); at 128 it needs 127 and spills nothing (the AOT check
+# compiles with the same cap). The low-precision bodies need more and are not capped.
+MAXNREG = 128
+
+
 def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, maximize: bool, amp=None,
                  shards=None, rng=None, qmax=None, qold=None) -> None:
     """Launch phase 3 and its finalize for every tensor of `plan` (`amp`, `shards`: see sq_stats). Low-precision
@@ -302,7 +308,7 @@ def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, ma
         ws if qmax is None else qmax, ws if qold is None else qold, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
         eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
         FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], AMP=amp is not None,
-        LOWBIT=plan.lowbit, PACKED=plan.packed, num_warps=NUM_WARPS)
+        LOWBIT=plan.lowbit, PACKED=plan.packed, num_warps=NUM_WARPS, **({} if plan.lowbit else {"maxnreg": MAXNREG}))
 
     def launch(mode, dmeta, sums):
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
