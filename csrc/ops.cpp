@@ -48,10 +48,10 @@ void check_state(const at::Tensor& x, const std::string& name, const at::Tensor&
   CAME_CHECK(x.defined(), "came_kernels: ", name, " is missing (expected a float32 tensor of shape ", shape, ")");
   CAME_CHECK(x.device() == p.device(), "came_kernels: ", name, " is on ", x.device(), ", its param on ", p.device());
   CAME_CHECK(x.scalar_type() == at::kFloat, "came_kernels: ", name, " must be float32 (statistics and momentum "
-              "are fp32 for every param dtype), got ", x.scalar_type());
+             "are fp32 for every param dtype), got ", x.scalar_type());
   CAME_CHECK(x.sizes() == shape, "came_kernels: ", name, " has shape ", x.sizes(), ", expected ", shape);
   CAME_CHECK(x.is_contiguous(), "came_kernels: ", name, " must be contiguous (the Python glue passes "
-              "contiguous copies of non-contiguous tensors)");
+             "contiguous copies of non-contiguous tensors)");
 }
 
 at::Tensor opt_at(const OptList& xs, size_t i) {
@@ -71,21 +71,21 @@ struct LowbitArgs {
 int check_lowbit_momentum(const at::Tensor& m, const at::Tensor& absmax, size_t i, const at::Tensor& p) {
   const std::string mn = name_of("exp_avgs", i);
   CAME_CHECK(p.dim() >= 2, "came_kernels: ", mn, " is ", m.scalar_type(), ", but only params with ndim >= 2 take "
-              "a low-precision momentum (", name_of("params", i), " has shape ", p.sizes(), ")");
+             "a low-precision momentum (", name_of("params", i), " has shape ", p.sizes(), ")");
   CAME_CHECK(m.device() == p.device() && m.sizes() == p.sizes() && m.is_contiguous(), "came_kernels: ", mn,
-              " must be a contiguous tensor of shape ", p.sizes(), " on ", p.device(), ", got ", m.sizes(), " on ",
-              m.device());
+             " must be a contiguous tensor of shape ", p.sizes(), " on ", p.device(), ", got ", m.sizes(), " on ",
+             m.device());
   if (m.scalar_type() == at::kBFloat16) {
     CAME_CHECK(!absmax.defined(), "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be None for a bf16 ",
-                mn);
+               mn);
     return kMomBf16;
   }
   const std::vector<int64_t> want{ceil_div(p.numel(), kQBlock)};
   CAME_CHECK(absmax.defined() && absmax.device() == p.device() && absmax.scalar_type() == at::kFloat &&
-              absmax.sizes() == at::IntArrayRef(want) && absmax.is_contiguous(),
-              "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be a contiguous float32 tensor of shape ",
-              at::IntArrayRef(want), " on ", p.device(), " for the int8 ", mn, ", got ",
-              absmax.defined() ? std::string(c10::toString(absmax.scalar_type())) : std::string("None"));
+             absmax.sizes() == at::IntArrayRef(want) && absmax.is_contiguous(),
+             "came_kernels: ", name_of("exp_avg_absmaxes", i), " must be a contiguous float32 tensor of shape ",
+             at::IntArrayRef(want), " on ", p.device(), " for the int8 ", mn, ", got ",
+             absmax.defined() ? std::string(c10::toString(absmax.scalar_type())) : std::string("None"));
   return kMomInt8;
 }
 
@@ -99,7 +99,7 @@ int64_t env_int(const char* name, int64_t fallback) {
   char* end = nullptr;
   const long long x = std::strtoll(v, &end, 10);
   CAME_CHECK(end != nullptr && *end == '\0' && x >= 0, "came_kernels: ", name,
-              " must be a non-negative integer, got '", v, "'");
+             " must be a non-negative integer, got '", v, "'");
   return static_cast<int64_t>(x);
 }
 
@@ -107,9 +107,9 @@ int64_t env_int(const char* name, int64_t fallback) {
 void check_rng(const at::Tensor& rng, const at::Tensor& p0, size_t n) {
   const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
   CAME_CHECK(rng.device() == p0.device() && rng.scalar_type() == at::kLong && rng.sizes() == at::IntArrayRef(want)
-              && rng.is_contiguous(), "came_kernels: rng must be a contiguous int64 tensor of shape ",
-              at::IntArrayRef(want), " ((Philox key, step) per param) on ", p0.device(), ", got ",
-              rng.scalar_type(), " ", rng.sizes(), " on ", rng.device());
+             && rng.is_contiguous(), "came_kernels: rng must be a contiguous int64 tensor of shape ",
+             at::IntArrayRef(want), " ((Philox key, step) per param) on ", p0.device(), ", got ",
+             rng.scalar_type(), " ", rng.sizes(), " on ", rng.device());
 }
 
 Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const OptList& sq_rows,
@@ -129,23 +129,23 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   CAME_CHECK(p0.is_cuda(), "came_kernels: params[0] must be a CUDA tensor, got one on ", p0.device());
   grp.dtype = p0.scalar_type();
   CAME_CHECK(grp.dtype == at::kFloat || grp.dtype == at::kBFloat16 || grp.dtype == at::kHalf,
-              "came_kernels: params must be float32, bfloat16 or float16, got ", grp.dtype,
-              " (use backend='torch' for other dtypes)");
+             "came_kernels: params must be float32, bfloat16 or float16, got ", grp.dtype,
+             " (use backend='torch' for other dtypes)");
 
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     const std::string pn = name_of("params", i);
     CAME_CHECK(p.device() == p0.device() && p.scalar_type() == grp.dtype, "came_kernels: ", pn, " is ",
-                p.scalar_type(), " on ", p.device(), "; one call takes one (device, dtype) group: ", grp.dtype,
-                " on ", p0.device());
+               p.scalar_type(), " on ", p.device(), "; one call takes one (device, dtype) group: ", grp.dtype,
+               " on ", p0.device());
     CAME_CHECK(p.layout() == at::kStrided && g.layout() == at::kStrided,
-                "came_kernels: ", pn, " and its grad must be dense (sparse gradients are not supported)");
+               "came_kernels: ", pn, " and its grad must be dense (sparse gradients are not supported)");
     CAME_CHECK(g.device() == p.device() && g.scalar_type() == p.scalar_type() && g.sizes() == p.sizes(),
-                "came_kernels: ", name_of("grads", i), " must match ", pn, " (", p.scalar_type(), " ", p.sizes(),
-                " on ", p.device(), "), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
+               "came_kernels: ", name_of("grads", i), " must match ", pn, " (", p.scalar_type(), " ", p.sizes(),
+               " on ", p.device(), "), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
     CAME_CHECK(p.is_contiguous() && g.is_contiguous(), "came_kernels: ", pn, " and its grad must be contiguous "
-                "(the Python glue passes contiguous copies of non-contiguous tensors)");
+               "(the Python glue passes contiguous copies of non-contiguous tensors)");
     TensorRef t;
     const at::ScalarType mdt = exp_avgs[i].defined() ? exp_avgs[i].scalar_type() : at::kFloat;
     if (lb != nullptr && (mdt == at::kBFloat16 || mdt == at::kChar)) {
@@ -154,18 +154,18 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
     } else {
       check_state(exp_avgs[i], name_of("exp_avgs", i), p, p.sizes());
       CAME_CHECK(lb == nullptr || !opt_at(*lb->absmaxes, i).defined(), "came_kernels: ",
-                  name_of("exp_avg_absmaxes", i), " must be None for a float32 ", name_of("exp_avgs", i));
+                 name_of("exp_avg_absmaxes", i), " must be None for a float32 ", name_of("exp_avgs", i));
     }
     if (lb != nullptr) {
       const at::Tensor k = opt_at(*lb->comps, i);
       const bool kahan = lb->rounding == kRoundKahan && grp.dtype == at::kBFloat16;
       CAME_CHECK(kahan == k.defined(), "came_kernels: ", name_of("param_comps", i), kahan ? " is missing" :
-                  " must be None", " (param_rounding='kahan' keeps one for every bf16 param, and only then)");
+                 " must be None", " (param_rounding='kahan' keeps one for every bf16 param, and only then)");
       if (kahan) {
         CAME_CHECK(k.device() == p.device() && k.scalar_type() == at::kBFloat16 && k.sizes() == p.sizes() &&
-                    k.is_contiguous(), "came_kernels: ", name_of("param_comps", i), " must be a contiguous "
-                    "bfloat16 tensor of shape ", p.sizes(), " on ", p.device(), ", got ", k.scalar_type(), " ",
-                    k.sizes(), " on ", k.device());
+                   k.is_contiguous(), "came_kernels: ", name_of("param_comps", i), " must be a contiguous "
+                   "bfloat16 tensor of shape ", p.sizes(), " on ", p.device(), ", got ", k.scalar_type(), " ",
+                   k.sizes(), " on ", k.device());
         t.comp = k;
       }
     }
@@ -207,7 +207,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   }
   if (lb != nullptr) {
     CAME_CHECK(lb->rounding >= kRoundNearest && lb->rounding <= kRoundKahan,
-                "came_kernels: param_rounding must be 0 (nearest), 1 (stochastic) or 2 (kahan), got ", lb->rounding);
+               "came_kernels: param_rounding must be 0 (nearest), 1 (stochastic) or 2 (kahan), got ", lb->rounding);
     check_rng(*lb->rng, p0, n);
     grp.lowbit = true;
     grp.rounding = grp.dtype == at::kBFloat16 ? static_cast<int>(lb->rounding) : kRoundNearest;
@@ -223,15 +223,15 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   grp.clip_blocks = grp.layout.clip_start.back();
   grp.packed_blocks = grp.layout.packed_blocks;
   CAME_CHECK(grp.main_blocks <= INT32_MAX && grp.fin_blocks <= INT32_MAX && grp.layout.tiles <= INT32_MAX,
-              "came_kernels: more than 2^31-1 blocks in one launch (", grp.main_blocks, " blocks)");
+             "came_kernels: more than 2^31-1 blocks in one launch (", grp.main_blocks, " blocks)");
   return grp;
 }
 
 // lr: the kernels read lr[0] on the device (a float lr lives in a cached device tensor: no sync, no recompile).
 void check_lr(const at::Tensor& lr, const at::Tensor& p0) {
   CAME_CHECK(lr.device() == p0.device() && lr.scalar_type() == at::kFloat && lr.numel() == 1,
-              "came_kernels: lr must be a 1-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
-              " with ", lr.numel(), " elements on ", lr.device());
+             "came_kernels: lr must be a 1-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
+             " with ", lr.numel(), " elements on ", lr.device());
 }
 
 // GradScaler's flags: the kernels read amp[0] and amp[1].
@@ -239,9 +239,9 @@ void check_amp(const std::optional<at::Tensor>& amp, const at::Tensor& p0) {
   if (!amp.has_value()) return;
   const at::Tensor& a = *amp;
   CAME_CHECK(a.device() == p0.device() && a.scalar_type() == at::kFloat && a.numel() == 2 && a.is_contiguous(),
-              "came_kernels: amp must be a contiguous float32 tensor [found_inf, 1/scale] of 2 elements on ",
-              p0.device(), ", got ", a.scalar_type(), " of shape ", a.sizes(), " on ", a.device(),
-              a.is_contiguous() ? "" : " (non-contiguous)");
+             "came_kernels: amp must be a contiguous float32 tensor [found_inf, 1/scale] of 2 elements on ",
+             p0.device(), ", got ", a.scalar_type(), " of shape ", a.sizes(), " on ", a.device(),
+             a.is_contiguous() ? "" : " (non-contiguous)");
 }
 
 // Bias correction: the kernels read row i of bias_scales for params[i] (TensorRef::index).
@@ -250,10 +250,10 @@ void check_bias_scales(const std::optional<at::Tensor>& bias_scales, const at::T
   const at::Tensor& b = *bias_scales;
   const std::vector<int64_t> want{static_cast<int64_t>(n), 2};
   CAME_CHECK(b.device() == p0.device() && b.scalar_type() == at::kFloat && b.sizes() == at::IntArrayRef(want) &&
-              b.is_contiguous(),
-              "came_kernels: bias_scales must be a contiguous float32 tensor of shape ", at::IntArrayRef(want),
-              " ([s_u, s_m] per param) on ", p0.device(), ", got ", b.scalar_type(), " of shape ", b.sizes(),
-              " on ", b.device(), b.is_contiguous() ? "" : " (non-contiguous)");
+             b.is_contiguous(),
+             "came_kernels: bias_scales must be a contiguous float32 tensor of shape ", at::IntArrayRef(want),
+             " ([s_u, s_m] per param) on ", p0.device(), ", got ", b.scalar_type(), " of shape ", b.sizes(),
+             " on ", b.device(), b.is_contiguous() ? "" : " (non-contiguous)");
 }
 
 const float* ptr_or_null(const std::optional<at::Tensor>& x) {
@@ -395,10 +395,10 @@ at::Tensor new_floats(int64_t n, const at::Tensor& like) {
 
 void check_stats(const at::Tensor& stats, const Group& grp, const at::Tensor& p0) {
   CAME_CHECK(stats.device() == p0.device() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
-              stats.numel() >= grp.stats_numel,
-              "came_kernels: stats must be a contiguous float32 tensor on ", p0.device(), " with at least ",
-              grp.stats_numel, " elements (sum of 2*B+1 over the non-empty params), got ", stats.scalar_type(),
-              " with ", stats.numel(), " on ", stats.device());
+             stats.numel() >= grp.stats_numel,
+             "came_kernels: stats must be a contiguous float32 tensor on ", p0.device(), " with at least ",
+             grp.stats_numel, " elements (sum of 2*B+1 over the non-empty params), got ", stats.scalar_type(),
+             " with ", stats.numel(), " on ", stats.device());
 }
 
 // The arguments every op shares, in the contract's order.
@@ -454,9 +454,9 @@ void run_phase(Phase phase, CAME_LIST_ARGS, const at::Tensor& stats, CAME_HYPER_
     Handoff& ho = handoff();
     const std::lock_guard<std::mutex> lock(ho.mu);
     CAME_CHECK(ho.ws.defined() && ho.stats == stats.data_ptr() && ho.key == layout_key(grp) &&
-                ho.ws.device() == params[0].device(),
-                "came_kernels: clip_stats takes the clip inputs that sq_stats left (plan.h): call sq_stats with the "
-                "same tensors and stats buffer first");
+               ho.ws.device() == params[0].device(),
+               "came_kernels: clip_stats takes the clip inputs that sq_stats left (plan.h): call sq_stats with the "
+               "same tensors and stats buffer first");
     ws = ho.ws;
     ho.ws = at::Tensor();
     ho.stats = nullptr;
@@ -522,8 +522,8 @@ void came_step_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes, const Opt
                       int64_t param_rounding, const at::Tensor& rng, CAME_HYPER_ARGS) {
   const size_t n = params.size();
   CAME_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
-              "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
-              " and ", param_comps.size());
+             "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
+             " and ", param_comps.size());
   const LowbitArgs lb{&exp_avg_absmaxes, &param_comps, param_rounding, &rng};
   Group grp = make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, &lb);
   Hyper h = make_hyper(beta1, beta2, beta3, eps1, eps2, clip_threshold, weight_decay, maximize,
@@ -604,7 +604,7 @@ std::shared_ptr<Plan> find_plan(int64_t handle) {
   const std::lock_guard<std::mutex> lock(r.mu);
   const auto it = r.plans.find(handle);
   CAME_CHECK(it != r.plans.end(), "came_kernels: no plan ", handle, " (freed, or never created by "
-              "came_plan_create)");
+             "came_plan_create)");
   return it->second;
 }
 
@@ -650,8 +650,8 @@ int64_t came_plan_create_lowbit(CAME_LIST_ARGS, const OptList& exp_avg_absmaxes,
                                 int64_t param_rounding, const at::Tensor& rng) {
   const size_t n = params.size();
   CAME_CHECK(exp_avg_absmaxes.size() == n && param_comps.size() == n, "came_kernels: exp_avg_absmaxes and "
-              "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
-              " and ", param_comps.size());
+             "param_comps must have one entry (or None) per param (", n, "), got ", exp_avg_absmaxes.size(),
+             " and ", param_comps.size());
   const LowbitArgs lb{&exp_avg_absmaxes, &param_comps, param_rounding, &rng};
   return register_plan(make_group(params, grads, exp_avgs, sq_rows, sq_cols, res_rows, res_cols, sqs, &lb), params);
 }
@@ -697,7 +697,7 @@ int64_t came_plan_step(int64_t handle, at::TensorList grads, CAME_HYPER_ARGS, co
   check_amp(amp, p0);
   check_bias_scales(bias_scales, p0, n);
   CAME_CHECK(rng.has_value() == pl.grp.lowbit, "came_kernels: came_plan_step takes rng exactly for a plan with "
-              "low-precision state (came_plan_create_lowbit)");
+             "low-precision state (came_plan_create_lowbit)");
   if (rng.has_value()) check_rng(*rng, p0, n);
   if (!unchanged(pl)) return kPlanStale;
   if (grads.size() != n) return kPlanGrads;
