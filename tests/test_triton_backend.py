@@ -94,9 +94,10 @@ PHASE_SHAPES = [(), (7,), (1, 33), (33, 1), (1, 1), (37, 53), (129, 5), (130, 8)
 def test_each_phase_matches_float64_with_poisoned_workspace_and_stats(dtype, fused, monkeypatch):
     gen = torch.Generator().manual_seed(10)
     # + rows for the in-register widths 256 and 1024, and rows wider than the widest (cut to 1024 here, so
-    # that the interpreter stays quick): in a fused plan their clip sum still comes from phase 2
+    # that the interpreter stays quick): in a fused plan their clip sum still comes from phase 2; 40 x 200:
+    # both halves of phase 3's slabs (the second ragged) over two slabs (the second ragged)
     monkeypatch.setattr(mt, "NPAD_SIZES", mt.NPAD_SIZES[:3])
-    shapes = PHASE_SHAPES + [(5, 200), (9, 300), (2, 1100)]
+    shapes = PHASE_SHAPES + [(5, 200), (9, 300), (2, 1100), (40, 200)]
     ps = [torch.randn(s, generator=gen).to(DEV, dtype) for s in shapes]
     # Gradient scales apart by 100x: some tensors get clipped (divisor > 1), others not.
     gs = [(torch.randn(s, generator=gen) * (30.0 if i % 2 else 0.3)).to(DEV, dtype) for i, s in enumerate(shapes)]
@@ -489,7 +490,7 @@ def _int64_case(vec):
 
     ws.fill_(NAN)
     _momentum_res_kernel[(2,)](meta, blocks, ws, stats, ws, ws, ws, ws, b1, 1 - b1, b3, 1 - b3, e2, MAXIMIZE=False,
-                               AMP=False, LOWBIT=False, PACKED=False, **lay)
+                               AMP=False, LOWBIT=False, PACKED=False, SLAB_N=mt.SLAB_N, **lay)
     ref["m"] = b1 * ref["m"] + (1 - b1) * u / div
     ref["mf"] = b1 * ref["mf"] + (1 - b1) * uf / div_f
     res = (u / div - ref["m"]) ** 2
@@ -547,7 +548,7 @@ _PTX_SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
     mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
-    LAY = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK)
+    LAY = dict(ROWS=mt.ROWS, SLAB_N=mt.SLAB_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK)
     PTRS = {"meta": "*i64", "blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "lr_ptr": "*fp32", "amp": "*fp32",
             "bias_scales": "*fp32", "rng": "*i64", "qmax": "*i32", "qold": "*fp32"}
     for mod, name in [("sq_stats", "_sq_stats_kernel"), ("clip_stats", "_clip_stats_kernel"),
@@ -597,15 +598,15 @@ def test_compiled_phase_kernels_use_16_byte_loads():
 
 
 _LAYOUT_SCRIPT = textwrap.dedent('''
-    import importlib, json, re
+    import importlib, json, math, re
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
     mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
     PTRS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "amp": "*fp32",
             "rng": "*i64", "qmax": "*i32", "qold": "*fp32", "dmeta": "*i64", "sums": "*fp32", "wsd": "*fp64"}
-    LAY = dict(ROWS=mt.ROWS, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK, FIN_STRIPES=mt.FIN_STRIPES,
-               FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, NUM_STAGES=1, AMP=False)
+    LAY = dict(ROWS=mt.ROWS, SLAB_N=mt.SLAB_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK,
+               FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, NUM_STAGES=1, AMP=False)
     def build(mod, name, **ce):
         fn = getattr(importlib.import_module("came_kernels.triton_kernels." + mod), name)
         ce = dict({k: v for k, v in LAY.items() if k in fn.arg_names}, **ce)
@@ -613,9 +614,12 @@ _LAYOUT_SCRIPT = textwrap.dedent('''
         k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": 8})
         ttgir = k.asm["ttgir"]
+        tiles = re.findall(r"convert_layout %\\S+ : tensor<((?:\\d+x){2,3})f32", ttgir)  # of 2-D and 3-D tiles
+        sizes = [math.prod(map(int, t.rstrip("x").split("x"))) for t in tiles]
         return dict(shared=k.metadata.shared, st_shared=k.asm["ptx"].count("st.shared"),
-                    tile_converts=len(re.findall(r"convert_layout %\\S+ : tensor<64x32xf32", ttgir)),
-                    lanes_along_cols="threadsPerWarp = [1, 32]" in ttgir)
+                    tile_converts=sum(n >= 1024 for n in sizes),
+                    lanes_along_cols="threadsPerWarp = [1, 32]" in ttgir,
+                    slab_layout="threadsPerWarp = [1, 1, 32], warpsPerCTA = [8, 1, 1]" in ttgir)
     out = {}
     for dt, DT in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
         out["sq1024_" + dt] = build("sq_stats", "_sq_stats_kernel", DTYPE=DT, BLOCK_N=mt.read_block_n(DT),
@@ -644,6 +648,9 @@ def test_compiled_16_bit_tiles_and_finalize_loads_keep_the_fp32_layouts():
     assert r["sq1024_bf16"]["st_shared"] <= 2 * r["sq1024_fp32"]["st_shared"], r  # was 85 against 19
     assert r["mr_bf16"]["tile_converts"] <= r["mr_fp32"]["tile_converts"], r
     assert r["mr_bf16"]["shared"] <= r["mr_fp32"]["shared"], r
+    # momentum_res's slabs: warps along the rows, a warp's lanes along the columns, no full tile converted
+    assert r["mr_fp32"]["slab_layout"] and r["mr_bf16"]["slab_layout"], r
+    assert r["mr_fp32"]["tile_converts"] == 0, r
     assert r["sq_fin"]["lanes_along_cols"] and r["res_fin"]["lanes_along_cols"], r
 
 

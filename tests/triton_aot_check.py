@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile as triton_compile  # noqa: E402
 
 mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
-LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK,
+LAYOUT = dict(ROWS=mt.ROWS, BLOCK_N=mt.BLOCK_N, SLAB_N=mt.SLAB_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK,
               FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, BLOCK=256)
 # Kernels launched with read_block_n(DTYPE) columns per tile (they only read g), not BLOCK_N.
 READ_ONLY = {"_sq_stats_kernel", "_clip_stats_kernel"}

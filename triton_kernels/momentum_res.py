@@ -28,8 +28,12 @@ from .multi_tensor import (C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _a
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_TILES, C_WS_COL, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
-                           NUM_WARPS, ROWS, STAGES, _add_column_partials, _field, _finalize_columns_and_means, _ptr,
-                           _row_tile_done, _stripe, _this_block, _vec_run, _ws_col, finalize)
+                           NUM_WARPS, ROWS, SLAB_N, STAGES, _add_column_partials, _field,
+                           _finalize_columns_and_means, _ptr, _row_tile_done, _stripe, _this_block, _vec_run,
+                           _ws_col, finalize)
+
+
+SLAB_WARPS = tl.constexpr(NUM_WARPS)  # _momentum_res_stripe's halves put one warp per row group
 
 
 @triton.jit
@@ -45,51 +49,88 @@ def _load_momentum(meta, t, idx, mask, MKIND: tl.constexpr, ALIGNED: tl.constexp
         return tl.load(_ptr(meta, t, C_M, tl.float32, ALIGNED) + idx, mask=mask, other=0.0)
 
 
+@triton.jit
+def _momentum_res_rows(g_ptr, m_ptr, rows, rmask, row_f, cols, cmask, col_f, N, div, beta1, one_minus_beta1, inv,
+                       DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, AMP: tl.constexpr):
+    """m of the rows [W, R] x cols [C] (stored), and the residual (u_hat - m)^2 as [W, R, C], 0 where masked."""
+    mask = rmask[:, :, None] & cmask[None, None, :]
+    idx = rows[:, :, None] * N + cols[None, None, :]
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if AMP:
+        g = g * inv
+    if MAXIMIZE:
+        g = -g
+    u_hat = g * row_f[:, :, None] * col_f[None, None, :] / div
+    m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
+    tl.store(m_ptr + idx, m, mask=mask)
+    res = u_hat - m
+    return tl.where(mask, res * res, 0.0)
+
+
 # The default path (fp32 momenta): this body, unchanged, keeps its code (registers) exactly as without
 # the opt-in state; the _lp variant below is built only for groups with a bf16/int8 momentum.
 @triton.jit
 def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
                          inv, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         SLAB_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
                          TILED: tl.constexpr, AMP: tl.constexpr):
-    """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws."""
+    """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws.
+
+    A row tile goes by slabs of [ROWS, SLAB_N], each as two halves of [W, R, SLAB_N]: W = the warps, R rows
+    per thread, a warp's lanes along the columns (16 values of g and of m per thread in flight). A half's row
+    sums stay within a warp, its column sums over R rows within a thread; those of the two halves cross the
+    warps once per slab, as in the extension's 64 x 128 slabs (csrc/momentum_res.cu). (A [ROWS, BLOCK_N] tile
+    did that every 2048 values, with half the bytes in flight.) The scalar body (ALIGNED False) takes slabs
+    half as wide: with 128 columns its 32 addresses per half spill."""
+    R: tl.constexpr = ROWS // (2 * SLAB_WARPS)
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
     m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
     M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
     col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
     mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
+    r_ptr = _ptr(meta, t, C_ROW, tl.float32, False)
     R_ptr = _ptr(meta, t, C_RES_ROW, tl.float32, False)
     part = ws + _ws_col(meta, t, ALIGNED) + local * N
+    # row (w, i) of a half: w*R + i (Triton lays the warps along the first dimension, the R rows of a thread
+    # along the second)
+    in_half = tl.arange(0, SLAB_WARPS)[:, None] * R + tl.arange(0, R)[None, :]
     for tile in range(0, n_tiles):
-        rows = row0 + tile * ROWS + tl.arange(0, ROWS)
-        rmask = rows < row_end
-        r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rows, mask=rmask, other=1.0)
-        res_row_sum = tl.zeros([ROWS], dtype=tl.float32)
-        for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
-            cols = n0 + tl.arange(0, BLOCK_N)
+        top = row0 + tile * ROWS + in_half
+        top_sum = tl.zeros([SLAB_WARPS, R], dtype=tl.float32)
+        bottom_sum = tl.zeros([SLAB_WARPS, R], dtype=tl.float32)
+        for n0 in tl.range(0, N, SLAB_N, num_stages=NUM_STAGES):
+            cols = n0 + tl.arange(0, SLAB_N)
             if DTYPE.primitive_bitwidth == 16:
                 # g in 8-byte loads, the layout of m's 16-byte ones: else the new m goes from g's layout to m's
-                # through shared memory every tile (8 KB and a barrier). (In TILED stripes ptxas would take 169
-                # registers for this, one program per SM: the launch caps it at MAXNREG, see momentum_res.)
+                # through shared memory every tile.
                 cols = tl.max_contiguous(cols, 4)
             cmask = cols < N
-            mask = rmask[:, None] & cmask[None, :]
-            idx = rows[:, None] * N + cols[None, :]
-            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if AMP:
-                g = g * inv
-            if MAXIMIZE:
-                g = -g
-            u_hat = _factored_u(g, r, mean_r, tl.load(col_ptr + cols, mask=cmask, other=1.0)) / div
-            m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
-            tl.store(m_ptr + idx, m, mask=mask)
-            res = u_hat - m
-            res = tl.where(mask, res * res, 0.0)
-            res_row_sum += tl.sum(res, axis=1)
-            _add_column_partials(part, cols, cmask, tile, tl.sum(res, axis=0))
-        R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
-        tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+            col_f = _rsqrt(tl.load(col_ptr + cols, mask=cmask, other=1.0))
+            col_sum = tl.zeros([SLAB_WARPS, SLAB_N], dtype=tl.float32)
+            # The two halves in a loop, not unrolled: unrolled, the compiler hoists both halves' row offsets,
+            # masks and factors out of the column loop and spills them.
+            for h in range(0, 2):
+                rows = top + h * (R * SLAB_WARPS)
+                rmask = rows < row_end
+                row_f = _rsqrt(tl.load(r_ptr + rows, mask=rmask, other=1.0) / mean_r)
+                res = _momentum_res_rows(g_ptr, m_ptr, rows, rmask, row_f, cols, cmask, col_f, N, div, beta1,
+                                         one_minus_beta1, inv, DTYPE, MAXIMIZE, AMP)
+                row_sum = tl.sum(res, axis=2)
+                top_sum = tl.where(h == 0, top_sum + row_sum, top_sum)
+                bottom_sum = tl.where(h == 0, bottom_sum, bottom_sum + row_sum)
+                col_sum += tl.sum(res, axis=1)
+            _add_column_partials(part, cols, cmask, tile, tl.sum(col_sum, axis=0))
+        bottom = top + R * SLAB_WARPS
+        _update_res_rows(R_ptr, top, top < row_end, top_sum, N, beta3, one_minus_beta3, eps2)
+        _update_res_rows(R_ptr, bottom, bottom < row_end, bottom_sum, N, beta3, one_minus_beta3, eps2)
         _row_tile_done()
+
+
+@triton.jit
+def _update_res_rows(R_ptr, rows, rmask, sums, N, beta3, one_minus_beta3, eps2):
+    """R = b3*R + (1-b3)*(sum_n res / N + eps2) for rows whose sums are complete."""
+    R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
+    tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, sums / N.to(tl.float32) + eps2), mask=rmask)
 
 
 @triton.jit
@@ -227,9 +268,9 @@ def _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, bet
 @triton.jit
 def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, one_minus_beta1, beta3,
                          one_minus_beta3, eps2, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, LOWBIT: tl.constexpr,
-                         PACKED: tl.constexpr):
+                         BLOCK_N: tl.constexpr, SLAB_N: tl.constexpr, FLAT_CHUNK: tl.constexpr,
+                         FLAT_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr,
+                         LOWBIT: tl.constexpr, PACKED: tl.constexpr):
     if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
         return
     inv = _amp_inv_scale(amp, AMP)
@@ -253,10 +294,10 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, o
                                      eps2, inv, DTYPE, MAXIMIZE, 8, PACK_K8, AMP)
             elif _field(meta, t, C_VEC) != 0:
                 _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, True, NUM_STAGES, TILED, AMP)
+                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, SLAB_N, True, NUM_STAGES, TILED, AMP)
             else:
                 _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, BLOCK_N, False, NUM_STAGES, TILED, AMP)
+                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, SLAB_N // 2, False, NUM_STAGES, TILED, AMP)
         else:  # a group with bf16/int8 momenta: a body per storage kind
             kind = _field(meta, t, C_MKIND)
             if kind == MK_FP32:
@@ -293,8 +334,8 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
 
 
 # Register cap of the default (fp32 momentum) kernel: two 8-warp programs per SM. Without it ptxas gives the
-# 16-bit TILED body 169 registers (one program per SM); at 128 it needs 127 and spills nothing (the AOT check
-# compiles with the same cap). The low-precision bodies need more and are not capped.
+# slab body 194 registers (one program per SM); at 128 it spills nothing (the AOT check compiles with the same
+# cap). The low-precision bodies need more and are not capped.
 MAXNREG = 128
 
 
@@ -306,9 +347,10 @@ def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, ma
     _momentum_res_kernel[(plan.n_blocks,)](
         plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, ws if rng is None else rng,
         ws if qmax is None else qmax, ws if qold is None else qold, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
-        eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK,
-        FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"], AMP=amp is not None,
-        LOWBIT=plan.lowbit, PACKED=plan.packed, num_warps=NUM_WARPS, **({} if plan.lowbit else {"maxnreg": MAXNREG}))
+        eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, SLAB_N=SLAB_N,
+        FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"],
+        AMP=amp is not None, LOWBIT=plan.lowbit, PACKED=plan.packed, num_warps=NUM_WARPS,
+        **({} if plan.lowbit else {"maxnreg": MAXNREG}))
 
     def launch(mode, dmeta, sums):
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,

@@ -74,6 +74,8 @@ ROWS = 64            # rows per row tile; a stripe is TILES row tiles (column pa
 BLOCK_N = 32         # columns per tile inside a stripe. From the compiler's resource report (tests/
                      # triton_aot_check.py, no GPU needed): 64 gave 184-255 registers and local-memory
                      # spills in _momentum_res_kernel on sm_80; 32 gives 64-154 registers and no spills.
+SLAB_N = 128         # momentum_res's column slab: a [ROWS, SLAB_N] slab per cross-warp column sum, as the
+                     # extension's 64 rows x 32 lanes x 4 columns (momentum_res.cu); see _momentum_res_stripe.
 BLOCK_N_2B = 64      # phases 1 and 2 (they only read g) with 2-byte grads: the same 8 KB tile as fp32. On
                      # the H100, bf16 sq_stats took as long as fp32 (TinyLlama: 2030 vs 1846 us): its time
                      # goes per [ROWS, BLOCK_N] tile (load, two reductions, a cross-warp exchange through
