@@ -258,9 +258,9 @@ def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, rng, qmax,
                 _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, 4, PACK_K4, BIAS)
             elif pack == 8:
                 _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, 8, PACK_K8, BIAS)
-            elif _field(meta, t, C_VEC) != 0:
-                _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, True, NUM_STAGES,
-                              BIAS)
+            elif _field(meta, t, C_VEC) != 0:  # 16 values of m and p per thread in flight (the scalar body: 8)
+                _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, 2 * BLOCK_N, True,
+                              NUM_STAGES, BIAS)
             else:
                 _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES,
                               BIAS)
