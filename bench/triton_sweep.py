@@ -6,9 +6,9 @@
 2. Sweep: per-phase time (each phase's launcher with its finalize; CUDA events, median of --reps launches
    after one warm-up) of every phase on the
    full-size shape sets, for each setting of the pipeline depth (multi_tensor.STAGES), of the 2-byte read
-   tile (multi_tensor.BLOCK_N_2B) and of CLIP_IN_PHASE1 (column "clip": 1 = phase 1 sums the clip's
-   statistic, phase 2 runs only for rows wider than NPAD_MAX), with the achieved bandwidth as % of the
-   device copy bandwidth.
+   tile (multi_tensor.BLOCK_N_2B), of momentum_res's column slab (multi_tensor.SLAB_N) and of
+   CLIP_IN_PHASE1 (column "clip": 1 = phase 1 sums the clip's statistic, phase 2 runs only for rows wider
+   than NPAD_MAX), with the achieved bandwidth as % of the device copy bandwidth.
 Launches repeat on the same state, which drifts a little: timing only, the checks above prove the results.
 """
 from __future__ import annotations
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--stages", default="1,2,3", help="pipeline depths to try (all phases at once)")
     ap.add_argument("--block-n-2b", default="64,32", help="2-byte read tiles to try (at the first depth)")
+    ap.add_argument("--slab-n", default="128,64", help="momentum_res column slabs to try (at the first depth)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -151,22 +152,26 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bw:.0f} GB/s")
     stages = [int(x) for x in args.stages.split(",")]
     bn2 = [int(x) for x in args.block_n_2b.split(",")]
-    configs = [(s, bn2[0], 1) for s in stages] + [(stages[0], b, 1) for b in bn2[1:]] + [(stages[0], bn2[0], 0)]
+    slabs = [int(x) for x in args.slab_n.split(",")]
+    configs = [(s, bn2[0], 1, slabs[0]) for s in stages] + [(stages[0], b, 1, slabs[0]) for b in bn2[1:]] + \
+        [(stages[0], bn2[0], 0, slabs[0])] + [(stages[0], bn2[0], 1, n) for n in slabs[1:]]
     header = None
     for name in args.sets.split(","):
         for dt in args.dtype.split(","):
-            for s, b, fused in configs:
+            for s, b, fused, slab in configs:
                 if dt == "fp32" and b != bn2[0]:
                     continue  # BLOCK_N_2B is for 2-byte dtypes only
                 mt.STAGES.update(dict.fromkeys(mt.STAGES, s))
                 mt.BLOCK_N_2B = b
+                mt.SLAB_N = slab
                 res, plan = sweep_one(shapes_mod.SETS[name](1.0), dtypes[dt], args.reps, bw, bool(fused))
                 names = ["sq_stats", "clip_stats", "momentum_res", "param_step"]
                 if header is None:
-                    header = f"| shapes | dtype | stages | BN2B | clip | " + " | ".join(names) + \
+                    header = f"| shapes | dtype | stages | BN2B | slab | clip | " + " | ".join(names) + \
                         " | programs | fin | ws MiB |"
                     print(header, flush=True)
-                print(f"| {name} | {dt} | {s} | {b} | {fused} | " + " | ".join(res.get(k, "-") for k in names) +
+                print(f"| {name} | {dt} | {s} | {b} | {slab} | {fused} | " +
+                      " | ".join(res.get(k, "-") for k in names) +
                       f" | {plan.n_blocks} | {plan.n_fin} | {4 * plan.ws_floats / 2 ** 20:.1f} |", flush=True)
                 del plan
                 torch.cuda.empty_cache()

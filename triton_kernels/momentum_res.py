@@ -22,13 +22,14 @@ chunk (plan.blocks, largest first); finalize as in phase 1. Deterministic.
 import triton
 import triton.language as tl
 
+from . import multi_tensor as _mt
 from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _rsqrt, _sr_bf16
 from .multi_tensor import (C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed,
                            _packed_factors)
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_TILES, C_WS_COL, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
-                           NUM_WARPS, ROWS, SLAB_N, STAGES, _add_column_partials, _field,
+                           NUM_WARPS, ROWS, STAGES, _add_column_partials, _field,
                            _finalize_columns_and_means, _ptr, _row_tile_done, _stripe, _this_block, _vec_run,
                            _ws_col, finalize)
 
@@ -344,10 +345,11 @@ def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, ma
     """Launch phase 3 and its finalize for every tensor of `plan` (`amp`, `shards`: see sq_stats). Low-precision
     momentum (plan.lowbit): rng, the int64 [T, 2] (Philox key, step) per tensor; qmax (int32, zeros) and
     qold (fp32), plan.q_blocks slots each, for the int8 momenta."""
+    # (SLAB_N is read at each launch, as STAGES: bench.triton_sweep tries other values)
     _momentum_res_kernel[(plan.n_blocks,)](
         plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, ws if rng is None else rng,
         ws if qmax is None else qmax, ws if qold is None else qold, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
-        eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, SLAB_N=SLAB_N,
+        eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, SLAB_N=_mt.SLAB_N,
         FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"],
         AMP=amp is not None, LOWBIT=plan.lowbit, PACKED=plan.packed, num_warps=NUM_WARPS,
         **({} if plan.lowbit else {"maxnreg": MAXNREG}))
