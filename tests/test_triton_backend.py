@@ -604,7 +604,8 @@ _LAYOUT_SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource, compile as triton_compile
     mt = importlib.import_module("came_kernels.triton_kernels.multi_tensor")
     PTRS = {"meta": "*i64", "blocks": "*i64", "fin_blocks": "*i64", "ws": "*fp32", "stats": "*fp32", "amp": "*fp32",
-            "rng": "*i64", "qmax": "*i32", "qold": "*fp32", "dmeta": "*i64", "sums": "*fp32", "wsd": "*fp64"}
+            "lr_ptr": "*fp32", "bias_scales": "*fp32", "rng": "*i64", "qmax": "*i32", "qold": "*fp32",
+            "dmeta": "*i64", "sums": "*fp32", "wsd": "*fp64"}
     LAY = dict(ROWS=mt.ROWS, SLAB_N=mt.SLAB_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK,
                FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, NUM_STAGES=1, AMP=False)
     def build(mod, name, **ce):
@@ -616,8 +617,10 @@ _LAYOUT_SCRIPT = textwrap.dedent('''
         ttgir = k.asm["ttgir"]
         tiles = re.findall(r"convert_layout %\\S+ : tensor<((?:\\d+x){2,3})f32", ttgir)  # of 2-D and 3-D tiles
         sizes = [math.prod(map(int, t.rstrip("x").split("x"))) for t in tiles]
+        loads = re.findall(r"tt\\.load [^:]*: tensor<((?:\\d+x)+)!tt\\.ptr<(?:f32|bf16)>", ttgir)
         return dict(shared=k.metadata.shared, st_shared=k.asm["ptx"].count("st.shared"),
                     tile_converts=sum(n >= 1024 for n in sizes),
+                    largest_load=max(math.prod(map(int, t.rstrip("x").split("x"))) for t in loads),
                     lanes_along_cols="threadsPerWarp = [1, 32]" in ttgir,
                     slab_layout="threadsPerWarp = [1, 1, 32], warpsPerCTA = [8, 1, 1]" in ttgir)
     out = {}
@@ -626,18 +629,22 @@ _LAYOUT_SCRIPT = textwrap.dedent('''
                                     TILED=False, PACKED=False, FUSED=True, NPADS=4, WIDE=False)
         out["mr_" + dt] = build("momentum_res", "_momentum_res_kernel", DTYPE=DT, BLOCK_N=mt.BLOCK_N, TILED=False,
                                 MAXIMIZE=False, LOWBIT=False, PACKED=False)
+        out["ps_" + dt] = build("param_step", "_param_step_kernel", DTYPE=DT, BLOCK_N=mt.BLOCK_N, MAXIMIZE=False,
+                                BIAS=False, LOWBIT=False, ROUNDING=0, PACKED=False)
     out["sq_fin"] = build("sq_stats", "_sq_finalize_kernel", MODE=0, CLIP=True)
     out["res_fin"] = build("momentum_res", "_res_finalize_kernel", MODE=0)
     print(json.dumps(out))
 ''')
 
 
-def test_compiled_16_bit_tiles_and_finalize_loads_keep_the_fp32_layouts():
+def test_compiled_tiles_keep_their_intended_layouts():
     """sm_90, compiled here: the layouts that once sent every tile through shared memory or loaded one line
     per lane stay gone. Phase 1's bf16 rows of 1024 use no more shared memory than fp32's (8-byte loads: their
     column sums stay in-thread); momentum_res converts a bf16 tile between layouts no more often than an fp32
-    one (g loaded in the momentum's layout); the finalize kernels have a layout with a warp's lanes along the
-    columns (the partials of a single matrix, one 128-byte line per stripe)."""
+    one (g loaded in the momentum's layout), lays its slabs out with the warps along the rows and a warp's
+    lanes along the columns, and converts no full tile; momentum_res and param_step load tiles of 16 values a
+    thread; the finalize kernels have a layout with a warp's lanes along the columns (the partials of a
+    single matrix, one 128-byte line per stripe)."""
     pytest.importorskip("triton")
     import json
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -651,6 +658,8 @@ def test_compiled_16_bit_tiles_and_finalize_loads_keep_the_fp32_layouts():
     # momentum_res's slabs: warps along the rows, a warp's lanes along the columns, no full tile converted
     assert r["mr_fp32"]["slab_layout"] and r["mr_bf16"]["slab_layout"], r
     assert r["mr_fp32"]["tile_converts"] == 0, r
+    # 16 values of each operand per thread (256 threads) in flight in momentum_res and param_step (were 8)
+    assert all(r[k + dt]["largest_load"] >= 16 * 256 for k in ("mr_", "ps_") for dt in ("fp32", "bf16")), r
     assert r["sq_fin"]["lanes_along_cols"] and r["res_fin"]["lanes_along_cols"], r
 
 
