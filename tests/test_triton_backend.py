@@ -559,6 +559,8 @@ _PTX_SCRIPT = textwrap.dedent('''
             ce["DTYPE"] = tl.float32 if dt == "fp32" else tl.bfloat16
             ce["BLOCK_N"] = mt.read_block_n(ce["DTYPE"]) if mod in ("sq_stats", "clip_stats") else mt.BLOCK_N
             ce["NUM_STAGES"] = mt.STAGES[mod]
+            if "REG_STAGES" in fn.arg_names:
+                ce["REG_STAGES"] = mt.STAGES["sq_rows"]
             if "TILED" in fn.arg_names:
                 ce["TILED"] = False
             if "MAXIMIZE" in fn.arg_names:
@@ -607,7 +609,8 @@ _LAYOUT_SCRIPT = textwrap.dedent('''
             "lr_ptr": "*fp32", "bias_scales": "*fp32", "rng": "*i64", "qmax": "*i32", "qold": "*fp32",
             "dmeta": "*i64", "sums": "*fp32", "wsd": "*fp64"}
     LAY = dict(ROWS=mt.ROWS, SLAB_N=mt.SLAB_N, FLAT_CHUNK=mt.FLAT_CHUNK, FLAT_BLOCK=mt.FLAT_BLOCK,
-               FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, NUM_STAGES=1, AMP=False)
+               FIN_STRIPES=mt.FIN_STRIPES, FIN_COLS=mt.FIN_COLS, FIN_MEAN=mt.FIN_MEAN, NUM_STAGES=1, AMP=False,
+               REG_STAGES=mt.STAGES["sq_rows"])
     def build(mod, name, **ce):
         fn = getattr(importlib.import_module("came_kernels.triton_kernels." + mod), name)
         ce = dict({k: v for k, v in LAY.items() if k in fn.arg_names}, **ce)

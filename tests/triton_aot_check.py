@@ -132,6 +132,8 @@ def main() -> int:
                 constexprs["BLOCK_N"] = mt.read_block_n(extra["DTYPE"])
             if "NUM_STAGES" in fn.arg_names:  # the pipeline depth the launch passes
                 constexprs["NUM_STAGES"] = mt.STAGES["finalize" if "finalize" in kname else mod_name]
+            if "REG_STAGES" in fn.arg_names:  # (phase 1's in-register bodies)
+                constexprs["REG_STAGES"] = mt.STAGES["sq_rows"]
             signature = {n: ("constexpr" if n in constexprs else POINTERS.get(n, "fp32")) for n in fn.arg_names}
             label = f"{kname}[{','.join(f'{k}={v}' for k, v in extra.items())}]"
             for arch in archs:

@@ -85,7 +85,10 @@ BLOCK_N_2B = 64      # phases 1 and 2 (they only read g) with 2-byte grads: the 
 # NUM_STAGES. Above 1, Triton streams the tiles through shared memory with cp.async, but on these loops it
 # about doubles the registers (sm_90: momentum_res fp32 108 -> 207, sq_stats bf16 64 -> 128), halving the
 # resident programs per SM: off until a GPU measurement (python -m bench.triton_sweep) shows a gain.
-STAGES = dict(sq_stats=1, clip_stats=1, momentum_res=1, param_step=1, finalize=1)
+# sq_rows: the row loop of phase 1's in-register bodies of one row per tile (NPAD 4096, 8192): at 2 the next
+# row's loads are in flight while a row is reduced. sm_90 fp32: NPAD 4096 92 registers and 33 KB of shared
+# memory (80 and 4 KB at 1), NPAD 8192 194 and 66 KB (193 and 4 KB); no spills on sm_80 or sm_90.
+STAGES = dict(sq_stats=1, sq_rows=1, clip_stats=1, momentum_res=1, param_step=1, finalize=1)
 FLAT_CHUNK = 16384   # elements per program for tensors with ndim < 2
 FLAT_BLOCK = 1024    # elements per tile inside a flat chunk
 FIN_STRIPES = 64     # finalize column programs: stripes per tile ...

@@ -62,7 +62,7 @@ def _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.
 @triton.jit
 def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                    NPAD: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr, TILED: tl.constexpr,
-                   AMP: tl.constexpr):
+                   AMP: tl.constexpr, REG_STAGES: tl.constexpr):
     """One stripe of factored tensor t with N <= NPAD, read once: SUB whole rows at a time in registers, their
     r, then column sums of g^2 (Q) and of t^2 = (g * rsqrt(r))^2 (P) kept in registers over the stripe and
     stored once into its partial slots."""
@@ -78,7 +78,9 @@ def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE:
     cmask = cols < N
     q = tl.zeros([NPAD], dtype=tl.float32)
     p = tl.zeros([NPAD], dtype=tl.float32)
-    for i0 in range(row0, row_end, SUB):
+    # Bodies of one row per tile (NPAD 4096, 8192) may load the next row while reducing one (REG_STAGES: see
+    # multi_tensor.STAGES["sq_rows"]); the others hold many rows per tile already.
+    for i0 in tl.range(row0, row_end, SUB, num_stages=REG_STAGES if SUB == 1 else 1):
         rows = i0 + tl.arange(0, SUB)
         rmask = rows < row_end
         g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
@@ -98,7 +100,7 @@ def _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE:
 
 @triton.jit
 def _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-            NPAD: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr):
+            NPAD: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, REG_STAGES: tl.constexpr):
     """_sq_stripe_reg for one compiled NPAD, with 16-byte loads where the host found them safe (C_VEC)."""
     # Rows per tile: REG_ELEMS elements (64 rows for NPAD 64 ... 1 for 4096, 8192), twice as many 16-bit ones
     # for NPAD 256 ... 2048, so that their tile is as many bytes as an fp32 one (csrc/sq_stats.cu's waves
@@ -107,10 +109,10 @@ def _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.con
     SUB: tl.constexpr = (ELEMS + NPAD - 1) // NPAD
     if _field(meta, t, C_VEC) != 0:
         _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, NPAD, SUB, True,
-                       TILED, AMP)
+                       TILED, AMP, REG_STAGES)
     else:
         _sq_stripe_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, NPAD, SUB, False,
-                       TILED, AMP)
+                       TILED, AMP, REG_STAGES)
 
 
 @triton.jit
@@ -158,7 +160,8 @@ def _sq_packed(meta, t, local, ws, stats, beta2, one_minus_beta2, eps1, inv, DTY
 def _sq_stats_kernel(meta, blocks, ws, stats, amp, beta2, one_minus_beta2, eps1, DTYPE: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_CHUNK: tl.constexpr, FLAT_BLOCK: tl.constexpr,
                      NUM_STAGES: tl.constexpr, TILED: tl.constexpr, AMP: tl.constexpr, PACKED: tl.constexpr,
-                     FUSED: tl.constexpr = False, NPADS: tl.constexpr = 0, WIDE: tl.constexpr = True):
+                     FUSED: tl.constexpr = False, NPADS: tl.constexpr = 0, WIDE: tl.constexpr = True,
+                     REG_STAGES: tl.constexpr = 1):
     if _amp_found_inf(amp, AMP):  # GradScaler: skip the whole step, else unscale g by inv
         return
     inv = _amp_inv_scale(amp, AMP)
@@ -182,22 +185,28 @@ def _sq_stats_kernel(meta, blocks, ws, stats, amp, beta2, one_minus_beta2, eps1,
         elif npad > 0:
             if (NPADS & 1) != 0:
                 if npad == 64:
-                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 64, TILED, AMP)
+                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 64, TILED, AMP,
+                            REG_STAGES)
             if (NPADS & 2) != 0:
                 if npad == 256:
-                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 256, TILED, AMP)
+                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 256, TILED, AMP,
+                            REG_STAGES)
             if (NPADS & 4) != 0:
                 if npad == 1024:
-                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 1024, TILED, AMP)
+                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 1024, TILED, AMP,
+                            REG_STAGES)
             if (NPADS & 8) != 0:
                 if npad == 2048:
-                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 2048, TILED, AMP)
+                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 2048, TILED, AMP,
+                            REG_STAGES)
             if (NPADS & 16) != 0:
                 if npad == 4096:
-                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 4096, TILED, AMP)
+                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 4096, TILED, AMP,
+                            REG_STAGES)
             if (NPADS & 32) != 0:
                 if npad == 8192:
-                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 8192, TILED, AMP)
+                    _sq_reg(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, 8192, TILED, AMP,
+                            REG_STAGES)
         elif WIDE:
             if _field(meta, t, C_VEC) != 0:
                 _sq_stripe(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE, ROWS, BLOCK_N, True,
@@ -254,7 +263,7 @@ def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=Non
             plan.meta, blocks, ws, stats, ws if amp is None else amp, beta2, 1.0 - beta2, eps1, DTYPE=plan.dtype,
             ROWS=ROWS, BLOCK_N=read_block_n(plan.dtype), FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK,
             TILED=plan.tiles1 > 1, NUM_STAGES=STAGES["sq_stats"], AMP=amp is not None, num_warps=NUM_WARPS,
-            **kinds)
+            REG_STAGES=STAGES["sq_rows"], **kinds)
 
     def launch(mode, dmeta, sums):
         _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
