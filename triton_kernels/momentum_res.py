@@ -51,6 +51,13 @@ def _load_momentum(meta, t, idx, mask, MKIND: tl.constexpr, ALIGNED: tl.constexp
 
 
 @triton.jit
+def _update_res_rows(R_ptr, rows, rmask, sums, N, beta3, one_minus_beta3, eps2):
+    """R = b3*R + (1-b3)*(sum_n res / N + eps2) for rows whose sums are complete."""
+    R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
+    tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, sums / N.to(tl.float32) + eps2), mask=rmask)
+
+
+@triton.jit
 def _momentum_res_rows(g_ptr, m_ptr, rows, rmask, row_f, cols, cmask, col_f, N, div, beta1, one_minus_beta1, inv,
                        DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, AMP: tl.constexpr):
     """m of the rows [W, R] x cols [C] (stored), and the residual (u_hat - m)^2 as [W, R, C], 0 where masked."""
@@ -128,13 +135,6 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
 
 
 @triton.jit
-def _update_res_rows(R_ptr, rows, rmask, sums, N, beta3, one_minus_beta3, eps2):
-    """R = b3*R + (1-b3)*(sum_n res / N + eps2) for rows whose sums are complete."""
-    R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
-    tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, sums / N.to(tl.float32) + eps2), mask=rmask)
-
-
-@triton.jit
 def _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
                          inv, rng, qmax, qold, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -182,8 +182,7 @@ def _momentum_res_stripe_lp(meta, t, local, ws, stats, div, beta1, one_minus_bet
                 tl.store(_ptr(meta, t, C_M, tl.bfloat16, ALIGNED) + idx, _sr_bf16(m, bits), mask=mask)
             else:
                 _gather_absmax(meta, t, m, idx, rows, rmask, mask, n0, N, qmax + qoff, qold + qoff)
-        R = tl.load(R_ptr + rows, mask=rmask, other=0.0)
-        tl.store(R_ptr + rows, _ema(R, beta3, one_minus_beta3, res_row_sum / N.to(tl.float32) + eps2), mask=rmask)
+        _update_res_rows(R_ptr, rows, rmask, res_row_sum, N, beta3, one_minus_beta3, eps2)
         _row_tile_done()
 
 
@@ -334,9 +333,9 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
                                 TILES_COL=C_TILES, WS_COL=C_WS_COL)
 
 
-# Register cap of the default (fp32 momentum) kernel: two 8-warp programs per SM. Without it ptxas gives the
-# slab body 194 registers (one program per SM); at 128 it spills nothing (the AOT check compiles with the same
-# cap). The low-precision bodies need more and are not capped.
+# Register cap of the default (fp32 momentum) kernel: two 8-warp programs per SM. With up to 255 ptxas gives
+# the slab body 154 registers (sm_90 fp32; one program per SM); at 128 it spills nothing (the AOT check
+# compiles with the same cap). The low-precision bodies need more and are not capped.
 MAXNREG = 128
 
 
