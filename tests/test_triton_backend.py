@@ -618,12 +618,12 @@ _LAYOUT_SCRIPT = textwrap.dedent('''
         k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": 8})
         ttgir = k.asm["ttgir"]
-        tiles = re.findall(r"convert_layout %\\S+ : tensor<((?:\\d+x){2,3})f32", ttgir)  # of 2-D and 3-D tiles
-        sizes = [math.prod(map(int, t.rstrip("x").split("x"))) for t in tiles]
-        loads = re.findall(r"tt\\.load [^:]*: tensor<((?:\\d+x)+)!tt\\.ptr<(?:f32|bf16)>", ttgir)
+        def elems(pattern):  # the element count of each tensor type "AxBx..." the pattern captures
+            return [math.prod(map(int, t.rstrip("x").split("x"))) for t in re.findall(pattern, ttgir)]
+        converts = elems(r"convert_layout %\\S+ : tensor<((?:\\d+x){2,3})f32")  # of 2-D and 3-D tiles
+        loads = elems(r"tt\\.load [^:]*: tensor<((?:\\d+x)+)!tt\\.ptr<(?:f32|bf16)>")
         return dict(shared=k.metadata.shared, st_shared=k.asm["ptx"].count("st.shared"),
-                    tile_converts=sum(n >= 1024 for n in sizes),
-                    largest_load=max(math.prod(map(int, t.rstrip("x").split("x"))) for t in loads),
+                    tile_converts=sum(n >= 1024 for n in converts), largest_load=max(loads),
                     lanes_along_cols="threadsPerWarp = [1, 32]" in ttgir,
                     slab_layout="threadsPerWarp = [1, 1, 32], warpsPerCTA = [8, 1, 1]" in ttgir)
     out = {}
