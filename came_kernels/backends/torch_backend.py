@@ -180,7 +180,8 @@ def philox(key: Tensor, c0: Tensor, c1, c2, c3, rounds: int = 10) -> tuple:
     ints); returns the four output words, uint32 values in int64. Integer tensor ops only: bitwise equal to
     the Triton kernels' bits on any device (tests/test_low_precision.py checks it against tl.philox)."""
     k0, k1 = key & _M32, (key >> 32) & _M32
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=c0.device) & _M32 for c in (c0, c1, c2, c3))
+    # An int counter stays an int: a device tensor made from it would be a host-to-device copy every step.
+    c0, c1, c2, c3 = (c & _M32 for c in (c0, c1, c2, c3))
     for _ in range(rounds):
         hi_b, lo_b = _umul32(c2, 0xCD9E8D57)
         hi_a, lo_a = _umul32(c0, 0xD2511F53)
