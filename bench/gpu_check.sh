@@ -8,17 +8,18 @@
 #    then ResNet-50 (packed conv weights) and TinyLlama bf16 with the opt-in bf16 / int8 momentum,
 # 4. the host time of step() with real launches (`bench host --device cuda`),
 # 5. the per-phase kernel profile (achieved GB/s per phase against the copy bandwidth),
-# 6. the Triton tuning sweep (bench/triton_sweep.py).
+# 6. with SWEEP=1, the Triton tuning sweep (bench/triton_sweep.py; about a minute).
 # The short tables come LAST. Copy them, with card/date/commit/command (printed under them), into
 # bench/RESULTS.md.
 #
-#   bash bench/gpu_check.sh                              # everything, ~8-9 minutes on a fresh H200
-#   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only
+#   bash bench/gpu_check.sh                              # everything, ~9 minutes on a fresh H200
+#   SKIP_BENCH=1 bash bench/gpu_check.sh                 # build and tests only (~2 + 5 minutes)
+#   SKIP_BUILD=1 SKIP_TESTS=1 bash bench/gpu_check.sh    # benchmarks only, on a machine that built (~2.5 minutes)
 # Knobs: PYTHON (default python3: a bare `pip` may belong to another Python), LOG (log folder; default
 # bench/out/gpu; with $OUT set, the folder is also archived into $OUT/gpu_check_logs.tgz at exit),
 # TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra args for `bench step`),
 # EXTRA_TIMEOUT (ResNet-50 and low-precision momentum steps), SWEEP_TIMEOUT, HOST_TIMEOUT, SKIP_SANITIZER,
-# SKIP_EXTRA, SKIP_HOST, SKIP_PHASES, SKIP_SWEEP, PHASES_REF (an earlier phases.json: its times beside these
+# SKIP_BENCH (every benchmark), SKIP_EXTRA, SKIP_HOST, SKIP_PHASES, SWEEP=1, PHASES_REF (an earlier phases.json: its times beside these
 # when it comes from the same device; default the H200 run in bench/reference/). came-pytorch: installed from
 # .whl/ if its wheel is there.
 set -uo pipefail
@@ -66,11 +67,13 @@ PY
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== GPU tests (eight processes) and compute-sanitizer, in parallel"
   t1=$SECONDS
-  TT="${TEST_TIMEOUT:-170}"
+  TT="${TEST_TIMEOUT:-300}"
   # SIGINT at the time limit, so that pytest still prints which tests failed (a killed pytest loses its
   # buffered report); faulthandler dumps the stack of a test that hangs. Groups small enough to finish
   # within the limit on a fresh machine, where every Triton kernel variant compiles first.
-  PT=(timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE --tb=short -p no:cacheprovider --durations=5
+  # Two CPU threads each: nine processes share the machine's cores, and torch's CPU work there (the float64
+  # oracle, the grads' generator) would otherwise start as many threads as cores in every one of them.
+  PT=(env OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE --tb=short -p no:cacheprovider --durations=5
       -o faulthandler_timeout=120)
   "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
   # The extension's error paths in a process of their own: a crash there (as an H200 machine once showed)
@@ -112,15 +115,21 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "   tests: $((SECONDS - t1)) s (logs: $LOG/tests.log)"
 fi
 
-echo "== step benchmark, full-size shapes, fp32 and bf16"
-t1=$SECONDS
-# shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-240}" "$PY" -m bench step --device cuda --sets gpt2,tinyllama --scale 1 \
-  --dtype fp32,bf16 --optim 'came[cuda],came[triton],came[torch],adamw[fused],adafactor,came-pytorch' \
-  --out "$LOG" --no-plot ${BENCH_ARGS:-} >"$LOG/step.log" 2>&1
-rc=$?
-[ $rc -eq 0 ] || { echo "BENCHMARK FAILED (rc=$rc):"; tail -n 30 "$LOG/step.log"; status=1; }
-echo "   step benchmark: $((SECONDS - t1)) s"
+if [ -n "${SKIP_BENCH:-}" ]; then
+  SKIP_STEP=1 SKIP_EXTRA=1 SKIP_HOST=1 SKIP_PHASES=1 SWEEP=
+fi
+
+if [ -z "${SKIP_STEP:-}" ]; then
+  echo "== step benchmark, full-size shapes, fp32 and bf16"
+  t1=$SECONDS
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" -m bench step --device cuda --sets gpt2,tinyllama --scale 1 \
+    --dtype fp32,bf16 --optim 'came[cuda],came[triton],came[torch],adamw[fused],adafactor,came-pytorch' \
+    --out "$LOG" --no-plot ${BENCH_ARGS:-} >"$LOG/step.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || { echo "BENCHMARK FAILED (rc=$rc):"; tail -n 30 "$LOG/step.log"; status=1; }
+  echo "   step benchmark: $((SECONDS - t1)) s"
+fi
 
 if [ -z "${SKIP_EXTRA:-}" ]; then
   echo "== step benchmark: ResNet-50 (packed conv weights, fp32) and the low-precision momentum (TinyLlama, bf16)"
@@ -154,7 +163,7 @@ if [ -z "${SKIP_PHASES:-}" ]; then
   echo "   phases: $((SECONDS - t1)) s"
 fi
 
-if [ -z "${SKIP_SWEEP:-}" ]; then
+if [ -n "${SWEEP:-}" ]; then
   echo "== Triton tuning sweep (pipeline depth, 2-byte read tile) and its checks"
   t1=$SECONDS
   timeout "${SWEEP_TIMEOUT:-90}" "$PY" -m bench.triton_sweep >"$LOG/sweep.log" 2>&1
