@@ -160,6 +160,10 @@ if [ -z "${SKIP_PHASES:-}" ]; then
   timeout "${PHASES_TIMEOUT:-120}" "$PY" -m bench phases --out "$LOG" >"$LOG/phases.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || { echo "PHASE PROFILE FAILED (rc=$rc):"; tail -n 20 "$LOG/phases.log"; status=1; }
+  # The opt-in low-precision momentum, phase by phase, beside the fp32 one (TinyLlama, bf16 params)
+  timeout "${PHASES_TIMEOUT:-120}" "$PY" -m bench phases --sets tinyllama --dtype bf16 \
+    --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton]' --out "$LOG/lowbit" \
+    >"$LOG/phases_lowbit.log" 2>&1 || { echo "LOW-PRECISION PHASE PROFILE FAILED:"; tail -n 20 "$LOG/phases_lowbit.log"; }
   echo "   phases: $((SECONDS - t1)) s"
 fi
 
@@ -177,6 +181,7 @@ echo
 echo "== RESULT (total $((SECONDS - t0)) s; bench/RESULTS.md: card, date, commit, command, tables)"
 [ -f "$LOG/phases.json" ] && "$PY" -m bench phases --show "$LOG/phases.json" \
   --compare "${PHASES_REF:-bench/reference/phases_h200_6a8d8cc.json}"
+[ -f "$LOG/lowbit/phases.json" ] && "$PY" -m bench phases --show "$LOG/lowbit/phases.json" | grep -a "^|"
 [ -f "$LOG/host.log" ] && grep -a "^|" "$LOG/host.log"
 [ -f "$LOG/step.json" ] && "$PY" -m bench step --show "$LOG/step.json"
 for extra in resnet50 lowbit; do

@@ -68,7 +68,8 @@ def phase_bytes(params: List[torch.Tensor], opt: torch.optim.Optimizer) -> Dict[
     for p in params:
         n, ge, pe = p.numel(), p.grad.element_size(), p.element_size()
         st = opt.state.get(p, {})
-        me = st["exp_avg"].element_size() if "exp_avg" in st else 4
+        # the momentum's element: fp32, or the opt-in bf16 (exp_avg) or int8 codes (exp_avg_q)
+        me = st["exp_avg"].element_size() if "exp_avg" in st else 1 if "exp_avg_q" in st else 4
         flat = 0 if p.dim() >= 2 else 4
         out["sq_stats"] += n * (ge + 2 * flat)
         if p.dim() >= 2 and p.shape[-1] > NPAD_MAX:

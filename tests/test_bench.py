@@ -251,6 +251,23 @@ def test_low_precision_momentum_rows_only_when_named():
     assert opt.state[p]["exp_avg_q"].dtype == torch.int8
 
 
+def test_phase_bytes_count_the_momentum_as_stored():
+    # fp32, bf16 (exp_avg) and int8 codes (exp_avg_q): 4, 2 and 1 B per element read and written in phase 3,
+    # read in phase 4, with bf16 params and grads.
+    from bench import phases
+    got = {}
+    for name in ("came[torch]", "came-bf16m[torch]", "came-int8m[torch]"):
+        (spec,), _ = utils.optimizer_specs(torch.device("cpu"), select=[name])
+        p = torch.nn.Parameter(torch.randn(300, 64, dtype=torch.bfloat16))
+        opt = spec.make([p])
+        p.grad = torch.randn_like(p)
+        opt.step()
+        got[name] = phases.phase_bytes([p], opt)
+    n = 300 * 64
+    assert [got[k]["momentum_res"] for k in got] == [n * (2 + 8), n * (2 + 4), n * (2 + 2)]
+    assert [got[k]["param_step"] for k in got] == [n * (4 + 4), n * (2 + 4), n * (1 + 4)]
+
+
 def test_phase_table_compares_with_a_reference_from_the_same_device_only(tmp_path):
     from bench import phases
 
