@@ -26,6 +26,7 @@ struct TensorRef {
   int64_t numel = 0, B = 0, M = 0, N = 0;
   int64_t pm = 0;        // packed: its tile size PM (plan.h's pack_size), else 0
   int64_t stat_off = 0;  // this tensor's slice of `stats`: mean_M(r)[B], mean_M(R)[B], clip divisor [1]
+                         // (packed: the clip divisor only)
   int64_t index = 0;     // its position in the op's lists (empty tensors are dropped): its row of bias_scales
   // Opt-in low-precision state (came_step_lowbit only): m is then fp32, bf16 or int8 codes (mkind, see
   // came_math.cuh), with the int8 codes' block absmax; comp: the Kahan compensation of a bf16 param.
@@ -66,8 +67,10 @@ struct Group {
   int64_t q_blocks = 0;     // int8 momenta: blocks of 256 elements over the group (qmax / qold slots)
 };
 
-// stats floats per tensor: the layout contract between make_group and the Python glue (`_stats_numel`).
-inline int64_t stats_numel_of(const TensorRef& t) { return 2 * t.B + 1; }
+// stats floats per tensor (plan.h's div_slot reads the same layout on the device). Packed tensors keep no
+// means: their blocks hold whole matrices and take mean_M(r), mean_M(R) from r and R in every phase (2B
+// floats per conv weight of B = Cout*Cin matrices made ResNet-50's stats 102 MiB).
+inline int64_t stats_numel_of(const TensorRef& t) { return t.pm > 0 ? 1 : 2 * t.B + 1; }
 
 // The phase launchers, one per .cu; `g.tab` must be uploaded. `lr` is a 1-element fp32 CUDA tensor (read on
 // the device: no sync); the per-tensor slices of `stats` (in the table) carry the per-matrix means and the

@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) clip_finalize_kernel(DeviceTable tab
   const int64_t parts = tab.main_start[t + 1] - tab.main_start[t];
   const double total = block_sum(sum_u2_share(d, tab, parts, ws), scratch);
   if (threadIdx.x == 0) {
-    d.stat[2 * d.B] = h.bias_correction
+    d.stat[div_slot(d)] = h.bias_correction
                           ? clip_divisor_scaled(total, d.numel, h.clip_threshold, tab.scales[2 * d.index])
                           : clip_divisor(total, d.numel, h.clip_threshold);
   }

@@ -8,8 +8,8 @@
 //              R[b, i] = b3*R + (1-b3)*(mean_N(res)[b, i] + eps2)         momentum_res_kernel (row sums in-block)
 //              C[b, j] = b3*C + (1-b3)*(mean_M(res)[b, j] + eps2)         res_finalize_kernel (stripe partials)
 //              mean_M(R)[b] -> stats                                      res_finalize_kernel
-//   packed (plan.h: ndim >= 3, M, N <= 8; a block = K whole matrices): u_hat, m, res as above, then R, C and
-//              mean_M(R) of the block's matrices, all in the block                momentum_res_packed_kernel
+//   packed (plan.h: ndim >= 3, M, N <= 8; a block = K whole matrices): u_hat, m, res as above (mean_M(r)
+//              summed from r), then R, C of the block's matrices, all in the block  momentum_res_packed_kernel
 //   ndim < 2:  momentum only (no confidence step).
 // maximize: u is linear in g, so g is negated as it is loaded (compile-time switch). GradScaler (amp =
 // [found_inf, 1/scale]): g = g * (1/scale) as it is loaded; both kernels return before writing anything when
@@ -21,8 +21,8 @@
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B), reads and writes m (8 B): fp32 12 B, bf16 10 B;
 // flat tensors also read v (4 B). Column partials: 4/(64*tiles) B per element (a stripe's row tiles add
 // into its partials). Packed: g and m as above, plus r, c read and R, C read and written per row and column
-// ((M + N)/(M*N) of the elements, 12 B each) and mean_M(r), mean_M(R) per matrix: fp32 3x3 12 + 8 + 0.9 B,
-// 1x1 12 + 24 + 8 = 44 B (every element its own row, column and matrix). GradScaler: amp, 8 B per block.
+// ((M + N)/(M*N) of the elements, 12 B each): fp32 3x3 12 + 8 B, 1x1 12 + 24 = 36 B (every element its own
+// row, column and matrix). GradScaler: amp, 8 B per block.
 // Launch: one momentum_res_kernel over the whole group but its packed tensors, one block per stripe (tiles
 // row tiles, run one after another) / flat chunk, 256 threads; one momentum_res_packed_kernel over the packed
 // blocks (the end of the numbering, plan.h; a kernel of its own so that the stripe kernel keeps its
@@ -80,7 +80,7 @@ __device__ __forceinline__ void momentum_res_row_tile(const TensorDesc& d, const
   const float* __restrict__ r = d.row;
   const float* __restrict__ c = d.col + s.b * s.N;
   const float mean_r = d.stat[s.b];
-  const float divisor = d.stat[2 * d.B];
+  const float divisor = d.stat[div_slot(d)];
 
   float row_f[kRowsPerWarp], row_acc[kRowsPerWarp];
 #pragma unroll
@@ -176,7 +176,7 @@ __device__ __forceinline__ void momentum_res_row_tile_lp(const TensorDesc& d, co
   const float* __restrict__ r = d.row;
   const float* __restrict__ c = d.col + s.b * s.N;
   const float mean_r = d.stat[s.b];
-  const float divisor = d.stat[2 * d.B];
+  const float divisor = d.stat[div_slot(d)];
   int64_t key = 0, step = 0;
   if constexpr (MK == kMomBf16) {
     key = L.rng[0];
@@ -274,16 +274,15 @@ __device__ __forceinline__ void momentum_res_stripe_lp(const TensorDesc& d, cons
 }
 
 // A packed block of PM >= 4 (multi_tensor.cuh): the rows' and columns' factors into shared memory, then
-// elementwise u_hat, m (stored) and the residual (into shared memory), then R, C of the block's whole matrices
-// and mean_M(R), all in the block. The loads of g, m, r, c and mean_M(r) go out together, R and C's while the
-// elementwise pass runs.
+// elementwise u_hat, m (stored) and the residual (into shared memory), then R, C of the block's whole matrices,
+// all in the block. The loads of g, m, r and c go out together, R and C's while the elementwise pass runs.
 template <typename T, int VEC, bool kVec, bool kMaximize, int PM>
 __device__ __forceinline__ void momentum_res_packed(const TensorDesc& d, int64_t local, const Hyper& h, float inv,
                                                     float* __restrict__ smem) {
   constexpr int kU = kPackVecs<VEC>, kIt = kPackIters<PM>;
   const Packed p = packed_of(d, local, PM);
   float* __restrict__ res = smem;              // the residual (u_hat - m)^2, [n]
-  float* __restrict__ rs = smem + kPackElems;  // the rows' rsqrt(r / mean_M(r)), then their new R
+  float* __restrict__ rs = smem + kPackElems;  // the rows' rsqrt(r / mean_M(r))
   float* __restrict__ cs = rs + kPackRows;     // the columns' rsqrt(c)
   const T* __restrict__ g = static_cast<const T*>(d.g) + p.e0;
   float* __restrict__ m = d.m + p.e0;
@@ -291,9 +290,7 @@ __device__ __forceinline__ void momentum_res_packed(const TensorDesc& d, int64_t
   const float* __restrict__ c = d.col + p.k0 * p.N;
   float* __restrict__ R = d.res_row + p.k0 * p.M;
   float* __restrict__ C = d.res_col + p.k0 * p.N;
-  const float* __restrict__ mean_r = d.stat + p.k0;
-  float* __restrict__ mean_R = d.stat + d.B + p.k0;
-  const float divisor = d.stat[2 * d.B];
+  const float divisor = d.stat[div_slot(d)];
   const int tid = static_cast<int>(threadIdx.x);
   float gv[kU][VEC], mv[kU][VEC];
 #pragma unroll
@@ -301,7 +298,7 @@ __device__ __forceinline__ void momentum_res_packed(const TensorDesc& d, int64_t
     load_vec<VEC, kVec>(g, packed_vec_start<VEC>(u), p.n, gv[u]);
     load_vec<VEC, kVec>(m, packed_vec_start<VEC>(u), p.n, mv[u]);
   }
-  packed_factors<PM>(p, r, mean_r, c, rs, cs);
+  packed_factors<PM>(p, r, c, rs, cs);
   __syncthreads();
   float Rv[kIt], Cv[kIt];  // for after the next barrier
 #pragma unroll
@@ -335,18 +332,15 @@ __device__ __forceinline__ void momentum_res_packed(const TensorDesc& d, int64_t
       const float R_new = ema(Rv[t], h.beta3, h.one_minus_beta3,
                               mean_plus_eps(packed_row_sum<PM>(p, res, q, Same{}), n_f, h.eps2));
       R[q] = R_new;
-      rs[q] = R_new;
     }
     if (q < p.cols) {  // C = b3*C + (1-b3)*(mean_M(res) + eps2)
       C[q] = ema(Cv[t], h.beta3, h.one_minus_beta3, mean_plus_eps(packed_col_sum<PM>(p, res, q, Same{}), m_f, h.eps2));
     }
   }
-  __syncthreads();
-  if (tid < p.nk) mean_R[tid] = packed_mean<PM>(p, rs, tid);
 }
 
 // A packed block of 1x1 matrices (PM = 1): element i is row, column and matrix k0 + i; the sums above are the
-// residual itself and mean_M(R) = R: the same values elementwise. kB elements of seven arrays in flight.
+// residual itself and mean_M(r) = r: the same values elementwise. kB elements of six arrays in flight.
 template <typename T, bool kMaximize>
 __device__ __forceinline__ void momentum_res_packed_1x1(const TensorDesc& d, int64_t local, const Hyper& h,
                                                         float inv) {
@@ -358,12 +352,10 @@ __device__ __forceinline__ void momentum_res_packed_1x1(const TensorDesc& d, int
   const float* __restrict__ c = d.col + p.k0;
   float* __restrict__ R = d.res_row + p.k0;
   float* __restrict__ C = d.res_col + p.k0;
-  const float* __restrict__ mean_r = d.stat + p.k0;
-  float* __restrict__ mean_R = d.stat + d.B + p.k0;
-  const float divisor = d.stat[2 * d.B];
+  const float divisor = d.stat[div_slot(d)];
 #pragma unroll
   for (int u0 = 0; u0 < kU; u0 += kB) {
-    float gv[kB], mv[kB], rv[kB], av[kB], cv[kB], Rv[kB], Cv[kB];
+    float gv[kB], mv[kB], rv[kB], cv[kB], Rv[kB], Cv[kB];
 #pragma unroll
     for (int b = 0; b < kB; ++b) {
       const int i = (u0 + b) * kThreads + threadIdx.x;
@@ -371,7 +363,6 @@ __device__ __forceinline__ void momentum_res_packed_1x1(const TensorDesc& d, int
       gv[b] = ok ? static_cast<float>(g[i]) : 0.0f;
       mv[b] = ok ? m[i] : 0.0f;
       rv[b] = ok ? r[i] : 0.0f;
-      av[b] = ok ? mean_r[i] : 0.0f;
       cv[b] = ok ? c[i] : 0.0f;
       Rv[b] = ok ? R[i] : 0.0f;
       Cv[b] = ok ? C[i] : 0.0f;
@@ -382,14 +373,13 @@ __device__ __forceinline__ void momentum_res_packed_1x1(const TensorDesc& d, int
       if (i < p.n) {
         const float gu = unscaled(gv[b], inv);
         const float gx = kMaximize ? -gu : gu;
-        const float u_hat = clipped(factored_u(gx, row_factor(rv[b], av[b]), col_factor(cv[b])), divisor);
+        const float u_hat = clipped(factored_u(gx, row_factor(rv[b], rv[b]), col_factor(cv[b])), divisor);
         const float m_new = ema(mv[b], h.beta1, h.one_minus_beta1, u_hat);
         const float res = residual(u_hat, m_new);
         const float R_new = ema(Rv[b], h.beta3, h.one_minus_beta3, mean_plus_eps(res, 1.0f, h.eps2));
         m[i] = m_new;
         R[i] = R_new;
         C[i] = ema(Cv[b], h.beta3, h.one_minus_beta3, mean_plus_eps(res, 1.0f, h.eps2));
-        mean_R[i] = R_new;
       }
     }
   }

@@ -456,7 +456,7 @@ __device__ __forceinline__ float packed_col_sum(const Packed& p, const float* __
   }
   return s;
 }
-// mean_M of matrix kk's row statistic, from the block's rows in shared memory (in row order).
+// mean_M of matrix kk's row statistic, from the block's rows (in row order; shared or global memory).
 template <int PM>
 __device__ __forceinline__ float packed_mean(const Packed& p, const float* __restrict__ rows, int kk) {
   float s = 0.0f;
@@ -486,12 +486,13 @@ template <int VEC>
 __device__ __forceinline__ int packed_vec_start(int u) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC; }
 
 // The row factors rsqrt(row / mean_M(row)) and column factors rsqrt(col) of a packed block into shared memory
-// (rs [p.rows], cs [p.cols]): phase 3 takes them of r, c, phase 4 of R, C. `mean` is the block's mean_M slots
-// (from k0). All loads are issued before the first store.
+// (rs [p.rows], cs [p.cols]): phase 3 takes them of r, c, phase 4 of R, C. mean_M(row) is summed from the
+// matrix's rows as phase 1 sums it (packed_mean: same order, the values it stored, so the same float); a row's
+// M <= 8 neighbours come from L1. All loads are issued before the first store.
 template <int PM>
 __device__ __forceinline__ void packed_factors(const Packed& p, const float* __restrict__ row,
-                                               const float* __restrict__ mean, const float* __restrict__ col,
-                                               float* __restrict__ rs, float* __restrict__ cs) {
+                                               const float* __restrict__ col, float* __restrict__ rs,
+                                               float* __restrict__ cs) {
   constexpr int kIt = kPackIters<PM>;
   const int tid = static_cast<int>(threadIdx.x);
   float rv[kIt], av[kIt], cv[kIt];
@@ -499,7 +500,7 @@ __device__ __forceinline__ void packed_factors(const Packed& p, const float* __r
   for (int t = 0; t < kIt; ++t) {
     const int q = t * kThreads + tid;
     rv[t] = q < p.rows ? row[q] : 1.0f;
-    av[t] = q < p.rows ? mean[q / p.M] : 1.0f;
+    av[t] = q < p.rows ? packed_mean<PM>(p, row, q / p.M) : 1.0f;
     cv[t] = q < p.cols ? col[q] : 1.0f;
   }
 #pragma unroll

@@ -397,7 +397,7 @@ void check_stats(const at::Tensor& stats, const Group& grp, const at::Tensor& p0
   CAME_CHECK(stats.device() == p0.device() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
              stats.numel() >= grp.stats_numel,
              "came_kernels: stats must be a contiguous float32 tensor on ", p0.device(), " with at least ",
-             grp.stats_numel, " elements (sum of 2*B+1 over the non-empty params), got ", stats.scalar_type(),
+             grp.stats_numel, " elements (2*B+1 per non-empty param, 1 per packed one), got ", stats.scalar_type(),
              " with ", stats.numel(), " on ", stats.device());
 }
 

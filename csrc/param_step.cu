@@ -16,7 +16,8 @@
 // or Kahan-compensated (store_param_lp). The default kernels (kLow = false) are compiled as before.
 //
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
-// O(rows + cols) (packed 1x1 matrices: 12 B more per element, every element its own row, column and matrix).
+// O(rows + cols) (packed 1x1 matrices: 8 B more per element, every element its own row, column and matrix;
+// packed tensors sum mean_M(R) from R).
 // GradScaler: found_inf, 4 B per block; bias correction: s_m, 4 B per block.
 // Launch: one param_step_kernel over the whole group but its packed tensors, one block per stripe / flat chunk
 // (the blocks of phases 1 and 3; a stripe's row tiles one after another), 256 threads; one
@@ -135,14 +136,13 @@ __device__ __forceinline__ void param_step_packed(const TensorDesc& d, int64_t l
   const float* __restrict__ m = d.m + pk.e0;
   const float* __restrict__ R = d.res_row + pk.k0 * pk.M;
   const float* __restrict__ C = d.res_col + pk.k0 * pk.N;
-  const float* __restrict__ mean_R = d.stat + d.B + pk.k0;
   float pv[kU][VEC], mv[kU][VEC];
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     load_vec<VEC, kVec>(p, packed_vec_start<VEC>(u), pk.n, pv[u]);
     load_vec<VEC, kVec>(m, packed_vec_start<VEC>(u), pk.n, mv[u]);
   }
-  packed_factors<PM>(pk, R, mean_R, C, rs, cs);
+  packed_factors<PM>(pk, R, C, rs, cs);
   __syncthreads();
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
@@ -170,10 +170,9 @@ __device__ __forceinline__ void param_step_packed_1x1(const TensorDesc& d, int64
   const float* __restrict__ m = d.m + pk.e0;
   const float* __restrict__ R = d.res_row + pk.k0;
   const float* __restrict__ C = d.res_col + pk.k0;
-  const float* __restrict__ mean_R = d.stat + d.B + pk.k0;
 #pragma unroll
   for (int u0 = 0; u0 < kU; u0 += kB) {
-    float pv[kB], mv[kB], Rv[kB], av[kB], Cv[kB];
+    float pv[kB], mv[kB], Rv[kB], Cv[kB];
 #pragma unroll
     for (int b = 0; b < kB; ++b) {
       const int i = (u0 + b) * kThreads + threadIdx.x;
@@ -181,14 +180,13 @@ __device__ __forceinline__ void param_step_packed_1x1(const TensorDesc& d, int64
       pv[b] = ok ? static_cast<float>(p[i]) : 0.0f;
       mv[b] = ok ? m[i] : 0.0f;
       Rv[b] = ok ? R[i] : 0.0f;
-      av[b] = ok ? mean_R[i] : 0.0f;
       Cv[b] = ok ? C[i] : 0.0f;
     }
 #pragma unroll
     for (int b = 0; b < kB; ++b) {
       const int i = (u0 + b) * kThreads + threadIdx.x;
       if (i < pk.n) {
-        const float update = corrected_update(factored_u(mv[b], row_factor(Rv[b], av[b]), col_factor(Cv[b])), s_m);
+        const float update = corrected_update(factored_u(mv[b], row_factor(Rv[b], Rv[b]), col_factor(Cv[b])), s_m);
         p[i] = static_cast<T>(step_one<T, kDecay>(pv[b], update, lr, weight_decay));
       }
     }
@@ -244,7 +242,7 @@ __device__ __forceinline__ float int8_momentum(const TensorDesc& d, const Lowbit
   const float gu = unscaled(static_cast<float>(static_cast<const T*>(d.g)[i]), inv);
   const float gx = h.maximize ? -gu : gu;
   const float u = factored_u(gx, row_factor(d.row[row], d.stat[s.b]), col_factor(d.col[s.b * s.N + colx]));
-  const float u_hat = clipped(u, d.stat[2 * d.B]);
+  const float u_hat = clipped(u, d.stat[div_slot(d)]);
   const int64_t blk = i / kQBlock;
   int8_t* __restrict__ q = reinterpret_cast<int8_t*>(d.m);
   const float m = ema(dequantize(q[i], L.qold[blk]), h.beta1, h.one_minus_beta1, u_hat);

@@ -42,7 +42,7 @@
 // max(M, N), and a block holds K = kPackElems / PM^2 whole matrices (the last block of a tensor fewer): the
 // same blocks as Triton's [K, PM, PM] tiles, though the kernels keep the matrices' M x N elements unpadded
 // (the block's elements are one contiguous run of at most kPackElems). Their row and column statistics and
-// the means are complete in the block, so a packed tensor has no column partials, no finalize blocks, no
+// the means are complete in the block (the means are not stored: each phase sums them from r or R), so a packed tensor has no column partials, no finalize blocks, no
 // register-path or phase-2 blocks; phase 1 also computes u and stores the block's sum of u^2 in one clip
 // slot per block (as flat tensors do). Groups with low-precision state (came_step_lowbit) are not packed.
 //
@@ -404,7 +404,7 @@ struct alignas(16) TensorDesc {
   float* col;         // exp_avg_sq_col c [B*N]
   float* res_row;     // exp_avg_res_row R [B*M]
   float* res_col;     // exp_avg_res_col C [B*N]
-  float* stat;        // its slice of stats: mean_M(r)[B], mean_M(R)[B], clip divisor
+  float* stat;        // its slice of stats: mean_M(r)[B], mean_M(R)[B], clip divisor (packed: the divisor)
   int64_t numel, B, M, N;  // M = N = B = 0 for flat tensors
   int64_t ws_col, ws_clip;  // workspace offsets (Layout)
   int32_t vec_ok;          // 16-byte loads allowed: every pointer aligned, N % VEC == 0 (packed: pointers only)
@@ -417,6 +417,8 @@ static_assert(sizeof(TensorDesc) == 128, "TensorDesc is one 128-byte line");
 // TensorDesc::tiles of a slot, and a packed tensor's PM from it (0: stripes or flat).
 CAME_HD int32_t desc_tiles(int64_t tiles, int64_t pm) { return static_cast<int32_t>(pm > 0 ? -pm : tiles); }
 CAME_HD int pack_of(const TensorDesc& d) { return d.tiles < 0 ? -d.tiles : 0; }
+// The clip divisor's index in a slot's stats slice: after the 2B means, or the only float of a packed tensor.
+CAME_HD int64_t div_slot(const TensorDesc& d) { return pack_of(d) ? 0 : 2 * d.B; }
 
 // The opt-in low-precision state of one slot (momentum_dtype, param_rounding): a second array of the table,
 // uploaded only for groups that use it (DeviceTable::lp is nullptr otherwise), so the default path's

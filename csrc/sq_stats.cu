@@ -10,8 +10,8 @@
 //              partials), and W[b, j] = P / c with the new c, fp64      sq_stats_reg_kernel, sq_finalize_kernel
 //              (clip_stats.cu adds mean_M(r) * W into sum(u^2): came_math.cuh's identity, exact)
 //   packed (plan.h: ndim >= 3, M, N <= 8; a block = K whole matrices), all in the block, sq_stats_packed_kernel:
-//              r and c as above (row sums over N, column sums over M, both complete), mean_M(r)[b] -> stats,
-//              and the block's sum of u^2, u = g * rsqrt(r / mean_M(r)) * rsqrt(c) with the new r, c, into
+//              r and c as above (row sums over N, column sums over M, both complete), mean_M(r)[b] (not
+//              stored: phase 3 sums it again from r), and the block's sum of u^2, u = g * rsqrt(r / mean_M(r)) * rsqrt(c) with the new r, c, into
 //              its clip slot (as a flat chunk's; u itself, not the W identity: no fp64 needed per column)
 //   ndim < 2:  v = b2*v + (1-b2)*(g^2 + eps1); one sum of (g * rsqrt(v))^2 per block  sq_stats_kernel
 // maximize does not matter here: g^2 is even in g. GradScaler (amp = [found_inf, 1/scale]): g = g * (1/scale)
@@ -20,8 +20,8 @@
 // Memory per element: factored reads g once (fp32 4 B, bf16/fp16 2 B) and writes two column partials (Q, P)
 // per stripe of tiles*kRows rows (8/64 B at most); N > clip_cols: g once, Q only (4/64 B). Flat reads g and v
 // and writes v (fp32 12 B, bf16 10 B). Packed reads g once and r, c (rows and columns: (M + N)/(M*N) of the
-// elements, 8 B each read and written) and writes mean_M(r) (1/(M*N)): fp32 3x3 4 + 5.3 + 0.4 B, 1x1 (every
-// element its own row, column and matrix) 4 + 16 + 4 = 24 B. GradScaler: amp, 8 B per block.
+// elements, 8 B each read and written): fp32 3x3 4 + 5.3 B, 1x1 (every element its own row, column and
+// matrix) 4 + 16 = 20 B. GradScaler: amp, 8 B per block.
 // Register path (N <= clip_cols): a block runs its whole stripe in waves of kRW rows, each thread owning
 // kG groups of VEC consecutive columns (32 values of g per thread per wave: 32 KB per block in fp32, 16 KB in
 // 16-bit dtypes) and their Q and P accumulators in registers for the whole stripe: a wave's g is loaded once,
@@ -347,7 +347,6 @@ __device__ __forceinline__ void sq_stats_packed(const TensorDesc& d, int64_t loc
   const T* __restrict__ g = static_cast<const T*>(d.g) + p.e0;
   float* __restrict__ r = d.row + p.k0 * p.M;
   float* __restrict__ c = d.col + p.k0 * p.N;
-  float* __restrict__ mean_r = d.stat + p.k0;
   const int tid = static_cast<int>(threadIdx.x);
   float rv[kIt], cv[kIt];
   {
@@ -390,7 +389,6 @@ __device__ __forceinline__ void sq_stats_packed(const TensorDesc& d, int64_t loc
   __syncthreads();
   if (tid < p.nk) {  // mean_M(r) of matrix tid, and its rows' factors
     const float mean = packed_mean<PM>(p, rs, tid);
-    mean_r[tid] = mean;
 #pragma unroll
     for (int i = 0; i < PM; ++i) {
       if (i < p.M) rs[tid * p.M + i] = row_factor(rs[tid * p.M + i], mean);
@@ -429,7 +427,6 @@ __device__ __forceinline__ void sq_stats_packed_1x1(const TensorDesc& d, int64_t
   const T* __restrict__ g = static_cast<const T*>(d.g) + p.e0;
   float* __restrict__ r = d.row + p.k0;
   float* __restrict__ c = d.col + p.k0;
-  float* __restrict__ mean_r = d.stat + p.k0;
   float acc = 0.0f;
 #pragma unroll
   for (int u0 = 0; u0 < kU; u0 += kB) {
@@ -452,7 +449,6 @@ __device__ __forceinline__ void sq_stats_packed_1x1(const TensorDesc& d, int64_t
         const float c_new = ema(cv[b], h.beta2, h.one_minus_beta2, mean_plus_eps(sq, 1.0f, h.eps1));
         r[i] = r_new;
         c[i] = c_new;
-        mean_r[i] = r_new;
         const float x = factored_u(gx, row_factor(r_new, r_new), col_factor(c_new));
         acc += x * x;
       }

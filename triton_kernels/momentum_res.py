@@ -25,7 +25,7 @@ import triton.language as tl
 from . import multi_tensor as _mt
 from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _rsqrt, _sr_bf16
 from .multi_tensor import (C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed,
-                           _packed_factors)
+                           _packed_factors, _packed_mean)
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_TILES, C_WS_COL, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
@@ -243,7 +243,7 @@ def _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta
 def _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2, inv,
                          DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, PM: tl.constexpr, PK: tl.constexpr,
                          AMP: tl.constexpr):
-    """One packed block of tensor t (multi_tensor.PACK_ELEMS): m, then R, C and mean_M(R) of its matrices."""
+    """One packed block of tensor t (multi_tensor.PACK_ELEMS): m, then R and C of its matrices."""
     M, N, eb, rb, cb, k0, k, kmask, idx, mask, rows, rmask, cols, cmask = _packed(meta, t, local, PM, PK)
     g = tl.load(_ptr(meta, t, C_G, DTYPE, False) + eb + idx, mask=mask, other=0.0).to(tl.float32)
     if AMP:
@@ -251,7 +251,7 @@ def _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, bet
     if MAXIMIZE:
         g = -g
     r = tl.load(_ptr(meta, t, C_ROW, tl.float32, False) + rb + rows, mask=rmask, other=1.0)
-    mean_r = tl.load(stats + _field(meta, t, C_STAT) + k0 + k, mask=kmask, other=1.0)
+    mean_r = _packed_mean(r, rmask, M)
     c = tl.load(_ptr(meta, t, C_COL, tl.float32, False) + cb + cols, mask=cmask, other=1.0)
     u_hat = g * _rsqrt(r / mean_r[:, None])[:, :, None] * _rsqrt(c)[:, None, :] / div
     m_ptr = _ptr(meta, t, C_M, tl.float32, False) + eb
@@ -259,10 +259,8 @@ def _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, bet
     tl.store(m_ptr + idx, m, mask=mask)
     res = u_hat - m
     res = tl.where(mask, res * res, 0.0)
-    _, _, mean_R = _packed_factors(meta, t, res, rb, cb, rows, rmask, cols, cmask, M, N, beta3, one_minus_beta3, eps2,
-                                   C_RES_ROW, C_RES_COL)
-    B = _field(meta, t, C_NUMEL) // (M * N)
-    tl.store(stats + _field(meta, t, C_STAT) + B + k0 + k, mean_R, mask=kmask)
+    _packed_factors(meta, t, res, rb, cb, rows, rmask, cols, cmask, M, N, beta3, one_minus_beta3, eps2, C_RES_ROW,
+                    C_RES_COL)
 
 
 @triton.jit

@@ -39,7 +39,9 @@ number of tile_blocks) floats (each tensor's partials padded to 4 floats), i.e. 
 and at most WS_CAP_FLOATS (64 MiB) at any model size, unless the column statistics c themselves (sum of
 B*N floats) or the number of blocks pass that (conv weights cut into stripes; packed ones write no partials
 and one float per block); shared by phases 1-3 in
-turn. And `stats`, 2B+1 floats per tensor: mean_M(r)[B], mean_M(R)[B], clip divisor.
+turn. And `stats`, 2B+1 floats per tensor: mean_M(r)[B], mean_M(R)[B], clip divisor; one, the clip divisor,
+per packed tensor (its blocks hold whole matrices and take the means from r and R themselves: with 2B a
+ResNet-50's stats were 102 MiB, B = Cout*Cin matrices per conv weight).
 
 The grad column of `meta` is the only one that changes between steps (zero_grad(set_to_none=True) may
 reallocate grads): `Plan.update_grads` compares data_ptr()s on the host and re-uploads that column only when
@@ -112,7 +114,7 @@ C_NROWS = tl.constexpr(8)      # M (0 for flat tensors)
 C_NCOLS = tl.constexpr(9)      # N
 C_WS_COL = tl.constexpr(10)    # first workspace float of this tensor's column partials (phases 1, 3)
 C_WS_BLK = tl.constexpr(11)    # first workspace float of this tensor's block partials (phase 2)
-C_STAT = tl.constexpr(12)      # first stats float: mean_M(r)[B], mean_M(R)[B]
+C_STAT = tl.constexpr(12)      # first stats float: mean_M(r)[B], mean_M(R)[B] (packed tensors: none)
 C_DIV = tl.constexpr(13)       # stats index of the clip divisor
 C_VEC = tl.constexpr(14)       # 1: 16-byte loads are safe for this tensor (see the module docstring)
 C_TILES = tl.constexpr(15)     # row tiles of ROWS rows per stripe (factored tensors)
@@ -515,7 +517,8 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         vec_base.append(_vec_ok(p, None, m, c, C, v, comps[t]))
         vec.append(_vec_ok(p, g, m, c, C, v, comps[t]))
         kind = _MKINDS[m.dtype]
-        meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + 2 * B,
+        n_means = 0 if pm else 2 * B  # packed blocks compute their means in-block, in every phase
+        meta.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), *addr, numel, M, N, ws_col, ws_blk, stat, stat + n_means,
                      vec[-1], t_tiles, kind, 0 if absmaxes[t] is None else absmaxes[t].data_ptr(), q_blocks,
                      0 if comps[t] is None else comps[t].data_ptr(), pm, npad, ws_q1 + n_q, ws_w, t_tiles1, ws_q1])
         if kind == 2:  # MK_INT8
@@ -525,7 +528,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         ws_blk += n_tile  # phase 2 (or phase 1: flat, packed) writes one sum per row-tile block
         if npad:
             ws_w += B * N
-        stat += 2 * B + 1
+        stat += n_means + 1
     blocks = _largest_first(*blk)
     tile_blocks = blocks if tiles == 1 else _largest_first(*tblk)
     blocks_dev = blocks.to(device)
@@ -748,7 +751,14 @@ def _packed_factors(meta, t, x, rb, cb, rows, rmask, cols, cmask, M, N, beta, on
     col = _ema(tl.load(col_ptr + cols, mask=cmask, other=0.0), beta, one_minus_beta,
                tl.sum(x, axis=1) / M.to(tl.float32) + eps)
     tl.store(col_ptr + cols, col, mask=cmask)
-    return row, col, tl.sum(tl.where(rmask, row, 0.0), axis=1) / M.to(tl.float32)
+    return row, col, _packed_mean(row, rmask, M)
+
+
+@triton.jit
+def _packed_mean(row, rmask, M):
+    """mean_M of each matrix's row statistic ([K, PM] tile): packed tensors keep no means in `stats`, every
+    phase takes them from the rows (the same sum in the same order as phase 1's, of the values it stored)."""
+    return tl.sum(tl.where(rmask, row, 0.0), axis=1) / M.to(tl.float32)
 
 
 @triton.jit

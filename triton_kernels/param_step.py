@@ -24,7 +24,7 @@ import triton.language as tl
 from .came_math import (QBLOCK, STREAM_MOMENTUM, STREAM_PARAM, _dequantize, _ema, _factored_u, _param_update, _rsqrt,
                         _quantize, _random_bits, _round_to, _sr_bf16)
 from .momentum_res import _load_momentum
-from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed
+from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed, _packed_mean
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_COMP, C_DIV, C_G, C_M, C_MKIND, C_NROWS, C_NUMEL, C_P, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_STAT, C_VEC, FLAT_BLOCK, FLAT_CHUNK, MK_BF16, MK_FP32,
                            MK_INT8, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block, _vec_run)
@@ -219,10 +219,9 @@ def _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE: tl.conste
     """One packed block of tensor t (multi_tensor.PACK_ELEMS): update = m * rsqrt(R / mean_M(R)) * rsqrt(C)."""
     SAME: tl.constexpr = DTYPE == tl.float32
     M, N, eb, rb, cb, k0, k, kmask, idx, mask, rows, rmask, cols, cmask = _packed(meta, t, local, PM, PK)
-    B = _field(meta, t, C_NUMEL) // (M * N)
     m = tl.load(_ptr(meta, t, C_M, tl.float32, False) + eb + idx, mask=mask, other=0.0)
     R = tl.load(_ptr(meta, t, C_RES_ROW, tl.float32, False) + rb + rows, mask=rmask, other=1.0)
-    mean_R = tl.load(stats + _field(meta, t, C_STAT) + B + k0 + k, mask=kmask, other=1.0)
+    mean_R = _packed_mean(R, rmask, M)
     C = tl.load(_ptr(meta, t, C_RES_COL, tl.float32, False) + cb + cols, mask=cmask, other=1.0)
     update = m * _rsqrt(R / mean_R[:, None])[:, :, None] * _rsqrt(C)[:, None, :]
     if BIAS:

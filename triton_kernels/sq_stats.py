@@ -141,15 +141,14 @@ def _sq_chunk(meta, t, local, ws, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.c
 @triton.jit
 def _sq_packed(meta, t, local, ws, stats, beta2, one_minus_beta2, eps1, inv, DTYPE: tl.constexpr, PM: tl.constexpr,
                PK: tl.constexpr, AMP: tl.constexpr, FUSED: tl.constexpr):
-    """One packed block of tensor t (multi_tensor.PACK_ELEMS): r, c and mean_M(r) of its whole matrices;
-    FUSED: ws[blk] = the block's sum of u^2."""
+    """One packed block of tensor t (multi_tensor.PACK_ELEMS): r and c of its whole matrices; FUSED: ws[blk] =
+    the block's sum of u^2."""
     M, N, eb, rb, cb, k0, k, kmask, idx, mask, rows, rmask, cols, cmask = _packed(meta, t, local, PM, PK)
     g = tl.load(_ptr(meta, t, C_G, DTYPE, False) + eb + idx, mask=mask, other=0.0).to(tl.float32)
     if AMP:
         g = g * inv
     r, c, mean_r = _packed_factors(meta, t, g * g, rb, cb, rows, rmask, cols, cmask, M, N, beta2, one_minus_beta2,
                                    eps1, C_ROW, C_COL)
-    tl.store(stats + _field(meta, t, C_STAT) + k0 + k, mean_r, mask=kmask)
     if FUSED:  # the padding (g = 0) gets factors of 1: its r / mean_M(r) can underflow to 0, and rsqrt(0) * 0 is NaN
         u = g * _rsqrt(tl.where(rmask, r / mean_r[:, None], 1.0))[:, :, None] * \
             _rsqrt(tl.where(cmask, c, 1.0))[:, None, :]
