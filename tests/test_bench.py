@@ -186,7 +186,7 @@ def test_gpu_check_script_parses_and_its_optimizer_list_resolves():
     subprocess.run(["bash", "-n", script], check=True)
     text = open(script).read()
     lists = [chunk.split("'", 1)[0].split(",") for chunk in text.split("--optim '")[1:]]
-    assert len(lists) == 3  # the main step benchmark, ResNet-50, the low-precision momentum
+    assert len(lists) == 4  # the main step benchmark, ResNet-50, the low-precision momentum (steps, phases)
     for optim in lists:  # every name resolves (an unknown one raises)
         specs, skipped = utils.optimizer_specs(torch.device("cpu"), select=optim)
         assert {s.name for s in specs} | set(skipped) == set(optim)
