@@ -99,9 +99,9 @@ def main() -> int:
             extras = [dict(v, BIAS=False) for v in extras] + [dict(extras[0], BIAS=True)]
         if "MAXIMIZE" in fn.arg_names and not (kind and "maximize" in kind):
             extras = [dict(v, MAXIMIZE=False) for v in extras]
-        if "LOWBIT" in fn.arg_names:  # the opt-in bf16/int8 momentum bodies, for fp32 and bf16 params
-            base = [dict(v, LOWBIT=False) for v in extras]
-            extras = base + [dict(base[i], LOWBIT=True) for i, v in enumerate(base)
+        if "LOWBIT" in fn.arg_names:  # the opt-in bf16 (1) and int8 (2) momentum bodies, fp32 and bf16 params
+            base = [dict(v, LOWBIT=0) for v in extras]
+            extras = base + [dict(base[i], LOWBIT=lb) for lb in (1, 2) for i, v in enumerate(base)
                              if v.get("DTYPE") in (tl.float32, tl.bfloat16) and not v.get("AMP")
                              and not v.get("BIAS") and not v.get("TILED") and not v.get("MAXIMIZE")]
         if "ROUNDING" in fn.arg_names:  # param_rounding of bf16 params: stochastic, kahan
@@ -139,7 +139,7 @@ def main() -> int:
             for arch in archs:
                 try:
                     options = {"num_warps": num_warps}
-                    if kname == "_momentum_res_kernel" and not extra.get("LOWBIT"):  # the launch's register cap
+                    if kname == "_momentum_res_kernel" and extra.get("LOWBIT") != 2:  # the launch's register cap
                         options["maxnreg"] = importlib.import_module(
                             "came_kernels.triton_kernels.momentum_res").MAXNREG
                     k = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

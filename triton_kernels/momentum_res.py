@@ -12,7 +12,9 @@ Opt-in low-precision momentum (factored tensors of at least LOWBIT_MIN_NUMEL ele
     bf16   m is loaded from bf16 and stored as came_math._sr_bf16(m, Philox bits of stream 0)
     int8   m = q * (absmax * fp32(1/127)); the new m is not stored here: qmax[block] = max |new m| (atomic
            max on the bits, exact in any order), qold[block] = the old absmax; phase 4 stores the codes
-The residual uses the new m before it is rounded (as the torch backend).
+The residual uses the new m before it is rounded (as the torch backend). Groups without an int8 momentum
+(multi_tensor.LB_BF16) take the default slab body for their bf16 momenta too, m loaded and stored as bf16,
+at the default launch's register cap; groups with one take the _lp bodies, uncapped.
 Traffic per element: reads g (4 B fp32, 2 B bf16) and m (4 B), writes m (4 B): 12 B fp32, 10 B bf16; flat
 tensors also read v (4 B). bf16 m: 8 B fp32 params, 6 B bf16 (plus a Philox4x32-10 per element); int8 m:
 reads g and q only, 5 B fp32, 3 B bf16 (the absmax gathers hit one float per 256 elements; one atomic per
@@ -24,8 +26,8 @@ import triton.language as tl
 
 from . import multi_tensor as _mt
 from .came_math import QBLOCK, STREAM_MOMENTUM, _dequantize, _ema, _factored_u, _random_bits, _rsqrt, _sr_bf16
-from .multi_tensor import (C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed,
-                           _packed_factors, _packed_mean)
+from .multi_tensor import (C_PACK, LB_BF16, LB_INT8, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale,
+                           _packed, _packed_factors, _packed_mean, lowbit_of)
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_TILES, C_WS_COL, MK_BF16, MK_FP32, MK_INT8,
                            C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
@@ -59,8 +61,10 @@ def _update_res_rows(R_ptr, rows, rmask, sums, N, beta3, one_minus_beta3, eps2):
 
 @triton.jit
 def _momentum_res_rows(g_ptr, m_ptr, rows, rmask, row_f, cols, cmask, col_f, N, div, beta1, one_minus_beta1, inv,
-                       DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, AMP: tl.constexpr):
-    """m of the rows [W, R] x cols [C] (stored), and the residual (u_hat - m)^2 as [W, R, C], 0 where masked."""
+                       key, step, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, AMP: tl.constexpr,
+                       MKIND: tl.constexpr):
+    """m of the rows [W, R] x cols [C] (stored; MKIND MK_BF16: from and to bf16, rounded stochastically with
+    the bits of (key, step)), and the residual (u_hat - m)^2 of the unrounded m as [W, R, C], 0 where masked."""
     mask = rmask[:, :, None] & cmask[None, None, :]
     idx = rows[:, :, None] * N + cols[None, None, :]
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -69,19 +73,22 @@ def _momentum_res_rows(g_ptr, m_ptr, rows, rmask, row_f, cols, cmask, col_f, N, 
     if MAXIMIZE:
         g = -g
     u_hat = g * row_f[:, :, None] * col_f[None, None, :] / div
-    m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0), beta1, one_minus_beta1, u_hat)
-    tl.store(m_ptr + idx, m, mask=mask)
+    m = _ema(tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32), beta1, one_minus_beta1, u_hat)
     res = u_hat - m
+    if MKIND == MK_BF16:
+        tl.store(m_ptr + idx, _sr_bf16(m, _random_bits(key, step, idx, STREAM_MOMENTUM)), mask=mask)
+    else:
+        tl.store(m_ptr + idx, m, mask=mask)
     return tl.where(mask, res * res, 0.0)
 
 
-# The default path (fp32 momenta): this body, unchanged, keeps its code (registers) exactly as without
-# the opt-in state; the _lp variant below is built only for groups with a bf16/int8 momentum.
+# The default path (fp32 momenta, and bf16 ones in groups without int8 momenta): MKIND is a constant per
+# call, so the fp32 body keeps its code; the _lp variant below is built only for groups with an int8 momentum.
 @triton.jit
 def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3, eps2,
-                         inv, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
+                         inv, rng, DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr,
                          SLAB_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         TILED: tl.constexpr, AMP: tl.constexpr):
+                         TILED: tl.constexpr, AMP: tl.constexpr, MKIND: tl.constexpr):
     """One stripe of factored tensor t: m, then R for its rows and column partials of the residual into ws.
 
     A row tile goes by slabs of [ROWS, SLAB_N], each as two halves of [W, R, SLAB_N]: W = the warps, R rows
@@ -89,10 +96,18 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
     sums stay within a warp, its column sums over R rows within a thread; those of the two halves cross the
     warps once per slab, as in the extension's 64 x 128 slabs (csrc/momentum_res.cu). (A [ROWS, BLOCK_N] tile
     did that every 2048 values, with half the bytes in flight.) The scalar body (ALIGNED False) takes slabs
-    half as wide: with 128 columns its 32 addresses per half spill."""
+    half as wide: with 128 columns its 32 addresses per half spill. MKIND: the momentum's storage, fp32 or
+    bf16 (rng: its Philox key and step; int8 momenta take _momentum_res_stripe_lp)."""
     R: tl.constexpr = ROWS // (2 * SLAB_WARPS)
     g_ptr = _ptr(meta, t, C_G, DTYPE, ALIGNED)
-    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    key = 0
+    step = 0
+    if MKIND == MK_BF16:
+        m_ptr = _ptr(meta, t, C_M, tl.bfloat16, ALIGNED)
+        key = tl.load(rng + 2 * t)
+        step = tl.load(rng + 2 * t + 1)
+    else:
+        m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
     M, N, b, row0, row_end, n_tiles = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED)
     col_ptr = _ptr(meta, t, C_COL, tl.float32, ALIGNED) + b * N
     mean_r = tl.load(stats + _field(meta, t, C_STAT) + b)
@@ -122,7 +137,7 @@ def _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1,
                 rmask = rows < row_end
                 row_f = _rsqrt(tl.load(r_ptr + rows, mask=rmask, other=1.0) / mean_r)
                 res = _momentum_res_rows(g_ptr, m_ptr, rows, rmask, row_f, cols, cmask, col_f, N, div, beta1,
-                                         one_minus_beta1, inv, DTYPE, MAXIMIZE, AMP)
+                                         one_minus_beta1, inv, key, step, DTYPE, MAXIMIZE, AMP, MKIND)
                 row_sum = tl.sum(res, axis=2)
                 top_sum = tl.where(h == 0, top_sum + row_sum, top_sum)
                 bottom_sum = tl.where(h == 0, bottom_sum, bottom_sum + row_sum)
@@ -275,7 +290,10 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, o
     t, local = _this_block(blocks)
     div = tl.load(stats + _field(meta, t, C_DIV))
     if _field(meta, t, C_NROWS) > 0:  # factored
-        if not LOWBIT:
+        if LOWBIT != LB_INT8:
+            kind = MK_FP32  # a constant compiles the bf16 bodies out (LOWBIT: the plan's momentum kinds)
+            if LOWBIT == LB_BF16:
+                kind = _field(meta, t, C_MKIND)
             pack = 0  # a constant 0 compiles the packed bodies out (PACKED: the plan has packed tensors)
             if PACKED:
                 pack = _field(meta, t, C_PACK)
@@ -291,12 +309,24 @@ def _momentum_res_kernel(meta, blocks, ws, stats, amp, rng, qmax, qold, beta1, o
                 _momentum_res_packed(meta, t, local, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
                                      eps2, inv, DTYPE, MAXIMIZE, 8, PACK_K8, AMP)
             elif _field(meta, t, C_VEC) != 0:
-                _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, SLAB_N, True, NUM_STAGES, TILED, AMP)
+                if kind == MK_BF16:
+                    _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                         one_minus_beta3, eps2, inv, rng, DTYPE, MAXIMIZE, ROWS, SLAB_N, True,
+                                         NUM_STAGES, TILED, AMP, MK_BF16)
+                else:
+                    _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                         one_minus_beta3, eps2, inv, rng, DTYPE, MAXIMIZE, ROWS, SLAB_N, True,
+                                         NUM_STAGES, TILED, AMP, MK_FP32)
             else:
-                _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3, one_minus_beta3,
-                                     eps2, inv, DTYPE, MAXIMIZE, ROWS, SLAB_N // 2, False, NUM_STAGES, TILED, AMP)
-        else:  # a group with bf16/int8 momenta: a body per storage kind
+                if kind == MK_BF16:
+                    _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                         one_minus_beta3, eps2, inv, rng, DTYPE, MAXIMIZE, ROWS, SLAB_N // 2, False,
+                                         NUM_STAGES, TILED, AMP, MK_BF16)
+                else:
+                    _momentum_res_stripe(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
+                                         one_minus_beta3, eps2, inv, rng, DTYPE, MAXIMIZE, ROWS, SLAB_N // 2, False,
+                                         NUM_STAGES, TILED, AMP, MK_FP32)
+        else:  # a group with int8 momenta: a body per storage kind
             kind = _field(meta, t, C_MKIND)
             if kind == MK_FP32:
                 _momentum_res_factored(meta, t, local, ws, stats, div, beta1, one_minus_beta1, beta3,
@@ -333,7 +363,8 @@ def _res_finalize_kernel(meta, fin_blocks, ws, stats, amp, beta3, one_minus_beta
 
 # Register cap of the default (fp32 momentum) kernel: two 8-warp programs per SM. With up to 255 ptxas gives
 # the slab body 154 registers (sm_90 fp32; one program per SM); at 128 it spills nothing (the AOT check
-# compiles with the same cap). The low-precision bodies need more and are not capped.
+# compiles with the same cap). So is the bf16 momentum's (LB_BF16: 128, no spills); the _lp bodies of groups
+# with an int8 momentum need more and are not capped.
 MAXNREG = 128
 
 
@@ -343,13 +374,14 @@ def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, ma
     momentum (plan.lowbit): rng, the int64 [T, 2] (Philox key, step) per tensor; qmax (int32, zeros) and
     qold (fp32), plan.q_blocks slots each, for the int8 momenta."""
     # (SLAB_N is read at each launch, as STAGES: bench.triton_sweep tries other values)
+    lowbit = lowbit_of(plan)
     _momentum_res_kernel[(plan.n_blocks,)](
         plan.meta, plan.blocks, ws, stats, ws if amp is None else amp, ws if rng is None else rng,
         ws if qmax is None else qmax, ws if qold is None else qold, beta1, 1.0 - beta1, beta3, 1.0 - beta3,
         eps2, DTYPE=plan.dtype, MAXIMIZE=bool(maximize), ROWS=ROWS, BLOCK_N=BLOCK_N, SLAB_N=_mt.SLAB_N,
         FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, TILED=plan.tiles > 1, NUM_STAGES=STAGES["momentum_res"],
-        AMP=amp is not None, LOWBIT=plan.lowbit, PACKED=plan.packed, num_warps=NUM_WARPS,
-        **({} if plan.lowbit else {"maxnreg": MAXNREG}))
+        AMP=amp is not None, LOWBIT=lowbit, PACKED=plan.packed, num_warps=NUM_WARPS,
+        **({} if lowbit == int(LB_INT8) else {"maxnreg": MAXNREG}))
 
     def launch(mode, dmeta, sums):
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,

@@ -172,6 +172,10 @@ def npad_size(N: int) -> int:
 MK_FP32 = tl.constexpr(0)
 MK_BF16 = tl.constexpr(1)
 MK_INT8 = tl.constexpr(2)
+# The phase-3 and phase-4 kernels' LOWBIT launch constant (lowbit_of): which momentum kinds the group has.
+LB_FP32 = tl.constexpr(0)   # fp32 only: the default bodies
+LB_BF16 = tl.constexpr(1)   # bf16 too: the default bodies, m loaded and stored as bf16 where C_MKIND says so
+LB_INT8 = tl.constexpr(2)   # int8 too: the _lp bodies (phase 4 recomputes the new m; more registers)
 QBLOCK = 256                   # = came_math.QBLOCK = torch_backend.QBLOCK
 
 WS_ALIGN = 4                   # each tensor's column partials start on a 16-byte boundary of the workspace
@@ -553,6 +557,11 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks, pack=pack, packed=any(packs),
         fused=fused, npads=npads, wide=wide, clip_blocks=clip_blocks.to(device), n_clip_blocks=clip_blocks.shape[0],
         w_doubles=max(ws_w, 1))
+
+
+def lowbit_of(plan) -> int:
+    """LB_FP32, LB_BF16 or LB_INT8 for this plan's launches (q_blocks counts the int8 momenta's blocks)."""
+    return int(LB_FP32) if not plan.lowbit else int(LB_INT8) if plan.q_blocks else int(LB_BF16)
 
 
 def finalize(plan, ws, launch, shards, phase: str) -> None:

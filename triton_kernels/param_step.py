@@ -27,7 +27,8 @@ from .momentum_res import _load_momentum
 from .multi_tensor import C_PACK, PACK_K1, PACK_K4, PACK_K8, _amp_found_inf, _amp_inv_scale, _packed, _packed_mean
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_COMP, C_DIV, C_G, C_M, C_MKIND, C_NROWS, C_NUMEL, C_P, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_STAT, C_VEC, FLAT_BLOCK, FLAT_CHUNK, MK_BF16, MK_FP32,
-                           MK_INT8, NUM_WARPS, ROWS, STAGES, _field, _ptr, _stripe, _this_block, _vec_run)
+                           MK_INT8, NUM_WARPS, ROWS, STAGES, LB_BF16, LB_FP32, LB_INT8, _field, _ptr, _stripe,
+                           _this_block, _vec_run, lowbit_of)
 
 # param_rounding of bf16 params (a launch constant; other dtypes always take NEAREST)
 NEAREST = tl.constexpr(0)
@@ -89,15 +90,20 @@ def _int8_momentum(meta, t, b, N, idx, rows, rmask, cols, cmask, mask, stats, in
     return _dequantize(q, absmax)
 
 
-# The default path (fp32 momentum, params rounded to nearest): these bodies, unchanged, keep its code
-# (registers) exactly as without the opt-in state; the _lp variants below are built only when asked for.
+# The default path (fp32 or bf16 momentum, params rounded to nearest): MKIND is a constant per call, so the fp32
+# bodies keep their code; the _lp variants below are built only when asked for (int8 momenta, param_rounding).
 @triton.jit
 def _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr, BIAS: tl.constexpr):
-    """One stripe of factored tensor t: update = m * rsqrt(R / mean_M(R)) * rsqrt(C), then p."""
+                  BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr, BIAS: tl.constexpr,
+                  MKIND: tl.constexpr):
+    """One stripe of factored tensor t: update = m * rsqrt(R / mean_M(R)) * rsqrt(C), then p. MKIND: the
+    momentum's storage, fp32 or bf16 (the update uses m as stored)."""
     SAME: tl.constexpr = DTYPE == tl.float32
     p_ptr = _ptr(meta, t, C_P, DTYPE, ALIGNED)
-    m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
+    if MKIND == MK_BF16:
+        m_ptr = _ptr(meta, t, C_M, tl.bfloat16, ALIGNED)
+    else:
+        m_ptr = _ptr(meta, t, C_M, tl.float32, ALIGNED)
     M, N, b, row0, row_end, _ = _stripe(meta, t, local, ROWS, DTYPE, ALIGNED, TILED=False)  # one row tile
     B = _field(meta, t, C_NUMEL) // (M * N)
     C_ptr = _ptr(meta, t, C_RES_COL, tl.float32, ALIGNED) + b * N
@@ -110,7 +116,7 @@ def _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE: tl.conste
         cmask = cols < N
         mask = rmask[:, None] & cmask[None, :]
         idx = rows[:, None] * N + cols[None, :]
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         update = _factored_u(m, R, mean_R, tl.load(C_ptr + cols, mask=cmask, other=1.0))
         if BIAS:
             update = update * s_m
@@ -244,10 +250,14 @@ def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, rng, qmax,
     s_m = 1.0
     if BIAS:
         s_m = tl.load(bias_scales + 2 * t + 1)
-    if not LOWBIT and ROUNDING == NEAREST:
+    if LOWBIT != LB_INT8 and ROUNDING == NEAREST:
         # Packed small matrices, one body per compiled tile size (multi_tensor.PACK_SIZES); else two copies of
-        # each body: with 16-byte loads where the host found them safe (C_VEC), else scalar.
+        # each body: with 16-byte loads where the host found them safe (C_VEC), else scalar. bf16 momenta
+        # (LOWBIT: the plan's momentum kinds) take the same bodies; flat tensors keep fp32 ones.
         if _field(meta, t, C_NROWS) > 0:  # factored
+            kind = MK_FP32  # a constant compiles the bf16 bodies out
+            if LOWBIT == LB_BF16:
+                kind = _field(meta, t, C_MKIND)
             pack = 0  # a constant 0 compiles the packed bodies out (PACKED: the plan has packed tensors)
             if PACKED:
                 pack = _field(meta, t, C_PACK)
@@ -258,11 +268,19 @@ def _param_step_kernel(meta, blocks, stats, lr_ptr, amp, bias_scales, rng, qmax,
             elif pack == 8:
                 _param_packed(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, 8, PACK_K8, BIAS)
             elif _field(meta, t, C_VEC) != 0:  # 16 values of m and p per thread in flight (the scalar body: 8)
-                _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, 2 * BLOCK_N, True,
-                              NUM_STAGES, BIAS)
+                if kind == MK_BF16:
+                    _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, 2 * BLOCK_N, True,
+                                  NUM_STAGES, BIAS, MK_BF16)
+                else:
+                    _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, 2 * BLOCK_N, True,
+                                  NUM_STAGES, BIAS, MK_FP32)
             else:
-                _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, False, NUM_STAGES,
-                              BIAS)
+                if kind == MK_BF16:
+                    _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, False,
+                                  NUM_STAGES, BIAS, MK_BF16)
+                else:
+                    _param_stripe(meta, t, local, stats, lr, s_m, weight_decay, DTYPE, ROWS, BLOCK_N, False,
+                                  NUM_STAGES, BIAS, MK_FP32)
         else:
             if _field(meta, t, C_VEC) != 0:
                 _param_chunk(meta, t, local, lr, s_m, weight_decay, DTYPE, FLAT_CHUNK, FLAT_BLOCK, True, BIAS)
@@ -282,9 +300,9 @@ def _param_step_lp(meta, t, local, stats, lr, s_m, weight_decay, amp, rng, qmax,
     """The kernel's body with the opt-in low-precision state."""
     inv = _amp_inv_scale(amp, AMP)
     if _field(meta, t, C_NROWS) > 0:  # factored
-        # LOWBIT (a launch constant): the group has bf16/int8 momenta; without it only the fp32 body is built.
+        # LOWBIT (a launch constant): the group's momentum kinds; only their bodies are built.
         kind = MK_FP32
-        if LOWBIT:
+        if LOWBIT != LB_FP32:
             kind = _field(meta, t, C_MKIND)
         if kind == MK_FP32:
             _param_factored(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax,
@@ -292,7 +310,7 @@ def _param_step_lp(meta, t, local, stats, lr, s_m, weight_decay, amp, rng, qmax,
         elif kind == MK_BF16:
             _param_factored(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax,
                             qold, DTYPE, ROWS, BLOCK_N, NUM_STAGES, BIAS, MK_BF16, ROUNDING, MAXIMIZE, AMP)
-        else:
+        elif LOWBIT == LB_INT8:  # (int8 recomputes the new m here: the most registers)
             _param_factored(meta, t, local, stats, lr, s_m, weight_decay, inv, beta1, one_minus_beta1, rng, qmax,
                             qold, DTYPE, ROWS, BLOCK_N, NUM_STAGES, BIAS, MK_INT8, ROUNDING, MAXIMIZE, AMP)
     else:
@@ -316,5 +334,5 @@ def param_step(plan, stats, lr, *, weight_decay: float, amp=None, bias_scales=No
         lr if bias_scales is None else bias_scales, lr if rng is None else rng, lr if qmax is None else qmax,
         lr if qold is None else qold, weight_decay, beta1, 1.0 - beta1, DTYPE=plan.dtype, ROWS=ROWS,
         BLOCK_N=BLOCK_N, FLAT_CHUNK=FLAT_CHUNK, FLAT_BLOCK=FLAT_BLOCK, NUM_STAGES=STAGES["param_step"],
-        AMP=amp is not None, BIAS=bias_scales is not None, LOWBIT=plan.lowbit, ROUNDING=mode,
+        AMP=amp is not None, BIAS=bias_scales is not None, LOWBIT=lowbit_of(plan), ROUNDING=mode,
         MAXIMIZE=bool(maximize), PACKED=plan.packed, num_warps=NUM_WARPS)
