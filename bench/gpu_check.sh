@@ -168,9 +168,9 @@ if [ -z "${SKIP_PHASES:-}" ]; then
 fi
 
 if [ -n "${SWEEP:-}" ]; then
-  echo "== Triton tuning sweep (pipeline depth, 2-byte read tile) and its checks"
+  echo "== Triton tuning sweep (pipeline depth, 2-byte read tile, slab, finalize tile) and its checks"
   t1=$SECONDS
-  timeout "${SWEEP_TIMEOUT:-90}" "$PY" -m bench.triton_sweep >"$LOG/sweep.log" 2>&1
+  timeout "${SWEEP_TIMEOUT:-120}" "$PY" -m bench.triton_sweep >"$LOG/sweep.log" 2>&1
   rc=$?
   tail -n 40 "$LOG/sweep.log"
   [ $rc -eq 0 ] || { echo "SWEEP FAILED OR TIMED OUT (rc=$rc)"; }

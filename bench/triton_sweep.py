@@ -6,7 +6,8 @@
 2. Sweep: per-phase time (each phase's launcher with its finalize; CUDA events, median of --reps launches
    after one warm-up) of every phase on the
    full-size shape sets, for each setting of the pipeline depth (multi_tensor.STAGES), of the 2-byte read
-   tile (multi_tensor.BLOCK_N_2B), of momentum_res's column slab (multi_tensor.SLAB_N) and of
+   tile (multi_tensor.BLOCK_N_2B), of momentum_res's column slab (multi_tensor.SLAB_N), of the finalize's
+   tile (column "fin tile": multi_tensor.FIN_STRIPES x FIN_COLS, in the sq_stats and momentum_res columns) and of
    CLIP_IN_PHASE1 (column "clip": 1 = phase 1 sums the clip's statistic, phase 2 runs only for rows wider
    than NPAD_MAX), with the achieved bandwidth as % of the device copy bandwidth.
 Launches repeat on the same state, which drifts a little: timing only, the checks above prove the results.
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="1,2,3", help="pipeline depths to try (all phases at once)")
     ap.add_argument("--block-n-2b", default="64,32", help="2-byte read tiles to try (at the first depth)")
     ap.add_argument("--slab-n", default="128,64", help="momentum_res column slabs to try (at the first depth)")
+    ap.add_argument("--fin", default="64x32,128x32,64x64,32x128",
+                    help="finalize tiles STRIPESxCOLS to try (at the first depth; the first is the default)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -153,24 +156,27 @@ def main(argv=None) -> int:
     stages = [int(x) for x in args.stages.split(",")]
     bn2 = [int(x) for x in args.block_n_2b.split(",")]
     slabs = [int(x) for x in args.slab_n.split(",")]
-    configs = [(s, bn2[0], 1, slabs[0]) for s in stages] + [(stages[0], b, 1, slabs[0]) for b in bn2[1:]] + \
-        [(stages[0], bn2[0], 0, slabs[0])] + [(stages[0], bn2[0], 1, n) for n in slabs[1:]]
+    fins = [tuple(int(v) for v in x.split("x")) for x in args.fin.split(",")]
+    configs = [(s, bn2[0], 1, slabs[0], fins[0]) for s in stages] + \
+        [(stages[0], b, 1, slabs[0], fins[0]) for b in bn2[1:]] + [(stages[0], bn2[0], 0, slabs[0], fins[0])] + \
+        [(stages[0], bn2[0], 1, n, fins[0]) for n in slabs[1:]] + [(stages[0], bn2[0], 1, slabs[0], f) for f in fins[1:]]
     header = None
     for name in args.sets.split(","):
         for dt in args.dtype.split(","):
-            for s, b, fused, slab in configs:
+            for s, b, fused, slab, fin in configs:
                 if dt == "fp32" and b != bn2[0]:
                     continue  # BLOCK_N_2B is for 2-byte dtypes only
                 mt.STAGES.update(dict.fromkeys(mt.STAGES, s))
                 mt.BLOCK_N_2B = b
                 mt.SLAB_N = slab
+                mt.FIN_STRIPES, mt.FIN_COLS = fin  # (a plan keeps the FIN_COLS it is built with)
                 res, plan = sweep_one(shapes_mod.SETS[name](1.0), dtypes[dt], args.reps, bw, bool(fused))
                 names = ["sq_stats", "clip_stats", "momentum_res", "param_step"]
                 if header is None:
-                    header = f"| shapes | dtype | stages | BN2B | slab | clip | " + " | ".join(names) + \
+                    header = f"| shapes | dtype | stages | BN2B | slab | fin tile | clip | " + " | ".join(names) + \
                         " | programs | fin | ws MiB |"
                     print(header, flush=True)
-                print(f"| {name} | {dt} | {s} | {b} | {slab} | {fused} | " +
+                print(f"| {name} | {dt} | {s} | {b} | {slab} | {fin[0]}x{fin[1]} | {fused} | " +
                       " | ".join(res.get(k, "-") for k in names) +
                       f" | {plan.n_blocks} | {plan.n_fin} | {4 * plan.ws_floats / 2 ** 20:.1f} |", flush=True)
                 del plan

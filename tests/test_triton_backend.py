@@ -401,6 +401,31 @@ def test_packed_small_matrices_match_the_torch_backend(dtype, monkeypatch):
             assert_close_rel(st[key], st_ref[key], 1e-5, f"{key} of {tuple(a.shape)}")
 
 
+@pytest.mark.parametrize("fin", [(16, 64), (128, 32)], ids=["16x64", "128x32"])
+def test_other_finalize_tiles_give_the_same_step(fin, monkeypatch):
+    # bench.triton_sweep tries other finalize tiles: FIN_STRIPES is read at each launch, FIN_COLS when a plan
+    # is built (its column programs are cut by it: Plan.fin_cols). Stripes past one tile (70 stripes of a
+    # 4480-row matrix), a batch of matrices whose columns a program spans, columns not a multiple of either.
+    monkeypatch.setattr(mt, "FIN_STRIPES", fin[0])
+    monkeypatch.setattr(mt, "FIN_COLS", fin[1])
+    monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
+    shapes = [(4480, 3), (3, 70, 50), (9, 130)]
+    gen = torch.Generator().manual_seed(12)
+    ps = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
+    spec = [p.clone() for p in ps]
+    sts, st2 = [_state(p) for p in ps], [_state(p) for p in ps]
+    cache = {}
+    for _ in range(2):
+        gs = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
+        _step(triton_backend, ps, gs, sts, cache=cache)
+        _step(torch_backend, spec, gs, st2)
+    assert cache["plan"].fin_cols == fin[1]
+    for a, b, st, st_ref in zip(ps, spec, sts, st2):
+        assert_close_rel(a, b, 1e-6, f"param {tuple(a.shape)}")
+        for key in st:
+            assert_close_rel(st[key], st_ref[key], 1e-5, f"{key} of {tuple(a.shape)}")
+
+
 # ------------------------------------------------------------------ 64-bit offsets
 def test_int64_offsets_reach_the_last_stripe_and_chunk_of_tensors_over_2_31_elements():
     """Tables describing a [2^26+5, 40] matrix (2.7e9 elements) and a flat tensor of 2^31+100 elements,

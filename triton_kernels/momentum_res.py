@@ -30,7 +30,7 @@ from .multi_tensor import (C_PACK, LB_BF16, LB_INT8, PACK_K1, PACK_K4, PACK_K8, 
                            _packed, _packed_factors, _packed_mean, lowbit_of)
 from .multi_tensor import (BLOCK_N, C_ABSMAX, C_COL, C_DIV, C_G, C_M, C_MKIND, C_NCOLS, C_NROWS, C_NUMEL, C_QOFF,
                            C_RES_COL, C_RES_ROW, C_ROW, C_TILES, C_WS_COL, MK_BF16, MK_FP32, MK_INT8,
-                           C_STAT, C_VEC, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
+                           C_STAT, C_VEC, FIN_MEAN, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
                            NUM_WARPS, ROWS, STAGES, _add_column_partials, _field,
                            _finalize_columns_and_means, _ptr, _row_tile_done, _stripe, _this_block, _vec_run,
                            _ws_col, finalize)
@@ -386,7 +386,7 @@ def momentum_res(plan, ws, stats, *, beta1: float, beta3: float, eps2: float, ma
     def launch(mode, dmeta, sums):
         _res_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
                                             beta3, 1.0 - beta3, eps2, dmeta, sums, AMP=amp is not None,
-                                            ROWS=ROWS, FIN_STRIPES=FIN_STRIPES, FIN_COLS=FIN_COLS,
+                                            ROWS=ROWS, FIN_STRIPES=_mt.FIN_STRIPES, FIN_COLS=plan.fin_cols,
                                             FIN_MEAN=FIN_MEAN, NUM_STAGES=STAGES["finalize"], MODE=mode,
                                             num_warps=FIN_WARPS)
     finalize(plan, ws, launch, shards, "res")

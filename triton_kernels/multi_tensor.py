@@ -93,9 +93,11 @@ BLOCK_N_2B = 64      # phases 1 and 2 (they only read g) with 2-byte grads: the 
 STAGES = dict(sq_stats=1, sq_rows=1, clip_stats=1, momentum_res=1, param_step=1, finalize=1)
 FLAT_CHUNK = 16384   # elements per program for tensors with ndim < 2
 FLAT_BLOCK = 1024    # elements per tile inside a flat chunk
-FIN_STRIPES = 64     # finalize column programs: stripes per tile ...
+FIN_STRIPES = 64     # finalize column programs: stripes per tile (read at each launch) ...
 FIN_COLS = 32        # ... and columns (128 bytes: one cache line per stripe). Narrow, so that a wide matrix
-                     # makes many programs: GPT-2's wte (768 columns) gives 24, not 3.
+                     # makes many programs: GPT-2's wte (768 columns) gives 24, not 3. A plan keeps the value
+                     # it was built with (Plan.fin_cols: its finalize programs are cut by it).
+                     # bench.triton_sweep --fin tries other tiles.
 FIN_MEAN = 4096      # finalize mean programs: rows per tile
 FIN_WARPS = 8
 NUM_WARPS = 8
@@ -234,6 +236,7 @@ class Plan:
     packed: bool = False       # some tensor is packed: the kernels are launched with their packed bodies
     fused: bool = False        # build_plan's `fused`: phase 1 sums the clip statistic where it can (CLIP_IN_PHASE1)
     npads: int = 0             # bit i: some tensor takes the in-register phase-1 body of NPAD_SIZES[i] (compiled in)
+    fin_cols: int = FIN_COLS   # the finalize's columns per program (FIN_COLS when the plan was built)
     wide: bool = True          # some stripe tensor takes the phase-1 body that loops over N (C_NPAD = 0)
     clip_blocks: torch.Tensor = None  # phase-2 blocks: those of tile_blocks whose tensors have C_NPAD = 0 ...
     n_clip_blocks: int = 0            # ... (all of them when not fused)
@@ -555,6 +558,7 @@ def build_plan(params, grads, exp_avgs, rows, cols, res_rows, res_cols, sqs, abs
         n_blocks_big=blocks_big.shape[0], vec_base=tuple(vec_base),
         vec=tuple(vec), numels=tuple(p.numel() for p in params),
         lowbit=any(m.dtype != torch.float32 for m in exp_avgs), q_blocks=q_blocks, pack=pack, packed=any(packs),
+        fin_cols=FIN_COLS,
         fused=fused, npads=npads, wide=wide, clip_blocks=clip_blocks.to(device), n_clip_blocks=clip_blocks.shape[0],
         w_doubles=max(ws_w, 1))
 

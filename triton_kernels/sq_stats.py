@@ -24,7 +24,7 @@ import triton.language as tl
 from .came_math import _ema, _rsqrt
 from .multi_tensor import _amp_found_inf, _amp_inv_scale
 from .multi_tensor import (C_COL, C_G, C_NPAD, C_NROWS, C_NUMEL, C_PACK, C_ROW, C_STAT, C_TILES1, C_VEC, C_WS_BLK,
-                           C_WS_P, C_WS_Q1, FIN_COLS, FIN_MEAN, FIN_STRIPES, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
+                           C_WS_P, C_WS_Q1, FIN_MEAN, FIN_WARPS, FLAT_BLOCK, FLAT_CHUNK,
                            NUM_WARPS, PACK_K1, PACK_K4, PACK_K8, REG_ELEMS, ROWS, STAGES, _add_column_partials, _field,
                            _finalize_columns_and_means, _packed, _packed_factors, _ptr, _row_tile_done, _stripe_of,
                            _this_block, _vec_run, _ws_col, finalize, read_block_n)
@@ -267,7 +267,7 @@ def sq_stats(plan, ws, stats, *, beta2: float, eps1: float, amp=None, shards=Non
     def launch(mode, dmeta, sums):
         _sq_finalize_kernel[(plan.n_fin,)](plan.meta, plan.fin_blocks, ws, stats, ws if amp is None else amp,
                                            beta2, 1.0 - beta2, eps1, dmeta, sums, wsd if fused else ws, ROWS=ROWS,
-                                           FIN_STRIPES=FIN_STRIPES, FIN_COLS=FIN_COLS, FIN_MEAN=FIN_MEAN,
+                                           FIN_STRIPES=_mt.FIN_STRIPES, FIN_COLS=plan.fin_cols, FIN_MEAN=FIN_MEAN,
                                            NUM_STAGES=STAGES["finalize"], AMP=amp is not None, MODE=mode,
                                            CLIP=fused and plan.npads != 0, num_warps=FIN_WARPS)
     finalize(plan, ws, launch, shards, "stats")
