@@ -387,13 +387,19 @@ def test_packed_small_matrices_match_the_torch_backend(dtype, monkeypatch):
     shapes = [(4100, 1, 1), (300, 3, 3), (65, 7, 5), (3, 2, 2), (20, 1, 6), (5, 6, 1), (5, 9, 3), (7,)]
     assert [mt.pack_size(torch.empty(s, device="meta")) for s in shapes] == [1, 4, 8, 4, 8, 8, 0, 0]
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
-    gen = torch.Generator().manual_seed(5)
+    _matches_torch_backend(shapes, dtype, seed=5, scales=[1.0, 1e3, 1.0])
+
+
+def _matches_torch_backend(shapes, dtype, seed, scales, cache=None):
+    """Steps of the Triton and torch backends side by side from the same params and state, on the same grads
+    (scaled by `scales`, one step each); then params (to 1e-6, 16-bit: 1e-2) and every state to 1e-5."""
+    gen = torch.Generator().manual_seed(seed)
     ps = [torch.randn(s, generator=gen).to(DEV, dtype) for s in shapes]
     spec = [p.clone() for p in ps]
     sts, st2 = [_state(p) for p in ps], [_state(p) for p in ps]
-    for k in range(3):
-        gs = [(torch.randn(s, generator=gen) * (1e3 if k == 1 else 1.0)).to(DEV, dtype) for s in shapes]
-        _step(triton_backend, ps, gs, sts)
+    for scale in scales:
+        gs = [(torch.randn(s, generator=gen) * scale).to(DEV, dtype) for s in shapes]
+        _step(triton_backend, ps, gs, sts, cache=cache)
         _step(torch_backend, spec, gs, st2)
     for a, b, st, st_ref in zip(ps, spec, sts, st2):
         assert_close_rel(a.float(), b.float(), 1e-6 if dtype == torch.float32 else 1e-2, f"param {tuple(a.shape)}")
@@ -409,21 +415,10 @@ def test_other_finalize_tiles_give_the_same_step(fin, monkeypatch):
     monkeypatch.setattr(mt, "FIN_STRIPES", fin[0])
     monkeypatch.setattr(mt, "FIN_COLS", fin[1])
     monkeypatch.setattr(triton_backend, "POISON_SCRATCH", True)
-    shapes = [(4480, 3), (3, 70, 50), (9, 130)]
-    gen = torch.Generator().manual_seed(12)
-    ps = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
-    spec = [p.clone() for p in ps]
-    sts, st2 = [_state(p) for p in ps], [_state(p) for p in ps]
     cache = {}
-    for _ in range(2):
-        gs = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
-        _step(triton_backend, ps, gs, sts, cache=cache)
-        _step(torch_backend, spec, gs, st2)
+    _matches_torch_backend([(4480, 3), (3, 70, 50), (9, 130)], torch.float32, seed=12, scales=[1.0, 1.0],
+                           cache=cache)
     assert cache["plan"].fin_cols == fin[1]
-    for a, b, st, st_ref in zip(ps, spec, sts, st2):
-        assert_close_rel(a, b, 1e-6, f"param {tuple(a.shape)}")
-        for key in st:
-            assert_close_rel(st[key], st_ref[key], 1e-5, f"{key} of {tuple(a.shape)}")
 
 
 # ------------------------------------------------------------------ 64-bit offsets
