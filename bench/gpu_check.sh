@@ -19,9 +19,9 @@
 # bench/out/gpu; with $OUT set, the folder is also archived into $OUT/gpu_check_logs.tgz at exit),
 # TEST_TIMEOUT / BENCH_TIMEOUT / PHASES_TIMEOUT (seconds), BENCH_ARGS (extra args for `bench step`),
 # EXTRA_TIMEOUT (ResNet-50 and low-precision momentum steps), SWEEP_TIMEOUT, HOST_TIMEOUT, SKIP_SANITIZER,
-# SKIP_BENCH (every benchmark), SKIP_EXTRA, SKIP_HOST, SKIP_PHASES, SWEEP=1, PHASES_REF (an earlier phases.json: its times beside these
-# when it comes from the same device; default the H200 run in bench/reference/). came-pytorch: installed from
-# .whl/ if its wheel is there.
+# SKIP_BENCH (every benchmark), SKIP_EXTRA, SKIP_HOST, SKIP_PHASES, SWEEP=1, PHASES_REF (an earlier
+# phases.json: its times beside these when it comes from the same device; default the latest H200 run in
+# bench/reference/). came-pytorch: installed from .whl/ if its wheel is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -73,8 +73,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   # within the limit on a fresh machine, where every Triton kernel variant compiles first.
   # Two CPU threads each: nine processes share the machine's cores, and torch's CPU work there (the float64
   # oracle, the grads' generator) would otherwise start as many threads as cores in every one of them.
-  PT=(env OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE --tb=short -p no:cacheprovider --durations=5
-      -o faulthandler_timeout=120)
+  PT=(env OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 timeout -s INT -k 15 "$TT" "$PY" -u -m pytest -q -rfE --tb=short
+      -p no:cacheprovider --durations=5 -o faulthandler_timeout=120)
   "${PT[@]}" tests/test_fused_backends.py -k triton >"$LOG/t_triton.log" 2>&1 & p1=$!
   # The extension's error paths in a process of their own: a crash there (as an H200 machine once showed)
   # must not take the other CUDA tests with it.
@@ -163,7 +163,8 @@ if [ -z "${SKIP_PHASES:-}" ]; then
   # The opt-in low-precision momentum, phase by phase, beside the fp32 one (TinyLlama, bf16 params)
   timeout "${PHASES_TIMEOUT:-120}" "$PY" -m bench phases --sets tinyllama --dtype bf16 \
     --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton]' --out "$LOG/lowbit" \
-    >"$LOG/phases_lowbit.log" 2>&1 || { echo "LOW-PRECISION PHASE PROFILE FAILED:"; tail -n 20 "$LOG/phases_lowbit.log"; }
+    >"$LOG/phases_lowbit.log" 2>&1 \
+    || { echo "LOW-PRECISION PHASE PROFILE FAILED:"; tail -n 20 "$LOG/phases_lowbit.log"; }
   echo "   phases: $((SECONDS - t1)) s"
 fi
 
@@ -180,7 +181,7 @@ fi
 echo
 echo "== RESULT (total $((SECONDS - t0)) s; bench/RESULTS.md: card, date, commit, command, tables)"
 [ -f "$LOG/phases.json" ] && "$PY" -m bench phases --show "$LOG/phases.json" \
-  --compare "${PHASES_REF:-bench/reference/phases_h200_6a8d8cc.json}"
+  --compare "${PHASES_REF:-bench/reference/phases_h200_07530bb.json}"
 [ -f "$LOG/lowbit/phases.json" ] && "$PY" -m bench phases --show "$LOG/lowbit/phases.json" | grep -a "^|"
 [ -f "$LOG/host.log" ] && grep -a "^|" "$LOG/host.log"
 [ -f "$LOG/step.json" ] && "$PY" -m bench step --show "$LOG/step.json"
