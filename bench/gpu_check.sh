@@ -138,8 +138,8 @@ if [ -z "${SKIP_EXTRA:-}" ]; then
     --optim 'came[cuda],came[triton],adamw[fused]' --out "$LOG/resnet50" --no-plot >"$LOG/step_resnet50.log" 2>&1 \
     || { echo "RESNET-50 BENCHMARK FAILED:"; tail -n 20 "$LOG/step_resnet50.log"; status=1; }
   timeout "${EXTRA_TIMEOUT:-90}" "$PY" -m bench step --device cuda --sets tinyllama --scale 1 --dtype bf16 \
-    --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton],adamw[fused]' --out "$LOG/lowbit" \
-    --no-plot >"$LOG/step_lowbit.log" 2>&1 \
+    --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton],came-int8m[triton],adamw[fused]' \
+    --out "$LOG/lowbit" --no-plot >"$LOG/step_lowbit.log" 2>&1 \
     || { echo "LOW-PRECISION BENCHMARK FAILED:"; tail -n 20 "$LOG/step_lowbit.log"; status=1; }
   echo "   extra steps: $((SECONDS - t1)) s"
 fi
@@ -162,8 +162,8 @@ if [ -z "${SKIP_PHASES:-}" ]; then
   [ $rc -eq 0 ] || { echo "PHASE PROFILE FAILED (rc=$rc):"; tail -n 20 "$LOG/phases.log"; status=1; }
   # The opt-in low-precision momentum, phase by phase, beside the fp32 one (TinyLlama, bf16 params)
   timeout "${PHASES_TIMEOUT:-120}" "$PY" -m bench phases --sets tinyllama --dtype bf16 \
-    --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton]' --out "$LOG/lowbit" \
-    >"$LOG/phases_lowbit.log" 2>&1 \
+    --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton],came-int8m[triton]' \
+    --out "$LOG/lowbit" >"$LOG/phases_lowbit.log" 2>&1 \
     || { echo "LOW-PRECISION PHASE PROFILE FAILED:"; tail -n 20 "$LOG/phases_lowbit.log"; }
   echo "   phases: $((SECONDS - t1)) s"
 fi
