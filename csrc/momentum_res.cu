@@ -16,7 +16,8 @@
 // found_inf != 0.
 //
 // Opt-in low-precision momentum (came_step_lowbit; factored tensors whose m is bf16 or int8 codes): see
-// momentum_res_stripe_lp. The default kernels (kLow = false) are compiled as before.
+// momentum_res_stripe_lp. Groups with bf16 momenta but no int8 one take the default bodies with m loaded and
+// stored as bf16 (kLowBf16, as triton_kernels' LB_BF16); the default kernels (kLowNone) are compiled as before.
 //
 // Memory per element: reads g (fp32 4 B, bf16/fp16 2 B), reads and writes m (8 B): fp32 12 B, bf16 10 B;
 // flat tensors also read v (4 B). Column partials: 4/(64*tiles) B per element (a stripe's row tiles add
@@ -66,17 +67,25 @@ __device__ __forceinline__ void momentum_flat(const TensorDesc& d, int64_t local
 }
 
 // One row tile s of a stripe; colpart: the stripe's partials of sum_i res[i, :] (add: after its first tile).
-template <typename T, int VEC, bool kVec, bool kMaximize>
+// MK: the momentum's storage, fp32 or (kMomBf16, with L: its rng) bf16, loaded as such and stored rounded
+// stochastically (Philox stream 0, counter = element index) after the residual takes the unrounded m, as the
+// _lp body does; the default kernels take MK = kMomFp32 only.
+template <typename T, int VEC, bool kVec, bool kMaximize, int MK = kMomFp32>
 __device__ __forceinline__ void momentum_res_row_tile(const TensorDesc& d, const Stripe& s,
                                                       float* __restrict__ colpart, bool add, int& buf,
                                                       float (&tiles)[2][kWarps][32 * VEC], const Hyper& h,
-                                                      float inv) {
+                                                      float inv, const LowbitDesc* L = nullptr) {
   // Two batches of 4 rows: g and m of 4 rows are 128-192 B in flight per thread, 64-96 KB per SM at two
   // blocks per SM; 8 rows at once would need more than the 128 registers that two blocks allow.
   constexpr int kB = kVec ? kRowsPerWarp / 2 : 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* __restrict__ g = static_cast<const T*>(d.g);
   float* __restrict__ m = d.m;
+  [[maybe_unused]] int64_t key = 0, step = 0;
+  if constexpr (MK == kMomBf16) {
+    key = L->rng[0];
+    step = L->rng[1];
+  }
   const float* __restrict__ r = d.row;
   const float* __restrict__ c = d.col + s.b * s.N;
   const float mean_r = d.stat[s.b];
@@ -102,9 +111,14 @@ __device__ __forceinline__ void momentum_res_row_tile(const TensorDesc& d, const
 #pragma unroll
     for (int j0 = 0; j0 < kRowsPerWarp; j0 += kB) {
       RowTile<T, VEC, kVec, kB> gt;
-      RowTile<float, VEC, kVec, kB> mt;  // m is fp32: 16-byte loads whenever the tensor's are
+      // fp32 m: 16-byte loads whenever the tensor's are
+      std::conditional_t<MK == kMomBf16, Bf16Rows<VEC, kB>, RowTile<float, VEC, kVec, kB>> mt;
       gt.load(g, s, warp, j0, col);
-      mt.load(m, s, warp, j0, col);
+      if constexpr (MK == kMomBf16) {
+        mt.load(reinterpret_cast<const uint16_t*>(m), s, warp, j0, col);
+      } else {
+        mt.load(m, s, warp, j0, col);
+      }
 #pragma unroll
       for (int jj = 0; jj < kB; ++jj) {
         if (gt.ok[jj]) {
@@ -112,7 +126,11 @@ __device__ __forceinline__ void momentum_res_row_tile(const TensorDesc& d, const
           float sum = 0.0f;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            mv[e] = mt.at(jj, e);
+            if constexpr (MK == kMomBf16) {
+              mv[e] = bf16_bits_to_float(mt.v[jj][e]);
+            } else {
+              mv[e] = mt.at(jj, e);
+            }
             if (col + e < s.N) {  // padding lanes would compute 0 * rsqrt(0) = NaN
               const float gu = unscaled(gt.at(jj, e), inv);
               const float gx = kMaximize ? -gu : gu;
@@ -124,7 +142,18 @@ __device__ __forceinline__ void momentum_res_row_tile(const TensorDesc& d, const
             }
           }
           row_acc[j0 + jj] += sum;
-          store_vec<VEC, kVec>(m + warp_row(s, warp, j0 + jj) * s.N, col, s.N, mv);
+          if constexpr (MK == kMomBf16) {
+            uint16_t* __restrict__ mb = reinterpret_cast<uint16_t*>(m);
+            const int64_t base = warp_row(s, warp, j0 + jj) * s.N + col;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              if (col + e < s.N) {
+                mb[base + e] = sr_bf16_bits(mv[e], random_bits(key, step, base + e, kStreamMomentum));
+              }
+            }
+          } else {
+            store_vec<VEC, kVec>(m + warp_row(s, warp, j0 + jj) * s.N, col, s.N, mv);
+          }
         }
       }
     }
@@ -143,16 +172,18 @@ __device__ __forceinline__ void momentum_res_row_tile(const TensorDesc& d, const
   }
 }
 
-template <typename T, int VEC, bool kVec, bool kMaximize>
+// `tiles`: the kernel's one shared buffer for every instantiation (each its own would pass the 48 KB of static
+// shared memory a block may have once the bf16 bodies are compiled in too).
+template <typename T, int VEC, bool kVec, bool kMaximize, int MK = kMomFp32>
 __device__ __forceinline__ void momentum_res_stripe(const TensorDesc& d, int64_t local, float* __restrict__ ws,
-                                                    const Hyper& h, float inv) {
-  __shared__ float tiles[2][kWarps][32 * VEC];
+                                                    const Hyper& h, float inv, float (&tiles)[2][kWarps][32 * VEC],
+                                                    const LowbitDesc* L = nullptr) {
   const Stripe s = stripe_of(d.M, d.N, local, d.tiles);
   float* __restrict__ colpart = ws + d.ws_col + local * s.N;
   int buf = 0;
   const int64_t nt = row_tiles_of(s);
   for (int64_t t = 0; t < nt; ++t) {
-    momentum_res_row_tile<T, VEC, kVec, kMaximize>(d, row_tile(s, t), colpart, t > 0, buf, tiles, h, inv);
+    momentum_res_row_tile<T, VEC, kVec, kMaximize, MK>(d, row_tile(s, t), colpart, t > 0, buf, tiles, h, inv, L);
   }
 }
 
@@ -399,11 +430,17 @@ __device__ __forceinline__ void momentum_res_packed_any(const TensorDesc& d, int
   }
 }
 
-// kLow: the group has bf16/int8 momenta (tab.lp is set); without it the kernel is the default one, unchanged.
-template <typename T, bool kMaximize, bool kLow>
-__global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) momentum_res_kernel(DeviceTable tab, float* ws, Hyper h,
-                                                                              const float* amp) {
+// kLow (lowbit.h): kLowNone, the default kernel; kLowBf16, the group has bf16 momenta but no int8 one (tab.lp
+// is set): the default bodies, with m in bf16 where a tensor's is; kLowAll, the _lp bodies for the low-bit
+// momenta. One block per SM where the bodies need more than 128 registers: the _lp ones, and the bf16
+// momentum's with 16-bit params (8 values per vector and their Philox draws spilled 68-172 B at 128).
+template <typename T, int kLow>
+constexpr int kMomentumResBlocks = kLow == kLowAll || (kLow == kLowBf16 && sizeof(T) == 2) ? 1 : 2;
+template <typename T, bool kMaximize, int kLow>
+__global__ void __launch_bounds__(kThreads, (kMomentumResBlocks<T, kLow>)) momentum_res_kernel(
+    DeviceTable tab, float* ws, Hyper h, const float* amp) {
   constexpr int VEC = 16 / sizeof(T);
+  __shared__ float tiles[2][kWarps][32 * VEC];
   if (amp_found_inf(amp)) return;  // GradScaler: skip the whole step, else unscale g by inv
   const float inv = amp_inv_scale(amp);
   const BlockRef blk = find_main(tab);
@@ -413,8 +450,15 @@ __global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) momentum_res_kernel(De
     else momentum_flat<T, VEC, false, kMaximize>(d, blk.local, h, inv);
     return;
   }
-  if constexpr (kLow) {
-    __shared__ float tiles[2][kWarps][32 * VEC];
+  if constexpr (kLow == kLowBf16) {
+    const LowbitDesc& L = tab.lp[blk.d - tab.t];
+    if (L.mkind == kMomBf16) {
+      if (d.vec_ok) momentum_res_stripe<T, VEC, true, kMaximize, kMomBf16>(d, blk.local, ws, h, inv, tiles, &L);
+      else momentum_res_stripe<T, VEC, false, kMaximize, kMomBf16>(d, blk.local, ws, h, inv, tiles, &L);
+      return;
+    }
+  }
+  if constexpr (kLow == kLowAll) {
     const LowbitDesc& L = tab.lp[blk.d - tab.t];
     if (L.mkind == kMomBf16) {
       if (d.vec_ok) momentum_res_stripe_lp<T, VEC, true, kMaximize, kMomBf16>(d, L, blk.local, ws, h, inv, tiles);
@@ -427,8 +471,8 @@ __global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) momentum_res_kernel(De
       return;
     }
   }
-  if (d.vec_ok) momentum_res_stripe<T, VEC, true, kMaximize>(d, blk.local, ws, h, inv);
-  else momentum_res_stripe<T, VEC, false, kMaximize>(d, blk.local, ws, h, inv);
+  if (d.vec_ok) momentum_res_stripe<T, VEC, true, kMaximize>(d, blk.local, ws, h, inv, tiles);
+  else momentum_res_stripe<T, VEC, false, kMaximize>(d, blk.local, ws, h, inv, tiles);
 }
 
 // Phase 3 of the packed tensors (plan.h), a launch of their own over the blocks [first, first + grid).
@@ -462,10 +506,14 @@ void momentum_res_launch(const Group& grp, const Hyper& h, float* ws, const floa
     CAME_BOOL_SWITCH(h.maximize, kMaximize, [&] {
       const int64_t grid = grp.main_blocks - grp.packed_blocks;  // the packed blocks end the numbering
       if (grid > 0) {
-        CAME_BOOL_SWITCH(grp.lowbit_momentum, kLow, [&] {
-          momentum_res_kernel<scalar_t, kMaximize, kLow><<<grid, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        if (!grp.lowbit_momentum) {
+          momentum_res_kernel<scalar_t, kMaximize, kLowNone><<<grid, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+        } else if (grp.q_blocks == 0) {  // bf16 momenta, no int8 one
+          momentum_res_kernel<scalar_t, kMaximize, kLowBf16><<<grid, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+        } else {
+          momentum_res_kernel<scalar_t, kMaximize, kLowAll><<<grid, kThreads, 0, stream>>>(grp.tab, ws, h, amp);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (grp.packed_blocks > 0) {
         momentum_res_packed_kernel<scalar_t, kMaximize><<<grp.packed_blocks, kThreads, 0, stream>>>(

@@ -183,6 +183,25 @@ struct RowTile {
   }
 };
 
+// kB rows of a bf16 momentum at columns [col, col + VEC) as raw bits, every load issued before any is used
+// (scalar 2-byte loads: a RowTile's 16-byte-aligned Pack would not fit 4 bf16 values of an fp32 tensor's
+// vector); 0 outside the stripe or past N.
+template <int VEC, int kB>
+struct Bf16Rows {
+  uint16_t v[kB][VEC];
+  __device__ __forceinline__ void load(const uint16_t* __restrict__ m, const Stripe& s, int warp, int j0,
+                                       int64_t col) {
+#pragma unroll
+    for (int jj = 0; jj < kB; ++jj) {
+      const int64_t row = warp_row(s, warp, j0 + jj);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        v[jj][e] = row < s.row_end && col + e < s.N ? m[row * s.N + col + e] : uint16_t{0};
+      }
+    }
+  }
+};
+
 // Rows per load batch: all the warp's rows with 16-byte loads, else one row at a time.
 template <bool kVec>
 constexpr int kReadBatch = kVec ? kRowsPerWarp : 1;

@@ -13,7 +13,8 @@
 //
 // Opt-in low-precision state (came_step_lowbit, kLow): the update reads a bf16 m as stored, or recomputes an
 // int8 m's new value and stores its codes (int8_momentum); bf16 params are stored to nearest, stochastically
-// or Kahan-compensated (store_param_lp). The default kernels (kLow = false) are compiled as before.
+// or Kahan-compensated (store_param_lp). Groups with bf16 momenta but no int8 one, params to nearest, take
+// the default bodies with m read as bf16 (kLowBf16); the default kernels (kLowNone) are compiled as before.
 //
 // Memory per element: reads m (4 B), reads and writes p: fp32 12 B, bf16/fp16 8 B. R, C and mean_M(R) are
 // O(rows + cols) (packed 1x1 matrices: 8 B more per element, every element its own row, column and matrix;
@@ -65,8 +66,9 @@ __device__ __forceinline__ void param_step_flat(const TensorDesc& d, int64_t loc
   }
 }
 
-// One row tile s of a stripe.
-template <typename T, int VEC, bool kVec, bool kDecay>
+// One row tile s of a stripe. MK: the momentum's storage, fp32 or bf16 (the update uses m as stored); the
+// default kernels take MK = kMomFp32 only.
+template <typename T, int VEC, bool kVec, bool kDecay, int MK = kMomFp32>
 __device__ __forceinline__ void param_step_row_tile(const TensorDesc& d, const Stripe& s, float lr,
                                                     float weight_decay, float s_m) {
   // Two batches of 4 rows of p and m in flight (as momentum_res: two blocks per SM fit in 128 registers).
@@ -93,17 +95,27 @@ __device__ __forceinline__ void param_step_row_tile(const TensorDesc& d, const S
 #pragma unroll
     for (int j0 = 0; j0 < kRowsPerWarp; j0 += kB) {
       RowTile<T, VEC, kVec, kB> pt;
-      RowTile<float, VEC, kVec, kB> mt;
+      std::conditional_t<MK == kMomBf16, Bf16Rows<VEC, kB>, RowTile<float, VEC, kVec, kB>> mt;
       pt.load(p, s, warp, j0, col);
-      mt.load(m, s, warp, j0, col);
+      if constexpr (MK == kMomBf16) {
+        mt.load(reinterpret_cast<const uint16_t*>(m), s, warp, j0, col);
+      } else {
+        mt.load(m, s, warp, j0, col);
+      }
 #pragma unroll
       for (int jj = 0; jj < kB; ++jj) {
         if (pt.ok[jj]) {
           float pv[VEC];
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
+            float mv;
+            if constexpr (MK == kMomBf16) {
+              mv = bf16_bits_to_float(mt.v[jj][e]);
+            } else {
+              mv = mt.at(jj, e);
+            }
             // same product order as the spec: s_m * ((m * row_f) * col_f)
-            const float update = corrected_update(factored_u(mt.at(jj, e), row_f[j0 + jj], col_f[e]), s_m);
+            const float update = corrected_update(factored_u(mv, row_f[j0 + jj], col_f[e]), s_m);
             pv[e] = step_one<T, kDecay>(pt.at(jj, e), update, lr, weight_decay);
           }
           store_vec<VEC, kVec>(p + warp_row(s, warp, j0 + jj) * s.N, col, s.N, pv);  // padding not stored
@@ -113,13 +125,13 @@ __device__ __forceinline__ void param_step_row_tile(const TensorDesc& d, const S
   }
 }
 
-template <typename T, int VEC, bool kVec, bool kDecay>
+template <typename T, int VEC, bool kVec, bool kDecay, int MK = kMomFp32>
 __device__ __forceinline__ void param_step_stripe(const TensorDesc& d, int64_t local, float lr, float weight_decay,
                                                   float s_m) {
   const Stripe s = stripe_of(d.M, d.N, local, d.tiles);
   const int64_t nt = row_tiles_of(s);
   for (int64_t t = 0; t < nt; ++t) {
-    param_step_row_tile<T, VEC, kVec, kDecay>(d, row_tile(s, t), lr, weight_decay, s_m);
+    param_step_row_tile<T, VEC, kVec, kDecay, MK>(d, row_tile(s, t), lr, weight_decay, s_m);
   }
 }
 
@@ -347,17 +359,27 @@ __device__ __forceinline__ void param_step_flat_lp(const TensorDesc& d, const Lo
   }
 }
 
-// kLow: the group has the low-precision state (tab.lp is set); without it the kernel is the default one.
-template <typename T, bool kDecay, bool kLow, int RND>
-__global__ void __launch_bounds__(kThreads, kLow ? 1 : 2) param_step_kernel(DeviceTable tab, const float* lr_ptr,
-                                                                            Hyper h, const float* amp) {
+// kLow (lowbit.h): kLowNone, the default kernel; kLowBf16, bf16 momenta but no int8 one, params rounded to
+// nearest (tab.lp is set): the default bodies, m read as bf16 where a tensor's is; kLowAll, the _lp bodies
+// (int8 momenta, param_rounding; one block per SM: they need more than 128 registers).
+template <typename T, bool kDecay, int kLow, int RND>
+__global__ void __launch_bounds__(kThreads, kLow == kLowAll ? 1 : 2) param_step_kernel(DeviceTable tab,
+                                                                                       const float* lr_ptr, Hyper h,
+                                                                                       const float* amp) {
   constexpr int VEC = 16 / sizeof(T);
   if (amp_found_inf(amp)) return;  // the params stay as they are
   const BlockRef blk = find_main(tab);
   const TensorDesc& d = *blk.d;
   const float lr = *lr_ptr;
   const float s_m = h.bias_correction ? tab.scales[2 * d.index + 1] : 1.0f;  // uniform: no load without bias correction
-  if constexpr (kLow) {
+  if constexpr (kLow == kLowBf16) {
+    if (d.M != 0 && tab.lp[blk.d - tab.t].mkind == kMomBf16) {
+      if (d.vec_ok) param_step_stripe<T, VEC, true, kDecay, kMomBf16>(d, blk.local, lr, h.weight_decay, s_m);
+      else param_step_stripe<T, VEC, false, kDecay, kMomBf16>(d, blk.local, lr, h.weight_decay, s_m);
+      return;
+    }
+  }
+  if constexpr (kLow == kLowAll) {
     const LowbitDesc& L = tab.lp[blk.d - tab.t];
     const float inv = amp_inv_scale(amp);
     if (d.M == 0) {
@@ -413,22 +435,30 @@ void param_step_launch(const Group& grp, const Hyper& h, const at::Tensor& lr, c
     CAME_BOOL_SWITCH(h.weight_decay != 0.0f, kDecay, [&] {
       if (grid == 0) {  // every tensor is packed
       } else if (!grp.lowbit) {
-        param_step_kernel<scalar_t, kDecay, false, kRoundNearest><<<grid, kThreads, 0, stream>>>(
+        param_step_kernel<scalar_t, kDecay, kLowNone, kRoundNearest><<<grid, kThreads, 0, stream>>>(
             grp.tab, lr_ptr, h, amp);
-      } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // param_rounding: bf16 params only
-        if (grp.rounding == kRoundStochastic) {
-          param_step_kernel<scalar_t, kDecay, true, kRoundStochastic><<<grid, kThreads, 0, stream>>>(
+      } else {
+        // param_rounding: bf16 params only (the other dtypes' rounded instantiations are not built); else by
+        // the momentum kinds: without an int8 momentum the default bodies (kLowBf16)
+        bool launched = false;
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (grp.rounding == kRoundStochastic) {
+            param_step_kernel<scalar_t, kDecay, kLowAll, kRoundStochastic><<<grid, kThreads, 0, stream>>>(
+                grp.tab, lr_ptr, h, amp);
+            launched = true;
+          } else if (grp.rounding == kRoundKahan) {
+            param_step_kernel<scalar_t, kDecay, kLowAll, kRoundKahan><<<grid, kThreads, 0, stream>>>(
+                grp.tab, lr_ptr, h, amp);
+            launched = true;
+          }
+        }
+        if (!launched && grp.q_blocks == 0) {
+          param_step_kernel<scalar_t, kDecay, kLowBf16, kRoundNearest><<<grid, kThreads, 0, stream>>>(
               grp.tab, lr_ptr, h, amp);
-        } else if (grp.rounding == kRoundKahan) {
-          param_step_kernel<scalar_t, kDecay, true, kRoundKahan><<<grid, kThreads, 0, stream>>>(
-              grp.tab, lr_ptr, h, amp);
-        } else {
-          param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grid, kThreads, 0, stream>>>(
+        } else if (!launched) {
+          param_step_kernel<scalar_t, kDecay, kLowAll, kRoundNearest><<<grid, kThreads, 0, stream>>>(
               grp.tab, lr_ptr, h, amp);
         }
-      } else {
-        param_step_kernel<scalar_t, kDecay, true, kRoundNearest><<<grid, kThreads, 0, stream>>>(
-            grp.tab, lr_ptr, h, amp);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (grp.packed_blocks > 0) {
