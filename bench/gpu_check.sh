@@ -32,7 +32,11 @@ t0=$SECONDS
 status=0
 # With $OUT set (a folder that is collected after the run), every log and JSON goes there
 # as one archive, also when the run is stopped at a time limit.
-pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check_logs.tgz" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2>/dev/null; }
+# After every stage too: a run killed at a time limit (SIGKILL runs no trap) still leaves the stages before.
+pack() {  # (through a temporary name: a kill during tar leaves the previous archive whole)
+  [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check_logs.part" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2>/dev/null \
+    && mv -f "$OUT/gpu_check_logs.part" "$OUT/gpu_check_logs.tgz"
+}
 trap pack EXIT
 trap 'exit 124' INT TERM
 
@@ -49,7 +53,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -n 2
   fi
-  echo "   build: $((SECONDS - t0)) s"
+  echo "   build: $((SECONDS - t0)) s"; pack
 fi
 
 "$PY" - <<'PY'
@@ -112,7 +116,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   done
   for f in "$LOG"/t_*.log; do echo "===== $(basename "$f")"; cat "$f"; echo; done >"$LOG/tests.log"
   rm -f "$LOG"/t_*.log  # fewer files to carry back
-  echo "   tests: $((SECONDS - t1)) s (logs: $LOG/tests.log)"
+  echo "   tests: $((SECONDS - t1)) s (logs: $LOG/tests.log)"; pack
 fi
 
 if [ -n "${SKIP_BENCH:-}" ]; then
@@ -128,7 +132,7 @@ if [ -z "${SKIP_STEP:-}" ]; then
     --out "$LOG" --no-plot ${BENCH_ARGS:-} >"$LOG/step.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || { echo "BENCHMARK FAILED (rc=$rc):"; tail -n 30 "$LOG/step.log"; status=1; }
-  echo "   step benchmark: $((SECONDS - t1)) s"
+  echo "   step benchmark: $((SECONDS - t1)) s"; pack
 fi
 
 if [ -z "${SKIP_EXTRA:-}" ]; then
@@ -141,7 +145,7 @@ if [ -z "${SKIP_EXTRA:-}" ]; then
     --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton],came-int8m[triton],adamw[fused]' \
     --out "$LOG/lowbit" --no-plot >"$LOG/step_lowbit.log" 2>&1 \
     || { echo "LOW-PRECISION BENCHMARK FAILED:"; tail -n 20 "$LOG/step_lowbit.log"; status=1; }
-  echo "   extra steps: $((SECONDS - t1)) s"
+  echo "   extra steps: $((SECONDS - t1)) s"; pack
 fi
 
 if [ -z "${SKIP_HOST:-}" ]; then
@@ -151,7 +155,7 @@ if [ -z "${SKIP_HOST:-}" ]; then
     --out "$LOG" >"$LOG/host.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || { echo "HOST BENCHMARK FAILED (rc=$rc):"; tail -n 20 "$LOG/host.log"; status=1; }
-  echo "   host: $((SECONDS - t1)) s"
+  echo "   host: $((SECONDS - t1)) s"; pack
 fi
 
 if [ -z "${SKIP_PHASES:-}" ]; then
@@ -165,7 +169,7 @@ if [ -z "${SKIP_PHASES:-}" ]; then
     --optim 'came[cuda],came-bf16m[cuda],came-int8m[cuda],came-bf16m[triton],came-int8m[triton]' \
     --out "$LOG/lowbit" >"$LOG/phases_lowbit.log" 2>&1 \
     || { echo "LOW-PRECISION PHASE PROFILE FAILED:"; tail -n 20 "$LOG/phases_lowbit.log"; }
-  echo "   phases: $((SECONDS - t1)) s"
+  echo "   phases: $((SECONDS - t1)) s"; pack
 fi
 
 if [ -n "${SWEEP:-}" ]; then
@@ -175,7 +179,7 @@ if [ -n "${SWEEP:-}" ]; then
   rc=$?
   tail -n 40 "$LOG/sweep.log"
   [ $rc -eq 0 ] || { echo "SWEEP FAILED OR TIMED OUT (rc=$rc)"; }
-  echo "   sweep: $((SECONDS - t1)) s"
+  echo "   sweep: $((SECONDS - t1)) s"; pack
 fi
 
 echo
