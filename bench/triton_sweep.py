@@ -157,9 +157,10 @@ def main(argv=None) -> int:
     bn2 = [int(x) for x in args.block_n_2b.split(",")]
     slabs = [int(x) for x in args.slab_n.split(",")]
     fins = [tuple(int(v) for v in x.split("x")) for x in args.fin.split(",")]
-    configs = [(s, bn2[0], 1, slabs[0], fins[0]) for s in stages] + \
-        [(stages[0], b, 1, slabs[0], fins[0]) for b in bn2[1:]] + [(stages[0], bn2[0], 0, slabs[0], fins[0])] + \
-        [(stages[0], bn2[0], 1, n, fins[0]) for n in slabs[1:]] + [(stages[0], bn2[0], 1, slabs[0], f) for f in fins[1:]]
+    # (stages, BLOCK_N_2B, clip in phase 1, slab, finalize tile): each setting alone against the first of each
+    base = (stages[0], bn2[0], 1, slabs[0], fins[0])
+    configs = [(s, *base[1:]) for s in stages] + [(base[0], b, *base[2:]) for b in bn2[1:]] + \
+        [(*base[:2], 0, *base[3:])] + [(*base[:3], n, base[4]) for n in slabs[1:]] + [(*base[:4], f) for f in fins[1:]]
     header = None
     for name in args.sets.split(","):
         for dt in args.dtype.split(","):

@@ -42,9 +42,10 @@
 // max(M, N), and a block holds K = kPackElems / PM^2 whole matrices (the last block of a tensor fewer): the
 // same blocks as Triton's [K, PM, PM] tiles, though the kernels keep the matrices' M x N elements unpadded
 // (the block's elements are one contiguous run of at most kPackElems). Their row and column statistics and
-// the means are complete in the block (the means are not stored: each phase sums them from r or R), so a packed tensor has no column partials, no finalize blocks, no
-// register-path or phase-2 blocks; phase 1 also computes u and stores the block's sum of u^2 in one clip
-// slot per block (as flat tensors do). Groups with low-precision state (came_step_lowbit) are not packed.
+// the means are complete in the block (the means are not stored: each phase sums them from r or R), so a
+// packed tensor has no column partials, no finalize blocks, no register-path or phase-2 blocks; phase 1 also
+// computes u and stores the block's sum of u^2 in one clip slot per block (as flat tensors do). Groups with
+// low-precision state (came_step_lowbit) are not packed.
 //
 // Workspace (floats; phases 1-3 in turn, disjoint regions where two phases' data live at once):
 //   column partials, per factored tensor cut into stripes, from ws_col: phase 1's Q[s, n] = sum g^2 over

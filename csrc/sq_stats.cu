@@ -11,8 +11,9 @@
 //              (clip_stats.cu adds mean_M(r) * W into sum(u^2): came_math.cuh's identity, exact)
 //   packed (plan.h: ndim >= 3, M, N <= 8; a block = K whole matrices), all in the block, sq_stats_packed_kernel:
 //              r and c as above (row sums over N, column sums over M, both complete), mean_M(r)[b] (not
-//              stored: phase 3 sums it again from r), and the block's sum of u^2, u = g * rsqrt(r / mean_M(r)) * rsqrt(c) with the new r, c, into
-//              its clip slot (as a flat chunk's; u itself, not the W identity: no fp64 needed per column)
+//              stored: phase 3 sums it again from r), and the block's sum of u^2,
+//              u = g * rsqrt(r / mean_M(r)) * rsqrt(c) with the new r, c, into its clip slot (as a flat
+//              chunk's; u itself, not the W identity: no fp64 needed per column)
 //   ndim < 2:  v = b2*v + (1-b2)*(g^2 + eps1); one sum of (g * rsqrt(v))^2 per block  sq_stats_kernel
 // maximize does not matter here: g^2 is even in g. GradScaler (amp = [found_inf, 1/scale]): g = g * (1/scale)
 // as it is loaded; every kernel returns before writing anything when found_inf != 0.
