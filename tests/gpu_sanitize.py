@@ -47,14 +47,22 @@ def main(backend: str) -> int:
             o.step()
             s.step()
         torch.cuda.synchronize()
-        for a, b in zip(ours, spec):
+        for a, b, b0 in zip(ours, spec, init):
             assert torch.isfinite(a).all(), (backend, dtype, bias_correction, tuple(a.shape))
-            err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-            worst = max(worst, err if dtype == torch.float32 and md == "fp32" else 0.0)
-            # a low-precision momentum rounded the other way now and then (sums in another order) moves an
-            # element's update by one bf16 step or int8 code: lr * 2^-7 at most per step
-            tol = 4 * 2.0 ** -7 if dtype != torch.float32 else 1e-5 if md == "fp32" else 1e-3
-            assert err <= tol, (backend, dtype, bias_correction, md, tuple(a.shape), err)
+            scale = b.float().abs().max().clamp_min(1e-30)
+            err = ((a.float() - b.float()).abs().max() / scale).item()
+            if md == "fp32":
+                worst = max(worst, err if dtype == torch.float32 else 0.0)
+                tol = 1e-5 if dtype == torch.float32 else 4 * 2.0 ** -7
+            else:
+                # A low-precision momentum rounded the other way now and then (sums in another order) moves
+                # an element's update by one step q of its format: the bound of tests/test_low_precision.py,
+                # a few q of how far the spec's params moved (an H200 gave 1.5e-3 of max|p| for int8).
+                q = 2.0 ** -8 if md == "bf16" else 1.0 / 127
+                eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+                moved = (b.float() - b0.float()).abs().max()
+                tol = ((2 * eps * scale + 4 * q * moved) / scale).item()
+            assert err <= tol, (backend, dtype, bias_correction, md, tuple(a.shape), err, tol)
     print(f"gpu_sanitize {backend}: ok, worst fp32 relative difference to the torch backend {worst:.2e}")
     return 0
 
