@@ -3,13 +3,16 @@
 Switches (environment variables):
   CAME_KERNELS_BUILD_CUDA   unset: build the CUDA extension came_kernels._C when torch is a CUDA build and
                             nvcc is found; "0": never build it (CPU-only installs, CI); "1": build it or fail.
+  CAME_KERNELS_BUILD_HOST   unset: build came_kernels._host (the fast path's per-step checks in C++, no CUDA;
+                            csrc/host/) when torch is importable; "0": never; "1": build it or fail.
   CAME_KERNELS_CUDA_ARCH    compute capabilities to build for, e.g. "8.0;9.0" (default) or "9.0".
   MAX_JOBS                  parallel nvcc jobs (torch's ninja build reads it; default: number of cores).
 
 The CUDA extension needs the torch it will run with, so a GPU build must not use an isolated build env:
     pip install -e . --no-build-isolation
 Without it (or on a CPU-only machine) the package installs with the torch and Triton backends only and
-one line says why the extension was skipped.
+one line says why the extension was skipped. The same goes for came_kernels._host, which needs only torch
+and a C++ compiler: without it the per-step checks run in Python (the same checks, slower).
 """
 import glob
 import os
@@ -75,7 +78,49 @@ def _cuda_extension():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+def _host_extension():
+    """Return [ext] for came_kernels._host (C++, no CUDA), or [] with a line saying why not."""
+    want = os.environ.get("CAME_KERNELS_BUILD_HOST", "").strip()
+    if want == "0":
+        _say("skipping came_kernels._host (CAME_KERNELS_BUILD_HOST=0).")
+        return []
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        if want == "1":
+            raise RuntimeError(f"CAME_KERNELS_BUILD_HOST=1 but torch is not importable: {e}") from None
+        _say(f"skipping came_kernels._host: torch is not importable in the build environment ({e}); use "
+             "--no-build-isolation to build it. The per-step checks run in Python.")
+        return []
+    _say("building came_kernels._host (the fast path's per-step checks)")
+    return [cpp_extension.CppExtension(name="came_kernels._host", sources=["csrc/host/fast_checks.cpp"],
+                                       extra_compile_args=["-O2"], py_limited_api=False, optional=want != "1")]
+
+
+def _host_is_optional(cmdclass: dict) -> dict:
+    """build_ext that lets came_kernels._host fail to build (no C++ compiler, say) with a line saying so,
+    unless CAME_KERNELS_BUILD_HOST=1: the package works without it."""
+    from torch.utils import cpp_extension
+    base = cmdclass.get("build_ext") or cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # ninja's failures are RuntimeErrors, which setuptools' optional misses
+                if ext.name != "came_kernels._host" or os.environ.get("CAME_KERNELS_BUILD_HOST") == "1":
+                    raise
+                _say(f"came_kernels._host did not build ({type(e).__name__}: {e}); the per-step checks run in "
+                     "Python")
+
+    return {"build_ext": BuildExt}
+
+
 ext_modules, cmdclass = _cuda_extension()
+host = _host_extension()
+if host:
+    ext_modules = ext_modules + host
+    cmdclass = _host_is_optional(cmdclass)
 
 setup(
     name="came_kernels",

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.overrides import TorchFunctionMode
 
+from . import _fastpath
 from . import distributed as _distributed
 from .backends import BACKENDS, BackendUnavailableError
 from .backends._contiguous import CheckedGrads
@@ -356,6 +357,8 @@ class CAME(Optimizer):
     # it. DTensor grads (no address of their own) have their devices and layouts compared every step.
     # Grads are not remembered (that would keep last step's grads alive), only their kind and addresses;
     # state tensors are held by the lists, so their ids and addresses cannot be reused while remembered.
+    # With the extension came_kernels._host (see _fastpath), plain grads are checked in one C++ call: their
+    # kinds (which params have one; dtype, device, shape), addresses and contiguity, every step.
     def _unchanged(self, gi: int, group: dict) -> Optional[list]:
         """The remembered lists of group gi, with this step's grads, if nothing but the grads' values (or
         addresses) changed since they were built (see above); else None."""
@@ -364,6 +367,17 @@ class CAME(Optimizer):
         if fast is None or fast["params"] is not params or len(params) != fast["n"] \
                 or fast["how"] != (group["backend"], group["fused"]):
             return None
+        if fast["kinds"] is not None:  # every fact of every grad in one C++ call (_fastpath.grads)
+            now = _fastpath.grads(params)
+            if now is None or now[1] != fast["kinds"]:
+                return None
+            grads, ptrs = CheckedGrads(now[0]), now[2]
+            if ptrs != fast["grad_ptr_bytes"]:
+                fast["grad_ptr_bytes"], fast["grad_ptrs"] = ptrs, _fastpath.ptr_tuple(ptrs)
+            grads.ptrs, grads.contiguous = fast["grad_ptrs"], now[3]
+            lists = list(fast["lists"])
+            lists[1] = grads
+            return lists
         grads = list(map(_grad, params))
         if list(map(type, grads)) != fast["types"]:  # a param gained or lost its grad, or a DTensor grad
             return None
@@ -392,6 +406,7 @@ class CAME(Optimizer):
         grads = lists[1]
         types = list(map(type, map(_grad, params)))
         plain = all(t is Tensor for t in map(type, grads))  # DTensor grads: no address of their own
+        native = _fastpath.grads(params) if plain else None
         self._caches[gi]["fast"] = {
             "params": params, "n": len(params), "how": (group["backend"], group["fused"]), "types": types,
             "mask": None if len(grads) == len(params) else [t is not type(None) for t in types],
@@ -399,6 +414,9 @@ class CAME(Optimizer):
             "grad_ptrs": tuple(map(Tensor.data_ptr, grads)) if plain else None,
             "shapes": list(map(Tensor.size, grads)), "layouts": list(map(_layout, grads)),
             "devices": list(map(_device, grads)),
+            # The C++ checks' view of the same grads (None: they do not run, see _fastpath)
+            "kinds": None if native is None else native[1],
+            "grad_ptr_bytes": None if native is None else native[2],
             "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),  # grads: not kept
         }
 

@@ -7,9 +7,20 @@ import weakref
 import pytest
 import torch
 
-from came_kernels import CAME
+from came_kernels import CAME, _fastpath
 
 SHAPES = [(6, 5), (5,), (2, 3, 4)]
+
+
+@pytest.fixture(autouse=True, params=["cpp", "python"])
+def checks(request, monkeypatch):
+    """Every test here runs with the per-step checks in C++ (came_kernels._host, where it is built) and in
+    Python (_fastpath's fallback): both must make the same decisions."""
+    if request.param == "cpp" and not _fastpath.native():
+        pytest.skip("came_kernels._host is not built (pip install --no-build-isolation -e .)")
+    if request.param == "python":
+        monkeypatch.setattr(_fastpath, "_native", None)
+    return request.param
 
 
 def _params(seed=0):

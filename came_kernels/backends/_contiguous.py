@@ -114,8 +114,9 @@ class CheckedGrads(list):
     """A step's grads as CAME's steady-state fast path hands them over (CAME._unchanged): their shapes and
     dtypes (and devices, where an address moved) were compared with those of the last fully validated
     step, and `ptrs` holds their data_ptr()s. A fused backend that gets them whole (not a subset) may take
-    `ptrs` instead of reading a few hundred grads again; it checks contiguity itself."""
-    __slots__ = ("ptrs",)
+    `ptrs` instead of reading a few hundred grads again. `contiguous` (set by the C++ checks, which read
+    it with the rest): whether every grad is contiguous; when unset the backend checks it itself."""
+    __slots__ = ("ptrs", "contiguous")
 
 
 # Position of the grads in the contract's list order (params, grads, exp_avgs, ...): only read, never written.

@@ -29,6 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _fastpath
 from ._contiguous import (CheckedGrads, amp_flags, check_bias_scales, check_rng, check_sizes, contiguous_lists,
                           lr_tensor, write_back_)
 
@@ -105,14 +106,15 @@ def _steady(cache: dict, given: tuple, grads: list) -> Optional[dict]:
     It applies when the lists other than the grads are the very tuples of the step that cached it
     (functional.came hands the same ones in steady state), no tensor in them has moved (data_ptr: catches
     `p.data = ...`), no param was restrided, and the grads are contiguous (their addresses are compared in
-    Plan.update_grads). Never while a CUDA graph is being captured (see _prepare)."""
+    Plan.update_grads). Never while a CUDA graph is being captured (see _prepare). The addresses and strides
+    are read in one C++ call per list where came_kernels._host is built (see came_kernels._fastpath)."""
     st = cache.get("steady")
     if st is None or not all(map(operator.is_, st["given"], given)):
         return None  # (only tuples are remembered: a list could have been changed in place)
-    if tuple(map(Tensor.data_ptr, st["tensors"])) != st["ptrs"] or \
-            tuple(map(Tensor.stride, st["params"])) != st["strides"]:
+    if _fastpath.ptrs(st["tensors"]) != st["ptrs"] or _fastpath.strides(st["params"]) != st["strides"]:
         return None
-    if not all(map(Tensor.is_contiguous, grads)) or _capturing(st["device"]):
+    if not (getattr(grads, "contiguous", False) or all(map(Tensor.is_contiguous, grads))) \
+            or _capturing(st["device"]):
         return None
     return st
 
@@ -160,8 +162,7 @@ def _prepare(cache: dict, given: tuple, grads: list, extra=None, pack: bool = Tr
     if not write_back and extra is None and all(isinstance(lst, tuple) for lst in given):
         tensors = [x for lst in (params, exp_avgs, rows, cols, res_rows, res_cols, sqs) for x in lst if x is not None]
         cache["steady"] = dict(given=given, keep=keep, plan=plan, device=device, params=params, tensors=tensors,
-                               ptrs=tuple(map(Tensor.data_ptr, tensors)),
-                               strides=tuple(map(Tensor.stride, params)))
+                               ptrs=_fastpath.ptrs(tensors), strides=_fastpath.strides(params))
     return plan, keep, grads, device, write_back
 
 
