@@ -151,7 +151,7 @@ fi
 if [ -z "${SKIP_HOST:-}" ]; then
   echo "== host time of step() with real launches (GPU synchronized before each timed step)"
   t1=$SECONDS
-  timeout "${HOST_TIMEOUT:-60}" "$PY" -m bench host --device cuda --sets gpt2,tinyllama --iters 100 --warmup 10 \
+  timeout "${HOST_TIMEOUT:-100}" "$PY" -m bench host --device cuda --sets gpt2,tinyllama --iters 100 --warmup 10 \
     --out "$LOG" >"$LOG/host.log" 2>&1
   rc=$?
   [ $rc -eq 0 ] || { echo "HOST BENCHMARK FAILED (rc=$rc):"; tail -n 20 "$LOG/host.log"; status=1; }

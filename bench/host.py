@@ -15,7 +15,9 @@ same on any machine class and needs no GPU:
 
 Reported: microseconds per step() (min / median / max over --iters steps after --warmup), per shape set,
 with the same grad tensors every step, and with new grad tensors every step (what backward produces after
-zero_grad(set_to_none=True), torch's default).
+zero_grad(set_to_none=True), torch's default). The fast path's per-step checks run in C++ where the
+extension came_kernels._host is built; then the came rows are also measured with the checks in Python
+(", py checks"), the fallback of an install without it.
 
 `--device cuda`: nothing is stubbed. Kernel launches are asynchronous, so the time step() takes to return is
 its host time as long as the launch queue has room: the GPU is synchronized before each timed step, and the
@@ -107,57 +109,68 @@ def _new_grads(params, then: Callable[[], None] = _noop) -> Callable[[], None]:
     return before
 
 
+def _measure(kind: str, params, gpu: bool, args) -> dict:
+    """Host time of one optimizer's step() on `params`: kind "adamw" (fused AdamW) or a CAME backend."""
+    import torch
+    import came_kernels
+    from came_kernels import backends
+    if kind == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+    else:
+        opt = came_kernels.CAME(params, lr=1e-3, weight_decay=0.01, backend=kind)
+    if gpu:  # nothing stubbed: a sync before each timed step leaves the launch queue empty
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        t = _time(opt.step, args.warmup, args.iters, torch.cuda.synchronize)
+        t_new = _time(opt.step, args.warmup, args.iters, _new_grads(params, torch.cuda.synchronize))
+    else:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(torch, "_foreach_add_", _noop))
+            if kind == "adamw":
+                opt.step()
+                stack.enter_context(_patched(torch, "_fused_adamw_", _noop))
+            elif kind == "torch":
+                backends.get_step_fn("torch", "cpu")
+                stack.enter_context(_patched(backends, "_STEP_FNS", dict(backends._STEP_FNS, torch=_noop)))
+                opt.step()
+            else:
+                stack.enter_context(_no_triton_launches())
+                opt.step()
+            t = _time(opt.step, args.warmup, args.iters)
+            t_new = _time(opt.step, args.warmup, args.iters, _new_grads(params))
+    return dict(us_min=min(t), us_median=statistics.median(t), us_max=max(t), steps=len(t), new_min=min(t_new),
+                new_median=statistics.median(t_new))
+
+
 def run(args: argparse.Namespace) -> dict:
     gpu = getattr(args, "device", "cpu") == "cuda"
     if "triton" not in sys.modules and not gpu:  # must precede Triton's import (CPU tensors only here)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
-    import came_kernels
-    from came_kernels import backends
+    from came_kernels import _fastpath
 
     device = torch.device("cuda" if gpu else "cpu")
     env = utils.environment(device)
     what = "real launches, host time only" if gpu else "device work stubbed"
-    print(f"# host time of step(), {what} (commit {env['commit']}, torch {env['torch']})")
+    checks = "C++ (came_kernels._host)" if _fastpath.native() else "Python (came_kernels._host is not built)"
+    print(f"# host time of step(), {what}; per-step checks in {checks} (commit {env['commit']}, "
+          f"torch {env['torch']})")
     rows = []
     for set_name in args.sets.split(","):
         # Sizes do not matter on the CPU, only the tensor count; on a GPU they set how long the work takes.
         shapes = shapes_mod.shape_set(set_name, getattr(args, "scale", 64.0) if gpu else 64.0)
-        cases = [("adamw[fused]", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True)),
-                 ("came[torch]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="torch")),
-                 ("came[triton]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="triton"))]
+        cases = [("adamw[fused]", "adamw", False), ("came[torch]", "torch", False),
+                 ("came[triton]", "triton", False)]
         if gpu:
-            cases.append(("came[cuda]", lambda ps: came_kernels.CAME(ps, lr=1e-3, weight_decay=0.01, backend="cuda")))
-        for name, make in cases:
+            cases.append(("came[cuda]", "cuda", False))
+        if _fastpath.native():  # the same steps with the checks in Python, as without came_kernels._host
+            cases += [(name + ", py checks", kind, True) for name, kind, _ in cases if kind != "adamw"]
+        for name, kind, py_checks in cases:
             params = utils.make_params(shapes, device, torch.float32)
             row = {"set": set_name, "optimizer": name, "tensors": len(params)}
             try:
-                opt = make(params)
-                if gpu:  # nothing stubbed: a sync before each timed step leaves the launch queue empty
-                    for p in params:
-                        p.grad = torch.zeros_like(p)
-                    t = _time(opt.step, args.warmup, args.iters, torch.cuda.synchronize)
-                    t_new = _time(opt.step, args.warmup, args.iters, _new_grads(params, torch.cuda.synchronize))
-                    row.update(us_min=min(t), us_median=statistics.median(t), us_max=max(t), steps=len(t),
-                               new_min=min(t_new), new_median=statistics.median(t_new))
-                    rows.append(row)
-                    continue
-                with contextlib.ExitStack() as stack:
-                    stack.enter_context(_patched(torch, "_foreach_add_", _noop))
-                    if name == "adamw[fused]":
-                        opt.step()
-                        stack.enter_context(_patched(torch, "_fused_adamw_", _noop))
-                    elif name == "came[torch]":
-                        backends.get_step_fn("torch", "cpu")
-                        stack.enter_context(_patched(backends, "_STEP_FNS", dict(backends._STEP_FNS, torch=_noop)))
-                        opt.step()
-                    else:
-                        stack.enter_context(_no_triton_launches())
-                        opt.step()
-                    t = _time(opt.step, args.warmup, args.iters)
-                    t_new = _time(opt.step, args.warmup, args.iters, _new_grads(params))
-                row.update(us_min=min(t), us_median=statistics.median(t), us_max=max(t), steps=len(t),
-                           new_min=min(t_new), new_median=statistics.median(t_new))
+                with _patched(_fastpath, "_native", None) if py_checks else contextlib.nullcontext():
+                    row.update(_measure(kind, params, gpu, args))
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"{set_name} {name}: FAILED {row['error']}")
@@ -168,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
             ("new_median", "us median", ".0f")]
     print(utils.markdown_table(rows, cols))
     print(f"- {env['date']}, {env['device']}, commit {env['commit']}: `{env['command']}`")
-    payload = {"benchmark": "host", "env": env, "rows": rows}
+    payload = {"benchmark": "host", "env": env, "checks": "cpp" if _fastpath.native() else "python", "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     utils.write_json(os.path.join(args.out, "host_cuda.json" if gpu else "host.json"), payload)
     return payload
