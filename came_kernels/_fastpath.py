@@ -12,13 +12,21 @@ same tensors, in the same process.
 from __future__ import annotations
 
 import array
+import warnings
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 try:
     from . import _host as _native
 except ImportError:  # not built (an install with build isolation, or no C++ compiler): the Python getters
+    _native = None
+if _native is not None and _native.torch_version != torch.__version__.split("+")[0]:
+    # It reads torch's tensors through torch's inline header code: another torch's layout would be misread.
+    warnings.warn(f"came_kernels._host was built against torch {_native.torch_version}, not this torch "
+                  f"{torch.__version__}: the fast path's checks run in Python until it is rebuilt "
+                  "(pip install --no-build-isolation --no-deps -e .)", RuntimeWarning, stacklevel=2)
     _native = None
 
 

@@ -113,3 +113,28 @@ def test_a_non_sequence_is_a_type_error():
     for f in (_host.grads, _host.ptrs, _host.strides):
         with pytest.raises(TypeError, match="list or tuple"):
             f(3)
+
+
+def test_it_knows_the_torch_it_was_built_against_and_is_used_only_with_it():
+    assert _host.torch_version == torch.__version__.split("+")[0]
+    assert _fastpath.native()
+
+
+def test_built_against_another_torch_it_is_left_alone_with_a_warning(monkeypatch):
+    import importlib
+    import sys
+    import types
+    fake = types.ModuleType("came_kernels._host")
+    fake.torch_version = "0.0.1"
+    monkeypatch.setitem(sys.modules, "came_kernels._host", fake)
+    monkeypatch.setattr(sys.modules["came_kernels"], "_host", fake, raising=False)
+    try:
+        with pytest.warns(RuntimeWarning, match="built against torch 0.0.1"):
+            importlib.reload(_fastpath)
+        assert not _fastpath.native() and _fastpath.grads([]) is None
+        t = torch.zeros(2)
+        assert _fastpath.ptrs([t]) == (t.data_ptr(),)  # the Python getters' tuple, not C++ bytes
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_fastpath)
+    assert _fastpath.native()

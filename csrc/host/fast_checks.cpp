@@ -16,6 +16,7 @@
 #include <Python.h>
 
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <exception>
@@ -181,4 +182,18 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "Per-step checks of CAME's
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__host() { return PyModule_Create(&module); }
+#define CAME_STR2(x) #x
+#define CAME_STR(x) CAME_STR2(x)
+
+// torch_version: the torch these checks were compiled against. They read torch's structures through inline
+// functions of its headers, so came_kernels._fastpath uses them only under that very torch version.
+PyMODINIT_FUNC PyInit__host() {
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr &&
+      PyModule_AddStringConstant(m, "torch_version", CAME_STR(TORCH_VERSION_MAJOR) "." CAME_STR(
+                                     TORCH_VERSION_MINOR) "." CAME_STR(TORCH_VERSION_PATCH)) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
