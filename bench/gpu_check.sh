@@ -44,7 +44,7 @@ echo "== $(date -Is) commit $(git rev-parse --short HEAD 2>/dev/null || echo unk
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 
 if [ -z "${SKIP_BUILD:-}" ]; then
-  echo "== build (pip install --no-build-isolation --no-deps -e .: builds came_kernels._C)"
+  echo "== build (pip install --no-build-isolation --no-deps -e .: builds came_kernels._C and _host)"
   if ! CAME_KERNELS_CUDA_ARCH="${CAME_KERNELS_CUDA_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
        "$PY" -m pip install --no-build-isolation --no-deps -v -e . >"$LOG/build.log" 2>&1; then
     echo "BUILD FAILED: last lines of $LOG/build.log"; tail -n 40 "$LOG/build.log"; status=1
@@ -61,6 +61,8 @@ import torch, came_kernels
 print("torch", torch.__version__, "| device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
 for name, why in came_kernels.available_backends("cuda").items():
     print(f"   backend {name:6s}: {'available' if why is None else 'UNAVAILABLE: ' + why}")
+from came_kernels import _fastpath
+print(f"   per-step checks: {'C++ (came_kernels._host)' if _fastpath.native() else 'Python (_host NOT built)'}")
 try:
     import came_pytorch  # noqa: F401
     print("   came-pytorch: installed")
@@ -91,7 +93,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   "${PT[@]}" tests/test_capturable.py tests/test_compile.py -k "not cuda" >"$LOG/t_compile.log" 2>&1 & p4=$!
   "${PT[@]}" tests/test_bias_correction.py >"$LOG/t_bias.log" 2>&1 & p5=$!
   "${PT[@]}" tests/test_low_precision.py >"$LOG/t_lowbit.log" 2>&1 & p6=$!
-  "${PT[@]}" tests/test_factor_conv.py tests/test_amp.py tests/test_host_fast_path.py >"$LOG/t_conv_amp.log" 2>&1 & p7=$!
+  "${PT[@]}" tests/test_factor_conv.py tests/test_amp.py tests/test_host_fast_path.py tests/test_fastpath_native.py \
+    >"$LOG/t_conv_amp.log" 2>&1 & p7=$!
   pids=("$p1" "$p2" "$p3" "$p4" "$p5" "$p6" "$p7" "$p8")
   names=(triton cuda other compile bias lowbit conv_amp cuda_errors)
   if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
