@@ -11,7 +11,6 @@ same tensors, in the same process.
 """
 from __future__ import annotations
 
-import array
 import warnings
 from typing import Optional, Sequence
 
@@ -54,8 +53,3 @@ def strides(tensors: Sequence[Tensor]):
     """The tensors' strides, as bytes (C++: ndim, then the strides, per tensor) or a tuple of tuples."""
     out = None if _native is None else _native.strides(tensors)
     return tuple(map(Tensor.stride, tensors)) if out is None else out
-
-
-def ptr_tuple(ptrs_bytes: bytes) -> tuple:
-    """grads()'s ptrs as the tuple of ints the fused backends' tables take."""
-    return tuple(array.array("q", ptrs_bytes))

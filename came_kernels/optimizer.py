@@ -371,10 +371,8 @@ class CAME(Optimizer):
             now = _fastpath.grads(params)
             if now is None or now[1] != fast["kinds"]:
                 return None
-            grads, ptrs = CheckedGrads(now[0]), now[2]
-            if ptrs != fast["grad_ptr_bytes"]:
-                fast["grad_ptr_bytes"], fast["grad_ptrs"] = ptrs, _fastpath.ptr_tuple(ptrs)
-            grads.ptrs, grads.contiguous = fast["grad_ptrs"], now[3]
+            grads = CheckedGrads(now[0])
+            grads.ptrs, grads.contiguous = now[2], now[3]  # (addresses as int64 bytes, see Plan.update_grads)
             lists = list(fast["lists"])
             lists[1] = grads
             return lists
@@ -414,9 +412,7 @@ class CAME(Optimizer):
             "grad_ptrs": tuple(map(Tensor.data_ptr, grads)) if plain else None,
             "shapes": list(map(Tensor.size, grads)), "layouts": list(map(_layout, grads)),
             "devices": list(map(_device, grads)),
-            # The C++ checks' view of the same grads (None: they do not run, see _fastpath)
-            "kinds": None if native is None else native[1],
-            "grad_ptr_bytes": None if native is None else native[2],
+            "kinds": None if native is None else native[1],  # the C++ checks' view (None: they do not run)
             "lists": tuple(lst if i != 1 else None for i, lst in enumerate(lists)),  # grads: not kept
         }
 

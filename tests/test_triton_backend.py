@@ -567,6 +567,25 @@ def test_grads_that_lose_alignment_take_the_scalar_body_and_still_match():
         assert_close_rel(a, b, 1e-6, f"param {tuple(a.shape)}")
 
 
+def test_grad_addresses_as_bytes_fill_the_table_as_a_tuple_does():
+    # The C++ checks hand the grads' addresses over as int64 bytes (CAME._unchanged); the table must come
+    # out as from the tuple the Python getters give, misaligned grads included.
+    import array
+    ps = [torch.randn(6, 8, device=DEV), torch.randn(16, device=DEV)]
+    lists = _lists([_state(p) for p in ps])
+    for misaligned in (False, True):
+        gs = [torch.randn(p.numel() + 1, device=DEV)[1:].view(p.shape) if misaligned else torch.randn_like(p)
+              for p in ps]
+        ptrs = tuple(g.data_ptr() for g in gs)
+        a, b = (tk.build_plan(ps, [torch.zeros_like(p) for p in ps], *lists) for _ in range(2))
+        a.update_grads(gs, ptrs)
+        b.update_grads(gs, array.array("q", ptrs).tobytes())
+        assert torch.equal(a.meta, b.meta) and a.vec == b.vec == ((0, 0) if misaligned else (1, 1))
+        assert b.meta[:, int(mt.C_G)].tolist() == list(ptrs)
+        with pytest.raises(ValueError, match="3 grad addresses for 2 tensors"):
+            b.update_grads(gs, array.array("q", ptrs + (0,)).tobytes())
+
+
 _PTX_SCRIPT = textwrap.dedent('''
     import importlib, re, sys
     import triton.language as tl

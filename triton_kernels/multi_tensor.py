@@ -244,7 +244,8 @@ class Plan:
 
     def update_grads(self, grads, ptrs=None) -> None:
         """Point the table at this step's grads: a host-side compare, and uploads only when grads moved.
-        `ptrs`: their data_ptr()s, from a caller that has checked their dtype, contiguity and sizes."""
+        `ptrs`: their data_ptr()s, from a caller that has checked their dtype, contiguity and sizes: a
+        tuple of ints, or the int64 bytes of the C++ checks (came_kernels._fastpath.grads)."""
         checked = ptrs is not None
         if not checked:
             ptrs = tuple(map(torch.Tensor.data_ptr, grads))
@@ -255,10 +256,13 @@ class Plan:
             if tuple(map(torch.Tensor.numel, grads)) != self.numels:  # never read past a grad's end
                 raise ValueError("backend='triton': a grad's size differs from its param's: "
                                  f"{[tuple(g.shape) for g in grads]} for params of {self.numels} elements")
-        self.uploads = [self._upload(C_G, ptrs)]
+        words = array.array("q", ptrs)  # from bytes: a copy of the buffer, no conversion per address
+        if len(words) != len(self.numels):
+            raise ValueError(f"backend='triton': {len(words)} grad addresses for {len(self.numels)} tensors")
+        self.uploads = [self._upload(C_G, words)]
         # Allocators return 16-byte aligned addresses: then C_VEC is what the rest allows (C-level test first).
-        vec = self.vec_base if not any(map((15).__and__, ptrs)) else \
-            tuple(int(ok and ptr % 16 == 0) for ok, ptr in zip(self.vec_base, ptrs))
+        vec = self.vec_base if not any(map((15).__and__, words)) else \
+            tuple(int(ok and ptr % 16 == 0) for ok, ptr in zip(self.vec_base, words))
         if vec != self.vec:  # a new grad lost (or regained) 16-byte alignment: rare
             self.uploads.append(self._upload(C_VEC, vec))
             self.vec = vec
@@ -287,7 +291,8 @@ class Plan:
     def _upload(self, column, values) -> torch.Tensor:
         # (From an int64 array: a third of torch.tensor's host time for a tuple of a few hundred ints. The
         # tensor keeps the array alive.)
-        host = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+        host = torch.frombuffer(values if isinstance(values, array.array) else array.array("q", values),
+                                dtype=torch.int64)
         if self.meta.is_cuda:
             host = host.pin_memory()  # a pageable host-to-device copy would synchronize the stream
         self.meta[:, int(column)].copy_(host, non_blocking=True)

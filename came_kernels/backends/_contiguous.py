@@ -113,9 +113,10 @@ def check_sizes(backend: str, params, grads, exp_avgs, rows, cols, res_rows, res
 class CheckedGrads(list):
     """A step's grads as CAME's steady-state fast path hands them over (CAME._unchanged): their shapes and
     dtypes (and devices, where an address moved) were compared with those of the last fully validated
-    step, and `ptrs` holds their data_ptr()s. A fused backend that gets them whole (not a subset) may take
-    `ptrs` instead of reading a few hundred grads again. `contiguous` (set by the C++ checks, which read
-    it with the rest): whether every grad is contiguous; when unset the backend checks it itself."""
+    step, and `ptrs` holds their data_ptr()s (a tuple, or int64 bytes from the C++ checks). A fused backend
+    that gets them whole (not a subset) may take `ptrs` instead of reading a few hundred grads again.
+    `contiguous` (set by the C++ checks, which read it with the rest): whether every grad is contiguous;
+    when unset the backend checks it itself."""
     __slots__ = ("ptrs", "contiguous")
 
 
