@@ -53,3 +53,9 @@ def strides(tensors: Sequence[Tensor]):
     """The tensors' strides, as bytes (C++: ndim, then the strides, per tensor) or a tuple of tuples."""
     out = None if _native is None else _native.strides(tensors)
     return tuple(map(Tensor.stride, tensors)) if out is None else out
+
+
+def same_state(state: dict, keys: list, values: list) -> Optional[bool]:
+    """Whether `state` (param -> dict) holds the params `keys` in order, each with the very entries of the
+    dict in `values` (csrc/host/fast_checks.cpp); None when the extension is not built."""
+    return None if _native is None else _native.same_state(state, keys, values)

@@ -358,7 +358,8 @@ class CAME(Optimizer):
     # Grads are not remembered (that would keep last step's grads alive), only their kind and addresses;
     # state tensors are held by the lists, so their ids and addresses cannot be reused while remembered.
     # With the extension came_kernels._host (see _fastpath), plain grads are checked in one C++ call: their
-    # kinds (which params have one; dtype, device, shape), addresses and contiguity, every step.
+    # kinds (which params have one; dtype, device, shape), addresses and contiguity, every step; and the
+    # state in another.
     def _unchanged(self, gi: int, group: dict) -> Optional[list]:
         """The remembered lists of group gi, with this step's grads, if nothing but the grads' values (or
         addresses) changed since they were built (see above); else None."""
@@ -428,6 +429,9 @@ class CAME(Optimizer):
         snap = getattr(self, "_state_snapshot", None)
         if snap is None or snap[0] is not self.state:
             return False
+        same = _fastpath.same_state(self.state, snap[1], snap[2])  # the same comparison in C++, where built
+        if same is not None:
+            return same
         with _IDENTITY_ONLY:
             return list(self.state) == snap[1] and list(self.state.values()) == snap[2]
 

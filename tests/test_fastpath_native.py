@@ -138,3 +138,45 @@ def test_built_against_another_torch_it_is_left_alone_with_a_warning(monkeypatch
         monkeypatch.undo()
         importlib.reload(_fastpath)
     assert _fastpath.native()
+
+
+def _state():
+    ps = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))]
+    state = {p: {"step": torch.zeros(()), "exp_avg": torch.zeros(p.shape), "lr_seen": 0.5} for p in ps}
+    return ps, state, list(state), [dict(s) for s in state.values()]
+
+
+@pytest.mark.parametrize("change", ["none", "tensor_clone", "float_equal", "float_other", "key_added", "key_removed",
+                                    "param_removed", "param_added", "reordered", "not_a_dict"])
+def test_same_state_compares_as_the_python_snapshot_does(change):
+    ps, state, keys, values = _state()
+    p = ps[0]
+    if change == "tensor_clone":  # equal values, another object: a tensor is never compared by value
+        state[p]["exp_avg"] = state[p]["exp_avg"].clone()
+    elif change == "float_equal":
+        state[p]["lr_seen"] = float("0.5")
+    elif change == "float_other":
+        state[p]["lr_seen"] = 0.25
+    elif change == "key_added":
+        state[p]["extra"] = torch.zeros(1)
+    elif change == "key_removed":
+        del state[p]["step"]
+    elif change == "param_removed":
+        del state[ps[1]]
+    elif change == "param_added":
+        state[torch.nn.Parameter(torch.zeros(1))] = {}
+    elif change == "reordered":
+        state = {ps[1]: state[ps[1]], p: state[p]}
+    elif change == "not_a_dict":
+        state[p] = list(state[p].items())
+    assert _host.same_state(state, keys, values) is (change in ("none", "float_equal"))
+
+
+def test_same_state_takes_a_dict_and_two_lists():
+    _, state, keys, values = _state()
+    with pytest.raises(TypeError):
+        _host.same_state(list(state), keys, values)
+    with pytest.raises(TypeError):
+        _host.same_state(state, tuple(keys), values)
+    from collections import defaultdict  # the optimizer's state is a defaultdict
+    assert _host.same_state(defaultdict(dict, state), keys, values) is True

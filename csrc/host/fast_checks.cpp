@@ -2,9 +2,10 @@
 //
 // A fused step keeps its device tables between steps, so every step must show that nothing they address
 // has changed: each grad's type, dtype, device, shape, contiguity and address, and the address (and the
-// params' strides) of every param and state tensor. From Python that is one C-level call per tensor and
-// fact, about 0.1 us each: some 2,500 calls and 0.25 ms for TinyLlama's 201 params and 1,071 tensors, as
-// long as the kernels' own host code. Here it is one call per list, a few ns per tensor.
+// params' strides) of every param and state tensor; and that the optimizer's state holds the same entries.
+// From Python that is one C-level call per tensor and fact, about 0.1 us each: some 2,500 calls and 0.25 ms
+// for TinyLlama's 201 params and 1,071 tensors, as long as the kernels' own host code. Here it is one call
+// per list, a few ns per tensor.
 //
 // Each function returns the facts as bytes (int64 words), which the caller compares as a whole with those
 // of the last fully validated step, or None when an element is not a plain strided tensor (a subclass
@@ -171,10 +172,53 @@ PyObject* strides(PyObject*, PyObject* arg) {
   return to_bytes(v);
 }
 
+// Whether a and b are the same object, or equal non-tensors (a tensor is never compared by value: that
+// would be device work, and a host sync).
+int same_entry(PyObject* a, PyObject* b) {
+  if (a == b) return 1;
+  if (THPVariable_Check(a) || THPVariable_Check(b)) return 0;
+  return PyObject_RichCompareBool(a, b, Py_EQ);  // -1 with an error set
+}
+
+// same_state(state, keys, values) -> bool: whether the optimizer's state (a dict of param -> dict) holds
+// the params `keys` in that order, and for each the very entries of the dict in `values` (same keys, the
+// same objects; non-tensors may be equal instead). What CAME._state_unchanged compares in Python.
+PyObject* same_state(PyObject*, PyObject* args) {
+  PyObject *state, *keys, *values;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &state, &PyList_Type, &keys, &PyList_Type, &values)) {
+    return nullptr;
+  }
+  const Py_ssize_t n = PyDict_Size(state);
+  if (PyList_GET_SIZE(keys) != n || PyList_GET_SIZE(values) != n) Py_RETURN_FALSE;
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *key, *entries;
+  while (PyDict_Next(state, &pos, &key, &entries)) {
+    PyObject* snap = PyList_GET_ITEM(values, i);
+    if (key != PyList_GET_ITEM(keys, i++) || !PyDict_Check(entries) || !PyDict_Check(snap) ||
+        PyDict_Size(entries) != PyDict_Size(snap)) {
+      Py_RETURN_FALSE;
+    }
+    Py_ssize_t epos = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(entries, &epos, &name, &value)) {
+      PyObject* was = PyDict_GetItemWithError(snap, name);  // borrowed
+      if (was == nullptr) {
+        if (PyErr_Occurred()) return nullptr;
+        Py_RETURN_FALSE;
+      }
+      const int same = same_entry(value, was);
+      if (same < 0) return nullptr;
+      if (same == 0) Py_RETURN_FALSE;
+    }
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
     {"grads", grads, METH_O, "grads(params) -> (grads, kinds, ptrs, contiguous) or None (fast_checks.cpp)"},
     {"ptrs", ptrs, METH_O, "ptrs(tensors) -> bytes of data_ptr() per tensor, or None"},
     {"strides", strides, METH_O, "strides(tensors) -> bytes of ndim and strides per tensor, or None"},
+    {"same_state", same_state, METH_VARARGS, "same_state(state, keys, values) -> bool (see fast_checks.cpp)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "Per-step checks of CAME's fast path (see fast_checks.cpp).",
