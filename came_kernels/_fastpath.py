@@ -2,12 +2,13 @@
 
 A fused step keeps device tables between steps (CAME._unchanged, triton_backend._steady), so every step
 compares what they address with the last fully validated step: the grads' types, dtypes, devices, shapes,
-contiguity and addresses, and the addresses (and the params' strides) of the params and state. In Python
-that is one C-level call per tensor and fact, about 0.1 us each: 0.25 ms a step for 200 params. The
-extension `came_kernels._host` (csrc/host/fast_checks.cpp, built wherever torch is importable at build
-time) reads the same facts in one call per list; without it these functions return what the Python
-getters return. Either way the result is only ever compared with a result of the same function, for the
-same tensors, in the same process.
+contiguity and addresses, the addresses (and the params' strides) of the params and state, and the
+optimizer's state dicts by identity (CAME._state_unchanged). In Python that is one C-level call per tensor
+and fact, about 0.1 us each: 0.25 ms a step for 200 params. The extension `came_kernels._host`
+(csrc/host/fast_checks.cpp, built wherever torch is importable at build time) reads the same facts in one
+call per list; without it these functions return what the Python getters return. Either way a result is
+compared with a result of the same function for the same tensors (a tuple and bytes never compare equal:
+the table is then uploaded again, which is only slower).
 """
 from __future__ import annotations
 
