@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/*.cu and csrc/*.cpp with nvcc for sm_80 and sm_90, against the headers of the torch
-# that PYTHON (first argument, else $PYTHON, else python3) imports. Works with a CPU-only torch wheel: the one
-# generated header such a wheel lacks (c10/cuda/impl/cuda_cmake_macros.h) comes from a stand-in under
-# tests/cuda_host/include, which is on the include path only here.
+# Compile-check every csrc/*.cu, csrc/*.cpp and csrc/host/*.cpp with nvcc for sm_80 and sm_90, against the
+# headers of the torch that PYTHON (first argument, else $PYTHON, else python3) imports. Works with a
+# CPU-only torch wheel: the one generated header such a wheel lacks (c10/cuda/impl/cuda_cmake_macros.h)
+# comes from a stand-in under tests/cuda_host/include, which is on the include path only here.
 #
 # Fails on any compiler error or warning in our code: nvcc `-Werror all-warnings` (device-side and nvcc's own
 # warnings) and host `-Wall -Wextra -Werror`. torch's and Python's headers are -isystem, so their own warnings
@@ -97,7 +97,7 @@ export NVCC COMMON TORCH_NVCC_FLAGS GENCODE HOST_WARN OUT
 
 T0=$(date +%s)
 shopt -s nullglob
-SOURCES="$(printf '%s\n' "$ROOT"/csrc/*.cu "$ROOT"/csrc/*.cpp)"
+SOURCES="$(printf '%s\n' "$ROOT"/csrc/*.cu "$ROOT"/csrc/*.cpp "$ROOT"/csrc/host/*.cpp)"
 if [[ -n "${CAME_CHECK_SOURCES:-}" ]]; then  # a quicker check of some files while working on them (names in csrc/)
   SOURCES="$(for f in $CAME_CHECK_SOURCES; do printf '%s\n' "$ROOT/csrc/$f"; done)"
 fi

@@ -222,7 +222,7 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "Per-step checks of CAME's fast path (see fast_checks.cpp).",
-                      -1, methods};
+                      -1, methods, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
