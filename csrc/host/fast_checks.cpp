@@ -7,10 +7,11 @@
 // for TinyLlama's 201 params and 1,071 tensors, as long as the kernels' own host code. Here it is one call
 // per list, a few ns per tensor.
 //
-// Each function returns the facts as bytes (int64 words), which the caller compares as a whole with those
-// of the last fully validated step, or None when an element is not a plain strided tensor (a subclass
-// such as DTensor, a sparse grad): the Python path, which knows what to say about it, takes over. They
-// read, never change, and raise nothing but TypeError for an argument that is not a sequence.
+// grads, ptrs and strides return the facts as bytes (int64 words), which the caller compares as a whole
+// with those of the last fully validated step, or None when an element is not a plain strided tensor (a
+// subclass such as DTensor, a sparse grad): the Python path, which knows what to say about it, takes over.
+// same_state returns a bool. They read and never change anything; they raise TypeError for arguments of
+// the wrong kind, and same_state passes on an error raised by comparing two non-tensor state entries.
 //
 // Built by setup.py wherever torch is importable at build time (any GPU install; on a CPU machine with
 // `pip install --no-build-isolation -e .`); came_kernels/_fastpath.py falls back to Python without it.
